@@ -1,0 +1,70 @@
+//! Errors shared by every constructor.
+
+use std::fmt;
+
+/// An invalid configuration value, refused at construction.
+///
+/// Returned by the `try_*` constructors (such as [`WorkerPool::try_new`](crate::WorkerPool::try_new));
+/// the panicking constructors panic with the same message. [`Display`](fmt::Display) names the
+/// parameter exactly as it is written in the constructor's signature.
+///
+/// ```
+/// use stagepipe::WorkerPool;
+///
+/// let err = WorkerPool::try_new(0).unwrap_err();
+/// assert_eq!(err.parameter(), "workers");
+/// assert!(err.to_string().contains("workers"));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    parameter: &'static str,
+    reason: &'static str,
+}
+
+impl ConfigError {
+    pub(crate) const fn new(parameter: &'static str, reason: &'static str) -> Self {
+        Self { parameter, reason }
+    }
+
+    /// The name of the parameter that was refused, as written in the constructor's signature.
+    pub fn parameter(&self) -> &'static str {
+        self.parameter
+    }
+
+    /// Why the value was refused, e.g. `"must be greater than zero"`.
+    pub fn reason(&self) -> &'static str {
+        self.reason
+    }
+
+    /// Panics with this error's message; used by the panicking constructors.
+    #[track_caller]
+    pub(crate) fn panic(self) -> ! {
+        panic!("{self}")
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid `{}`: {}", self.parameter, self.reason)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// `Err` naming `parameter` if `value` is zero.
+pub(crate) fn nonzero(parameter: &'static str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        Err(ConfigError::new(parameter, "must be greater than zero"))
+    } else {
+        Ok(())
+    }
+}
+
+/// Unwraps a constructor result, panicking at the caller with the error's message.
+#[track_caller]
+pub(crate) fn or_panic<T>(result: Result<T, ConfigError>) -> T {
+    match result {
+        Ok(v) => v,
+        Err(e) => e.panic(),
+    }
+}

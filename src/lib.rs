@@ -1,0 +1,65 @@
+//! Concurrent, parallel stream pipelines for tokio.
+//!
+//! `stagepipe` adds operators to every [`futures::Stream`] through the [`PipelineExt`]
+//! extension trait. Everything that many streams must share (a worker pool, a rate limit, an
+//! in-flight cap, a circuit breaker, stats) is a cheap [`Clone`] handle: clones share one
+//! budget, so many streams (many users of one service) share one set of workers and limits.
+//!
+//! Every operator keeps the same promises:
+//!
+//! * **Backpressure and bounded memory.** An operator pulls from upstream only while its own
+//!   bounded buffer has room.
+//! * **No loss, no duplication.** Every input item leads to exactly one output unless the
+//!   operator's purpose is to drop it (dedupe).
+//! * **Cancellation.** Dropping a stream cancels the work it started and frees its share of
+//!   every budget.
+//! * **Time.** All waiting uses tokio's timer, so tests can run on a paused clock.
+//!
+//! ```
+//! use futures::{stream, StreamExt};
+//! use stagepipe::prelude::*;
+//!
+//! # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+//! # async fn main() {
+//! let pool = WorkerPool::new(2);
+//! let squares: Vec<u64> = stream::iter(1..=5u64)
+//!     .fan_out_ordered(&pool, |x| async move { x * x })
+//!     .collect()
+//!     .await;
+//! assert_eq!(squares, [1, 4, 9, 16, 25]);
+//! # }
+//! ```
+#![deny(missing_docs)]
+#![warn(
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
+#![forbid(unsafe_code)]
+
+mod error;
+mod ext;
+
+// -- core: pool, fan_out, in_flight, stats --
+
+// -- resilience: rate_limit, retry, circuit_breaker --
+
+// -- batching: batch, batch_dedupe, debounce, dedupe_by --
+
+// -- staged pipelines --
+
+pub use error::ConfigError;
+pub use ext::PipelineExt;
+
+/// Everything a pipeline needs, in one import: `use stagepipe::prelude::*;`.
+pub mod prelude {
+    pub use crate::ConfigError;
+    pub use crate::PipelineExt;
+    // -- core --
+
+    // -- resilience --
+
+    // -- batching --
+
+    // -- staged pipelines --
+}
