@@ -1,0 +1,2 @@
+//! Placeholder until the fan-out benchmark lands.
+fn main() {}
