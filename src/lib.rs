@@ -41,6 +41,14 @@ mod error;
 mod ext;
 
 // -- core: pool, fan_out, in_flight, stats --
+mod fan_out;
+mod in_flight;
+mod pool;
+mod stats;
+pub use fan_out::{FanOut, FanOutOrdered};
+pub use in_flight::{InFlight, InFlightLimit};
+pub use pool::WorkerPool;
+pub use stats::{Stats, StatsSnapshot, WithStats};
 
 // -- resilience: rate_limit, retry, circuit_breaker --
 
@@ -56,6 +64,7 @@ pub mod prelude {
     pub use crate::ConfigError;
     pub use crate::PipelineExt;
     // -- core --
+    pub use crate::{InFlightLimit, Stats, StatsSnapshot, WorkerPool};
 
     // -- resilience --
 

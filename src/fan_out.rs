@@ -1,0 +1,426 @@
+//! `fan_out_ordered` and `fan_out`: a parallel async map on a [`WorkerPool`].
+//!
+//! The consumer's task pulls items from upstream, calls the user's closure to make each item's
+//! future and hands the futures to the pool in batches. Workers run them and write each result
+//! into the stream's own result channel ([`Chan`]); the consumer reads them back in input order
+//! (a ring of slots, one per item in the pool) or in completion order.
+//!
+//! The stream never has more than `window` items in the pool: queued, running, or finished and
+//! not yet consumed. That bounds the reorder buffer even behind one slow item, and is the
+//! backpressure: upstream is not pulled while the window is full.
+
+use std::any::Any;
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use futures::FutureExt;
+use futures::stream::{FusedStream, Stream};
+use futures::task::AtomicWaker;
+use pin_project_lite::pin_project;
+
+use crate::pool::{Job, WorkerPool};
+
+/// What a job produced: its value, or the payload of its panic.
+type Outcome<U> = Result<U, Box<dyn Any + Send + 'static>>;
+
+/// One stream's result channel, shared with the jobs it submitted.
+struct Chan<U> {
+    state: Mutex<ChanState<U>>,
+    consumer: AtomicWaker,
+    closed: AtomicBool,
+    /// Wakers of workers running this stream's pending jobs, to cancel them on drop. At most one
+    /// per worker of the pool.
+    running: Mutex<Vec<Waker>>,
+}
+
+struct ChanState<U> {
+    ordered: bool,
+    /// Ordered: the sequence number of `slots[0]`.
+    base: u64,
+    /// Ordered: one slot per item in the pool, filled when its job finishes.
+    slots: VecDeque<Option<Outcome<U>>>,
+    /// Unordered: finished results in completion order.
+    done: VecDeque<Outcome<U>>,
+}
+
+impl<U> Chan<U> {
+    fn new(ordered: bool) -> Self {
+        Self {
+            state: Mutex::new(ChanState {
+                ordered,
+                base: 0,
+                slots: VecDeque::new(),
+                done: VecDeque::new(),
+            }),
+            consumer: AtomicWaker::new(),
+            closed: AtomicBool::new(false),
+            running: Mutex::new(Vec::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ChanState<U>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    /// Stores the outcome of job `seq`; wakes the consumer if it can now make progress.
+    fn complete(&self, seq: u64, outcome: Outcome<U>) {
+        if self.is_closed() {
+            return;
+        }
+        let wake = {
+            let mut state = self.lock();
+            if state.ordered {
+                let index = (seq - state.base) as usize;
+                state.slots[index] = Some(outcome);
+                index == 0
+            } else {
+                state.done.push_back(outcome);
+                state.done.len() == 1
+            }
+        };
+        if wake {
+            self.consumer.wake();
+        }
+    }
+
+    /// Moves every result the consumer may yield now into `out`; returns how many.
+    fn drain_ready(&self, out: &mut VecDeque<Outcome<U>>) -> usize {
+        let mut state = self.lock();
+        let before = out.len();
+        if state.ordered {
+            while matches!(state.slots.front(), Some(Some(_))) {
+                if let Some(Some(outcome)) = state.slots.pop_front() {
+                    out.push_back(outcome);
+                }
+                state.base += 1;
+            }
+        } else {
+            out.append(&mut state.done);
+        }
+        out.len() - before
+    }
+
+    fn register_running(&self, waker: &Waker) {
+        let mut running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if !running.iter().any(|w| w.will_wake(waker)) {
+            running.push(waker.clone());
+        }
+    }
+
+    /// Marks the stream gone and wakes every worker running one of its jobs, which then drops it.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let running = std::mem::take(&mut *self.running.lock().unwrap_or_else(|e| e.into_inner()));
+        for waker in running {
+            waker.wake();
+        }
+    }
+}
+
+pin_project! {
+    /// Runs a user future on a worker; resolves to `None` as soon as the owning stream is gone.
+    struct Cancellable<'a, Fut, U> {
+        #[pin]
+        fut: Fut,
+        chan: &'a Chan<U>,
+        registered: bool,
+    }
+}
+
+impl<Fut: Future, U> Future for Cancellable<'_, Fut, U> {
+    type Output = Option<Fut::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if this.chan.is_closed() {
+            return Poll::Ready(None);
+        }
+        match this.fut.poll(cx) {
+            Poll::Ready(v) => Poll::Ready(Some(v)),
+            Poll::Pending => {
+                if !*this.registered {
+                    *this.registered = true;
+                    this.chan.register_running(cx.waker());
+                    if this.chan.is_closed() {
+                        return Poll::Ready(None);
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+fn make_job<Fut>(fut: Fut, chan: Arc<Chan<Fut::Output>>, seq: u64) -> Job
+where
+    Fut: Future + Send + 'static,
+    Fut::Output: Send + 'static,
+{
+    Box::pin(async move {
+        let run = Cancellable {
+            fut: AssertUnwindSafe(fut).catch_unwind(),
+            chan: &chan,
+            registered: false,
+        };
+        if let Some(outcome) = run.await {
+            chan.complete(seq, outcome);
+        }
+    })
+}
+
+/// The consumer side shared by [`FanOutOrdered`] and [`FanOut`].
+pub(crate) struct Core<U> {
+    pool: WorkerPool,
+    source: usize,
+    chan: Arc<Chan<U>>,
+    window: usize,
+    /// Items submitted so far; the next item's sequence number.
+    next_seq: u64,
+    /// Items in the pool: submitted and not yet yielded.
+    in_pool: usize,
+    upstream_done: bool,
+    /// Jobs made in this poll, submitted together.
+    jobs: Vec<Job>,
+    /// Results taken from the channel, not yet yielded.
+    ready: VecDeque<Outcome<U>>,
+}
+
+impl<U: Send + 'static> Core<U> {
+    pub(crate) fn new(pool: WorkerPool, ordered: bool) -> Self {
+        let window = pool.default_window();
+        let source = pool.register();
+        Self {
+            pool,
+            source,
+            chan: Arc::new(Chan::new(ordered)),
+            window,
+            next_seq: 0,
+            in_pool: 0,
+            upstream_done: false,
+            jobs: Vec::new(),
+            ready: VecDeque::new(),
+        }
+    }
+
+    #[track_caller]
+    pub(crate) fn set_window(&mut self, window: usize) {
+        assert!(window > 0, "invalid `window`: must be greater than zero");
+        self.window = window;
+    }
+
+    /// Pulls upstream while the window has room, submits the futures, then yields a result.
+    pub(crate) fn poll_next<S, F, Fut>(
+        &mut self,
+        mut stream: Pin<&mut S>,
+        f: &mut F,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<U>>
+    where
+        S: Stream,
+        F: FnMut(S::Item) -> Fut,
+        Fut: Future<Output = U> + Send + 'static,
+    {
+        while !self.upstream_done && self.in_pool < self.window {
+            match stream.as_mut().poll_next(cx) {
+                Poll::Ready(Some(item)) => {
+                    let job = make_job(f(item), self.chan.clone(), self.next_seq);
+                    self.jobs.push(job);
+                    self.next_seq += 1;
+                    self.in_pool += 1;
+                }
+                Poll::Ready(None) => self.upstream_done = true,
+                Poll::Pending => break,
+            }
+        }
+        self.flush();
+        self.poll_result(cx)
+    }
+
+    fn flush(&mut self) {
+        if self.jobs.is_empty() {
+            return;
+        }
+        {
+            let mut state = self.chan.lock();
+            if state.ordered {
+                let n = self.jobs.len();
+                state.slots.extend(std::iter::repeat_with(|| None).take(n));
+            }
+        }
+        self.pool.submit(self.source, &mut self.jobs);
+    }
+
+    fn poll_result(&mut self, cx: &mut Context<'_>) -> Poll<Option<U>> {
+        if self.ready.is_empty() && self.in_pool > 0 && self.chan.drain_ready(&mut self.ready) == 0 {
+            self.chan.consumer.register(cx.waker());
+            self.chan.drain_ready(&mut self.ready);
+        }
+        match self.ready.pop_front() {
+            Some(outcome) => {
+                self.in_pool -= 1;
+                match outcome {
+                    Ok(value) => Poll::Ready(Some(value)),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            None if self.upstream_done && self.in_pool == 0 => Poll::Ready(None),
+            None => Poll::Pending,
+        }
+    }
+
+    pub(crate) fn is_terminated(&self) -> bool {
+        self.upstream_done && self.in_pool == 0
+    }
+
+    pub(crate) fn size_hint(&self, upstream: (usize, Option<usize>)) -> (usize, Option<usize>) {
+        if self.upstream_done {
+            return (self.in_pool, Some(self.in_pool));
+        }
+        let (lower, upper) = upstream;
+        (
+            lower.saturating_add(self.in_pool),
+            upper.and_then(|u| u.checked_add(self.in_pool)),
+        )
+    }
+
+    pub(crate) fn in_pool(&self) -> usize {
+        self.in_pool
+    }
+}
+
+impl<U> Drop for Core<U> {
+    fn drop(&mut self) {
+        self.chan.close();
+        self.jobs.clear();
+        self.pool.unregister(self.source);
+    }
+}
+
+impl<U> fmt::Debug for Core<U> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Core")
+            .field("pool", &self.pool)
+            .field("window", &self.window)
+            .field("in_pool", &self.in_pool)
+            .field("upstream_done", &self.upstream_done)
+            .finish()
+    }
+}
+
+macro_rules! fan_out_stream {
+    ($(#[$doc:meta])* $name:ident, $ordered:expr) => {
+        pin_project! {
+            $(#[$doc])*
+            #[must_use = "streams do nothing unless polled"]
+            pub struct $name<S, F, U> {
+                #[pin]
+                stream: S,
+                f: F,
+                core: Core<U>,
+            }
+        }
+
+        impl<S, F, U: Send + 'static> $name<S, F, U> {
+            pub(crate) fn new(stream: S, pool: WorkerPool, f: F) -> Self {
+                Self { stream, f, core: Core::new(pool, $ordered) }
+            }
+
+            /// Sets how many items of this stream may be in the pool at once: queued, running, or
+            /// finished and not yet yielded. This bounds the stream's memory (and, for the
+            /// ordered variant, the reorder buffer behind a slow item); upstream is not pulled
+            /// while the window is full. The default is four times the pool's workers, and at
+            /// least 32.
+            ///
+            /// # Panics
+            ///
+            /// Panics if `window` is zero.
+            #[track_caller]
+            pub fn window(mut self, window: usize) -> Self {
+                self.core.set_window(window);
+                self
+            }
+
+            /// How many of this stream's items are in the pool now.
+            pub fn in_pool(&self) -> usize {
+                self.core.in_pool()
+            }
+
+            /// A reference to the upstream stream.
+            pub fn get_ref(&self) -> &S {
+                &self.stream
+            }
+
+            /// A mutable reference to the upstream stream.
+            pub fn get_mut(&mut self) -> &mut S {
+                &mut self.stream
+            }
+
+            /// A pinned mutable reference to the upstream stream.
+            pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
+                self.project().stream
+            }
+        }
+
+        impl<S, F, Fut, U> Stream for $name<S, F, U>
+        where
+            S: Stream,
+            F: FnMut(S::Item) -> Fut,
+            Fut: Future<Output = U> + Send + 'static,
+            U: Send + 'static,
+        {
+            type Item = U;
+
+            fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<U>> {
+                let this = self.project();
+                this.core.poll_next(this.stream, this.f, cx)
+            }
+
+            fn size_hint(&self) -> (usize, Option<usize>) {
+                self.core.size_hint(self.stream.size_hint())
+            }
+        }
+
+        impl<S, F, Fut, U> FusedStream for $name<S, F, U>
+        where
+            S: Stream,
+            F: FnMut(S::Item) -> Fut,
+            Fut: Future<Output = U> + Send + 'static,
+            U: Send + 'static,
+        {
+            fn is_terminated(&self) -> bool {
+                self.core.is_terminated()
+            }
+        }
+
+        impl<S: fmt::Debug, F, U> fmt::Debug for $name<S, F, U> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.debug_struct(stringify!($name))
+                    .field("stream", &self.stream)
+                    .field("core", &self.core)
+                    .finish_non_exhaustive()
+            }
+        }
+    };
+}
+
+fan_out_stream!(
+    /// Stream for the [`fan_out_ordered`](crate::PipelineExt::fan_out_ordered) method.
+    FanOutOrdered,
+    true
+);
+
+fan_out_stream!(
+    /// Stream for the [`fan_out`](crate::PipelineExt::fan_out) method.
+    FanOut,
+    false
+);

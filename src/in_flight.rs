@@ -1,0 +1,272 @@
+//! `in_flight`: a concurrent async map inside the stream's own task, capped by a shared limit.
+//!
+//! The futures run in a [`FuturesUnordered`] owned by the stream (no spawn, so they may borrow).
+//! Each one holds a permit of the [`InFlightLimit`]'s semaphore while it runs; an item is pulled
+//! from upstream first and then waits for a permit, so a stream whose upstream is idle holds no
+//! permit that another stream could use.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::stream::{FusedStream, FuturesUnordered, Stream};
+use pin_project_lite::pin_project;
+use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
+
+use crate::error::{ConfigError, nonzero, or_panic};
+
+/// A cap on concurrent operations, shared by every stream that holds a clone.
+///
+/// All streams using clones of one limit together never run more than
+/// [`limit`](InFlightLimit::limit) futures at once; waiting streams are served first come, first
+/// served. A plain number converts into a private limit wherever a limit is accepted.
+///
+/// # Examples
+///
+/// ```
+/// use futures::{stream, StreamExt};
+/// use stagepipe::prelude::*;
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let limit = InFlightLimit::new(4);
+/// let a = stream::iter(0..10u32).in_flight(&limit, |x| async move { x });
+/// let b = stream::iter(0..10u32).in_flight(&limit, |x| async move { x });
+/// let (a, b): (Vec<u32>, Vec<u32>) = tokio::join!(a.collect(), b.collect());
+/// assert_eq!(a.len() + b.len(), 20);
+/// assert_eq!(limit.in_use(), 0);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct InFlightLimit {
+    semaphore: Arc<Semaphore>,
+    limit: usize,
+}
+
+impl InFlightLimit {
+    /// Creates a limit of `limit` concurrent operations.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `limit` is zero or larger than tokio's `Semaphore::MAX_PERMITS`.
+    /// [`InFlightLimit::try_new`] returns an error instead.
+    #[track_caller]
+    pub fn new(limit: usize) -> Self {
+        or_panic(Self::try_new(limit))
+    }
+
+    /// Creates a limit, or an error naming `limit` if it is zero or too large.
+    pub fn try_new(limit: usize) -> Result<Self, ConfigError> {
+        nonzero("limit", limit as u64)?;
+        if limit > Semaphore::MAX_PERMITS {
+            return Err(ConfigError::new("limit", "must be at most Semaphore::MAX_PERMITS"));
+        }
+        Ok(Self {
+            semaphore: Arc::new(Semaphore::new(limit)),
+            limit,
+        })
+    }
+
+    /// The maximum number of operations running at once.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// How many operations are running now, across every stream sharing this limit.
+    pub fn in_use(&self) -> usize {
+        self.limit - self.semaphore.available_permits()
+    }
+}
+
+impl From<usize> for InFlightLimit {
+    /// A private limit of `limit` operations.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `limit` is zero.
+    #[track_caller]
+    fn from(limit: usize) -> Self {
+        Self::new(limit)
+    }
+}
+
+impl From<&InFlightLimit> for InFlightLimit {
+    /// A clone of the handle: the limit is shared.
+    fn from(limit: &InFlightLimit) -> Self {
+        limit.clone()
+    }
+}
+
+impl fmt::Debug for InFlightLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InFlightLimit")
+            .field("limit", &self.limit)
+            .field("in_use", &self.in_use())
+            .finish()
+    }
+}
+
+pin_project! {
+    /// A future that holds a permit of the limit until it completes.
+    struct WithPermit<Fut> {
+        #[pin]
+        fut: Fut,
+        permit: Option<OwnedSemaphorePermit>,
+    }
+}
+
+impl<Fut: Future> Future for WithPermit<Fut> {
+    type Output = Fut::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Fut::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.fut.poll(cx));
+        this.permit.take();
+        Poll::Ready(out)
+    }
+}
+
+type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+
+pin_project! {
+    /// Stream for the [`in_flight`](crate::PipelineExt::in_flight) method.
+    #[must_use = "streams do nothing unless polled"]
+    pub struct InFlight<S: Stream, F, Fut> {
+        #[pin]
+        stream: S,
+        f: F,
+        limit: InFlightLimit,
+        running: FuturesUnordered<WithPermit<Fut>>,
+        // An item pulled from upstream, waiting for a permit.
+        waiting: Option<S::Item>,
+        acquire: Option<Acquire>,
+        upstream_done: bool,
+    }
+}
+
+impl<S: Stream, F, Fut> InFlight<S, F, Fut> {
+    pub(crate) fn new(stream: S, limit: InFlightLimit, f: F) -> Self {
+        Self {
+            stream,
+            f,
+            limit,
+            running: FuturesUnordered::new(),
+            waiting: None,
+            acquire: None,
+            upstream_done: false,
+        }
+    }
+
+    /// The limit this stream runs under.
+    pub fn limit(&self) -> &InFlightLimit {
+        &self.limit
+    }
+
+    /// A reference to the upstream stream.
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+
+    /// A mutable reference to the upstream stream.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
+
+    /// A pinned mutable reference to the upstream stream.
+    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
+        self.project().stream
+    }
+}
+
+impl<S, F, Fut> Stream for InFlight<S, F, Fut>
+where
+    S: Stream,
+    F: FnMut(S::Item) -> Fut,
+    Fut: Future,
+{
+    type Item = Fut::Output;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut this = self.project();
+        // Start as many futures as upstream and the limit allow.
+        loop {
+            if this.waiting.is_none() {
+                if *this.upstream_done {
+                    break;
+                }
+                match this.stream.as_mut().poll_next(cx) {
+                    Poll::Ready(Some(item)) => *this.waiting = Some(item),
+                    Poll::Ready(None) => {
+                        *this.upstream_done = true;
+                        break;
+                    }
+                    Poll::Pending => break,
+                }
+            }
+            let permit = match this.limit.semaphore.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    this.acquire.take();
+                    permit
+                }
+                Err(_) => {
+                    let acquire = this
+                        .acquire
+                        .get_or_insert_with(|| Box::pin(this.limit.semaphore.clone().acquire_owned()));
+                    match acquire.as_mut().poll(cx) {
+                        Poll::Ready(permit) => {
+                            this.acquire.take();
+                            permit.expect("the semaphore is never closed")
+                        }
+                        Poll::Pending => break,
+                    }
+                }
+            };
+            let item = this.waiting.take().expect("an item waits for the permit");
+            this.running.push(WithPermit {
+                fut: (this.f)(item),
+                permit: Some(permit),
+            });
+        }
+        match Pin::new(&mut *this.running).poll_next(cx) {
+            Poll::Ready(Some(out)) => Poll::Ready(Some(out)),
+            Poll::Ready(None) if *this.upstream_done && this.waiting.is_none() => Poll::Ready(None),
+            _ => Poll::Pending,
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let queued = self.running.len() + usize::from(self.waiting.is_some());
+        if self.upstream_done {
+            return (queued, Some(queued));
+        }
+        let (lower, upper) = self.stream.size_hint();
+        (
+            lower.saturating_add(queued),
+            upper.and_then(|u| u.checked_add(queued)),
+        )
+    }
+}
+
+impl<S, F, Fut> FusedStream for InFlight<S, F, Fut>
+where
+    S: Stream,
+    F: FnMut(S::Item) -> Fut,
+    Fut: Future,
+{
+    fn is_terminated(&self) -> bool {
+        self.upstream_done && self.waiting.is_none() && self.running.is_empty()
+    }
+}
+
+impl<S: Stream + fmt::Debug, F, Fut> fmt::Debug for InFlight<S, F, Fut> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("InFlight")
+            .field("stream", &self.stream)
+            .field("limit", &self.limit)
+            .field("running", &self.running.len())
+            .field("upstream_done", &self.upstream_done)
+            .finish_non_exhaustive()
+    }
+}

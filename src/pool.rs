@@ -1,0 +1,280 @@
+//! The shared worker pool: `n` long-lived tasks that run the jobs of many streams fairly.
+//!
+//! Each stream that runs on the pool registers as a *source* and gets its own job queue. Idle
+//! workers take one job at a time from the sources in round-robin order, so a source with a
+//! million queued jobs cannot starve another source. A source never has more than its window of
+//! jobs in the pool (queued, running or finished but not yet consumed): the window is enforced by
+//! the stream that owns the source (see `fan_out.rs`), so nothing here grows without bound.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
+
+use crate::error::{ConfigError, nonzero, or_panic};
+
+/// A type-erased unit of work: a user future wrapped so that it delivers its own result.
+pub(crate) type Job = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// A pool of long-lived worker tasks shared by every stream and request group that holds a clone.
+///
+/// At most [`workers`](WorkerPool::workers) user futures run at once across every stream sharing
+/// the pool; each worker runs one future at a time to completion, so the pool uses every thread of
+/// a multi-threaded runtime for CPU-bound work, and `workers` is the concurrency cap for I/O-bound
+/// work. Streams are served fairly: workers take jobs from the streams in round-robin order.
+///
+/// The workers are spawned on the current tokio runtime when the first job arrives, so a pool can
+/// be built before the runtime is entered, but it must be *used* inside one. Cloning the handle
+/// shares the workers; when the last handle (and the last stream using the pool) is dropped, the
+/// workers stop.
+///
+/// A plain number converts into a private pool wherever a pool is accepted:
+/// `s.fan_out_ordered(4, f)` is `s.fan_out_ordered(WorkerPool::new(4), f)`.
+///
+/// # Examples
+///
+/// Two streams share one pool of two workers:
+///
+/// ```
+/// use futures::{stream, StreamExt};
+/// use stagepipe::prelude::*;
+///
+/// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+/// # async fn main() {
+/// let pool = WorkerPool::new(2);
+/// let a = stream::iter(0..100u32).fan_out_ordered(&pool, |x| async move { x * 2 });
+/// let b = stream::iter(0..100u32).fan_out(&pool, |x| async move { x + 1 });
+/// let (a, b): (Vec<u32>, Vec<u32>) = tokio::join!(a.collect(), b.collect());
+/// assert_eq!(a, (0..100).map(|x| x * 2).collect::<Vec<_>>());
+/// assert_eq!(b.len(), 100);
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct WorkerPool {
+    handle: Arc<Handle>,
+}
+
+/// The owner of the workers: dropping the last one shuts them down.
+struct Handle {
+    shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    workers: usize,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    started: bool,
+    shutdown: bool,
+    /// Job queues by source id; `None` marks a free id.
+    sources: Vec<Option<VecDeque<Job>>>,
+    free_ids: Vec<usize>,
+    /// Source ids that have queued jobs, each at most once, served round-robin.
+    ready: VecDeque<usize>,
+    /// Wakers of idle workers, by worker index.
+    parked: Vec<Option<Waker>>,
+    parked_ids: Vec<usize>,
+}
+
+impl WorkerPool {
+    /// Creates a pool of `workers` long-lived worker tasks.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `workers` is zero. [`WorkerPool::try_new`] returns an error instead.
+    #[track_caller]
+    pub fn new(workers: usize) -> Self {
+        or_panic(Self::try_new(workers))
+    }
+
+    /// Creates a pool of `workers` worker tasks, or an error naming `workers` if it is zero.
+    ///
+    /// ```
+    /// use stagepipe::WorkerPool;
+    ///
+    /// assert_eq!(WorkerPool::try_new(3).unwrap().workers(), 3);
+    /// assert!(WorkerPool::try_new(0).unwrap_err().to_string().contains("workers"));
+    /// ```
+    pub fn try_new(workers: usize) -> Result<Self, ConfigError> {
+        nonzero("workers", workers as u64)?;
+        let state = State {
+            parked: (0..workers).map(|_| None).collect(),
+            ..State::default()
+        };
+        let shared = Arc::new(Shared {
+            workers,
+            state: Mutex::new(state),
+        });
+        Ok(Self {
+            handle: Arc::new(Handle { shared }),
+        })
+    }
+
+    /// The number of workers: at most this many user futures run at once on the pool.
+    pub fn workers(&self) -> usize {
+        self.handle.shared.workers
+    }
+
+    /// The default window of a stream on this pool: how many of its items may be in the pool at
+    /// once (queued, running, or finished and waiting to be consumed).
+    pub(crate) fn default_window(&self) -> usize {
+        self.workers().saturating_mul(4).max(32)
+    }
+
+    /// Registers a new source and returns its id.
+    pub(crate) fn register(&self) -> usize {
+        let mut state = self.handle.shared.lock();
+        match state.free_ids.pop() {
+            Some(id) => {
+                state.sources[id] = Some(VecDeque::new());
+                id
+            }
+            None => {
+                state.sources.push(Some(VecDeque::new()));
+                state.sources.len() - 1
+            }
+        }
+    }
+
+    /// Removes a source; its queued jobs are dropped (outside the lock).
+    pub(crate) fn unregister(&self, id: usize) {
+        let jobs = {
+            let mut state = self.handle.shared.lock();
+            let jobs = state.sources[id].take();
+            state.free_ids.push(id);
+            state.ready.retain(|&r| r != id);
+            jobs
+        };
+        drop(jobs);
+    }
+
+    /// Queues `jobs` (drained from the buffer) for source `id` and wakes idle workers.
+    pub(crate) fn submit(&self, id: usize, jobs: &mut Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let shared = &self.handle.shared;
+        let mut wake = Vec::new();
+        {
+            let mut state = shared.lock();
+            if !state.started {
+                state.started = true;
+                for index in 0..shared.workers {
+                    tokio::spawn(worker(shared.clone(), index));
+                }
+            }
+            let n = jobs.len();
+            let queue = state.sources[id].as_mut().expect("source registered");
+            let was_empty = queue.is_empty();
+            queue.extend(jobs.drain(..));
+            if was_empty {
+                state.ready.push_back(id);
+            }
+            for _ in 0..n {
+                let Some(index) = state.parked_ids.pop() else {
+                    break;
+                };
+                if let Some(waker) = state.parked[index].take() {
+                    wake.push(waker);
+                }
+            }
+        }
+        for waker in wake {
+            waker.wake();
+        }
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic never happens while the lock is held (user code runs outside it), but stay
+        // usable if it ever did.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next job for worker `index`, `None` on shutdown, or `Pending` after parking.
+    fn poll_job(&self, index: usize, cx: &mut Context<'_>) -> Poll<Option<Job>> {
+        let mut state = self.lock();
+        if state.shutdown {
+            return Poll::Ready(None);
+        }
+        if let Some(id) = state.ready.pop_front() {
+            let queue = state.sources[id].as_mut().expect("ready source is registered");
+            let job = queue.pop_front().expect("ready source has a job");
+            if !queue.is_empty() {
+                state.ready.push_back(id);
+            }
+            // Woken for another reason while parked: a submitter must not count on this worker.
+            if state.parked[index].take().is_some() {
+                state.parked_ids.retain(|&i| i != index);
+            }
+            return Poll::Ready(Some(job));
+        }
+        let slot = &mut state.parked[index];
+        match slot {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            Some(w) => w.clone_from(cx.waker()),
+            None => {
+                *slot = Some(cx.waker().clone());
+                state.parked_ids.push(index);
+            }
+        }
+        Poll::Pending
+    }
+}
+
+async fn worker(shared: Arc<Shared>, index: usize) {
+    while let Some(job) = poll_fn(|cx| shared.poll_job(index, cx)).await {
+        job.await;
+        tokio::task::consume_budget().await;
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        let wake: Vec<Waker> = {
+            let mut state = self.shared.lock();
+            state.shutdown = true;
+            state.parked_ids.clear();
+            state.parked.iter_mut().filter_map(Option::take).collect()
+        };
+        for waker in wake {
+            waker.wake();
+        }
+    }
+}
+
+impl From<usize> for WorkerPool {
+    /// A private pool of `workers` workers.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `workers` is zero.
+    #[track_caller]
+    fn from(workers: usize) -> Self {
+        Self::new(workers)
+    }
+}
+
+impl From<&WorkerPool> for WorkerPool {
+    /// A clone of the handle: the workers are shared.
+    fn from(pool: &WorkerPool) -> Self {
+        pool.clone()
+    }
+}
+
+impl fmt::Debug for WorkerPool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.handle.shared.lock();
+        f.debug_struct("WorkerPool")
+            .field("workers", &self.workers())
+            .field("streams", &(state.sources.len() - state.free_ids.len()))
+            .field("queued", &state.sources.iter().flatten().map(VecDeque::len).sum::<usize>())
+            .field("idle", &state.parked_ids.len())
+            .finish()
+    }
+}
