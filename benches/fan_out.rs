@@ -19,7 +19,9 @@ const CPU_ITEMS: u64 = 4_000;
 fn spin(x: u64, rounds: u32) -> u64 {
     let mut h = x | 1;
     for _ in 0..rounds {
-        h = h.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        h = h
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         h ^= h >> 29;
     }
     h
@@ -93,8 +95,11 @@ fn bench_map(c: &mut Criterion, group_name: &str, n: u64, f: fn(u64) -> u64, ray
     let sum = |s: u64, y: u64| async move { s.wrapping_add(y) };
 
     group.bench_function(BenchmarkId::new("sequential_then", n), |b| {
-        b.to_async(&rt)
-            .iter(|| stream::iter(0..n).then(move |x| async move { f(x) }).fold(0, sum))
+        b.to_async(&rt).iter(|| {
+            stream::iter(0..n)
+                .then(move |x| async move { f(x) })
+                .fold(0, sum)
+        })
     });
     group.bench_function(BenchmarkId::new("buffered_16", n), |b| {
         b.to_async(&rt).iter(|| {
@@ -117,7 +122,12 @@ fn bench_map(c: &mut Criterion, group_name: &str, n: u64, f: fn(u64) -> u64, ray
     });
     if rayon_too {
         group.bench_function(BenchmarkId::new("rayon_par_iter", n), |b| {
-            b.iter(|| (0..n).into_par_iter().map(f).reduce(|| 0, u64::wrapping_add))
+            b.iter(|| {
+                (0..n)
+                    .into_par_iter()
+                    .map(f)
+                    .reduce(|| 0, u64::wrapping_add)
+            })
         });
     }
     group.bench_function(BenchmarkId::new("fan_out_ordered", n), |b| {

@@ -264,7 +264,8 @@ impl<U: Send + 'static> Core<U> {
     }
 
     fn poll_result(&mut self, cx: &mut Context<'_>) -> Poll<Option<U>> {
-        if self.ready.is_empty() && self.in_pool > 0 && self.chan.drain_ready(&mut self.ready) == 0 {
+        if self.ready.is_empty() && self.in_pool > 0 && self.chan.drain_ready(&mut self.ready) == 0
+        {
             self.chan.consumer.register(cx.waker());
             self.chan.drain_ready(&mut self.ready);
         }

@@ -202,14 +202,21 @@ impl Shared {
     /// Moves the next jobs for worker `index` into `batch`: up to [`MAX_CHUNK`] from one source,
     /// fewer when the queue is short so that other workers get a share. Returns `Ready(false)`
     /// on shutdown, or `Pending` after parking the worker.
-    fn poll_jobs(&self, index: usize, batch: &mut VecDeque<Job>, cx: &mut Context<'_>) -> Poll<bool> {
+    fn poll_jobs(
+        &self,
+        index: usize,
+        batch: &mut VecDeque<Job>,
+        cx: &mut Context<'_>,
+    ) -> Poll<bool> {
         let mut state = self.lock();
         if state.shutdown {
             return Poll::Ready(false);
         }
         if let Some(id) = state.ready.pop_front() {
             let workers = self.workers;
-            let queue = state.sources[id].as_mut().expect("ready source is registered");
+            let queue = state.sources[id]
+                .as_mut()
+                .expect("ready source is registered");
             let take = (queue.len() / (2 * workers)).clamp(1, MAX_CHUNK);
             batch.extend(queue.drain(..take));
             if !queue.is_empty() {
@@ -313,7 +320,15 @@ impl fmt::Debug for WorkerPool {
         f.debug_struct("WorkerPool")
             .field("workers", &self.workers())
             .field("streams", &(state.sources.len() - state.free_ids.len()))
-            .field("queued", &state.sources.iter().flatten().map(VecDeque::len).sum::<usize>())
+            .field(
+                "queued",
+                &state
+                    .sources
+                    .iter()
+                    .flatten()
+                    .map(VecDeque::len)
+                    .sum::<usize>(),
+            )
             .field("idle", &state.parked_ids.len())
             .finish()
     }
