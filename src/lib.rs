@@ -51,6 +51,11 @@ pub use stats::{Stats, StatsSnapshot, WithStats};
 // -- batching: batch, batch_dedupe, debounce, dedupe_by --
 
 // -- staged pipelines --
+mod staged;
+pub use staged::{
+    GroupBuilder, GroupClosed, GroupResults, Next, Pipeline, PipelineBuilder, PipelineStats,
+    StageError, StageStats, StateMachine, Submitter, Through,
+};
 
 pub use error::ConfigError;
 pub use ext::PipelineExt;
@@ -67,4 +72,7 @@ pub mod prelude {
     // -- batching --
 
     // -- staged pipelines --
+    pub use crate::{
+        GroupClosed, Next, Pipeline, PipelineStats, StageError, StageStats, StateMachine,
+    };
 }
