@@ -361,9 +361,11 @@ async fn dropping_results_cancels_pending_requests() {
 /// Requests with equal keys run one at a time in submission order; different keys overlap.
 #[tokio::test(start_paused = true)]
 async fn keyed_groups_serialise_each_key() {
+    /// (key, seq, started, finished) of every run.
+    type Log = Arc<Mutex<Vec<(u32, u32, Instant, Instant)>>>;
     #[derive(Clone)]
     struct Logger {
-        log: Arc<Mutex<Vec<(u32, u32, Instant, Instant)>>>,
+        log: Log,
         running: Arc<AtomicUsize>,
         max_running: Arc<AtomicUsize>,
     }
