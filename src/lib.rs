@@ -76,3 +76,8 @@ pub mod prelude {
         GroupClosed, Next, Pipeline, PipelineStats, StageError, StageStats, StateMachine,
     };
 }
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -219,7 +219,9 @@ impl Stats {
             i.errors.fetch_add(1, Ordering::Relaxed);
         }
         i.busy_ns.fetch_add(ns, Ordering::Relaxed);
-        i.max_ns.fetch_max(ns, Ordering::Relaxed);
+        if ns > i.max_ns.load(Ordering::Relaxed) {
+            i.max_ns.fetch_max(ns, Ordering::Relaxed);
+        }
     }
 
     fn stream_started(&self, now: Instant) {

@@ -255,21 +255,30 @@ impl<M: StateMachine> Pipeline<M> {
 }
 
 impl<M: StateMachine> Inner<M> {
-    /// Records one run of `stage` into its figures.
-    fn record(&self, stage: M::Stage, took: Duration, failed: bool) {
+    /// Records stage runs `(stage, took, failed)` into their figures, under one lock.
+    fn record(&self, runs: &[(M::Stage, Duration, bool)]) {
         {
             let stages = self.stages.read().unwrap_or_else(|e| e.into_inner());
-            if let Some((_, stats)) = stages.iter().find(|(s, _)| *s == stage) {
-                stats.record_run(took, failed);
+            if runs
+                .iter()
+                .all(|(stage, _, _)| stages.iter().any(|(s, _)| s == stage))
+            {
+                for (stage, took, failed) in runs {
+                    if let Some((_, stats)) = stages.iter().find(|(s, _)| s == stage) {
+                        stats.record_run(*took, *failed);
+                    }
+                }
                 return;
             }
         }
         let mut stages = self.stages.write().unwrap_or_else(|e| e.into_inner());
-        if !stages.iter().any(|(s, _)| *s == stage) {
-            stages.push((stage, Stats::new(format!("{stage:?}"))));
-        }
-        if let Some((_, stats)) = stages.iter().find(|(s, _)| *s == stage) {
-            stats.record_run(took, failed);
+        for &(stage, took, failed) in runs {
+            if !stages.iter().any(|(s, _)| *s == stage) {
+                stages.push((stage, Stats::new(format!("{stage:?}"))));
+            }
+            if let Some((_, stats)) = stages.iter().find(|(s, _)| *s == stage) {
+                stats.record_run(took, failed);
+            }
         }
     }
 
@@ -280,6 +289,10 @@ impl<M: StateMachine> Inner<M> {
     ) -> Result<M::Data, StageError<M>> {
         let mut stage = self.machine.start();
         let mut path = Vec::new();
+        // Stage timings are recorded in batches of `RECORD_BATCH`, one lock per batch.
+        let mut runs = [(stage, Duration::ZERO, false); RECORD_BATCH];
+        let mut recorded = 0;
+        let mut clock = Instant::now();
         let result = loop {
             if self.dag {
                 if path.contains(&stage) {
@@ -288,12 +301,21 @@ impl<M: StateMachine> Inner<M> {
                 }
                 path.push(stage);
             }
-            let started = Instant::now();
             let ran = AssertUnwindSafe(self.machine.run(stage, data))
                 .catch_unwind()
                 .await;
-            let failed = !matches!(ran, Ok(Ok(_)));
-            self.record(stage, started.elapsed(), failed);
+            let now = Instant::now();
+            if recorded == RECORD_BATCH {
+                self.record(&runs);
+                recorded = 0;
+            }
+            runs[recorded] = (
+                stage,
+                now.saturating_duration_since(clock),
+                !matches!(ran, Ok(Ok(_))),
+            );
+            recorded += 1;
+            clock = now;
             match ran {
                 Ok(Ok(Next::Stage(next, d))) => {
                     stage = next;
@@ -311,6 +333,7 @@ impl<M: StateMachine> Inner<M> {
                 }
             }
         };
+        self.record(&runs[..recorded]);
         self.requests_done.fetch_add(1, Ordering::Relaxed);
         if result.is_err() {
             self.requests_failed.fetch_add(1, Ordering::Relaxed);
@@ -318,6 +341,9 @@ impl<M: StateMachine> Inner<M> {
         result
     }
 }
+
+/// Stage runs a request records per stats lock.
+const RECORD_BATCH: usize = 8;
 
 /// Figures of one stage of a [`Pipeline`], from [`PipelineStats::stage`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
