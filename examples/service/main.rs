@@ -1,0 +1,105 @@
+//! Drop a shared pipeline into a tokio service: one `Pipeline` behind an axum HTTP API, many
+//! callers at once, one set of workers and one set of limits toward the upstream API.
+//!
+//! ```text
+//! cargo run --release --example service                      # starts its own flaky upstream
+//! cargo run --release --example service -- --upstream http://127.0.0.1:9000 --addr 127.0.0.1:3000
+//!
+//! curl -sN -X POST 'http://127.0.0.1:3000/jobs?on_error=continue' \
+//!      -H 'content-type: application/json' -d '[1,2,3,-4,5]'
+//! curl -s http://127.0.0.1:3000/stats
+//! curl -s http://127.0.0.1:3000/metrics
+//! curl -s -X POST 'http://UPSTREAM/control?down=true'        # switch the upstream down / up
+//! ```
+//!
+//! Ctrl-C (or SIGTERM) shuts down gracefully: no new connections, open jobs finish within the
+//! deadline, then the process exits.
+
+mod app;
+mod upstream;
+
+use std::time::Duration;
+
+use app::{Config, Service};
+use tokio::net::TcpListener;
+use upstream::{Upstream, UpstreamConfig};
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    let mut addr = "127.0.0.1:3000".to_string();
+    let mut upstream_url = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match (arg.as_str(), args.next()) {
+            ("--addr", Some(value)) => addr = value,
+            ("--upstream", Some(value)) => upstream_url = Some(value),
+            _ => {
+                eprintln!("usage: service [--addr HOST:PORT] [--upstream URL]");
+                std::process::exit(2);
+            }
+        }
+    }
+
+    // No upstream given: start a local flaky one (5 ms latency, 10% failures).
+    let local = match upstream_url {
+        Some(_) => None,
+        None => Some(
+            Upstream::start(UpstreamConfig {
+                latency: Duration::from_millis(5),
+                failure_rate: 0.1,
+                ..UpstreamConfig::default()
+            })
+            .await?,
+        ),
+    };
+    let upstream_url = upstream_url.unwrap_or_else(|| local.as_ref().unwrap().url());
+
+    let service = Service::new(&Config {
+        upstream: Some(upstream_url.clone()),
+        ..Config::default()
+    });
+    let listener = TcpListener::bind(&addr).await?;
+    let addr = listener.local_addr()?;
+    println!(
+        "upstream at {upstream_url} (control: POST {upstream_url}/control?down=true|false&failure_rate=0.3&latency_ms=5)"
+    );
+    println!("service at http://{addr}");
+    println!(
+        "  curl -sN -X POST 'http://{addr}/jobs?on_error=continue' -H 'content-type: application/json' -d '[1,2,3,-4,5]'"
+    );
+    println!("  curl -s http://{addr}/stats");
+    println!("Ctrl-C to stop.");
+
+    service.clone().serve(listener, shutdown_signal()).await?;
+    println!(
+        "shut down; final figures:\n{}",
+        serde_json::to_string_pretty(&service.stats()).unwrap()
+    );
+    if let Some(local) = local {
+        local.stop().await;
+    }
+    Ok(())
+}
+
+/// Ctrl-C, or SIGTERM on Unix.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    println!("shutting down: no new connections; open jobs get until the deadline");
+}
