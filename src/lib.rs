@@ -43,6 +43,13 @@ mod ext;
 // -- core: pool, fan_out, in_flight, stats --
 
 // -- resilience: rate_limit, retry, circuit_breaker --
+mod circuit_breaker;
+mod rate_limit;
+mod retry;
+pub use circuit_breaker::{Breaker, BreakerError, CircuitBreaker, CircuitState};
+pub use governor::Quota;
+pub use rate_limit::{KeyedRateLimiter, RateLimit, RateLimitBy, RateLimiter};
+pub use retry::{Backoff, Retry, RetryError, RetryIf};
 
 // -- batching: batch, batch_dedupe, debounce, dedupe_by --
 
@@ -58,6 +65,10 @@ pub mod prelude {
     // -- core --
 
     // -- resilience --
+    pub use crate::{
+        Backoff, BreakerError, CircuitBreaker, CircuitState, KeyedRateLimiter, Quota, RateLimiter,
+        RetryError,
+    };
 
     // -- batching --
 
