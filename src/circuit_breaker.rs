@@ -155,8 +155,12 @@ enum Permit {
 
 impl Shared {
     fn now(&self) -> u64 {
-        u64::try_from(Instant::now().saturating_duration_since(self.base).as_nanos())
-            .unwrap_or(u64::MAX)
+        u64::try_from(
+            Instant::now()
+                .saturating_duration_since(self.base)
+                .as_nanos(),
+        )
+        .unwrap_or(u64::MAX)
     }
 
     #[inline]
@@ -200,7 +204,10 @@ impl Shared {
                 if self.state.load(Ordering::Acquire) != CLOSED {
                     return;
                 }
-                let failures = self.failures.fetch_add(1, Ordering::AcqRel).saturating_add(1);
+                let failures = self
+                    .failures
+                    .fetch_add(1, Ordering::AcqRel)
+                    .saturating_add(1);
                 if failures >= self.failure_threshold {
                     self.opened_at.store(self.now(), Ordering::Release);
                     if self

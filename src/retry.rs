@@ -169,7 +169,10 @@ impl Backoff {
     /// assert_eq!(start.elapsed(), Duration::from_millis(20)); // two waits
     /// # }
     /// ```
-    pub fn retry<F, Fut, U, E>(&self, f: F) -> impl Future<Output = Result<U, E>> + use<F, Fut, U, E>
+    pub fn retry<F, Fut, U, E>(
+        &self,
+        f: F,
+    ) -> impl Future<Output = Result<U, E>> + use<F, Fut, U, E>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<U, E>>,
@@ -249,7 +252,11 @@ pub struct RetryError<T, E> {
 impl<T, E: fmt::Display> fmt::Display for RetryError<T, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = if self.attempts == 1 { "" } else { "s" };
-        write!(f, "gave up after {} attempt{s}: {}", self.attempts, self.error)
+        write!(
+            f,
+            "gave up after {} attempt{s}: {}",
+            self.attempts, self.error
+        )
     }
 }
 

@@ -20,7 +20,9 @@ pub(crate) struct Gcra {
 
 impl Gcra {
     pub(crate) fn new(interval: Duration, burst: u32) -> Self {
-        let t = u64::try_from(interval.as_nanos()).unwrap_or(u64::MAX).max(1);
+        let t = u64::try_from(interval.as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
         Self {
             t,
             tol: t.saturating_mul(u64::from(burst - 1)),
