@@ -204,6 +204,239 @@ pub trait PipelineExt: Stream {
 
     // -- resilience: rate_limit, rate_limit_by, retry, retry_if, circuit_breaker --
 
+    /// Passes items on no faster than the limiter's quota, shared with every stream and caller
+    /// holding a clone of the limiter.
+    ///
+    /// Each item is pulled from upstream, then held until its slot on the quota's timeline (GCRA:
+    /// one per [`interval`](crate::RateLimiter::interval), up to the burst at once after an idle
+    /// spell) and passed on unchanged, in order. At most one item is held; upstream is not pulled
+    /// meanwhile. Waiting uses tokio's timer; slots are absolute deadlines, so the rate stays
+    /// exact at rates far above the timer's resolution (see [`RateLimiter`](crate::RateLimiter)).
+    /// `limiter` is a [`RateLimiter`](crate::RateLimiter) or `&RateLimiter` (a shared quota).
+    ///
+    /// Dropping the stream while it holds an item gives that item's slot back when no later slot
+    /// was taken since.
+    ///
+    /// # Panics
+    ///
+    /// When polled outside a tokio runtime with the time driver enabled.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    /// use tokio::time::{Duration, Instant};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let limiter = RateLimiter::per_second(10).burst(2);
+    /// let start = Instant::now();
+    /// let at: Vec<Duration> = stream::iter(0..4)
+    ///     .rate_limit(&limiter)
+    ///     .map(|_| start.elapsed())
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(at, [0, 0, 100, 200].map(Duration::from_millis));
+    /// # }
+    /// ```
+    fn rate_limit<R>(self, limiter: R) -> crate::RateLimit<Self>
+    where
+        R: Into<crate::RateLimiter>,
+        Self: Sized,
+    {
+        crate::RateLimit::new(self, limiter.into())
+    }
+
+    /// Passes items on no faster than their key's quota: `key(&item)` picks the quota, and every
+    /// key of the [`KeyedRateLimiter`](crate::KeyedRateLimiter) has its own (per tenant, per
+    /// host, ...), shared with every holder of a clone.
+    ///
+    /// Items keep their order: an item waiting for its key's slot holds back the items behind
+    /// it, whatever their keys. For independent flows per key, split the stream, or call
+    /// [`until_key_ready`](crate::KeyedRateLimiter::until_key_ready) inside a concurrent
+    /// operator.
+    ///
+    /// # Panics
+    ///
+    /// When polled outside a tokio runtime with the time driver enabled.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    /// use tokio::time::{Duration, Instant};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let per_host = KeyedRateLimiter::per(Duration::from_millis(100));
+    /// let start = Instant::now();
+    /// let at: Vec<(&str, Duration)> = stream::iter(["a", "b", "a", "b"])
+    ///     .rate_limit_by(&per_host, |host: &&str| *host)
+    ///     .map(|host| (host, start.elapsed()))
+    ///     .collect()
+    ///     .await;
+    /// let ms = Duration::from_millis;
+    /// assert_eq!(at, [("a", ms(0)), ("b", ms(0)), ("a", ms(100)), ("b", ms(100))]);
+    /// # }
+    /// ```
+    fn rate_limit_by<K, L, F>(self, limiter: L, key: F) -> crate::RateLimitBy<Self, K, F>
+    where
+        K: std::hash::Hash + Eq + Clone,
+        L: Into<crate::KeyedRateLimiter<K>>,
+        F: FnMut(&Self::Item) -> K,
+        Self: Sized,
+    {
+        crate::RateLimitBy::new(self, limiter.into(), key)
+    }
+
+    /// Calls `f(item.clone())` until it returns `Ok` or the [`Backoff`](crate::Backoff) gives
+    /// up, waiting per the backoff between attempts; yields `Ok(value)`, or a
+    /// [`RetryError`](crate::RetryError) with the item back, the last error and the number of
+    /// attempts.
+    ///
+    /// One item at a time, in order: while an item waits out its backoff the stream pauses and
+    /// upstream is not pulled. For concurrent retries, wrap the call instead:
+    /// `fan_out_ordered(n, move |x| backoff.retry(move || op(x.clone())))` (see
+    /// [`Backoff::retry`](crate::Backoff::retry)). Dropping the stream drops the attempt or the
+    /// wait in progress.
+    ///
+    /// # Panics
+    ///
+    /// When a wait is polled outside a tokio runtime with the time driver enabled.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    /// use tokio::time::{Duration, Instant};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let start = Instant::now();
+    /// let results: Vec<Result<u32, RetryError<u32, String>>> = stream::iter([2, 3])
+    ///     .retry(Backoff::fixed(Duration::from_millis(10)).max_attempts(3), |n| async move {
+    ///         if n % 2 == 0 { Ok(n / 2) } else { Err(format!("{n} is odd")) }
+    ///     })
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(results[0], Ok(1));
+    /// let err = results[1].as_ref().unwrap_err();
+    /// assert_eq!((err.item, err.attempts, err.error.as_str()), (3, 3, "3 is odd"));
+    /// assert_eq!(start.elapsed(), Duration::from_millis(20)); // two waits for the odd item
+    /// # }
+    /// ```
+    fn retry<F, Fut, U, E>(self, backoff: crate::Backoff, f: F) -> crate::Retry<Self, F, Fut>
+    where
+        Self::Item: Clone,
+        F: FnMut(Self::Item) -> Fut,
+        Fut: std::future::Future<Output = Result<U, E>>,
+        Self: Sized,
+    {
+        crate::Retry::new(self, backoff, f)
+    }
+
+    /// [`retry`](PipelineExt::retry), giving up at once on an error for which `retryable`
+    /// returns `false` (a permanent error): that item's [`RetryError`](crate::RetryError)
+    /// carries the attempts made so far.
+    ///
+    /// # Panics
+    ///
+    /// When a wait is polled outside a tokio runtime with the time driver enabled.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    /// use tokio::time::Duration;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// #[derive(Debug, PartialEq)]
+    /// enum Error { Busy, NotFound }
+    ///
+    /// let results: Vec<_> = stream::iter([404u16, 503])
+    ///     .retry_if(
+    ///         Backoff::exponential(Duration::from_millis(10)).max_attempts(4),
+    ///         |status| async move { if status == 404 { Err::<(), _>(Error::NotFound) } else { Err(Error::Busy) } },
+    ///         |e: &Error| *e == Error::Busy,
+    ///     )
+    ///     .map(|r| r.unwrap_err().attempts)
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(results, [1, 4]); // the permanent error fails at once
+    /// # }
+    /// ```
+    fn retry_if<F, Fut, U, E, P>(
+        self,
+        backoff: crate::Backoff,
+        f: F,
+        retryable: P,
+    ) -> crate::RetryIf<Self, F, Fut, P>
+    where
+        Self::Item: Clone,
+        F: FnMut(Self::Item) -> Fut,
+        Fut: std::future::Future<Output = Result<U, E>>,
+        P: FnMut(&E) -> bool,
+        Self: Sized,
+    {
+        crate::RetryIf::new(self, backoff, f, retryable)
+    }
+
+    /// Calls `f(item)` while the [`CircuitBreaker`](crate::CircuitBreaker) lets calls through,
+    /// recording each outcome; while it is open, yields
+    /// [`BreakerError::Open(item)`](crate::BreakerError::Open) at once without calling.
+    ///
+    /// One call at a time, in order; the breaker is shared with every stream and
+    /// [`call`](crate::CircuitBreaker::call)er holding a clone (pass `&breaker` to share it).
+    /// A failed call yields [`BreakerError::Failed`](crate::BreakerError::Failed). When
+    /// half-open, exactly one trial call runs across all holders; the others are rejected as
+    /// `Open` while it runs. Dropping the stream drops the call in progress (a dropped trial
+    /// leaves the breaker half-open for the next call).
+    ///
+    /// # Panics
+    ///
+    /// Does not panic on its own.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    /// use tokio::time::Duration;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let breaker = CircuitBreaker::new(2, Duration::from_secs(1));
+    /// let results: Vec<Result<u32, BreakerError<u32, &str>>> = stream::iter(1..=4)
+    ///     .circuit_breaker(&breaker, |_| async { Err("down") })
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(
+    ///     results,
+    ///     [
+    ///         Err(BreakerError::Failed("down")),
+    ///         Err(BreakerError::Failed("down")), // the breaker opens here
+    ///         Err(BreakerError::Open(3)),        // rejected without calling
+    ///         Err(BreakerError::Open(4)),
+    ///     ]
+    /// );
+    /// assert_eq!(breaker.state(), CircuitState::Open);
+    /// # }
+    /// ```
+    fn circuit_breaker<B, F, Fut, U, E>(self, breaker: B, f: F) -> crate::Breaker<Self, F, Fut>
+    where
+        B: Into<crate::CircuitBreaker>,
+        F: FnMut(Self::Item) -> Fut,
+        Fut: std::future::Future<Output = Result<U, E>>,
+        Self: Sized,
+    {
+        crate::Breaker::new(self, breaker.into(), f)
+    }
+
     // -- batching: batch_dedupe, batch, debounce, dedupe_by --
 
     // -- staged pipelines: through --

@@ -47,6 +47,13 @@ pub use pool::WorkerPool;
 pub use stats::{Stats, StatsSnapshot, WithStats};
 
 // -- resilience: rate_limit, retry, circuit_breaker --
+mod circuit_breaker;
+mod rate_limit;
+mod retry;
+pub use circuit_breaker::{Breaker, BreakerError, CircuitBreaker, CircuitState};
+pub use governor::Quota;
+pub use rate_limit::{KeyedRateLimiter, RateLimit, RateLimitBy, RateLimiter};
+pub use retry::{Backoff, Retry, RetryError, RetryIf};
 
 // -- batching: batch, batch_dedupe, debounce, dedupe_by --
 
@@ -68,6 +75,10 @@ pub mod prelude {
     pub use crate::{InFlightLimit, Stats, StatsSnapshot, WorkerPool};
 
     // -- resilience --
+    pub use crate::{
+        Backoff, BreakerError, CircuitBreaker, CircuitState, KeyedRateLimiter, Quota, RateLimiter,
+        RetryError,
+    };
 
     // -- batching --
 
