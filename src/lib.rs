@@ -30,11 +30,7 @@
 //! # }
 //! ```
 #![deny(missing_docs)]
-#![warn(
-    missing_debug_implementations,
-    rust_2018_idioms,
-    unreachable_pub
-)]
+#![warn(missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 #![forbid(unsafe_code)]
 
 mod error;
@@ -45,6 +41,12 @@ mod ext;
 // -- resilience: rate_limit, retry, circuit_breaker --
 
 // -- batching: batch, batch_dedupe, debounce, dedupe_by --
+mod batch;
+mod debounce;
+mod dedupe;
+pub use batch::{Batch, BatchDedupe};
+pub use debounce::Debounce;
+pub use dedupe::DedupeBy;
 
 // -- staged pipelines --
 
