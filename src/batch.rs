@@ -28,6 +28,63 @@ pub(crate) const POLL_BUDGET: u32 = 128;
 /// Room reserved up front for a batch; a larger `max` grows the batch as items arrive.
 const PREALLOC: usize = 1024;
 
+/// The timer of a wait that starts at an item (a batch's first, a debounced item).
+///
+/// Setting a deadline only records it; the timer itself is touched only when the stream has to
+/// wait for it, so batches filled by a ready upstream never reach the timer. The `Sleep` is
+/// boxed, allocated at the first wait and reset for every later one, so the streams that use
+/// it stay `Unpin` when their upstream is.
+pub(crate) struct Deadline {
+    sleep: Option<Pin<Box<Sleep>>>,
+    at: Instant,
+    // Whether `sleep` is set to `at` and has been polled.
+    armed: bool,
+}
+
+impl Deadline {
+    pub(crate) fn new() -> Self {
+        Self {
+            sleep: None,
+            at: Instant::now(),
+            armed: false,
+        }
+    }
+
+    /// Starts a new wait due at `at`.
+    pub(crate) fn set(&mut self, at: Instant) {
+        self.at = at;
+        self.armed = false;
+    }
+
+    /// Forgets the current wait.
+    pub(crate) fn clear(&mut self) {
+        self.armed = false;
+    }
+
+    pub(crate) fn at(&self) -> Instant {
+        self.at
+    }
+
+    /// Whether the timer is armed: it was polled for the current wait and will wake the task.
+    pub(crate) fn is_armed(&self) -> bool {
+        self.armed
+    }
+
+    /// Arms the timer for the current wait if needed and polls it; `true` once it is due.
+    pub(crate) fn poll_due(&mut self, cx: &mut Context<'_>) -> bool {
+        let sleep = match &mut self.sleep {
+            Some(sleep) if self.armed => sleep,
+            Some(sleep) => {
+                sleep.as_mut().reset(self.at);
+                sleep
+            }
+            None => self.sleep.insert(Box::pin(sleep_until(self.at))),
+        };
+        self.armed = true;
+        sleep.as_mut().poll(cx).is_ready()
+    }
+}
+
 /// Checks a `wait`-like duration parameter.
 pub(crate) fn nonzero_duration(
     parameter: &'static str,
@@ -93,16 +150,12 @@ pin_project! {
         #[pin]
         stream: S,
         // Created at the first batch that has to wait, then reset for each later one.
-        #[pin]
-        sleep: Option<Sleep>,
+        // Due `wait` after the current batch's first item.
+        deadline: Deadline,
         batch: Vec<S::Item>,
         admit: A,
         max: usize,
         wait: Duration,
-        // When the current batch is due; meaningful while `batch` is not empty.
-        deadline: Instant,
-        // Whether `sleep` is set to `deadline` (it is only set once the batch has to wait).
-        armed: bool,
         // The upstream stream has ended.
         done: bool,
     }
@@ -114,13 +167,11 @@ impl<S: Stream, A: Admit<S::Item>> Core<S, A> {
         nonzero_duration("wait", wait)?;
         Ok(Self {
             stream,
-            sleep: None,
+            deadline: Deadline::new(),
             batch: Vec::new(),
             admit,
             max,
             wait,
-            deadline: Instant::now(),
-            armed: false,
             done: false,
         })
     }
@@ -128,7 +179,7 @@ impl<S: Stream, A: Admit<S::Item>> Core<S, A> {
     fn take_partial(self: Pin<&mut Self>) -> Vec<S::Item> {
         let this = self.project();
         this.admit.clear();
-        *this.armed = false;
+        this.deadline.clear();
         std::mem::take(this.batch)
     }
 
@@ -138,19 +189,15 @@ impl<S: Stream, A: Admit<S::Item>> Core<S, A> {
         macro_rules! emit {
             () => {{
                 this.admit.clear();
-                *this.armed = false;
+                this.deadline.clear();
                 return Poll::Ready(Some(std::mem::take(this.batch)));
             }};
         }
 
         // A batch that has been waiting: its deadline comes before anything upstream has now,
         // so an item arriving at the deadline's very instant starts the next batch.
-        if *this.armed {
-            if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
-                if sleep.poll(cx).is_ready() {
-                    emit!();
-                }
-            }
+        if this.deadline.is_armed() && this.deadline.poll_due(cx) {
+            emit!();
         }
 
         let mut now = None;
@@ -166,7 +213,7 @@ impl<S: Stream, A: Admit<S::Item>> Core<S, A> {
                 Poll::Ready(Some(item)) => {
                     if this.batch.is_empty() {
                         // Items taken in one call arrive at the same instant: one clock read.
-                        *this.deadline = *now.get_or_insert_with(Instant::now) + *this.wait;
+                        this.deadline.set(*now.get_or_insert_with(Instant::now) + *this.wait);
                         this.batch.reserve((*this.max).min(PREALLOC));
                     }
                     if this.admit.admit(&item) {
@@ -178,7 +225,7 @@ impl<S: Stream, A: Admit<S::Item>> Core<S, A> {
                         // Refused items make no progress towards a full batch: bound them.
                         budget -= 1;
                         if budget == 0 {
-                            if Instant::now() >= *this.deadline {
+                            if Instant::now() >= this.deadline.at() {
                                 emit!();
                             }
                             cx.waker().wake_by_ref();
@@ -188,19 +235,12 @@ impl<S: Stream, A: Admit<S::Item>> Core<S, A> {
                 }
                 Poll::Ready(None) => *this.done = true,
                 Poll::Pending => {
-                    if this.batch.is_empty() || *this.armed {
-                        // Nothing to flush, or the timer was polled above and will wake us.
+                    // Nothing to flush, or the timer was polled above and will wake us.
+                    if this.batch.is_empty() || this.deadline.is_armed() {
                         return Poll::Pending;
                     }
-                    *this.armed = true;
-                    match this.sleep.as_mut().as_pin_mut() {
-                        Some(sleep) => sleep.reset(*this.deadline),
-                        None => this.sleep.set(Some(sleep_until(*this.deadline))),
-                    }
-                    if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
-                        if sleep.poll(cx).is_ready() {
-                            emit!();
-                        }
+                    if this.deadline.poll_due(cx) {
+                        emit!();
                     }
                     return Poll::Pending;
                 }

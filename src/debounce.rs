@@ -1,7 +1,6 @@
 //! [`Debounce`]: passes an item on once the input has been quiet for a while.
 
 use std::fmt;
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -9,9 +8,9 @@ use std::time::Duration;
 use futures::Stream;
 use futures::stream::FusedStream;
 use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep, sleep_until};
+use tokio::time::Instant;
 
-use crate::batch::{POLL_BUDGET, nonzero_duration};
+use crate::batch::{Deadline, POLL_BUDGET, nonzero_duration};
 use crate::error::{ConfigError, or_panic};
 
 pin_project! {
@@ -23,15 +22,10 @@ pin_project! {
     pub struct Debounce<S: Stream> {
         #[pin]
         stream: S,
-        // Created when an item first has to wait, then reset for each later one.
-        #[pin]
-        sleep: Option<Sleep>,
         held: Option<S::Item>,
+        // Due `quiet` after `held` arrived.
+        deadline: Deadline,
         quiet: Duration,
-        // When `held` is due; meaningful while `held` is `Some`.
-        deadline: Instant,
-        // Whether `sleep` is set to `deadline`.
-        armed: bool,
         done: bool,
     }
 }
@@ -46,11 +40,9 @@ impl<S: Stream> Debounce<S> {
         nonzero_duration("quiet", quiet)?;
         Ok(Self {
             stream,
-            sleep: None,
             held: None,
+            deadline: Deadline::new(),
             quiet,
-            deadline: Instant::now(),
-            armed: false,
             done: false,
         })
     }
@@ -79,7 +71,7 @@ impl<S: Stream> Debounce<S> {
     /// shutdown.
     pub fn take_held(self: Pin<&mut Self>) -> Option<S::Item> {
         let this = self.project();
-        *this.armed = false;
+        this.deadline.clear();
         this.held.take()
     }
 
@@ -97,13 +89,9 @@ impl<S: Stream> Stream for Debounce<S> {
 
         // The held item's deadline comes before anything upstream has now: an item arriving at
         // the deadline's very instant does not replace it.
-        if *this.armed {
-            if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
-                if sleep.poll(cx).is_ready() {
-                    *this.armed = false;
-                    return Poll::Ready(this.held.take());
-                }
-            }
+        if this.deadline.is_armed() && this.deadline.poll_due(cx) {
+            this.deadline.clear();
+            return Poll::Ready(this.held.take());
         }
 
         let mut now = None;
@@ -115,9 +103,8 @@ impl<S: Stream> Stream for Debounce<S> {
             match this.stream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(item)) => {
                     // Items taken in one call arrive at the same instant: one clock read.
-                    *this.deadline = *now.get_or_insert_with(Instant::now) + *this.quiet;
+                    this.deadline.set(*now.get_or_insert_with(Instant::now) + *this.quiet);
                     *this.held = Some(item);
-                    *this.armed = false;
                     budget -= 1;
                     if budget == 0 {
                         cx.waker().wake_by_ref();
@@ -126,19 +113,13 @@ impl<S: Stream> Stream for Debounce<S> {
                 }
                 Poll::Ready(None) => *this.done = true,
                 Poll::Pending => {
-                    if this.held.is_none() || *this.armed {
+                    // Nothing held, or the timer was polled above and will wake us.
+                    if this.held.is_none() || this.deadline.is_armed() {
                         return Poll::Pending;
                     }
-                    *this.armed = true;
-                    match this.sleep.as_mut().as_pin_mut() {
-                        Some(sleep) => sleep.reset(*this.deadline),
-                        None => this.sleep.set(Some(sleep_until(*this.deadline))),
-                    }
-                    if let Some(sleep) = this.sleep.as_mut().as_pin_mut() {
-                        if sleep.poll(cx).is_ready() {
-                            *this.armed = false;
-                            return Poll::Ready(this.held.take());
-                        }
+                    if this.deadline.poll_due(cx) {
+                        this.deadline.clear();
+                        return Poll::Ready(this.held.take());
                     }
                     return Poll::Pending;
                 }
