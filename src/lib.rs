@@ -56,6 +56,12 @@ pub use rate_limit::{KeyedRateLimiter, RateLimit, RateLimitBy, RateLimiter};
 pub use retry::{Backoff, Retry, RetryError, RetryIf};
 
 // -- batching: batch, batch_dedupe, debounce, dedupe_by --
+mod batch;
+mod debounce;
+mod dedupe;
+pub use batch::{Batch, BatchDedupe};
+pub use debounce::Debounce;
+pub use dedupe::DedupeBy;
 
 // -- staged pipelines --
 mod staged;
