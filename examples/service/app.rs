@@ -47,6 +47,18 @@ pub struct Config {
     pub upstream_in_flight: usize,
     /// Timeout of one upstream call.
     pub upstream_timeout: Duration,
+    /// The most upstream calls per second, across every caller (retries included).
+    pub rate_per_second: u32,
+    /// How many upstream calls may go at once after an idle spell.
+    pub burst: u32,
+    /// Consecutive upstream failures that open the circuit breaker.
+    pub breaker_threshold: u32,
+    /// How long the breaker stays open before a trial call.
+    pub breaker_open_for: Duration,
+    /// Attempts per upstream call, the first included (exponential backoff between them).
+    pub retry_attempts: u32,
+    /// The first backoff delay (doubling, with full jitter, at most 100 ms).
+    pub retry_initial: Duration,
     /// On shutdown, how long open responses may keep going before they are ended.
     pub shutdown_deadline: Duration,
 }
@@ -58,6 +70,12 @@ impl Default for Config {
             workers: 4,
             upstream_in_flight: 16,
             upstream_timeout: Duration::from_secs(5),
+            rate_per_second: 2000,
+            burst: 50,
+            breaker_threshold: 20,
+            breaker_open_for: Duration::from_secs(1),
+            retry_attempts: 3,
+            retry_initial: Duration::from_millis(5),
             shutdown_deadline: Duration::from_secs(10),
         }
     }
@@ -97,6 +115,14 @@ pub struct Jobs {
     client: reqwest::Client,
     upstream: Option<String>,
     in_flight: InFlightLimit,
+    limiter: RateLimiter,
+    breaker: CircuitBreaker,
+    backoff: Backoff,
+    /// Cells taken from the limiter, and the time spent waiting for them (µs).
+    rate_taken: AtomicU64,
+    rate_waited_us: AtomicU64,
+    /// Calls refused at once by the open breaker.
+    breaker_rejected: AtomicU64,
     /// Stage runs occupying a pool worker now.
     running: AtomicUsize,
     upstream_calls: AtomicU64,
@@ -115,21 +141,51 @@ impl Jobs {
             client,
             upstream: config.upstream.clone(),
             in_flight: InFlightLimit::new(config.upstream_in_flight),
+            limiter: RateLimiter::per_second(config.rate_per_second).burst(config.burst),
+            breaker: CircuitBreaker::new(config.breaker_threshold, config.breaker_open_for),
+            backoff: Backoff::exponential(config.retry_initial)
+                .max_attempts(config.retry_attempts)
+                .max_delay(Duration::from_millis(100))
+                .jitter(),
+            rate_taken: AtomicU64::new(0),
+            rate_waited_us: AtomicU64::new(0),
+            breaker_rejected: AtomicU64::new(0),
             running: AtomicUsize::new(0),
             upstream_calls: AtomicU64::new(0),
             upstream_failures: AtomicU64::new(0),
         }
     }
 
-    /// The one place the service calls the upstream: every limit toward it wraps this call.
+    /// The one place the service calls the upstream: every limit toward it wraps this call,
+    /// and every limit is shared by all callers.
     ///
-    /// Each attempt holds a permit of the shared in-flight limit while it runs.
-    // TODO: wrap each attempt in the shared `RateLimiter` (`until_ready` after the in-flight
-    // permit, so released calls never bunch), the shared `CircuitBreaker` (`breaker.call`) and
-    // a `Backoff::exponential(..).max_attempts(..)` retry around the whole, once those operators
-    // are available on this branch.
+    /// From the outside in: a retry with exponential backoff (not retrying calls the breaker
+    /// refused: an open breaker fails fast); the circuit breaker; a permit of the in-flight
+    /// limit; a cell of the rate limiter, taken last so that a call goes out the moment its
+    /// cell is granted (calls released together by the in-flight limit never bunch up).
     async fn call_upstream(&self, x: i64) -> Result<i64, String> {
-        holding(&self.in_flight, self.attempt(x)).await
+        let attempt = || {
+            self.breaker.call(holding(&self.in_flight, async {
+                let waiting = tokio::time::Instant::now();
+                self.limiter.until_ready().await;
+                let waited = waiting.elapsed().as_micros() as u64;
+                self.rate_waited_us.fetch_add(waited, Ordering::Relaxed);
+                self.rate_taken.fetch_add(1, Ordering::Relaxed);
+                self.attempt(x).await
+            }))
+        };
+        match self
+            .backoff
+            .retry_if(attempt, |e: &BreakerError<(), String>| !e.is_open())
+            .await
+        {
+            Ok(value) => Ok(value),
+            Err(BreakerError::Failed(e)) => Err(e),
+            Err(BreakerError::Open(())) => {
+                self.breaker_rejected.fetch_add(1, Ordering::Relaxed);
+                Err("circuit open: the upstream is failing".to_string())
+            }
+        }
     }
 
     /// One upstream call, without any limit.
@@ -322,6 +378,18 @@ pub struct UpstreamLimits {
     pub calls: u64,
     /// Attempts that failed.
     pub failures: u64,
+    /// The rate limit, calls per second.
+    pub rate_per_second: f64,
+    /// The rate limit's burst.
+    pub burst: u32,
+    /// Cells taken from the rate limiter.
+    pub rate_taken: u64,
+    /// Total time calls waited for the rate limiter, ms.
+    pub rate_waited_ms: u64,
+    /// The circuit breaker: `closed`, `open` or `half-open`.
+    pub breaker: String,
+    /// Calls refused at once by the open breaker.
+    pub breaker_rejected: u64,
 }
 
 /// The HTTP side of `/stats`.
@@ -620,6 +688,12 @@ fn stats_report(app: &AppState) -> StatsReport {
             in_flight_limit: jobs.in_flight.limit(),
             calls: jobs.upstream_calls.load(Ordering::Relaxed),
             failures: jobs.upstream_failures.load(Ordering::Relaxed),
+            rate_per_second: 1.0 / jobs.limiter.interval().as_secs_f64(),
+            burst: jobs.limiter.burst_size(),
+            rate_taken: jobs.rate_taken.load(Ordering::Relaxed),
+            rate_waited_ms: jobs.rate_waited_us.load(Ordering::Relaxed) / 1000,
+            breaker: jobs.breaker.state().to_string(),
+            breaker_rejected: jobs.breaker_rejected.load(Ordering::Relaxed),
         },
         server: ServerReport {
             jobs: app.jobs.load(Ordering::Relaxed),
@@ -678,6 +752,21 @@ async fn get_metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
         "responses_open",
         "gauge",
         s.server.responses_open.to_string(),
+    );
+    metric(
+        "upstream_rate_waited_ms_total",
+        "counter",
+        s.upstream.rate_waited_ms.to_string(),
+    );
+    metric(
+        "breaker_open",
+        "gauge",
+        u8::from(s.upstream.breaker != "closed").to_string(),
+    );
+    metric(
+        "breaker_rejected_total",
+        "counter",
+        s.upstream.breaker_rejected.to_string(),
     );
     let _ = writeln!(out, "# TYPE stagepipe_stage_runs_total counter");
     for st in &s.pipeline.stages {

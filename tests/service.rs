@@ -1,0 +1,688 @@
+//! End-to-end tests of the `service` example: one shared pipeline behind an axum HTTP API, many
+//! clients at once, a flaky upstream behind it. Real sockets on 127.0.0.1, ephemeral ports.
+//!
+//! Real sockets need the real clock: every wait is a poll for a condition, bounded by a
+//! generous deadline, and the one timing figure (the rate toward the upstream) is counted on the
+//! upstream's side with a tolerance of one burst.
+
+#[path = "../examples/service/app.rs"]
+mod app;
+#[path = "../examples/service/upstream.rs"]
+mod upstream;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use app::{Config, Line, Service, StatsReport};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep, timeout};
+use upstream::{Upstream, UpstreamConfig, UpstreamReport};
+
+/// Every test is bounded: a hang fails the test instead of the run.
+async fn bounded<F: Future<Output = ()>>(test: F) {
+    timeout(Duration::from_secs(120), test)
+        .await
+        .expect("the test finishes within 120 s");
+}
+
+/// Waits until `check` holds, polling; fails after 20 s.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if check().await {
+            return;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A service under test, its upstream and a client.
+struct Harness {
+    upstream: Upstream,
+    service: Service,
+    addr: SocketAddr,
+    client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+}
+
+/// Limits that never bind unless a test sets them.
+fn open_config() -> Config {
+    Config {
+        upstream: None,
+        workers: 4,
+        upstream_in_flight: 8,
+        upstream_timeout: Duration::from_secs(10),
+        rate_per_second: 1_000_000,
+        burst: 1_000,
+        breaker_threshold: 1_000_000,
+        breaker_open_for: Duration::from_secs(1),
+        retry_attempts: 1,
+        retry_initial: Duration::from_millis(1),
+        shutdown_deadline: Duration::from_secs(30),
+    }
+}
+
+impl Harness {
+    async fn start(mut config: Config, upstream: UpstreamConfig) -> Self {
+        let upstream = Upstream::start(upstream).await.expect("upstream starts");
+        config.upstream = Some(upstream.url());
+        let service = Service::new(&config);
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = tokio::spawn(service.clone().serve(listener, async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            upstream,
+            service,
+            addr,
+            client: reqwest::Client::new(),
+            stop: Some(stop),
+            server: Some(server),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// `POST /jobs?on_error=..`: the response, headers read.
+    async fn post(&self, inputs: &[i64], on_error: &str) -> reqwest::Response {
+        self.client
+            .post(self.url(&format!("/jobs?on_error={on_error}")))
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(inputs).unwrap())
+            .send()
+            .await
+            .expect("the service answers")
+    }
+
+    /// Posts a job and reads every line; the response must end cleanly.
+    async fn job(&self, inputs: &[i64], on_error: &str) -> Vec<Line> {
+        let response = self.post(inputs, on_error).await;
+        assert_eq!(response.status(), 200);
+        let mut reader = Reader::new(response);
+        let mut lines = Vec::new();
+        while let Some(line) = reader.next().await.expect("the body ends cleanly") {
+            lines.push(line);
+        }
+        lines
+    }
+
+    /// `GET /stats`, over HTTP.
+    async fn stats(&self) -> StatsReport {
+        self.client
+            .get(self.url("/stats"))
+            .send()
+            .await
+            .unwrap()
+            .json_body()
+            .await
+    }
+
+    /// `GET /control` on the upstream, over HTTP.
+    async fn upstream_report(&self) -> UpstreamReport {
+        self.client
+            .get(format!("{}/control", self.upstream.url()))
+            .send()
+            .await
+            .unwrap()
+            .json_body()
+            .await
+    }
+
+    /// Switches the upstream down or up through its control endpoint.
+    async fn set_upstream_down(&self, down: bool) {
+        let response = self
+            .client
+            .post(format!("{}/control?down={down}", self.upstream.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(self.upstream.report().down, down);
+    }
+
+    /// Waits until nothing is open or running anywhere in the service; its last `/stats`.
+    async fn settled(&self) -> StatsReport {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = self.stats().await;
+            if s.pipeline.groups_open == 0
+                && s.pipeline.stage_runs_running == 0
+                && s.upstream.in_flight == 0
+                && s.server.responses_open == 0
+            {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the service did not settle: {s:?}"
+            );
+            sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        let _ = self.stop.take().unwrap().send(());
+    }
+
+    /// Waits for the server task to return.
+    async fn server_exit(&mut self) -> std::io::Result<()> {
+        timeout(Duration::from_secs(20), self.server.take().unwrap())
+            .await
+            .expect("the server exits")
+            .expect("the server task does not panic")
+    }
+}
+
+trait JsonBody {
+    async fn json_body<T: serde::de::DeserializeOwned>(self) -> T;
+}
+
+impl JsonBody for reqwest::Response {
+    async fn json_body<T: serde::de::DeserializeOwned>(self) -> T {
+        assert_eq!(self.status(), 200);
+        let bytes = self.bytes().await.unwrap();
+        serde_json::from_slice(&bytes).expect("valid JSON")
+    }
+}
+
+/// Reads an NDJSON body line by line as chunks arrive.
+struct Reader {
+    response: reqwest::Response,
+    buffer: Vec<u8>,
+}
+
+impl Reader {
+    fn new(response: reqwest::Response) -> Self {
+        Self {
+            response,
+            buffer: Vec::new(),
+        }
+    }
+
+    /// The next whole line, `Ok(None)` at a clean end; a partial line at the end is an error.
+    async fn next(&mut self) -> Result<Option<Line>, String> {
+        loop {
+            if let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buffer.drain(..=end).collect();
+                return serde_json::from_slice(&line)
+                    .map(Some)
+                    .map_err(|e| format!("not a whole line: {e}"));
+            }
+            match self.response.chunk().await {
+                Ok(Some(chunk)) => self.buffer.extend_from_slice(&chunk),
+                Ok(None) if self.buffer.is_empty() => return Ok(None),
+                Ok(None) => return Err("half-written line at the end".to_string()),
+                Err(e) => return Err(format!("body error: {e}")),
+            }
+        }
+    }
+}
+
+fn ok_line(index: usize, input: i64) -> Line {
+    Line {
+        index: Some(index),
+        input: Some(input),
+        output: Some(2 * input + 1),
+        error: None,
+        abandoned: None,
+    }
+}
+
+/// Client `c`'s inputs: distinct across clients, so a result in the wrong response shows.
+fn inputs_of(client: i64, n: i64) -> Vec<i64> {
+    (0..n).map(|i| client * 1_000_000 + i).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_clients_each_get_exactly_their_own_results_in_order() {
+    bounded(async {
+        let h = Harness::start(
+            open_config(),
+            UpstreamConfig {
+                latency: Duration::from_millis(1),
+                ..UpstreamConfig::default()
+            },
+        )
+        .await;
+        let clients: Vec<_> = (0..50)
+            .map(|c| {
+                let inputs = inputs_of(c, 200);
+                let h = &h;
+                async move { (h.job(&inputs, "continue").await, inputs) }
+            })
+            .collect();
+        let responses = futures::future::join_all(clients).await;
+        for (lines, inputs) in &responses {
+            let expected: Vec<Line> = inputs
+                .iter()
+                .enumerate()
+                .map(|(i, x)| ok_line(i, *x))
+                .collect();
+            assert_eq!(lines, &expected);
+        }
+
+        let upstream = h.upstream_report().await;
+        assert_eq!(upstream.calls, 50 * 200);
+        assert_eq!(upstream.failures, 0);
+        assert!(
+            upstream.max_in_flight <= 8,
+            "upstream saw {} concurrent calls, limit 8",
+            upstream.max_in_flight
+        );
+        assert!(upstream.max_in_flight > 1, "the calls ran concurrently");
+
+        // `/stats` counts match what the clients received.
+        let stats = h.settled().await;
+        assert_eq!(stats.pipeline.groups_opened, 50);
+        assert_eq!(stats.pipeline.requests_done, 10_000);
+        assert_eq!(stats.pipeline.requests_failed, 0);
+        assert_eq!(stats.server.jobs, 50);
+        assert_eq!(stats.server.lines_ok, 10_000);
+        assert_eq!(stats.server.lines_error, 0);
+        assert_eq!(stats.upstream.calls, 10_000);
+        assert_eq!(stats.upstream.rate_taken, 10_000);
+        assert_eq!(stats.upstream.breaker, "closed");
+        let runs: Vec<(&str, u64)> = stats
+            .pipeline
+            .stages
+            .iter()
+            .map(|s| (s.stage.as_str(), s.runs))
+            .collect();
+        assert_eq!(
+            runs,
+            [("Parse", 10_000), ("Call", 10_000), ("Finish", 10_000)]
+        );
+
+        let metrics = h
+            .client
+            .get(h.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(metrics.contains("\nstagepipe_requests_done_total 10000\n"));
+        assert!(metrics.contains("stagepipe_stage_runs_total{stage=\"Call\"} 10000\n"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_never_sees_more_than_the_rate() {
+    bounded(async {
+        const RATE: u64 = 100;
+        const BURST: u64 = 10;
+        let h = Harness::start(
+            Config {
+                rate_per_second: RATE as u32,
+                burst: BURST as u32,
+                ..open_config()
+            },
+            UpstreamConfig {
+                latency: Duration::ZERO,
+                window: Duration::from_secs(1),
+                ..UpstreamConfig::default()
+            },
+        )
+        .await;
+        let start = Instant::now();
+        let clients: Vec<_> = (0..5)
+            .map(|c| {
+                let inputs = inputs_of(c, 50);
+                let h = &h;
+                async move { (h.job(&inputs, "continue").await, inputs) }
+            })
+            .collect();
+        for (lines, inputs) in futures::future::join_all(clients).await {
+            assert_eq!(lines.len(), inputs.len());
+            assert!(lines.iter().all(|l| l.output.is_some()));
+        }
+        // 250 calls at 100/s after a burst of 10 take at least 2.4 s: the limit was applied.
+        assert!(start.elapsed() >= Duration::from_millis(2_300));
+
+        let upstream = h.upstream_report().await;
+        eprintln!("{upstream:?} in {:?}", start.elapsed());
+        assert_eq!(upstream.calls, 250);
+        // Any one-second window on the upstream's clock: at most what the quota allows
+        // (RATE per second plus one burst), with a tolerance of one burst for socket jitter.
+        assert!(
+            upstream.max_per_window <= RATE + BURST + BURST,
+            "upstream saw {} calls within one second; rate {RATE}/s, burst {BURST}",
+            upstream.max_per_window
+        );
+        let stats = h.settled().await;
+        assert_eq!(stats.upstream.rate_per_second.round() as u64, RATE);
+        assert_eq!(stats.upstream.burst as u64, BURST);
+        assert_eq!(stats.upstream.rate_taken, 250);
+        assert!(stats.upstream.rate_waited_ms > 0);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flaky_upstream_every_item_ends_as_a_value_or_a_reported_error() {
+    bounded(async {
+        let h = Harness::start(
+            Config {
+                retry_attempts: 3,
+                ..open_config()
+            },
+            UpstreamConfig {
+                latency: Duration::from_millis(1),
+                failure_rate: 0.3,
+                ..UpstreamConfig::default()
+            },
+        )
+        .await;
+        let clients: Vec<_> = (0..10)
+            .map(|c| {
+                let inputs = inputs_of(c, 200);
+                let h = &h;
+                async move { (h.job(&inputs, "continue").await, inputs) }
+            })
+            .collect();
+        let (mut ok, mut failed) = (0u64, 0u64);
+        for (lines, inputs) in futures::future::join_all(clients).await {
+            assert_eq!(lines.len(), inputs.len(), "none lost");
+            for (i, (line, x)) in lines.iter().zip(&inputs).enumerate() {
+                assert_eq!((line.index, line.input), (Some(i), Some(*x)));
+                match (&line.output, &line.error) {
+                    (Some(out), None) => {
+                        assert_eq!(*out, 2 * x + 1);
+                        ok += 1;
+                    }
+                    (None, Some(error)) => {
+                        assert!(error.contains("503"), "a reported upstream error: {error}");
+                        failed += 1;
+                    }
+                    _ => panic!("a line is a value or an error: {line:?}"),
+                }
+            }
+        }
+        eprintln!("{ok} ok, {failed} failed");
+        assert_eq!(ok + failed, 2_000);
+        // Three attempts each: about 0.3³ ≈ 2.7% of the items fail for good.
+        assert!(ok > 1_800, "retries rescued most items: {ok} ok");
+
+        let upstream = h.upstream_report().await;
+        assert!(upstream.calls > 2_000, "failed calls were retried");
+        let stats = h.settled().await;
+        assert_eq!(stats.pipeline.requests_done, 2_000);
+        assert_eq!(stats.pipeline.requests_failed, failed);
+        assert_eq!(stats.server.lines_ok, ok);
+        assert_eq!(stats.server.lines_error, failed);
+        assert_eq!(stats.upstream.calls, upstream.calls);
+        assert_eq!(stats.upstream.failures, upstream.failures);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_error_cancel_ends_the_job_at_its_first_error() {
+    bounded(async {
+        let h = Harness::start(open_config(), UpstreamConfig::default()).await;
+        let mut inputs: Vec<i64> = (0..50).collect();
+        inputs[20] = -1;
+
+        let lines = h.job(&inputs, "cancel").await;
+        assert_eq!(lines.len(), 21);
+        for (i, line) in lines[..20].iter().enumerate() {
+            assert_eq!(line, &ok_line(i, i as i64));
+        }
+        assert_eq!(lines[20].index, Some(20));
+        assert_eq!(lines[20].input, Some(-1));
+        assert_eq!(lines[20].error.as_deref(), Some("Parse: negative input"));
+
+        let lines = h.job(&inputs, "continue").await;
+        assert_eq!(lines.len(), 50);
+        assert!(lines[20].error.is_some());
+        assert_eq!(lines[49], ok_line(49, 49));
+
+        // The default is to carry on; an unknown policy is refused.
+        let response = h
+            .client
+            .post(h.url("/jobs"))
+            .header("content-type", "application/json")
+            .body("[1, -2, 3]")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let mut reader = Reader::new(response);
+        let mut n = 0;
+        while reader.next().await.unwrap().is_some() {
+            n += 1;
+        }
+        assert_eq!(n, 3);
+        assert_eq!(h.post(&[1], "sometimes").await.status(), 400);
+
+        let stats = h.settled().await;
+        assert_eq!(stats.pipeline.groups_opened, 3);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_opens_when_the_upstream_is_down_and_recovers_when_it_is_back() {
+    bounded(async {
+        const THRESHOLD: u32 = 5;
+        let h = Harness::start(
+            Config {
+                upstream_in_flight: 4,
+                breaker_threshold: THRESHOLD,
+                breaker_open_for: Duration::from_millis(200),
+                retry_attempts: 2,
+                ..open_config()
+            },
+            UpstreamConfig::default(),
+        )
+        .await;
+        assert_eq!(h.job(&[1, 2, 3], "continue").await.len(), 3);
+        let before = h.upstream_report().await.calls;
+
+        h.set_upstream_down(true).await;
+        let inputs = inputs_of(1, 100);
+        let lines = h.job(&inputs, "continue").await;
+        assert_eq!(lines.len(), 100);
+        assert!(lines.iter().all(|l| l.error.is_some()), "every item failed");
+        let open = lines
+            .iter()
+            .filter(|l| {
+                l.error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("circuit open"))
+            })
+            .count();
+        assert!(open >= 50, "the open breaker refused most items: {open}");
+        let stats = h.stats().await;
+        assert_ne!(stats.upstream.breaker, "closed");
+        assert_eq!(stats.upstream.breaker_rejected, open as u64);
+        // While open, the upstream is spared: it saw a handful of calls, not 100 items × 2 attempts.
+        let seen_down = h.upstream_report().await.calls - before;
+        eprintln!("{stats:?}; upstream saw {seen_down} calls while down");
+        assert!(
+            seen_down < 50,
+            "the upstream saw {seen_down} calls while down"
+        );
+
+        h.set_upstream_down(false).await;
+        // After `open_for`, a trial call goes through and closes the breaker.
+        eventually("the breaker to recover", || async {
+            let lines = h.job(&[7], "continue").await;
+            lines[0].output == Some(15)
+        })
+        .await;
+        assert_eq!(h.stats().await.upstream.breaker, "closed");
+        let inputs = inputs_of(2, 50);
+        let lines = h.job(&inputs, "continue").await;
+        let expected: Vec<Line> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, x)| ok_line(i, *x))
+            .collect();
+        assert_eq!(lines, expected);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disconnecting_client_frees_its_share() {
+    bounded(async {
+        let h = Harness::start(
+            Config {
+                upstream_in_flight: 4,
+                ..open_config()
+            },
+            UpstreamConfig {
+                latency: Duration::from_millis(20),
+                ..UpstreamConfig::default()
+            },
+        )
+        .await;
+        let inputs = inputs_of(0, 200);
+        let mut reader = Reader::new(h.post(&inputs, "continue").await);
+        for i in 0..3 {
+            assert_eq!(reader.next().await.unwrap(), Some(ok_line(i, inputs[i])));
+        }
+        let stats = h.stats().await;
+        assert_eq!(stats.pipeline.groups_open, 1);
+        assert_eq!(stats.server.responses_open, 1);
+        drop(reader); // the client goes away mid-stream
+
+        // Its group is cancelled: pool, in-flight limit and responses all back to zero, and
+        // most of its 200 items never ran.
+        let stats = h.settled().await;
+        eprintln!("{stats:?}");
+        assert!(
+            stats.pipeline.requests_done < 100,
+            "the group's remaining items were cancelled, {} ran",
+            stats.pipeline.requests_done
+        );
+        let upstream = h.upstream_report().await;
+        assert_eq!(upstream.in_flight, 0);
+        assert!(upstream.calls < 100);
+
+        // The service carries on serving others.
+        let inputs = inputs_of(1, 20);
+        let lines = h.job(&inputs, "continue").await;
+        assert_eq!(lines.len(), 20);
+        assert!(lines.iter().all(|l| l.output.is_some()));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_open_jobs_finish_then_the_server_exits() {
+    bounded(async {
+        let mut h = Harness::start(
+            Config {
+                upstream_in_flight: 2,
+                ..open_config()
+            },
+            UpstreamConfig {
+                latency: Duration::from_millis(5),
+                ..UpstreamConfig::default()
+            },
+        )
+        .await;
+        let a = inputs_of(0, 100);
+        let b = inputs_of(1, 100);
+        let mut readers = vec![
+            Reader::new(h.post(&a, "continue").await),
+            Reader::new(h.post(&b, "continue").await),
+        ];
+        let first = readers[0].next().await.unwrap();
+        assert_eq!(first, Some(ok_line(0, a[0])));
+
+        h.begin_shutdown();
+        // Open jobs finish in full, every line whole.
+        let mut lines_a = vec![first.unwrap()];
+        while let Some(line) = readers[0].next().await.expect("a clean end") {
+            lines_a.push(line);
+        }
+        let mut lines_b = Vec::new();
+        while let Some(line) = readers[1].next().await.expect("a clean end") {
+            lines_b.push(line);
+        }
+        let expect = |inputs: &[i64]| -> Vec<Line> {
+            inputs
+                .iter()
+                .enumerate()
+                .map(|(i, x)| ok_line(i, *x))
+                .collect()
+        };
+        assert_eq!(lines_a, expect(&a));
+        assert_eq!(lines_b, expect(&b));
+        drop(readers);
+
+        // Then the server exits, and refuses new connections.
+        h.server_exit().await.unwrap();
+        assert!(h.client.get(h.url("/stats")).send().await.is_err());
+        let stats = h.service.stats();
+        assert_eq!(stats.pipeline.groups_open, 0);
+        assert_eq!(stats.pipeline.requests_done, 200);
+        assert_eq!(stats.server.responses_open, 0);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_deadline_ends_open_jobs_with_a_closing_line() {
+    bounded(async {
+        let mut h = Harness::start(
+            Config {
+                upstream_in_flight: 1,
+                shutdown_deadline: Duration::from_millis(300),
+                ..open_config()
+            },
+            UpstreamConfig {
+                latency: Duration::from_millis(50),
+                ..UpstreamConfig::default()
+            },
+        )
+        .await;
+        let inputs = inputs_of(0, 100); // ≥ 5 s of upstream calls, one at a time
+        let mut reader = Reader::new(h.post(&inputs, "continue").await);
+        let mut lines = vec![reader.next().await.unwrap().unwrap()];
+
+        h.begin_shutdown();
+        while let Some(line) = reader.next().await.expect("a clean end, every line whole") {
+            lines.push(line);
+        }
+        let (last, results) = lines.split_last().unwrap();
+        assert!(last.error.is_some());
+        let abandoned = last.abandoned.expect("a closing line");
+        eprintln!("{} results, {abandoned} abandoned", results.len());
+        assert!(abandoned > 0);
+        assert_eq!(results.len() + abandoned, inputs.len());
+        for (i, line) in results.iter().enumerate() {
+            assert_eq!(line, &ok_line(i, inputs[i]));
+        }
+
+        h.server_exit().await.unwrap();
+        // The ended group was cancelled: nothing left running.
+        eventually("the cancelled group to drain", || async {
+            let s = h.service.stats();
+            s.pipeline.groups_open == 0
+                && s.pipeline.stage_runs_running == 0
+                && s.upstream.in_flight == 0
+        })
+        .await;
+        assert!(h.service.stats().pipeline.requests_done < inputs.len() as u64);
+    })
+    .await;
+}
