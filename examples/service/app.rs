@@ -41,7 +41,8 @@ pub struct Config {
     /// Base URL of the upstream API (`http://host:port`); `None` computes the upstream's answer
     /// locally (a trivial stage, for benchmarks).
     pub upstream: Option<String>,
-    /// Workers of the shared pipeline.
+    /// Workers of the shared pipeline: how many items are in a stage at once, across every
+    /// caller. The upstream stage is I/O-bound, so this is well above the in-flight limit.
     pub workers: usize,
     /// The most upstream calls in flight at once, across every caller.
     pub upstream_in_flight: usize,
@@ -67,7 +68,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             upstream: None,
-            workers: 4,
+            workers: 64,
             upstream_in_flight: 16,
             upstream_timeout: Duration::from_secs(5),
             rate_per_second: 2000,
