@@ -558,8 +558,8 @@ async fn a_disconnecting_client_frees_its_share() {
         .await;
         let inputs = inputs_of(0, 200);
         let mut reader = Reader::new(h.post(&inputs, "continue").await);
-        for i in 0..3 {
-            assert_eq!(reader.next().await.unwrap(), Some(ok_line(i, inputs[i])));
+        for (i, x) in inputs.iter().enumerate().take(3) {
+            assert_eq!(reader.next().await.unwrap(), Some(ok_line(i, *x)));
         }
         let stats = h.stats().await;
         assert_eq!(stats.pipeline.groups_open, 1);
