@@ -1,7 +1,8 @@
 //! The `service` example under load: 50 clients × 200 trivial items each, over real HTTP on
 //! 127.0.0.1, through the shared pipeline, versus the same service written the way one would
-//! without it: a `tokio::spawn` per item and `buffered` (no shared pool; `buffered`, not
-//! `buffer_unordered`, because the service's contract is results in submission order).
+//! without it: a `tokio::spawn` per item (no shared pool), collected with `buffered` (the same
+//! contract: results in submission order) or `buffer_unordered` (completion order, a weaker
+//! contract, for reference).
 //!
 //! Criterion measures requests/s; a fixed number of extra rounds afterwards measures the p99
 //! latency of a job (post to last line) and of an item (post to its line), printed per variant.
@@ -42,33 +43,35 @@ fn config() -> Config {
     }
 }
 
-/// The baseline's `POST /jobs`: the same machine, run inline in a task per item.
-async fn spawn_jobs(State(jobs): State<Arc<Jobs>>, body: Bytes) -> Body {
+/// The baselines' `POST /jobs`: the same machine, run inline in a task per item.
+async fn spawn_jobs(State((jobs, ordered)): State<(Arc<Jobs>, bool)>, body: Bytes) -> Body {
     let inputs: Vec<i64> = serde_json::from_slice(&body).unwrap();
-    let lines = stream::iter(inputs)
-        .map(move |input| {
-            let jobs = jobs.clone();
-            tokio::spawn(async move { (input, jobs.process(input).await) })
-        })
-        .buffered(WINDOW)
-        .enumerate()
-        .map(|(index, done)| {
-            let (input, result) = done.expect("no panics");
-            let (output, error) = match result {
-                Ok(v) => (Some(v), None),
-                Err(e) => (None, Some(e)),
-            };
-            let line = Line {
-                index: Some(index),
-                input: Some(input),
-                output,
-                error,
-                abandoned: None,
-            };
-            let mut bytes = serde_json::to_vec(&line).unwrap();
-            bytes.push(b'\n');
-            Ok::<_, Infallible>(Bytes::from(bytes))
-        });
+    let tasks = stream::iter(inputs.into_iter().enumerate()).map(move |(index, input)| {
+        let jobs = jobs.clone();
+        tokio::spawn(async move { (index, input, jobs.process(input).await) })
+    });
+    let done = if ordered {
+        tasks.buffered(WINDOW).left_stream()
+    } else {
+        tasks.buffer_unordered(WINDOW).right_stream()
+    };
+    let lines = done.map(|done| {
+        let (index, input, result) = done.expect("no panics");
+        let (output, error) = match result {
+            Ok(v) => (Some(v), None),
+            Err(e) => (None, Some(e)),
+        };
+        let line = Line {
+            index: Some(index),
+            input: Some(input),
+            output,
+            error,
+            abandoned: None,
+        };
+        let mut bytes = serde_json::to_vec(&line).unwrap();
+        bytes.push(b'\n');
+        Ok::<_, Infallible>(Bytes::from(bytes))
+    });
     Body::from_stream(lines)
 }
 
@@ -118,22 +121,23 @@ fn p99(mut v: Vec<Duration>) -> Duration {
 fn benches(c: &mut Criterion) {
     let rt = Runtime::new().unwrap();
     let client = reqwest::Client::new();
-    let (pipeline_url, spawn_url) = rt.block_on(async {
+    let variants = rt.block_on(async {
         let service = Service::new(&config());
-        let pipeline_url = serve(service.router()).await;
         let jobs = Arc::new(Jobs::new(&config()));
-        let spawn_url = serve(
+        let spawning = |ordered: bool| {
             Router::new()
                 .route("/jobs", post(spawn_jobs))
-                .with_state(jobs),
-        )
-        .await;
-        (pipeline_url, spawn_url)
+                .with_state((jobs.clone(), ordered))
+        };
+        [
+            ("stagepipe_shared_pipeline", serve(service.router()).await),
+            ("spawn_per_item_buffered", serve(spawning(true)).await),
+            (
+                "spawn_per_item_buffer_unordered",
+                serve(spawning(false)).await,
+            ),
+        ]
     });
-    let variants = [
-        ("stagepipe_shared_pipeline", pipeline_url),
-        ("spawn_per_item_buffered", spawn_url),
-    ];
 
     let mut group = c.benchmark_group("service_50_clients_x_200");
     group
