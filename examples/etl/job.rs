@@ -1,0 +1,328 @@
+//! The job: stream the CSV through the staged pipeline into the database.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt, TryStreamExt, future};
+use stagepipe::prelude::*;
+
+use crate::db::{Db, Faults, TopRow, Written, is_transient};
+use crate::model::{Columns, Inspection, Outcome, RawRow, Reject, process};
+
+/// Errors that stop the job (malformed rows never do: they are rejected and counted).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What to load, where, and how.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The CSV file (the real file or a generated one).
+    pub input: PathBuf,
+    /// `sqlite://FILE` or `postgres://...`.
+    pub db_url: String,
+    /// Rows per batched insert.
+    pub batch_max: usize,
+    /// How long a partial batch waits for more rows before it is written.
+    pub batch_wait: Duration,
+    /// Batched inserts running at once.
+    pub in_flight: usize,
+    /// Attempts per batch (the first included) for transient database errors.
+    pub attempts: u32,
+    /// The first retry's delay (doubles each attempt).
+    pub retry_delay: Duration,
+    /// Faults to inject (tests).
+    pub faults: Faults,
+    /// Live counters (for a progress display).
+    pub progress: Arc<Progress>,
+}
+
+impl Config {
+    /// The defaults for `input` into `db_url`.
+    pub fn new(input: impl Into<PathBuf>, db_url: impl Into<String>) -> Self {
+        let db_url = db_url.into();
+        Config {
+            input: input.into(),
+            // SQLite has one writer at a time; Postgres takes several.
+            in_flight: if db_url.starts_with("sqlite:") { 2 } else { 4 },
+            db_url,
+            batch_max: 500,
+            batch_wait: Duration::from_millis(100),
+            attempts: 5,
+            retry_delay: Duration::from_millis(20),
+            faults: Faults::none(),
+            progress: Arc::default(),
+        }
+    }
+}
+
+/// Counters the job updates as it goes.
+#[derive(Debug, Default)]
+pub struct Progress {
+    /// Records read.
+    pub rows: AtomicU64,
+    /// Bytes of the file read.
+    pub bytes: AtomicU64,
+    /// Bytes in the file.
+    pub total_bytes: AtomicU64,
+}
+
+/// The totals of one run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Records read.
+    pub read: u64,
+    /// Violation rows added to the database.
+    pub loaded: u64,
+    /// Rows without a violation (counted, not loaded).
+    pub skipped: u64,
+    /// Malformed rows (written to `rejects`).
+    pub rejected: u64,
+    /// Violation rows already in the database (same natural key).
+    pub duplicates: u64,
+    /// Batches written.
+    pub batches: u64,
+    /// Batch attempts that failed and were retried.
+    pub retries: u64,
+}
+
+/// The outcome of a run: totals, the stats table, the answer.
+#[derive(Clone, Debug)]
+pub struct Report {
+    /// The totals.
+    pub totals: Totals,
+    /// Per-stage stats, one line per stage.
+    pub stats: String,
+    /// The top 10 businesses by severe violations.
+    pub top: Vec<TopRow>,
+    /// Wall-clock time of the load.
+    pub elapsed: Duration,
+}
+
+/// The name under which rejects of `input` are stored.
+pub fn source_name(input: &Path) -> String {
+    input
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| input.display().to_string())
+}
+
+/// Runs the job end to end: connect, create the schema, load, answer.
+pub async fn run(config: &Config) -> Result<Report, BoxError> {
+    let db = Db::connect(&config.db_url, config.in_flight as u32 + 1).await?;
+    db.ensure_schema().await?;
+    let started = Instant::now();
+    let (cols, rows) = read_csv(&config.input, config.progress.clone())?;
+    let (totals, stats) = run_pipeline(rows, cols, &db, config).await?;
+    let elapsed = started.elapsed();
+    let top = db.top_severe(10).await?;
+    db.close().await;
+    Ok(Report {
+        totals,
+        stats,
+        top,
+        elapsed,
+    })
+}
+
+/// Opens `path` and streams its records from a blocking reader thread (bounded channel, so the
+/// file is never held in memory).
+pub fn read_csv(
+    path: &Path,
+    progress: Arc<Progress>,
+) -> Result<(Columns, impl Stream<Item = Result<RawRow, csv::Error>> + Send + 'static), BoxError> {
+    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    progress
+        .total_bytes
+        .store(file.metadata()?.len(), Ordering::Relaxed);
+    let mut reader = csv_reader(file);
+    let cols = Columns::from_header(&csv::StringRecord::from_byte_record_lossy(
+        reader.byte_headers()?.clone(),
+    ))
+    .map_err(|e| format!("{}: {e}", path.display()))?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<RawRow, csv::Error>>(1024);
+    tokio::task::spawn_blocking(move || {
+        let mut record = csv::ByteRecord::new();
+        loop {
+            let item = match reader.read_byte_record(&mut record) {
+                Ok(false) => return,
+                Ok(true) => {
+                    let pos = record.position().expect("a read record has a position");
+                    progress.rows.fetch_add(1, Ordering::Relaxed);
+                    progress.bytes.store(pos.byte(), Ordering::Relaxed);
+                    Ok(RawRow {
+                        line: pos.line(),
+                        record: csv::StringRecord::from_byte_record_lossy(record.clone()),
+                    })
+                }
+                Err(e) => Err(e),
+            };
+            let stop = item.is_err();
+            // The receiver gone means the job was dropped: stop reading.
+            if tx.blocking_send(item).is_err() || stop {
+                return;
+            }
+        }
+    });
+    let rows = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    Ok((cols, rows))
+}
+
+fn csv_reader(file: File) -> csv::Reader<BufReader<File>> {
+    csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(BufReader::with_capacity(1 << 16, file))
+}
+
+/// Attempts `write` until it succeeds, the error is not transient, or `attempts` are spent,
+/// doubling the delay between attempts. Returns the result and the failed attempts.
+// To be replaced by the crate's `Backoff::exponential(..).max_attempts(..).retry(..)`.
+async fn with_retry<F, Fut, T>(
+    attempts: u32,
+    delay: Duration,
+    mut write: F,
+) -> (Result<T, sqlx::Error>, u64)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, sqlx::Error>>,
+{
+    let mut failed = 0;
+    let mut wait = delay;
+    loop {
+        match write().await {
+            Ok(v) => return (Ok(v), failed),
+            Err(e) if is_transient(&e) && failed + 1 < u64::from(attempts) => {
+                failed += 1;
+                tracing::warn!(error = %e, attempt = failed, "batch failed, retrying");
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            Err(e) => return (Err(e), failed),
+        }
+    }
+}
+
+/// The streaming part of the job: parse/validate → transform → route → batch → batched
+/// inserts in flight, each retried on transient errors → stats.
+///
+/// NOTE: the staging, batching and retry here are written with plain `futures::StreamExt`
+/// (`map`, `chunks`) and a hand-written retry loop; they are to be replaced by the crate's
+/// operators (`StateMachine` + `through`, `batch(500, 100 ms)`, `Backoff` retry) as those land.
+pub async fn run_pipeline<S>(
+    rows: S,
+    cols: Columns,
+    db: &Db,
+    config: &Config,
+) -> Result<(Totals, String), BoxError>
+where
+    S: Stream<Item = Result<RawRow, csv::Error>> + Send,
+{
+    let source = source_name(&config.input);
+    let read = Stats::new("read");
+    let routed = Stats::new("routed");
+    let written = Stats::new("written");
+    let limit = InFlightLimit::new(config.in_flight);
+    let mut totals = Totals::default();
+    let skipped = AtomicU64::new(0);
+
+    let result = rows
+        .with_stats(&read)
+        .map_ok(|row| process(row, &cols))
+        .try_filter(|o| {
+            let skip = matches!(o, Outcome::Skip);
+            if skip {
+                skipped.fetch_add(1, Ordering::Relaxed);
+            }
+            future::ready(!skip)
+        })
+        .with_stats(&routed)
+        .chunks(config.batch_max)
+        .in_flight(&limit, |batch| {
+            let source = source.as_str();
+            let faults = &config.faults;
+            async move {
+                let batch: Vec<Outcome> = batch.into_iter().collect::<Result<_, _>>()?;
+                let (rows, rejects) = split(batch);
+                let (written, failed) =
+                    with_retry(config.attempts, config.retry_delay, || {
+                        db.write_batch(source, &rows, &rejects, faults)
+                    })
+                    .await;
+                let written = written.map_err(|e| {
+                    format!("a batch of {} rows failed after {} attempts: {e}", rows.len(), failed + 1)
+                })?;
+                Ok::<_, BoxError>((rows.len() as u64, rejects.len() as u64, written, failed))
+            }
+        })
+        .with_stats(&written)
+        .try_for_each(|(_, rejected, w, failed): (u64, u64, Written, u64)| {
+            totals.loaded += w.inserted;
+            totals.duplicates += w.duplicates;
+            totals.rejected += rejected;
+            totals.batches += 1;
+            totals.retries += failed;
+            future::ready(Ok(()))
+        })
+        .await;
+    result?;
+    totals.skipped = skipped.load(Ordering::Relaxed);
+    totals.read = read.snapshot().items;
+    let stats = [read, routed, written]
+        .iter()
+        .map(|s| s.snapshot().to_string())
+        .collect::<Vec<_>>()
+        .join("\n");
+    Ok((totals, stats))
+}
+
+fn split(batch: Vec<Outcome>) -> (Vec<Inspection>, Vec<Reject>) {
+    let mut rows = Vec::with_capacity(batch.len());
+    let mut rejects = Vec::new();
+    for o in batch {
+        match o {
+            Outcome::Load(r) => rows.push(r),
+            Outcome::Reject(r) => rejects.push(r),
+            Outcome::Skip => {}
+        }
+    }
+    (rows, rejects)
+}
+
+/// The same load written the obvious way, one step after another: read a record, process it,
+/// and insert every 500 rows in a transaction. The baseline of the benchmark.
+pub async fn run_sequential(input: &Path, db: &Db, batch_max: usize) -> Result<Totals, BoxError> {
+    let source = source_name(input);
+    let mut reader = csv_reader(File::open(input)?);
+    let cols = Columns::from_header(&reader.headers()?.clone())?;
+    let mut totals = Totals::default();
+    let mut batch = Vec::with_capacity(batch_max);
+    let mut record = csv::ByteRecord::new();
+    let faults = Faults::none();
+    loop {
+        let more = reader.read_byte_record(&mut record)?;
+        if more {
+            totals.read += 1;
+            let row = RawRow {
+                line: record.position().expect("a read record has a position").line(),
+                record: csv::StringRecord::from_byte_record_lossy(record.clone()),
+            };
+            match process(row, &cols) {
+                Outcome::Skip => totals.skipped += 1,
+                other => batch.push(other),
+            }
+        }
+        if batch.len() == batch_max || (!more && !batch.is_empty()) {
+            let (rows, rejects) = split(std::mem::take(&mut batch));
+            let w = db.write_batch(&source, &rows, &rejects, &faults).await?;
+            totals.loaded += w.inserted;
+            totals.duplicates += w.duplicates;
+            totals.rejected += rejects.len() as u64;
+            totals.batches += 1;
+        }
+        if !more {
+            return Ok(totals);
+        }
+    }
+}
