@@ -114,8 +114,7 @@ pub async fn run(config: &Config) -> Result<Report, BoxError> {
     let db = Db::connect(&config.db_url, config.in_flight as u32 + 1).await?;
     db.ensure_schema().await?;
     let started = Instant::now();
-    let (cols, rows) = read_csv(&config.input, config.progress.clone())?;
-    let (totals, stats) = run_pipeline(rows, cols, &db, config).await?;
+    let (totals, stats) = load(&db, config).await?;
     let elapsed = started.elapsed();
     let top = db.top_severe(10).await?;
     db.close().await;
@@ -125,6 +124,12 @@ pub async fn run(config: &Config) -> Result<Report, BoxError> {
         top,
         elapsed,
     })
+}
+
+/// Loads `config.input` into `db` (whose schema exists): the totals and the stats table.
+pub async fn load(db: &Db, config: &Config) -> Result<(Totals, String), BoxError> {
+    let (cols, rows) = read_csv(&config.input, config.progress.clone())?;
+    run_pipeline(rows, cols, db, config).await
 }
 
 /// Opens `path` and streams its records from a blocking reader thread (bounded channel, so the
@@ -142,31 +147,43 @@ pub fn read_csv(
         reader.byte_headers()?.clone(),
     ))
     .map_err(|e| format!("{}: {e}", path.display()))?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<RawRow, csv::Error>>(1024);
+    // Records travel in small chunks: one wake-up per chunk, not per record.
+    const CHUNK: usize = 128;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Result<RawRow, csv::Error>>>(16);
     tokio::task::spawn_blocking(move || {
         let mut record = csv::ByteRecord::new();
+        let mut chunk = Vec::with_capacity(CHUNK);
         loop {
-            let item = match reader.read_byte_record(&mut record) {
-                Ok(false) => return,
+            let (done, failed) = match reader.read_byte_record(&mut record) {
+                Ok(false) => (true, false),
                 Ok(true) => {
                     let pos = record.position().expect("a read record has a position");
                     progress.rows.fetch_add(1, Ordering::Relaxed);
                     progress.bytes.store(pos.byte(), Ordering::Relaxed);
-                    Ok(RawRow {
+                    chunk.push(Ok(RawRow {
                         line: pos.line(),
                         record: csv::StringRecord::from_byte_record_lossy(record.clone()),
-                    })
+                    }));
+                    (false, false)
                 }
-                Err(e) => Err(e),
+                Err(e) => {
+                    chunk.push(Err(e));
+                    (true, true)
+                }
             };
-            let stop = item.is_err();
-            // The receiver gone means the job was dropped: stop reading.
-            if tx.blocking_send(item).is_err() || stop {
+            if chunk.len() == CHUNK || (done && !chunk.is_empty()) {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK));
+                // The receiver gone means the job was dropped: stop reading.
+                if tx.blocking_send(full).is_err() {
+                    return;
+                }
+            }
+            if done || failed {
                 return;
             }
         }
     });
-    let rows = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let rows = futures::stream::poll_fn(move |cx| rx.poll_recv(cx)).flat_map(futures::stream::iter);
     Ok((cols, rows))
 }
 
