@@ -10,6 +10,7 @@ use futures::Stream;
 use crate::fan_out::{FanOut, FanOutOrdered};
 use crate::in_flight::{InFlight, InFlightLimit};
 use crate::pool::WorkerPool;
+use crate::staged::{Pipeline, StateMachine, Through};
 use crate::stats::{Stats, WithStats};
 
 /// Operators for concurrent, parallel stream pipelines, implemented for every
@@ -31,7 +32,7 @@ pub trait PipelineExt: Stream {
     /// At most a *window* of this stream's items is in the pool at once (queued, running, or
     /// finished and waiting for an earlier item); upstream is not pulled while the window is
     /// full, so one slow item holds back at most a window of results. Set it with
-    /// [`FanOutOrdered::window`]; the default is four times the workers, at least 32.
+    /// [`FanOutOrdered::window`]; the default is four times the workers, at least 256.
     ///
     /// A future that panics re-raises its panic in the consumer at that item's place, after
     /// every earlier item; the pool and other streams keep running. Dropping the stream drops
@@ -206,6 +207,58 @@ pub trait PipelineExt: Stream {
     // -- batching: batch_dedupe, batch, debounce, dedupe_by --
 
     // -- staged pipelines: through --
+
+    /// Runs every item through a staged [`Pipeline`] as one request group: results in input
+    /// order, carrying on after errors (each failed request yields its [`StageError`](crate::StageError)).
+    ///
+    /// The group shares the pipeline's worker pool with every other group and holds at most the
+    /// pipeline's window of requests in it; upstream is pulled as the window allows.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    ///
+    /// #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+    /// enum Step { Check, Square }
+    ///
+    /// struct Machine;
+    ///
+    /// impl StateMachine for Machine {
+    ///     type Stage = Step;
+    ///     type Data = i64;
+    ///     type Error = String;
+    ///
+    ///     fn start(&self) -> Step { Step::Check }
+    ///
+    ///     async fn run(&self, stage: Step, n: i64) -> Result<Next<Step, i64>, String> {
+    ///         match stage {
+    ///             Step::Check if n < 0 => Err(format!("{n} is negative")),
+    ///             Step::Check => Ok(Next::Stage(Step::Square, n)),
+    ///             Step::Square => Ok(Next::Done(n * n)),
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() {
+    /// let pipeline = Pipeline::builder(Machine).workers(2).build();
+    /// let out: Vec<Result<i64, String>> = stream::iter([3, -1, 4])
+    ///     .through(&pipeline)
+    ///     .map(|r| r.map_err(|e| e.to_string()))
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(out, [Ok(9), Err("stage Check failed: -1 is negative".to_string()), Ok(16)]);
+    /// # }
+    /// ```
+    fn through<M>(self, pipeline: &Pipeline<M>) -> Through<Self, M>
+    where
+        Self: Sized + Stream<Item = M::Data>,
+        M: StateMachine,
+    {
+        Through::new(self, pipeline)
+    }
 }
 
 impl<S: Stream + ?Sized> PipelineExt for S {}

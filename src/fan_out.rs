@@ -72,10 +72,11 @@ impl<U> Chan<U> {
         self.closed.load(Ordering::Acquire)
     }
 
-    /// Stores the outcome of job `seq`; wakes the consumer if it can now make progress.
-    fn complete(&self, seq: u64, outcome: Outcome<U>) {
+    /// Stores the outcome of job `seq`. Returns the consumer's waker if it can now make
+    /// progress; the worker wakes it (once per chunk of jobs, see `pool.rs`).
+    fn complete(&self, seq: u64, outcome: Outcome<U>) -> Option<Waker> {
         if self.is_closed() {
-            return;
+            return None;
         }
         let wake = {
             let mut state = self.lock();
@@ -88,9 +89,7 @@ impl<U> Chan<U> {
                 state.done.len() == 1
             }
         };
-        if wake {
-            self.consumer.wake();
-        }
+        if wake { self.consumer.take() } else { None }
     }
 
     /// Moves every result the consumer may yield now into `out`; returns how many.
@@ -172,8 +171,9 @@ where
             chan: &chan,
             registered: false,
         };
-        if let Some(outcome) = run.await {
-            chan.complete(seq, outcome);
+        match run.await {
+            Some(outcome) => chan.complete(seq, outcome),
+            None => None,
         }
     })
 }
@@ -230,7 +230,10 @@ impl<U: Send + 'static> Core<U> {
         F: FnMut(S::Item) -> Fut,
         Fut: Future<Output = U> + Send + 'static,
     {
-        while !self.upstream_done && self.in_pool < self.window {
+        // Refill only once half the window is free, so that jobs reach the pool in batches and
+        // idle workers are woken once per batch rather than once per item.
+        let refill = self.in_pool == 0 || self.in_pool + self.window.div_ceil(2) <= self.window;
+        while refill && !self.upstream_done && self.in_pool < self.window {
             match stream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(item)) => {
                     let job = make_job(f(item), self.chan.clone(), self.next_seq);
@@ -261,7 +264,8 @@ impl<U: Send + 'static> Core<U> {
     }
 
     fn poll_result(&mut self, cx: &mut Context<'_>) -> Poll<Option<U>> {
-        if self.ready.is_empty() && self.in_pool > 0 && self.chan.drain_ready(&mut self.ready) == 0 {
+        if self.ready.is_empty() && self.in_pool > 0 && self.chan.drain_ready(&mut self.ready) == 0
+        {
             self.chan.consumer.register(cx.waker());
             self.chan.drain_ready(&mut self.ready);
         }
@@ -339,7 +343,7 @@ macro_rules! fan_out_stream {
             /// finished and not yet yielded. This bounds the stream's memory (and, for the
             /// ordered variant, the reorder buffer behind a slow item); upstream is not pulled
             /// while the window is full. The default is four times the pool's workers, and at
-            /// least 32.
+            /// least 256 (hand-offs to the pool happen in batches of half a window).
             ///
             /// # Panics
             ///

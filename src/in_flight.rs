@@ -61,7 +61,10 @@ impl InFlightLimit {
     pub fn try_new(limit: usize) -> Result<Self, ConfigError> {
         nonzero("limit", limit as u64)?;
         if limit > Semaphore::MAX_PERMITS {
-            return Err(ConfigError::new("limit", "must be at most Semaphore::MAX_PERMITS"));
+            return Err(ConfigError::new(
+                "limit",
+                "must be at most Semaphore::MAX_PERMITS",
+            ));
         }
         Ok(Self {
             semaphore: Arc::new(Semaphore::new(limit)),
@@ -211,9 +214,9 @@ where
                     permit
                 }
                 Err(_) => {
-                    let acquire = this
-                        .acquire
-                        .get_or_insert_with(|| Box::pin(this.limit.semaphore.clone().acquire_owned()));
+                    let acquire = this.acquire.get_or_insert_with(|| {
+                        Box::pin(this.limit.semaphore.clone().acquire_owned())
+                    });
                     match acquire.as_mut().poll(cx) {
                         Poll::Ready(permit) => {
                             this.acquire.take();

@@ -30,11 +30,7 @@
 //! # }
 //! ```
 #![deny(missing_docs)]
-#![warn(
-    missing_debug_implementations,
-    rust_2018_idioms,
-    unreachable_pub
-)]
+#![warn(missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 #![forbid(unsafe_code)]
 
 mod error;
@@ -55,6 +51,11 @@ pub use stats::{Stats, StatsSnapshot, WithStats};
 // -- batching: batch, batch_dedupe, debounce, dedupe_by --
 
 // -- staged pipelines --
+mod staged;
+pub use staged::{
+    GroupBuilder, GroupClosed, GroupResults, Next, Pipeline, PipelineBuilder, PipelineStats,
+    StageError, StageStats, StateMachine, Submitter, Through,
+};
 
 pub use error::ConfigError;
 pub use ext::PipelineExt;
@@ -71,4 +72,12 @@ pub mod prelude {
     // -- batching --
 
     // -- staged pipelines --
+    pub use crate::{
+        GroupClosed, Next, Pipeline, PipelineStats, StageError, StageStats, StateMachine,
+    };
 }
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

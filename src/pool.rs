@@ -15,8 +15,11 @@ use std::task::{Context, Poll, Waker};
 
 use crate::error::{ConfigError, nonzero, or_panic};
 
-/// A type-erased unit of work: a user future wrapped so that it delivers its own result.
-pub(crate) type Job = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+/// A type-erased unit of work: a user future wrapped so that it delivers its own result. It
+/// resolves to the waker of a consumer that its result unblocked, which the worker wakes once it
+/// finishes its chunk of jobs (or as soon as a job has to wait), so that a consumer is woken once
+/// per chunk rather than once per item.
+pub(crate) type Job = Pin<Box<dyn Future<Output = Option<Waker>> + Send + 'static>>;
 
 /// A pool of long-lived worker tasks shared by every stream and request group that holds a clone.
 ///
@@ -122,7 +125,7 @@ impl WorkerPool {
     /// The default window of a stream on this pool: how many of its items may be in the pool at
     /// once (queued, running, or finished and waiting to be consumed).
     pub(crate) fn default_window(&self) -> usize {
-        self.workers().saturating_mul(4).max(32)
+        self.workers().saturating_mul(4).max(DEFAULT_MIN_WINDOW)
     }
 
     /// Registers a new source and returns its id.
@@ -196,15 +199,26 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The next job for worker `index`, `None` on shutdown, or `Pending` after parking.
-    fn poll_job(&self, index: usize, cx: &mut Context<'_>) -> Poll<Option<Job>> {
+    /// Moves the next jobs for worker `index` into `batch`: up to [`MAX_CHUNK`] from one source,
+    /// fewer when the queue is short so that other workers get a share. Returns `Ready(false)`
+    /// on shutdown, or `Pending` after parking the worker.
+    fn poll_jobs(
+        &self,
+        index: usize,
+        batch: &mut VecDeque<Job>,
+        cx: &mut Context<'_>,
+    ) -> Poll<bool> {
         let mut state = self.lock();
         if state.shutdown {
-            return Poll::Ready(None);
+            return Poll::Ready(false);
         }
         if let Some(id) = state.ready.pop_front() {
-            let queue = state.sources[id].as_mut().expect("ready source is registered");
-            let job = queue.pop_front().expect("ready source has a job");
+            let workers = self.workers;
+            let queue = state.sources[id]
+                .as_mut()
+                .expect("ready source is registered");
+            let take = (queue.len() / (2 * workers)).clamp(1, MAX_CHUNK);
+            batch.extend(queue.drain(..take));
             if !queue.is_empty() {
                 state.ready.push_back(id);
             }
@@ -212,7 +226,7 @@ impl Shared {
             if state.parked[index].take().is_some() {
                 state.parked_ids.retain(|&i| i != index);
             }
-            return Poll::Ready(Some(job));
+            return Poll::Ready(true);
         }
         let slot = &mut state.parked[index];
         match slot {
@@ -227,10 +241,43 @@ impl Shared {
     }
 }
 
+/// The smallest default window. Hand-offs between the consumer and the workers happen in
+/// batches of half a window, and each batch costs a few thread wake-ups; a window of 256 keeps
+/// that under a microsecond per 100 items while holding at most 256 items per stream.
+const DEFAULT_MIN_WINDOW: usize = 256;
+
+/// The most jobs a worker takes from one source at a time.
+const MAX_CHUNK: usize = 32;
+
 async fn worker(shared: Arc<Shared>, index: usize) {
-    while let Some(job) = poll_fn(|cx| shared.poll_job(index, cx)).await {
-        job.await;
-        tokio::task::consume_budget().await;
+    let mut batch = VecDeque::with_capacity(MAX_CHUNK);
+    let mut deferred: Vec<Waker> = Vec::new();
+    while poll_fn(|cx| shared.poll_jobs(index, &mut batch, cx)).await {
+        while let Some(mut job) = batch.pop_front() {
+            let unblocked = poll_fn(|cx| {
+                let poll = job.as_mut().poll(cx);
+                if poll.is_pending() {
+                    wake_all(&mut deferred);
+                }
+                poll
+            })
+            .await;
+            if let Some(waker) = unblocked {
+                if !deferred.iter().any(|w| w.will_wake(&waker)) {
+                    deferred.push(waker);
+                }
+            }
+            drop(job);
+            tokio::task::consume_budget().await;
+        }
+        wake_all(&mut deferred);
+    }
+    wake_all(&mut deferred);
+}
+
+fn wake_all(wakers: &mut Vec<Waker>) {
+    for waker in wakers.drain(..) {
+        waker.wake();
     }
 }
 
@@ -273,7 +320,15 @@ impl fmt::Debug for WorkerPool {
         f.debug_struct("WorkerPool")
             .field("workers", &self.workers())
             .field("streams", &(state.sources.len() - state.free_ids.len()))
-            .field("queued", &state.sources.iter().flatten().map(VecDeque::len).sum::<usize>())
+            .field(
+                "queued",
+                &state
+                    .sources
+                    .iter()
+                    .flatten()
+                    .map(VecDeque::len)
+                    .sum::<usize>(),
+            )
             .field("idle", &state.parked_ids.len())
             .finish()
     }

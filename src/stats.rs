@@ -102,7 +102,11 @@ impl StatsSnapshot {
     /// Items per second over [`elapsed`](Self::elapsed); zero before any time has passed.
     pub fn items_per_sec(&self) -> f64 {
         let secs = self.elapsed.as_secs_f64();
-        if secs > 0.0 { self.items as f64 / secs } else { 0.0 }
+        if secs > 0.0 {
+            self.items as f64 / secs
+        } else {
+            0.0
+        }
     }
 
     /// Mean time of a timed run; zero if there were none.
@@ -116,7 +120,11 @@ impl StatsSnapshot {
 
     fn share(&self, d: Duration) -> f64 {
         let total = self.elapsed.as_secs_f64();
-        if total > 0.0 { 100.0 * d.as_secs_f64() / total } else { 0.0 }
+        if total > 0.0 {
+            100.0 * d.as_secs_f64() / total
+        } else {
+            0.0
+        }
     }
 }
 
@@ -182,7 +190,10 @@ impl Stats {
         let span = *i.span.lock().unwrap_or_else(|e| e.into_inner());
         let elapsed = match span.started {
             None => Duration::ZERO,
-            Some(start) => span.ended.unwrap_or_else(Instant::now).saturating_duration_since(start),
+            Some(start) => span
+                .ended
+                .unwrap_or_else(Instant::now)
+                .saturating_duration_since(start),
         };
         let ns = |a: &AtomicU64| Duration::from_nanos(a.load(Ordering::Relaxed));
         StatsSnapshot {
@@ -208,7 +219,9 @@ impl Stats {
             i.errors.fetch_add(1, Ordering::Relaxed);
         }
         i.busy_ns.fetch_add(ns, Ordering::Relaxed);
-        i.max_ns.fetch_max(ns, Ordering::Relaxed);
+        if ns > i.max_ns.load(Ordering::Relaxed) {
+            i.max_ns.fetch_max(ns, Ordering::Relaxed);
+        }
     }
 
     fn stream_started(&self, now: Instant) {
@@ -319,7 +332,9 @@ impl<S: Stream> Stream for WithStats<S> {
             }
             Phase::Running => {
                 if let Some(at) = this.yielded_at.take() {
-                    inner.downstream_wait_ns.fetch_add(nanos(at.elapsed()), Ordering::Relaxed);
+                    inner
+                        .downstream_wait_ns
+                        .fetch_add(nanos(at.elapsed()), Ordering::Relaxed);
                 }
             }
         }
@@ -331,9 +346,10 @@ impl<S: Stream> Stream for WithStats<S> {
             Poll::Ready(item) => {
                 let now = Instant::now();
                 if let Some(since) = this.pending_since.take() {
-                    inner
-                        .upstream_wait_ns
-                        .fetch_add(nanos(now.saturating_duration_since(since)), Ordering::Relaxed);
+                    inner.upstream_wait_ns.fetch_add(
+                        nanos(now.saturating_duration_since(since)),
+                        Ordering::Relaxed,
+                    );
                 }
                 if item.is_some() {
                     inner.items.fetch_add(1, Ordering::Relaxed);

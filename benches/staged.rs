@@ -1,0 +1,120 @@
+//! Staged pipelines: three trivial stages, 1M requests, the three shapes of the Go stagedpipe
+//! benchmark (one unordered group, 100 groups, one ordered group). Run the Go anchor in the
+//! same session to compare items/s.
+
+use std::time::Duration;
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use futures::StreamExt;
+use stagepipe::prelude::*;
+
+const REQUESTS: u64 = 1_000_000;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Step {
+    Start,
+    Two,
+    Three,
+}
+
+struct Plus;
+
+impl StateMachine for Plus {
+    type Stage = Step;
+    type Data = u64;
+    type Error = std::convert::Infallible;
+
+    fn start(&self) -> Step {
+        Step::Start
+    }
+
+    async fn run(&self, stage: Step, n: u64) -> Result<Next<Step, u64>, Self::Error> {
+        Ok(match stage {
+            Step::Start => Next::Stage(Step::Two, n + 1),
+            Step::Two => Next::Stage(Step::Three, n + 1),
+            Step::Three => Next::Done(n + 1),
+        })
+    }
+}
+
+/// Submits `ids` to one group and sums its results; checks the count.
+async fn one_group(pipeline: &Pipeline<Plus>, ordered: bool, ids: std::ops::Range<u64>) -> u64 {
+    let builder = pipeline.group();
+    let builder = if ordered { builder.ordered() } else { builder };
+    let (tx, results) = builder.open();
+    let n = ids.end - ids.start;
+    let feeder = tokio::spawn(async move {
+        for id in ids {
+            tx.submit(id).await.unwrap();
+        }
+    });
+    let (count, sum) = results
+        .fold(
+            (0u64, 0u64),
+            |(c, s), r| async move { (c + 1, s + r.unwrap()) },
+        )
+        .await;
+    feeder.await.unwrap();
+    assert_eq!(count, n);
+    sum
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| {
+            s.split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse::<u64>().ok())
+        })
+        .map_or(0, |pages| pages * 4)
+}
+
+fn benches(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let pipeline = rt.block_on(async { Pipeline::builder(Plus).workers(2).build() });
+    let mut group = c.benchmark_group("staged_3_stages");
+    group
+        .throughput(Throughput::Elements(REQUESTS))
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(8));
+
+    group.bench_function("single_group_unordered", |b| {
+        b.to_async(&rt)
+            .iter(|| one_group(&pipeline, false, 0..REQUESTS))
+    });
+    let before = rss_kib();
+    group.bench_function("100_groups", |b| {
+        b.to_async(&rt).iter(|| async {
+            let per = REQUESTS / 100;
+            let tasks: Vec<_> = (0..100)
+                .map(|g| {
+                    let p = pipeline.clone();
+                    tokio::spawn(async move { one_group(&p, false, g * per..(g + 1) * per).await })
+                })
+                .collect();
+            let mut sum = 0u64;
+            for t in tasks {
+                sum += t.await.unwrap();
+            }
+            sum
+        })
+    });
+    eprintln!(
+        "resident memory around the 100-group runs: {} KiB before, {} KiB after",
+        before,
+        rss_kib()
+    );
+    group.bench_function("single_group_ordered", |b| {
+        b.to_async(&rt)
+            .iter(|| one_group(&pipeline, true, 0..REQUESTS))
+    });
+    group.finish();
+}
+
+criterion_group!(staged, benches);
+criterion_main!(staged);

@@ -1,0 +1,111 @@
+//! Errors of staged pipelines.
+
+use std::fmt;
+
+use super::StateMachine;
+
+/// Why a request of a staged pipeline did not finish.
+#[non_exhaustive]
+pub enum StageError<M: StateMachine> {
+    /// A stage returned an error.
+    Failed {
+        /// The stage that failed.
+        stage: M::Stage,
+        /// Its error.
+        error: M::Error,
+    },
+    /// In DAG mode, the machine routed a request back to a stage it had already visited.
+    Cycle {
+        /// The stages visited in order, ending with the stage it tried to revisit.
+        path: Vec<M::Stage>,
+    },
+    /// A stage panicked. The panic stays inside this request; the pipeline keeps serving.
+    Panicked {
+        /// The stage that panicked.
+        stage: M::Stage,
+        /// The panic's message, if it had a string payload.
+        message: String,
+    },
+}
+
+impl<M: StateMachine> StageError<M> {
+    /// The stage where the request stopped (for `Cycle`, the stage it tried to revisit).
+    pub fn stage(&self) -> Option<M::Stage> {
+        match self {
+            Self::Failed { stage, .. } | Self::Panicked { stage, .. } => Some(*stage),
+            Self::Cycle { path } => path.last().copied(),
+        }
+    }
+}
+
+impl<M: StateMachine> fmt::Debug for StageError<M>
+where
+    M::Error: fmt::Debug,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Failed { stage, error } => f
+                .debug_struct("Failed")
+                .field("stage", stage)
+                .field("error", error)
+                .finish(),
+            Self::Cycle { path } => f.debug_struct("Cycle").field("path", path).finish(),
+            Self::Panicked { stage, message } => f
+                .debug_struct("Panicked")
+                .field("stage", stage)
+                .field("message", message)
+                .finish(),
+        }
+    }
+}
+
+impl<M: StateMachine> fmt::Display for StageError<M>
+where
+    M::Error: fmt::Display,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Failed { stage, error } => write!(f, "stage {stage:?} failed: {error}"),
+            Self::Cycle { path } => write!(f, "stage cycle: {path:?}"),
+            Self::Panicked { stage, message } => write!(f, "stage {stage:?} panicked: {message}"),
+        }
+    }
+}
+
+impl<M: StateMachine> std::error::Error for StageError<M>
+where
+    M::Error: std::error::Error + 'static,
+{
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Failed { error, .. } => Some(error),
+            _ => None,
+        }
+    }
+}
+
+/// A submission refused because its group is closed (closed by the submitter, cancelled after
+/// an error, or its results stream was dropped). The data comes back in field `0`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct GroupClosed<T>(pub T);
+
+impl<T> GroupClosed<T> {
+    /// The refused data.
+    pub fn into_inner(self) -> T {
+        self.0
+    }
+}
+
+impl<T> fmt::Debug for GroupClosed<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("GroupClosed(..)")
+    }
+}
+
+impl<T> fmt::Display for GroupClosed<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("the request group is closed")
+    }
+}
+
+impl<T> std::error::Error for GroupClosed<T> {}

@@ -1,0 +1,490 @@
+//! Request groups: a submitter and the group's own result stream, and `through`.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::hash::{BuildHasher, Hash, RandomState};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
+
+use futures::stream::{FusedStream, Stream};
+use pin_project_lite::pin_project;
+use tokio::sync::mpsc;
+
+use super::pipeline::{Inner, Pipeline};
+use super::{GroupClosed, StageError, StateMachine};
+use crate::error::{nonzero, or_panic};
+use crate::fan_out::Core;
+
+type Outcome<M> = Result<<M as StateMachine>::Data, StageError<M>>;
+type KeyFn<D> = Arc<dyn Fn(&D) -> u64 + Send + Sync>;
+
+/// Configures a request group before it is opened; from [`Pipeline::group`].
+#[must_use = "a group builder does nothing until `open` is called"]
+pub struct GroupBuilder<M: StateMachine> {
+    pipeline: Pipeline<M>,
+    ordered: bool,
+    cancel_on_error: bool,
+    window: usize,
+    key: Option<KeyFn<M::Data>>,
+}
+
+impl<M: StateMachine> fmt::Debug for GroupBuilder<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GroupBuilder")
+            .field("ordered", &self.ordered)
+            .field("cancel_on_error", &self.cancel_on_error)
+            .field("window", &self.window)
+            .field("keyed", &self.key.is_some())
+            .finish()
+    }
+}
+
+impl<M: StateMachine> GroupBuilder<M> {
+    pub(super) fn new(pipeline: Pipeline<M>) -> Self {
+        let window = pipeline.inner.window;
+        Self {
+            pipeline,
+            ordered: false,
+            cancel_on_error: false,
+            window,
+            key: None,
+        }
+    }
+
+    /// Yields results in submission order (default: completion order).
+    pub fn ordered(mut self) -> Self {
+        self.ordered = true;
+        self
+    }
+
+    /// Ends the group at its first error: the error is the group's last item (in an ordered
+    /// group, after every earlier result), requests not yet finished are abandoned, and later
+    /// submissions (and one already waiting) return [`GroupClosed`] with their data.
+    pub fn cancel_on_error(mut self) -> Self {
+        self.cancel_on_error = true;
+        self
+    }
+
+    /// How many of this group's requests may be in the pool at once (queued, running, or
+    /// finished and unread); the submit buffer holds as many again. A full window makes
+    /// [`Submitter::submit`] wait. Default: the pipeline's window.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `window` is zero.
+    #[track_caller]
+    pub fn window(mut self, window: usize) -> Self {
+        or_panic(nonzero("window", window as u64));
+        self.window = window;
+        self
+    }
+
+    /// Keyed ordering: requests with equal keys run one at a time, in submission order;
+    /// requests with different keys run in parallel (per-account or per-entity processing).
+    ///
+    /// Keys are compared by hash: two different keys whose 64-bit hashes collide are also run
+    /// one at a time (never the other way round). In an [`ordered`](Self::ordered) keyed group
+    /// results come in the order requests are released to the pool, which keeps submission
+    /// order within each key.
+    pub fn keyed<K, F>(mut self, key: F) -> Self
+    where
+        K: Hash,
+        F: Fn(&M::Data) -> K + Send + Sync + 'static,
+    {
+        let hasher = RandomState::new();
+        self.key = Some(Arc::new(move |data: &M::Data| hasher.hash_one(key(data))));
+        self
+    }
+
+    /// Opens the group: a [`Submitter`] and the group's own result stream.
+    ///
+    /// Requests progress while the results are read: the result stream pulls submitted
+    /// requests into the pool as its window allows. Dropping the submitter (or
+    /// [`Submitter::close`]) ends the stream after the last result; dropping the stream cancels
+    /// the group's unfinished requests.
+    pub fn open(self) -> (Submitter<M>, GroupResults<M>) {
+        let (tx, rx) = mpsc::channel(self.window);
+        let shared = Arc::new(GroupShared {
+            closed: AtomicBool::new(false),
+        });
+        let inner = self.pipeline.inner;
+        let gate = self.key.map(|key| KeyGate::new(key, self.window));
+        let results = GroupResults {
+            rx: Some(rx),
+            gate,
+            run: Run::new(inner, self.ordered, self.window),
+            shared: shared.clone(),
+            cancel_on_error: self.cancel_on_error,
+        };
+        (
+            Submitter {
+                tx: Some(tx),
+                shared,
+            },
+            results,
+        )
+    }
+}
+
+struct GroupShared {
+    closed: AtomicBool,
+}
+
+/// Submits requests to one request group; from [`GroupBuilder::open`].
+///
+/// Dropping it (or [`close`](Self::close)) ends the group's result stream after the last
+/// result.
+pub struct Submitter<M: StateMachine> {
+    tx: Option<mpsc::Sender<M::Data>>,
+    shared: Arc<GroupShared>,
+}
+
+impl<M: StateMachine> fmt::Debug for Submitter<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Submitter")
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl<M: StateMachine> Submitter<M> {
+    /// Submits one request. Waits while the group's window is full (backpressure).
+    ///
+    /// Returns `Err(GroupClosed(data))`, with the data, if the group is closed: by
+    /// [`close`](Self::close), by cancel-on-error, or because its results were dropped.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: if the future is dropped before it completes, the request was not
+    /// submitted, and the group's ordering has no hole.
+    pub async fn submit(&self, data: M::Data) -> Result<(), GroupClosed<M::Data>> {
+        let Some(tx) = &self.tx else {
+            return Err(GroupClosed(data));
+        };
+        if self.shared.closed.load(Ordering::Acquire) {
+            return Err(GroupClosed(data));
+        }
+        match tx.reserve().await {
+            Ok(permit) if !self.shared.closed.load(Ordering::Acquire) => {
+                permit.send(data);
+                Ok(())
+            }
+            _ => Err(GroupClosed(data)),
+        }
+    }
+
+    /// Closes the group for submissions: the result stream ends after the results of the
+    /// requests already submitted.
+    pub fn close(&mut self) {
+        self.tx = None;
+    }
+
+    /// Whether submissions are refused now.
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(Ordering::Acquire)
+            || self.tx.as_ref().is_none_or(mpsc::Sender::is_closed)
+    }
+}
+
+/// Runs requests of one group on the pipeline's pool: the fan-out core, with per-group figures.
+struct Run<M: StateMachine> {
+    core: Option<Core<(u64, Outcome<M>)>>,
+    inner: Arc<Inner<M>>,
+}
+
+impl<M: StateMachine> Run<M> {
+    fn new(inner: Arc<Inner<M>>, ordered: bool, window: usize) -> Self {
+        inner.groups_opened.fetch_add(1, Ordering::Relaxed);
+        let mut core = Core::new(inner.pool.clone(), ordered);
+        core.set_window(window);
+        Self {
+            core: Some(core),
+            inner,
+        }
+    }
+
+    fn poll_next<S>(
+        &mut self,
+        stream: Pin<&mut S>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<(u64, Outcome<M>)>>
+    where
+        S: Stream<Item = (u64, M::Data)>,
+    {
+        let Some(core) = &mut self.core else {
+            return Poll::Ready(None);
+        };
+        let inner = &self.inner;
+        let poll = core.poll_next(
+            stream,
+            &mut |(key, data)| {
+                let run = inner.clone().run_request(data);
+                async move { (key, run.await) }
+            },
+            cx,
+        );
+        if let Poll::Ready(None) = poll {
+            self.finish();
+        }
+        poll
+    }
+
+    /// Abandons unfinished requests (the core's drop cancels them).
+    fn finish(&mut self) {
+        if self.core.take().is_some() {
+            self.inner.groups_closed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn is_terminated(&self) -> bool {
+        self.core.is_none()
+    }
+}
+
+impl<M: StateMachine> Drop for Run<M> {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// Holds back requests whose key has a request in the pool (keyed groups).
+struct KeyGate<D> {
+    key: KeyFn<D>,
+    /// Keys with a request in the pool, and the requests parked behind it.
+    busy: HashMap<u64, VecDeque<D>>,
+    /// Released requests, to be pulled next.
+    released: VecDeque<(u64, D)>,
+    parked: usize,
+    max_parked: usize,
+}
+
+impl<D> KeyGate<D> {
+    fn new(key: KeyFn<D>, max_parked: usize) -> Self {
+        Self {
+            key,
+            busy: HashMap::new(),
+            released: VecDeque::new(),
+            parked: 0,
+            max_parked,
+        }
+    }
+
+    /// The request with `key` finished: release the next one parked behind it.
+    fn release(&mut self, key: u64) {
+        if let Some(queue) = self.busy.get_mut(&key) {
+            match queue.pop_front() {
+                Some(data) => {
+                    self.parked -= 1;
+                    self.released.push_back((key, data));
+                }
+                None => {
+                    self.busy.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+/// The group's submitted requests as a stream, through the key gate if there is one.
+struct Feed<'a, D> {
+    rx: Option<&'a mut mpsc::Receiver<D>>,
+    gate: Option<&'a mut KeyGate<D>>,
+}
+
+impl<D> Stream for Feed<'_, D> {
+    type Item = (u64, D);
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<(u64, D)>> {
+        let this = self.get_mut();
+        let Some(gate) = this.gate.as_deref_mut() else {
+            return match this.rx.as_deref_mut() {
+                Some(rx) => rx.poll_recv(cx).map(|d| d.map(|d| (0, d))),
+                None => Poll::Ready(None),
+            };
+        };
+        if let Some(next) = gate.released.pop_front() {
+            return Poll::Ready(Some(next));
+        }
+        // Parked requests are released when the request ahead of them finishes, which wakes
+        // the group's consumer: pending here never loses a wake-up.
+        while gate.parked < gate.max_parked {
+            let Some(rx) = this.rx.as_deref_mut() else {
+                break;
+            };
+            match rx.poll_recv(cx) {
+                Poll::Ready(Some(data)) => {
+                    let key = (gate.key)(&data);
+                    match gate.busy.get_mut(&key) {
+                        Some(queue) => {
+                            queue.push_back(data);
+                            gate.parked += 1;
+                        }
+                        None => {
+                            gate.busy.insert(key, VecDeque::new());
+                            return Poll::Ready(Some((key, data)));
+                        }
+                    }
+                }
+                Poll::Ready(None) if gate.parked == 0 => return Poll::Ready(None),
+                Poll::Ready(None) | Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Pending
+    }
+}
+
+/// The result stream of one request group; from [`GroupBuilder::open`].
+///
+/// Yields `Ok(data)` for each request that reached `Done`, or the [`StageError`] that stopped
+/// it. Only this group's results ever reach it. Dropping it cancels the group's unfinished
+/// requests and refuses later submissions.
+#[must_use = "streams do nothing unless polled"]
+pub struct GroupResults<M: StateMachine> {
+    rx: Option<mpsc::Receiver<M::Data>>,
+    gate: Option<KeyGate<M::Data>>,
+    run: Run<M>,
+    shared: Arc<GroupShared>,
+    cancel_on_error: bool,
+}
+
+// Nothing in a group's result stream is pinned structurally: its buffers hold plain values.
+impl<M: StateMachine> Unpin for GroupResults<M> {}
+
+impl<M: StateMachine> GroupResults<M> {
+    /// Closes the group after an error (cancel-on-error) or when the stream is dropped.
+    fn cancel(&mut self) {
+        self.shared.closed.store(true, Ordering::Release);
+        if let Some(rx) = &mut self.rx {
+            rx.close();
+        }
+        self.rx = None;
+        self.gate = None;
+        self.run.finish();
+    }
+}
+
+impl<M: StateMachine> Stream for GroupResults<M> {
+    type Item = Outcome<M>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Outcome<M>>> {
+        let this = self.get_mut();
+        let feed = Feed {
+            rx: this.rx.as_mut(),
+            gate: this.gate.as_mut(),
+        };
+        let poll = this.run.poll_next(std::pin::pin!(feed), cx);
+        match poll {
+            Poll::Ready(Some((key, outcome))) => {
+                if let Some(gate) = &mut this.gate {
+                    gate.release(key);
+                }
+                if outcome.is_err() && this.cancel_on_error {
+                    this.cancel();
+                }
+                Poll::Ready(Some(outcome))
+            }
+            Poll::Ready(None) => {
+                this.cancel();
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl<M: StateMachine> FusedStream for GroupResults<M> {
+    fn is_terminated(&self) -> bool {
+        self.run.is_terminated()
+    }
+}
+
+impl<M: StateMachine> Drop for GroupResults<M> {
+    fn drop(&mut self) {
+        self.cancel();
+    }
+}
+
+impl<M: StateMachine> fmt::Debug for GroupResults<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GroupResults")
+            .field("core", &self.run.core)
+            .field("cancel_on_error", &self.cancel_on_error)
+            .finish_non_exhaustive()
+    }
+}
+
+pin_project! {
+    /// Stream for the [`through`](crate::PipelineExt::through) method.
+    #[must_use = "streams do nothing unless polled"]
+    pub struct Through<S, M: StateMachine> {
+        #[pin]
+        stream: S,
+        run: Run<M>,
+    }
+}
+
+impl<S, M: StateMachine> Through<S, M> {
+    pub(crate) fn new(stream: S, pipeline: &Pipeline<M>) -> Self {
+        let inner = pipeline.inner.clone();
+        let window = inner.window;
+        Self {
+            stream,
+            run: Run::new(inner, true, window),
+        }
+    }
+}
+
+/// A pinned stream's items tagged with key `0`, for the group machinery (`through` has no keys).
+struct Tagged<'a, S> {
+    stream: Pin<&'a mut S>,
+}
+
+impl<S: Stream> Stream for Tagged<'_, S> {
+    type Item = (u64, S::Item);
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.stream
+            .as_mut()
+            .poll_next(cx)
+            .map(|d| d.map(|d| (0, d)))
+    }
+}
+
+impl<S, M> Stream for Through<S, M>
+where
+    S: Stream<Item = M::Data>,
+    M: StateMachine,
+{
+    type Item = Outcome<M>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Outcome<M>>> {
+        let this = self.project();
+        let mut tagged = Tagged {
+            stream: this.stream,
+        };
+        this.run
+            .poll_next(Pin::new(&mut tagged), cx)
+            .map(|r| r.map(|(_, outcome)| outcome))
+    }
+}
+
+impl<S, M> FusedStream for Through<S, M>
+where
+    S: Stream<Item = M::Data>,
+    M: StateMachine,
+{
+    fn is_terminated(&self) -> bool {
+        self.run.is_terminated()
+    }
+}
+
+impl<S: fmt::Debug, M: StateMachine> fmt::Debug for Through<S, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Through")
+            .field("stream", &self.stream)
+            .field("core", &self.run.core)
+            .finish()
+    }
+}

@@ -1,0 +1,419 @@
+//! [`Pipeline`]: a state machine and a worker pool, shared by every clone and every group.
+
+use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use futures::FutureExt;
+use tokio::time::Instant;
+
+use super::group::GroupBuilder;
+use super::{Next, StageError, StateMachine};
+use crate::error::{ConfigError, nonzero, or_panic};
+use crate::{Stats, WorkerPool};
+
+/// A staged pipeline: a [`StateMachine`] run on a shared [`WorkerPool`] for many request groups.
+///
+/// Cloning shares the machine, the pool and the stats. Open a request group with
+/// [`group`](Pipeline::group), or run a whole stream as one group with
+/// [`through`](crate::PipelineExt::through).
+///
+/// # Examples
+///
+/// ```
+/// use futures::StreamExt;
+/// use stagepipe::prelude::*;
+///
+/// #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+/// enum Step { Add, Double }
+///
+/// struct Machine;
+///
+/// impl StateMachine for Machine {
+///     type Stage = Step;
+///     type Data = u64;
+///     type Error = std::convert::Infallible;
+///
+///     fn start(&self) -> Step { Step::Add }
+///
+///     async fn run(&self, stage: Step, n: u64) -> Result<Next<Step, u64>, Self::Error> {
+///         Ok(match stage {
+///             Step::Add => Next::Stage(Step::Double, n + 1),
+///             Step::Double => Next::Done(n * 2),
+///         })
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+/// # async fn main() {
+/// let pipeline = Pipeline::builder(Machine).workers(2).build();
+/// let (tx, results) = pipeline.group().ordered().open();
+/// let submit = async move {
+///     for n in 0..5 {
+///         tx.submit(n).await.unwrap();
+///     }
+///     // dropping `tx` ends the group after its last result
+/// };
+/// let (_, out): (_, Vec<_>) = tokio::join!(submit, results.collect());
+/// let out: Vec<u64> = out.into_iter().map(Result::unwrap).collect();
+/// assert_eq!(out, [2, 4, 6, 8, 10]);
+/// # }
+/// ```
+pub struct Pipeline<M: StateMachine> {
+    pub(super) inner: Arc<Inner<M>>,
+}
+
+pub(super) struct Inner<M: StateMachine> {
+    pub(super) machine: M,
+    pub(super) pool: WorkerPool,
+    pub(super) window: usize,
+    dag: bool,
+    /// Per-stage figures, in the order stages were first run.
+    stages: RwLock<Vec<(M::Stage, Stats)>>,
+    pub(super) groups_opened: AtomicU64,
+    pub(super) groups_closed: AtomicU64,
+    pub(super) requests_done: AtomicU64,
+    pub(super) requests_failed: AtomicU64,
+}
+
+impl<M: StateMachine> Clone for Pipeline<M> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<M: StateMachine> fmt::Debug for Pipeline<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("pool", &self.inner.pool)
+            .field("window", &self.inner.window)
+            .field("dag", &self.inner.dag)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Pipeline`]: `Pipeline::builder(machine).workers(4).dag().build()`.
+#[must_use = "a builder does nothing until `build` is called"]
+pub struct PipelineBuilder<M> {
+    machine: M,
+    pool: Option<WorkerPool>,
+    workers: Option<usize>,
+    window: Option<usize>,
+    dag: bool,
+}
+
+impl<M> fmt::Debug for PipelineBuilder<M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PipelineBuilder")
+            .field("workers", &self.workers)
+            .field("window", &self.window)
+            .field("dag", &self.dag)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<M: StateMachine> PipelineBuilder<M> {
+    /// Runs the pipeline on a new pool of `workers` workers (default: the machine's available
+    /// parallelism). At most `workers` requests run at once across all groups.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `workers` is zero.
+    #[track_caller]
+    pub fn workers(mut self, workers: usize) -> Self {
+        or_panic(nonzero("workers", workers as u64));
+        self.workers = Some(workers);
+        self
+    }
+
+    /// Runs the pipeline on an existing shared pool instead of a new one, so that the pipeline
+    /// and other streams share one set of workers. Overrides [`workers`](Self::workers).
+    pub fn pool(mut self, pool: &WorkerPool) -> Self {
+        self.pool = Some(pool.clone());
+        self
+    }
+
+    /// The default window of each group: how many of its requests may be in the pool at once
+    /// (default: the pool's default fan-out window). A group can also set its own with
+    /// [`GroupBuilder::window`].
+    ///
+    /// # Panics
+    ///
+    /// Panics if `window` is zero.
+    #[track_caller]
+    pub fn window(mut self, window: usize) -> Self {
+        or_panic(nonzero("window", window as u64));
+        self.window = Some(window);
+        self
+    }
+
+    /// DAG mode: a request routed back to a stage it already visited fails with
+    /// [`StageError::Cycle`] instead of running it again.
+    pub fn dag(mut self) -> Self {
+        self.dag = true;
+        self
+    }
+
+    /// Builds the pipeline. Its workers start on the tokio runtime of the first group that
+    /// submits work.
+    pub fn build(self) -> Pipeline<M> {
+        let pool = match (self.pool, self.workers) {
+            (Some(pool), _) => pool,
+            (None, Some(workers)) => WorkerPool::new(workers),
+            (None, None) => {
+                WorkerPool::new(std::thread::available_parallelism().map_or(1, usize::from))
+            }
+        };
+        let window = self.window.unwrap_or_else(|| pool.default_window());
+        Pipeline {
+            inner: Arc::new(Inner {
+                machine: self.machine,
+                pool,
+                window,
+                dag: self.dag,
+                stages: RwLock::new(Vec::new()),
+                groups_opened: AtomicU64::new(0),
+                groups_closed: AtomicU64::new(0),
+                requests_done: AtomicU64::new(0),
+                requests_failed: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+impl<M: StateMachine> Pipeline<M> {
+    /// Starts building a pipeline around `machine`.
+    pub fn builder(machine: M) -> PipelineBuilder<M> {
+        PipelineBuilder {
+            machine,
+            pool: None,
+            workers: None,
+            window: None,
+            dag: false,
+        }
+    }
+
+    /// Like [`builder`](Self::builder)`(machine).workers(workers).build()`, or an error naming
+    /// `workers` if it is zero.
+    pub fn try_new(machine: M, workers: usize) -> Result<Self, ConfigError> {
+        nonzero("workers", workers as u64)?;
+        Ok(Self::builder(machine).workers(workers).build())
+    }
+
+    /// Starts a request group: configure it, then [`open`](GroupBuilder::open) it for a
+    /// submitter and the group's own result stream. Defaults: unordered, carrying on after
+    /// errors.
+    pub fn group(&self) -> GroupBuilder<M> {
+        GroupBuilder::new(self.clone())
+    }
+
+    /// The state machine.
+    pub fn machine(&self) -> &M {
+        &self.inner.machine
+    }
+
+    /// The worker pool the pipeline runs on.
+    pub fn pool(&self) -> &WorkerPool {
+        &self.inner.pool
+    }
+
+    /// Per-stage and per-group figures so far.
+    pub fn stats(&self) -> PipelineStats<M::Stage> {
+        let i = &self.inner;
+        let stages = i
+            .stages
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(stage, stats)| {
+                let s = stats.snapshot();
+                (
+                    *stage,
+                    StageStats {
+                        runs: s.runs,
+                        errors: s.errors,
+                        mean: s.mean(),
+                        max: s.max,
+                        total: s.busy,
+                    },
+                )
+            })
+            .collect();
+        let opened = i.groups_opened.load(Ordering::Relaxed);
+        PipelineStats {
+            stages,
+            groups_opened: opened,
+            groups_open: opened - i.groups_closed.load(Ordering::Relaxed).min(opened),
+            requests_done: i.requests_done.load(Ordering::Relaxed),
+            requests_failed: i.requests_failed.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl<M: StateMachine> Inner<M> {
+    /// Records stage runs `(stage, took, failed)` into their figures, under one lock.
+    fn record(&self, runs: &[(M::Stage, Duration, bool)]) {
+        {
+            let stages = self.stages.read().unwrap_or_else(|e| e.into_inner());
+            if runs
+                .iter()
+                .all(|(stage, _, _)| stages.iter().any(|(s, _)| s == stage))
+            {
+                for (stage, took, failed) in runs {
+                    if let Some((_, stats)) = stages.iter().find(|(s, _)| s == stage) {
+                        stats.record_run(*took, *failed);
+                    }
+                }
+                return;
+            }
+        }
+        let mut stages = self.stages.write().unwrap_or_else(|e| e.into_inner());
+        for &(stage, took, failed) in runs {
+            if !stages.iter().any(|(s, _)| *s == stage) {
+                stages.push((stage, Stats::new(format!("{stage:?}"))));
+            }
+            if let Some((_, stats)) = stages.iter().find(|(s, _)| *s == stage) {
+                stats.record_run(took, failed);
+            }
+        }
+    }
+
+    /// Runs one request from the machine's first stage to `Done`, timing every stage.
+    pub(super) async fn run_request(
+        self: Arc<Self>,
+        mut data: M::Data,
+    ) -> Result<M::Data, StageError<M>> {
+        let mut stage = self.machine.start();
+        let mut path = Vec::new();
+        // Stage timings are recorded in batches of `RECORD_BATCH`, one lock per batch.
+        let mut runs = [(stage, Duration::ZERO, false); RECORD_BATCH];
+        let mut recorded = 0;
+        let mut clock = Instant::now();
+        let result = loop {
+            if self.dag {
+                if path.contains(&stage) {
+                    path.push(stage);
+                    break Err(StageError::Cycle { path });
+                }
+                path.push(stage);
+            }
+            let ran = AssertUnwindSafe(self.machine.run(stage, data))
+                .catch_unwind()
+                .await;
+            let now = Instant::now();
+            if recorded == RECORD_BATCH {
+                self.record(&runs);
+                recorded = 0;
+            }
+            runs[recorded] = (
+                stage,
+                now.saturating_duration_since(clock),
+                !matches!(ran, Ok(Ok(_))),
+            );
+            recorded += 1;
+            clock = now;
+            match ran {
+                Ok(Ok(Next::Stage(next, d))) => {
+                    stage = next;
+                    data = d;
+                }
+                Ok(Ok(Next::Done(d))) => break Ok(d),
+                Ok(Err(error)) => break Err(StageError::Failed { stage, error }),
+                Err(panic) => {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    break Err(StageError::Panicked { stage, message });
+                }
+            }
+        };
+        self.record(&runs[..recorded]);
+        self.requests_done.fetch_add(1, Ordering::Relaxed);
+        if result.is_err() {
+            self.requests_failed.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+/// Stage runs a request records per stats lock.
+const RECORD_BATCH: usize = 8;
+
+/// Figures of one stage of a [`Pipeline`], from [`PipelineStats::stage`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct StageStats {
+    /// Times the stage ran, failed runs included.
+    pub runs: u64,
+    /// Runs that returned an error or panicked.
+    pub errors: u64,
+    /// Mean time of a run.
+    pub mean: Duration,
+    /// Longest run.
+    pub max: Duration,
+    /// Total time spent in the stage.
+    pub total: Duration,
+}
+
+/// A snapshot of a [`Pipeline`]'s figures: per stage and per group.
+///
+/// `Display` prints an aligned table, one line per stage.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct PipelineStats<S> {
+    /// Each stage that has run, in the order it first ran.
+    pub stages: Vec<(S, StageStats)>,
+    /// Request groups opened so far (a `through` stream counts as one).
+    pub groups_opened: u64,
+    /// Request groups whose result stream is still alive.
+    pub groups_open: u64,
+    /// Requests that finished (with a value or an error).
+    pub requests_done: u64,
+    /// Requests that finished with an error.
+    pub requests_failed: u64,
+}
+
+impl<S: PartialEq + Copy> PipelineStats<S> {
+    /// The figures of `stage`, or `None` if it has not run.
+    pub fn stage(&self, stage: S) -> Option<StageStats> {
+        self.stages
+            .iter()
+            .find(|(s, _)| *s == stage)
+            .map(|(_, st)| *st)
+    }
+}
+
+impl<S: fmt::Debug> fmt::Display for PipelineStats<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<String> = self.stages.iter().map(|(s, _)| format!("{s:?}")).collect();
+        let w = names.iter().map(String::len).chain([5]).max().unwrap_or(5);
+        writeln!(
+            f,
+            "{:<w$}  {:>10}  {:>8}  {:>12}  {:>12}  {:>12}",
+            "stage", "runs", "errors", "mean", "max", "total"
+        )?;
+        for (name, (_, st)) in names.iter().zip(&self.stages) {
+            writeln!(
+                f,
+                "{:<w$}  {:>10}  {:>8}  {:>12}  {:>12}  {:>12}",
+                name,
+                st.runs,
+                st.errors,
+                format!("{:.1?}", st.mean),
+                format!("{:.1?}", st.max),
+                format!("{:.1?}", st.total),
+            )?;
+        }
+        write!(
+            f,
+            "groups: {} opened, {} open; requests: {} done, {} failed",
+            self.groups_opened, self.groups_open, self.requests_done, self.requests_failed
+        )
+    }
+}

@@ -1,0 +1,427 @@
+//! Staged pipelines and request groups.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::{Gauge, panic_message};
+use futures::{StreamExt, stream};
+use stagepipe::prelude::*;
+use tokio::time::{Instant, sleep};
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Step {
+    Parse,
+    Work,
+    Store,
+}
+
+/// Three stages; request `fail` fails in `Work`, request `panic` panics there; each request
+/// sleeps `delay(id)` in `Work`; with `route_back`, `Store` routes back to `Parse`.
+#[derive(Clone, Default)]
+struct Machine {
+    fail: Option<u64>,
+    panic: Option<u64>,
+    delay_ms: Option<fn(u64) -> u64>,
+    live: Option<Gauge>,
+    route_back: bool,
+}
+
+impl StateMachine for Machine {
+    type Stage = Step;
+    type Data = u64;
+    type Error = String;
+
+    fn start(&self) -> Step {
+        Step::Parse
+    }
+
+    async fn run(&self, stage: Step, id: u64) -> Result<Next<Step, u64>, String> {
+        match stage {
+            Step::Parse => Ok(Next::Stage(Step::Work, id)),
+            Step::Work => {
+                let _guard = self.live.as_ref().map(Gauge::enter);
+                if let Some(delay) = self.delay_ms {
+                    sleep(Duration::from_millis(delay(id))).await;
+                }
+                if self.fail == Some(id) {
+                    return Err(format!("request {id} failed"));
+                }
+                if self.panic == Some(id) {
+                    panic!("request {id} panicked");
+                }
+                Ok(Next::Stage(Step::Store, id))
+            }
+            Step::Store if self.route_back => Ok(Next::Stage(Step::Parse, id)),
+            Step::Store => Ok(Next::Done(id)),
+        }
+    }
+}
+
+/// Submits `ids` to a group and collects its results concurrently.
+async fn run_group(
+    builder: stagepipe::GroupBuilder<Machine>,
+    ids: impl IntoIterator<Item = u64>,
+) -> (Vec<Result<u64, StageError<Machine>>>, Vec<u64>) {
+    let (tx, results) = builder.open();
+    let submit = async move {
+        let mut refused = Vec::new();
+        for id in ids {
+            if let Err(GroupClosed(back)) = tx.submit(id).await {
+                refused.push(back);
+            }
+        }
+        refused
+    };
+    let (refused, results) = tokio::join!(submit, results.collect::<Vec<_>>());
+    (results, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn carry_on_yields_every_result_and_the_error() {
+    let pipeline = Pipeline::builder(Machine {
+        fail: Some(500),
+        ..Machine::default()
+    })
+    .workers(4)
+    .build();
+    let (results, refused) = run_group(pipeline.group(), 0..1000).await;
+    assert!(refused.is_empty());
+    assert_eq!(results.len(), 1000);
+    let mut ok: Vec<u64> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().copied())
+        .collect();
+    ok.sort_unstable();
+    assert_eq!(ok, (0..1000).filter(|&i| i != 500).collect::<Vec<_>>());
+    let errors: Vec<String> = results
+        .iter()
+        .filter_map(|r| r.as_ref().err())
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(errors, ["stage Work failed: request 500 failed"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_on_error_ends_with_the_error_and_refuses_later_submits() {
+    let pipeline = Pipeline::builder(Machine {
+        fail: Some(500),
+        ..Machine::default()
+    })
+    .workers(4)
+    .build();
+    let (results, refused) = run_group(
+        pipeline.group().ordered().cancel_on_error().window(16),
+        0..1000,
+    )
+    .await;
+    let (last, before) = results.split_last().unwrap();
+    assert!(
+        matches!(last, Err(StageError::Failed { stage: Step::Work, error, .. }) if error == "request 500 failed")
+    );
+    let before: Vec<u64> = before.iter().map(|r| *r.as_ref().unwrap()).collect();
+    assert_eq!(
+        before,
+        (0..500).collect::<Vec<_>>(),
+        "every earlier result, in order"
+    );
+    assert!(!refused.is_empty(), "later submits are refused");
+    // Refused data comes back, and it is exactly the tail that was never accepted.
+    let first_refused = refused[0];
+    assert_eq!(refused, (first_refused..1000).collect::<Vec<_>>());
+    assert!(first_refused > 500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dag_mode_reports_a_cycle_with_its_path() {
+    let machine = Machine {
+        route_back: true,
+        ..Machine::default()
+    };
+    let pipeline = Pipeline::builder(machine).workers(2).dag().build();
+    let results: Vec<_> = stream::iter(0..3u64).through(&pipeline).collect().await;
+    assert_eq!(results.len(), 3);
+    for r in results {
+        match r {
+            Err(StageError::Cycle { path }) => {
+                assert_eq!(path, [Step::Parse, Step::Work, Step::Store, Step::Parse])
+            }
+            other => panic!("expected a cycle, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_million_requests_come_back_in_order() {
+    let pipeline = Pipeline::builder(Machine::default()).workers(10).build();
+    let (tx, results) = pipeline.group().ordered().open();
+    let feeder = tokio::spawn(async move {
+        for id in 0..1_000_000u64 {
+            tx.submit(id).await.unwrap();
+        }
+    });
+    let mut next = 0u64;
+    let mut results = Box::pin(results);
+    while let Some(r) = results.next().await {
+        assert_eq!(r.unwrap(), next);
+        next += 1;
+    }
+    feeder.await.unwrap();
+    assert_eq!(next, 1_000_000);
+    let stats = pipeline.stats();
+    for step in [Step::Parse, Step::Work, Step::Store] {
+        assert_eq!(stats.stage(step).unwrap().runs, 1_000_000, "{step:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_match_the_counts() {
+    let pipeline = Pipeline::builder(Machine {
+        fail: Some(7),
+        ..Machine::default()
+    })
+    .workers(3)
+    .build();
+    let results: Vec<_> = stream::iter(0..100u64).through(&pipeline).collect().await;
+    assert_eq!(results.iter().filter(|r| r.is_err()).count(), 1);
+    let stats = pipeline.stats();
+    let parse = stats.stage(Step::Parse).unwrap();
+    let work = stats.stage(Step::Work).unwrap();
+    let store = stats.stage(Step::Store).unwrap();
+    assert_eq!((parse.runs, parse.errors), (100, 0));
+    assert_eq!((work.runs, work.errors), (100, 1));
+    assert_eq!((store.runs, store.errors), (99, 0));
+    assert!(work.max >= work.mean);
+    assert_eq!((stats.requests_done, stats.requests_failed), (100, 1));
+    assert_eq!((stats.groups_opened, stats.groups_open), (1, 0));
+    let table = stats.to_string();
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines[0].starts_with("stage"), "{table}");
+    assert!(
+        lines[1].starts_with("Parse") && lines[1].contains(" 100 "),
+        "{table}"
+    );
+    assert!(
+        lines[2].starts_with("Work ") && lines[2].contains(" 1 "),
+        "{table}"
+    );
+    assert!(
+        lines[3].starts_with("Store") && lines[3].contains(" 99 "),
+        "{table}"
+    );
+}
+
+#[test]
+fn zero_workers_are_refused_naming_the_parameter() {
+    let panic =
+        std::panic::catch_unwind(|| Pipeline::builder(Machine::default()).workers(0)).unwrap_err();
+    assert!(panic_message(&*panic).contains("workers"));
+    let err = Pipeline::try_new(Machine::default(), 0).unwrap_err();
+    assert_eq!(err.parameter(), "workers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_worker_serves_many_groups_without_deadlock() {
+    let pipeline = Pipeline::builder(Machine::default()).workers(1).build();
+    let tasks: Vec<_> = (0..50u64)
+        .map(|g| {
+            let pipeline = pipeline.clone();
+            tokio::spawn(async move {
+                let (results, _) =
+                    run_group(pipeline.group().ordered().window(4), g * 100..(g + 1) * 100).await;
+                results.into_iter().map(Result::unwrap).collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    for (g, task) in tasks.into_iter().enumerate() {
+        let g = g as u64;
+        // Each group gets exactly its own results, in order.
+        assert_eq!(
+            task.await.unwrap(),
+            (g * 100..(g + 1) * 100).collect::<Vec<_>>()
+        );
+    }
+    assert_eq!(pipeline.stats().groups_open, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unread_group_does_not_block_another() {
+    let pipeline = Pipeline::builder(Machine::default()).workers(2).build();
+    let (stuck_tx, stuck_results) = pipeline.group().window(4).open();
+    // Fill the unread group until its submit would wait.
+    let mut accepted = 0;
+    loop {
+        let submit = stuck_tx.submit(accepted);
+        match tokio::time::timeout(Duration::from_secs(1), submit).await {
+            Ok(Ok(())) => accepted += 1,
+            Ok(Err(_)) => panic!("group closed"),
+            Err(_) => break, // backpressure: the window and the submit buffer are full
+        }
+    }
+    assert!(
+        accepted <= 8,
+        "the unread group holds at most its window: {accepted}"
+    );
+    // Start the unread group's results (so its window is in the pool) and never read again.
+    let mut stuck_results = Box::pin(stuck_results);
+    let first = stuck_results.next().await;
+    assert!(matches!(first, Some(Ok(_))));
+
+    let (results, _) = run_group(pipeline.group().ordered(), 1000..1100).await;
+    let values: Vec<u64> = results.into_iter().map(Result::unwrap).collect();
+    assert_eq!(values, (1000..1100).collect::<Vec<_>>());
+    drop(stuck_results);
+    assert!(
+        stuck_tx.submit(1).await.is_err(),
+        "dropped results close the group"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_submit_leaves_no_hole_in_an_ordered_group() {
+    let pipeline = Pipeline::builder(Machine::default()).workers(2).build();
+    let (tx, results) = pipeline.group().ordered().window(2).open();
+    let mut results = Box::pin(results);
+    tx.submit(0).await.unwrap();
+    tx.submit(1).await.unwrap();
+    // The submit buffer is full and nobody reads: this submit waits, and is cancelled.
+    let cancelled = tokio::time::timeout(Duration::from_millis(10), tx.submit(99)).await;
+    assert!(cancelled.is_err(), "the submit was waiting");
+    let feeder = async {
+        for id in 2..10 {
+            tx.submit(id).await.unwrap();
+        }
+        drop(tx);
+    };
+    let (_, out) = tokio::join!(feeder, results.by_ref().collect::<Vec<_>>());
+    let out: Vec<u64> = out.into_iter().map(Result::unwrap).collect();
+    assert_eq!(
+        out,
+        (0..10).collect::<Vec<_>>(),
+        "99 was never submitted; nothing stalls"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_stays_in_its_request() {
+    let pipeline = Pipeline::builder(Machine {
+        panic: Some(3),
+        ..Machine::default()
+    })
+    .workers(2)
+    .build();
+    let results: Vec<_> = stream::iter(0..10u64).through(&pipeline).collect().await;
+    for (i, r) in results.iter().enumerate() {
+        match r {
+            Ok(v) => assert_eq!(*v, i as u64),
+            Err(StageError::Panicked { stage, message }) => {
+                assert_eq!(i, 3);
+                assert_eq!(*stage, Step::Work);
+                assert_eq!(message, "request 3 panicked");
+            }
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    // The pipeline keeps serving.
+    let again: Vec<_> = stream::iter(10..20u64).through(&pipeline).collect().await;
+    assert!(again.iter().all(Result::is_ok));
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_results_cancels_pending_requests() {
+    let live = Gauge::default();
+    let pipeline = Pipeline::builder(Machine {
+        delay_ms: Some(|_| 3_600_000),
+        live: Some(live.clone()),
+        ..Machine::default()
+    })
+    .workers(3)
+    .build();
+    let (tx, results) = pipeline.group().window(8).open();
+    for id in 0..8 {
+        tx.submit(id).await.unwrap();
+    }
+    let mut results = Box::pin(results);
+    assert!(futures::poll!(results.next()).is_pending());
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(live.live(), 3, "three workers run three requests");
+    drop(results);
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(live.live(), 0, "running requests are dropped");
+    assert!(tx.submit(9).await.is_err());
+    assert_eq!(pipeline.stats().groups_open, 0);
+}
+
+/// Requests with equal keys run one at a time in submission order; different keys overlap.
+#[tokio::test(start_paused = true)]
+async fn keyed_groups_serialise_each_key() {
+    /// (key, seq, started, finished) of every run.
+    type Log = Arc<Mutex<Vec<(u32, u32, Instant, Instant)>>>;
+    #[derive(Clone)]
+    struct Logger {
+        log: Log,
+        running: Arc<AtomicUsize>,
+        max_running: Arc<AtomicUsize>,
+    }
+    impl StateMachine for Logger {
+        type Stage = ();
+        type Data = (u32, u32);
+        type Error = ();
+        fn start(&self) {}
+        async fn run(&self, _: (), (key, seq): (u32, u32)) -> Result<Next<(), (u32, u32)>, ()> {
+            let start = Instant::now();
+            let now = self.running.fetch_add(1, Ordering::SeqCst) + 1;
+            self.max_running.fetch_max(now, Ordering::SeqCst);
+            sleep(Duration::from_millis(u64::from(
+                10 + (seq * 7 + key * 3) % 20,
+            )))
+            .await;
+            self.running.fetch_sub(1, Ordering::SeqCst);
+            self.log
+                .lock()
+                .unwrap()
+                .push((key, seq, start, Instant::now()));
+            Ok(Next::Done((key, seq)))
+        }
+    }
+    let logger = Logger {
+        log: Arc::default(),
+        running: Arc::default(),
+        max_running: Arc::default(),
+    };
+    let pipeline = Pipeline::builder(logger.clone()).workers(8).build();
+    let (tx, results) = pipeline.group().keyed(|&(key, _)| key).open();
+    let requests: Vec<(u32, u32)> = (0..60).map(|i| (i % 4, i)).collect();
+    let submit = async move {
+        for r in requests {
+            tx.submit(r).await.unwrap();
+        }
+    };
+    let (_, results) = tokio::join!(submit, results.collect::<Vec<_>>());
+    assert_eq!(results.len(), 60);
+    let log = logger.log.lock().unwrap().clone();
+    for key in 0..4 {
+        let runs: Vec<_> = log.iter().filter(|r| r.0 == key).collect();
+        let seqs: Vec<u32> = runs.iter().map(|r| r.1).collect();
+        assert_eq!(
+            seqs,
+            (0..60).filter(|i| i % 4 == key).collect::<Vec<_>>(),
+            "key {key} in submission order"
+        );
+        assert!(
+            runs.windows(2).all(|w| w[0].3 <= w[1].2),
+            "key {key}: one at a time"
+        );
+    }
+    assert_eq!(
+        logger.max_running.load(Ordering::SeqCst),
+        4,
+        "different keys run in parallel"
+    );
+}
