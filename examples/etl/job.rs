@@ -11,7 +11,9 @@ use futures::{Stream, StreamExt, TryStreamExt, future};
 use stagepipe::prelude::*;
 
 use crate::db::{Db, Faults, TopRow, Written, is_transient};
-use crate::model::{Columns, Inspection, Outcome, RawRow, Reject, process};
+use crate::model::{
+    Checked, Columns, Inspection, Outcome, RawRow, Reject, Routed, process, route, transform, validate,
+};
 
 /// Errors that stop the job (malformed rows never do: they are rejected and counted).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -221,12 +223,71 @@ where
     }
 }
 
-/// The streaming part of the job: parse/validate → transform → route → batch → batched
-/// inserts in flight, each retried on transient errors → stats.
+/// The stages of one CSV record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Stage {
+    /// Check the record and parse what is checked: a malformed row fails here (a reject).
+    Parse,
+    /// Typed timestamps, level 1–3, trimmed text.
+    Transform,
+    /// Rows with a violation to the loader, the rest counted as skipped.
+    Route,
+}
+
+/// A record on its way through the stages.
+#[derive(Debug)]
+pub enum Row {
+    /// As read.
+    Raw(RawRow),
+    /// Validated.
+    Checked(Checked),
+    /// Typed and trimmed.
+    Typed(Inspection),
+    /// Routed: to load or skipped.
+    Routed(Outcome),
+    /// The reader failed (an I/O error, not a malformed row): stops the job.
+    Unreadable(String),
+}
+
+/// The job's state machine: parse/validate → transform → route.
+#[derive(Debug)]
+pub struct Etl {
+    cols: Columns,
+}
+
+impl StateMachine for Etl {
+    type Stage = Stage;
+    type Data = Row;
+    type Error = Reject;
+
+    fn start(&self) -> Stage {
+        Stage::Parse
+    }
+
+    async fn run(&self, stage: Stage, row: Row) -> Result<Next<Stage, Row>, Reject> {
+        Ok(match (stage, row) {
+            (Stage::Parse, Row::Raw(raw)) => {
+                Next::Stage(Stage::Transform, Row::Checked(validate(raw, &self.cols)?))
+            }
+            (Stage::Transform, Row::Checked(c)) => {
+                Next::Stage(Stage::Route, Row::Typed(transform(c, &self.cols)))
+            }
+            (Stage::Route, Row::Typed(r)) => Next::Done(Row::Routed(match route(r) {
+                Routed::Load(r) => Outcome::Load(r),
+                Routed::Skip => Outcome::Skip,
+            })),
+            (_, row @ Row::Unreadable(_)) => Next::Done(row),
+            (stage, row) => unreachable!("{stage:?} never receives {row:?}"),
+        })
+    }
+}
+
+/// The streaming part of the job: the staged pipeline (parse/validate → transform → route)
+/// → batches → batched inserts in flight, each in a transaction retried on transient errors,
+/// with stats at each step.
 ///
-/// NOTE: the staging, batching and retry here are written with plain `futures::StreamExt`
-/// (`map`, `chunks`) and a hand-written retry loop; they are to be replaced by the crate's
-/// operators (`StateMachine` + `through`, `batch(500, 100 ms)`, `Backoff` retry) as those land.
+/// NOTE: batching (`chunks`) and the retry loop (`with_retry`) are stand-ins, to be replaced
+/// by the crate's `batch(500, 100 ms)` and `Backoff` retry once those operators land.
 pub async fn run_pipeline<S>(
     rows: S,
     cols: Columns,
@@ -237,22 +298,34 @@ where
     S: Stream<Item = Result<RawRow, csv::Error>> + Send,
 {
     let source = source_name(&config.input);
+    let pipeline = Pipeline::builder(Etl { cols }).build();
     let read = Stats::new("read");
-    let routed = Stats::new("routed");
+    let routed = Stats::new("to load");
     let written = Stats::new("written");
     let limit = InFlightLimit::new(config.in_flight);
     let mut totals = Totals::default();
     let skipped = AtomicU64::new(0);
 
     let result = rows
+        .map(|r| match r {
+            Ok(raw) => Row::Raw(raw),
+            Err(e) => Row::Unreadable(e.to_string()),
+        })
         .with_stats(&read)
-        .map_ok(|row| process(row, &cols))
-        .try_filter(|o| {
-            let skip = matches!(o, Outcome::Skip);
-            if skip {
-                skipped.fetch_add(1, Ordering::Relaxed);
-            }
-            future::ready(!skip)
+        .through(&pipeline)
+        .filter_map(|result| {
+            let outcome = match result {
+                Ok(Row::Routed(Outcome::Skip)) => {
+                    skipped.fetch_add(1, Ordering::Relaxed);
+                    None
+                }
+                Ok(Row::Routed(o)) => Some(Ok(o)),
+                Ok(Row::Unreadable(e)) => Some(Err(BoxError::from(e))),
+                Ok(other) => unreachable!("a finished row is routed: {other:?}"),
+                Err(StageError::Failed { error, .. }) => Some(Ok(Outcome::Reject(error))),
+                Err(e) => Some(Err(format!("the pipeline failed: {e}").into())),
+            };
+            future::ready(outcome)
         })
         .with_stats(&routed)
         .chunks(config.batch_max)
@@ -262,19 +335,22 @@ where
             async move {
                 let batch: Vec<Outcome> = batch.into_iter().collect::<Result<_, _>>()?;
                 let (rows, rejects) = split(batch);
-                let (written, failed) =
-                    with_retry(config.attempts, config.retry_delay, || {
-                        db.write_batch(source, &rows, &rejects, faults)
-                    })
-                    .await;
+                let (written, failed) = with_retry(config.attempts, config.retry_delay, || {
+                    db.write_batch(source, &rows, &rejects, faults)
+                })
+                .await;
                 let written = written.map_err(|e| {
-                    format!("a batch of {} rows failed after {} attempts: {e}", rows.len(), failed + 1)
+                    format!(
+                        "a batch of {} rows failed after {} attempts: {e}",
+                        rows.len(),
+                        failed + 1
+                    )
                 })?;
-                Ok::<_, BoxError>((rows.len() as u64, rejects.len() as u64, written, failed))
+                Ok::<_, BoxError>((rejects.len() as u64, written, failed))
             }
         })
         .with_stats(&written)
-        .try_for_each(|(_, rejected, w, failed): (u64, u64, Written, u64)| {
+        .try_for_each(|(rejected, w, failed): (u64, Written, u64)| {
             totals.loaded += w.inserted;
             totals.duplicates += w.duplicates;
             totals.rejected += rejected;
@@ -286,11 +362,15 @@ where
     result?;
     totals.skipped = skipped.load(Ordering::Relaxed);
     totals.read = read.snapshot().items;
-    let stats = [read, routed, written]
-        .iter()
-        .map(|s| s.snapshot().to_string())
-        .collect::<Vec<_>>()
-        .join("\n");
+    let stats = format!(
+        "{}\n{}",
+        pipeline.stats(),
+        [read, routed, written]
+            .iter()
+            .map(|s| s.snapshot().to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     Ok((totals, stats))
 }
 

@@ -146,6 +146,12 @@ pub struct Reject {
     pub raw: String,
 }
 
+impl fmt::Display for Reject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}: {}: {}", self.line, self.kind.as_str(), self.reason)
+    }
+}
+
 /// One CSV record with the line it starts on.
 #[derive(Clone, Debug)]
 pub struct RawRow {
