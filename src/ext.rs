@@ -204,7 +204,468 @@ pub trait PipelineExt: Stream {
 
     // -- resilience: rate_limit, rate_limit_by, retry, retry_if, circuit_breaker --
 
+    /// Passes items on no faster than the limiter's quota, shared with every stream and caller
+    /// holding a clone of the limiter.
+    ///
+    /// Each item is pulled from upstream, then held until its slot on the quota's timeline (GCRA:
+    /// one per [`interval`](crate::RateLimiter::interval), up to the burst at once after an idle
+    /// spell) and passed on unchanged, in order. At most one item is held; upstream is not pulled
+    /// meanwhile. Waiting uses tokio's timer; slots are absolute deadlines, so the rate stays
+    /// exact at rates far above the timer's resolution (see [`RateLimiter`](crate::RateLimiter)).
+    /// `limiter` is a [`RateLimiter`](crate::RateLimiter) or `&RateLimiter` (a shared quota).
+    ///
+    /// Dropping the stream while it holds an item gives that item's slot back when no later slot
+    /// was taken since.
+    ///
+    /// # Panics
+    ///
+    /// When polled outside a tokio runtime with the time driver enabled.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    /// use tokio::time::{Duration, Instant};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let limiter = RateLimiter::per_second(10).burst(2);
+    /// let start = Instant::now();
+    /// let at: Vec<Duration> = stream::iter(0..4)
+    ///     .rate_limit(&limiter)
+    ///     .map(|_| start.elapsed())
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(at, [0, 0, 100, 200].map(Duration::from_millis));
+    /// # }
+    /// ```
+    fn rate_limit<R>(self, limiter: R) -> crate::RateLimit<Self>
+    where
+        R: Into<crate::RateLimiter>,
+        Self: Sized,
+    {
+        crate::RateLimit::new(self, limiter.into())
+    }
+
+    /// Passes items on no faster than their key's quota: `key(&item)` picks the quota, and every
+    /// key of the [`KeyedRateLimiter`](crate::KeyedRateLimiter) has its own (per tenant, per
+    /// host, ...), shared with every holder of a clone.
+    ///
+    /// Items keep their order: an item waiting for its key's slot holds back the items behind
+    /// it, whatever their keys. For independent flows per key, split the stream, or call
+    /// [`until_key_ready`](crate::KeyedRateLimiter::until_key_ready) inside a concurrent
+    /// operator.
+    ///
+    /// # Panics
+    ///
+    /// When polled outside a tokio runtime with the time driver enabled.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    /// use tokio::time::{Duration, Instant};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let per_host = KeyedRateLimiter::per(Duration::from_millis(100));
+    /// let start = Instant::now();
+    /// let at: Vec<(&str, Duration)> = stream::iter(["a", "b", "a", "b"])
+    ///     .rate_limit_by(&per_host, |host: &&str| *host)
+    ///     .map(|host| (host, start.elapsed()))
+    ///     .collect()
+    ///     .await;
+    /// let ms = Duration::from_millis;
+    /// assert_eq!(at, [("a", ms(0)), ("b", ms(0)), ("a", ms(100)), ("b", ms(100))]);
+    /// # }
+    /// ```
+    fn rate_limit_by<K, L, F>(self, limiter: L, key: F) -> crate::RateLimitBy<Self, K, F>
+    where
+        K: std::hash::Hash + Eq + Clone,
+        L: Into<crate::KeyedRateLimiter<K>>,
+        F: FnMut(&Self::Item) -> K,
+        Self: Sized,
+    {
+        crate::RateLimitBy::new(self, limiter.into(), key)
+    }
+
+    /// Calls `f(item.clone())` until it returns `Ok` or the [`Backoff`](crate::Backoff) gives
+    /// up, waiting per the backoff between attempts; yields `Ok(value)`, or a
+    /// [`RetryError`](crate::RetryError) with the item back, the last error and the number of
+    /// attempts.
+    ///
+    /// One item at a time, in order: while an item waits out its backoff the stream pauses and
+    /// upstream is not pulled. For concurrent retries, wrap the call instead:
+    /// `fan_out_ordered(n, move |x| backoff.retry(move || op(x.clone())))` (see
+    /// [`Backoff::retry`](crate::Backoff::retry)). Dropping the stream drops the attempt or the
+    /// wait in progress.
+    ///
+    /// # Panics
+    ///
+    /// When a wait is polled outside a tokio runtime with the time driver enabled.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    /// use tokio::time::{Duration, Instant};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let start = Instant::now();
+    /// let results: Vec<Result<u32, RetryError<u32, String>>> = stream::iter([2, 3])
+    ///     .retry(Backoff::fixed(Duration::from_millis(10)).max_attempts(3), |n| async move {
+    ///         if n % 2 == 0 { Ok(n / 2) } else { Err(format!("{n} is odd")) }
+    ///     })
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(results[0], Ok(1));
+    /// let err = results[1].as_ref().unwrap_err();
+    /// assert_eq!((err.item, err.attempts, err.error.as_str()), (3, 3, "3 is odd"));
+    /// assert_eq!(start.elapsed(), Duration::from_millis(20)); // two waits for the odd item
+    /// # }
+    /// ```
+    fn retry<F, Fut, U, E>(self, backoff: crate::Backoff, f: F) -> crate::Retry<Self, F, Fut>
+    where
+        Self::Item: Clone,
+        F: FnMut(Self::Item) -> Fut,
+        Fut: std::future::Future<Output = Result<U, E>>,
+        Self: Sized,
+    {
+        crate::Retry::new(self, backoff, f)
+    }
+
+    /// [`retry`](PipelineExt::retry), giving up at once on an error for which `retryable`
+    /// returns `false` (a permanent error): that item's [`RetryError`](crate::RetryError)
+    /// carries the attempts made so far.
+    ///
+    /// # Panics
+    ///
+    /// When a wait is polled outside a tokio runtime with the time driver enabled.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    /// use tokio::time::Duration;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// #[derive(Debug, PartialEq)]
+    /// enum Error { Busy, NotFound }
+    ///
+    /// let results: Vec<_> = stream::iter([404u16, 503])
+    ///     .retry_if(
+    ///         Backoff::exponential(Duration::from_millis(10)).max_attempts(4),
+    ///         |status| async move { if status == 404 { Err::<(), _>(Error::NotFound) } else { Err(Error::Busy) } },
+    ///         |e: &Error| *e == Error::Busy,
+    ///     )
+    ///     .map(|r| r.unwrap_err().attempts)
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(results, [1, 4]); // the permanent error fails at once
+    /// # }
+    /// ```
+    fn retry_if<F, Fut, U, E, P>(
+        self,
+        backoff: crate::Backoff,
+        f: F,
+        retryable: P,
+    ) -> crate::RetryIf<Self, F, Fut, P>
+    where
+        Self::Item: Clone,
+        F: FnMut(Self::Item) -> Fut,
+        Fut: std::future::Future<Output = Result<U, E>>,
+        P: FnMut(&E) -> bool,
+        Self: Sized,
+    {
+        crate::RetryIf::new(self, backoff, f, retryable)
+    }
+
+    /// Calls `f(item)` while the [`CircuitBreaker`](crate::CircuitBreaker) lets calls through,
+    /// recording each outcome; while it is open, yields
+    /// [`BreakerError::Open(item)`](crate::BreakerError::Open) at once without calling.
+    ///
+    /// One call at a time, in order; the breaker is shared with every stream and
+    /// [`call`](crate::CircuitBreaker::call)er holding a clone (pass `&breaker` to share it).
+    /// A failed call yields [`BreakerError::Failed`](crate::BreakerError::Failed). When
+    /// half-open, exactly one trial call runs across all holders; the others are rejected as
+    /// `Open` while it runs. Dropping the stream drops the call in progress (a dropped trial
+    /// leaves the breaker half-open for the next call).
+    ///
+    /// # Panics
+    ///
+    /// Does not panic on its own.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    /// use tokio::time::Duration;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let breaker = CircuitBreaker::new(2, Duration::from_secs(1));
+    /// let results: Vec<Result<u32, BreakerError<u32, &str>>> = stream::iter(1..=4)
+    ///     .circuit_breaker(&breaker, |_| async { Err("down") })
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(
+    ///     results,
+    ///     [
+    ///         Err(BreakerError::Failed("down")),
+    ///         Err(BreakerError::Failed("down")), // the breaker opens here
+    ///         Err(BreakerError::Open(3)),        // rejected without calling
+    ///         Err(BreakerError::Open(4)),
+    ///     ]
+    /// );
+    /// assert_eq!(breaker.state(), CircuitState::Open);
+    /// # }
+    /// ```
+    fn circuit_breaker<B, F, Fut, U, E>(self, breaker: B, f: F) -> crate::Breaker<Self, F, Fut>
+    where
+        B: Into<crate::CircuitBreaker>,
+        F: FnMut(Self::Item) -> Fut,
+        Fut: std::future::Future<Output = Result<U, E>>,
+        Self: Sized,
+    {
+        crate::Breaker::new(self, breaker.into(), f)
+    }
+
     // -- batching: batch_dedupe, batch, debounce, dedupe_by --
+    /// Groups items into batches of at most `max` items with distinct keys, emitted when full,
+    /// when `wait` has passed since the batch's first item, or when the input ends.
+    ///
+    /// `key(&item)` names each item; an item whose key is already in the current batch is
+    /// dropped (the first one wins), so a batch never holds two items with equal keys. A key may
+    /// appear again in a later batch. Items keep their input order within and across batches,
+    /// and a batch is never empty.
+    ///
+    /// A batch is emitted as soon as it holds `max` items, even while upstream is pending. The
+    /// `wait` starts at the batch's first item and is not extended by later items, so a steady
+    /// trickle still flushes every `wait`; a quiet stream emits nothing. An item arriving at the
+    /// very instant a batch is due starts the next batch. When the input ends, the partial
+    /// batch is emitted before the stream ends. The key set is reused from batch to batch and
+    /// holds at most `max` keys.
+    ///
+    /// Dropping the stream drops the partial batch it has not emitted;
+    /// [`BatchDedupe::take_partial`](crate::BatchDedupe::take_partial) and
+    /// [`BatchDedupe::into_inner`](crate::BatchDedupe::into_inner) hand it back instead.
+    ///
+    /// This is the dataloader pattern: collect the ids many callers ask for, drop the
+    /// duplicates, and look each batch up with one query.
+    ///
+    /// The timer needs a tokio runtime with the time driver enabled.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `max` is zero or `wait` is zero.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let user_ids = stream::iter([7, 3, 7, 9, 3, 1, 7]);
+    /// let batches: Vec<Vec<u32>> = user_ids
+    ///     .batch_dedupe(3, Duration::from_millis(10), |id| *id)
+    ///     .collect()
+    ///     .await;
+    /// // The second 7 repeats inside the first batch and is dropped; 3 and 7 come back in the
+    /// // next batch, which is a new one.
+    /// assert_eq!(batches, [vec![7, 3, 9], vec![3, 1, 7]]);
+    /// # }
+    /// ```
+    #[track_caller]
+    fn batch_dedupe<K, F>(
+        self,
+        max: usize,
+        wait: std::time::Duration,
+        key: F,
+    ) -> crate::BatchDedupe<Self, K, F>
+    where
+        Self: Sized,
+        K: std::hash::Hash + Eq,
+        F: FnMut(&Self::Item) -> K,
+    {
+        crate::BatchDedupe::new(self, max, wait, key)
+    }
+
+    /// Groups items into batches of at most `max` items, emitted when full, when `wait` has
+    /// passed since the batch's first item, or when the input ends.
+    ///
+    /// The same as [`batch_dedupe`](PipelineExt::batch_dedupe) without dropping anything: every
+    /// item is in exactly one batch, in input order, and a batch is never empty. A batch is
+    /// emitted as soon as it holds `max` items, even while upstream is pending; the `wait`
+    /// starts at the batch's first item and is not extended by later items; an item arriving at
+    /// the very instant a batch is due starts the next batch; the partial batch is emitted when
+    /// the input ends. This is the queue consumer's pattern: write by size or by time, and
+    /// close the input on shutdown to flush the tail.
+    ///
+    /// Dropping the stream drops the partial batch it has not emitted;
+    /// [`Batch::take_partial`](crate::Batch::take_partial) and
+    /// [`Batch::into_inner`](crate::Batch::into_inner) hand it back instead.
+    ///
+    /// The timer needs a tokio runtime with the time driver enabled.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `max` is zero or `wait` is zero.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    /// use tokio::time::{sleep, Instant};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let start = Instant::now();
+    /// // Five items at once, then one more after 100 ms.
+    /// let events = stream::iter(0..5).chain(stream::once(async {
+    ///     sleep(Duration::from_millis(100)).await;
+    ///     5
+    /// }));
+    /// let mut batches = Box::pin(events.batch(2, Duration::from_millis(30)));
+    ///
+    /// assert_eq!(batches.next().await, Some(vec![0, 1])); // full: at once
+    /// assert_eq!(batches.next().await, Some(vec![2, 3]));
+    /// assert_eq!(batches.next().await, Some(vec![4])); // 30 ms after its first item
+    /// assert_eq!(start.elapsed(), Duration::from_millis(30));
+    /// assert_eq!(batches.next().await, Some(vec![5])); // the tail, when the input ends
+    /// assert_eq!(batches.next().await, None);
+    /// # }
+    /// ```
+    #[track_caller]
+    fn batch(self, max: usize, wait: std::time::Duration) -> crate::Batch<Self>
+    where
+        Self: Sized,
+    {
+        crate::Batch::new(self, max, wait)
+    }
+
+    /// Passes an item on only once `quiet` has passed without a newer item; a newer item
+    /// replaces the one waiting and starts the `quiet` period again.
+    ///
+    /// When the input ends, the item still waiting is passed on at once, then the stream ends.
+    /// An item arriving at the very instant the waiting one is due does not replace it. At most
+    /// one item is held. Dropping the stream drops the item it holds;
+    /// [`Debounce::take_held`](crate::Debounce::take_held) and
+    /// [`Debounce::into_inner`](crate::Debounce::into_inner) hand it back instead.
+    ///
+    /// Typical uses: react to the last of a burst of change notifications, or save a document
+    /// once typing pauses.
+    ///
+    /// The timer needs a tokio runtime with the time driver enabled.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `quiet` is zero.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    /// use tokio::time::{sleep_until, Instant};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let start = Instant::now();
+    /// // Keystrokes 10 ms apart, a pause of 100 ms, then two more.
+    /// let keys = stream::iter([(0, "h"), (10, "he"), (20, "hel"), (120, "hell"), (130, "hello")])
+    ///     .then(|(at, text)| async move {
+    ///         sleep_until(start + Duration::from_millis(at)).await;
+    ///         text
+    ///     });
+    /// let mut saved = Box::pin(keys.debounce(Duration::from_millis(50)));
+    ///
+    /// assert_eq!(saved.next().await, Some("hel")); // 50 ms after the last keystroke of the burst
+    /// assert_eq!(start.elapsed(), Duration::from_millis(70));
+    /// assert_eq!(saved.next().await, Some("hello")); // the input ended: passed on at once
+    /// assert_eq!(start.elapsed(), Duration::from_millis(130));
+    /// assert_eq!(saved.next().await, None);
+    /// # }
+    /// ```
+    #[track_caller]
+    fn debounce(self, quiet: std::time::Duration) -> crate::Debounce<Self>
+    where
+        Self: Sized,
+    {
+        crate::Debounce::new(self, quiet)
+    }
+
+    /// Drops an item whose key was let through less than `window` ago, remembering at most
+    /// `capacity` keys: for consumers that must not see the same message twice in a row
+    /// (redelivered queue messages, repeated webhooks).
+    ///
+    /// An item passes when no item with an equal key has passed within the last `window`
+    /// (an item exactly `window` after it passes again); a dropped duplicate does not extend
+    /// the window. Items keep their order and are never delayed.
+    ///
+    /// **Memory bound:** at most `capacity` keys are remembered (each stored twice, so keys
+    /// should be cheap to clone: ids, not documents). A key is forgotten when its `window` has
+    /// passed, or earlier, oldest first, when `capacity` newer keys have passed since; so choose
+    /// `capacity` at least as large as the number of distinct keys expected within one
+    /// `window`, or an old duplicate can pass early.
+    ///
+    /// Each item's time is read from tokio's clock (a paused clock works); no timer is used.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `window` is zero or `capacity` is zero.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let start = tokio::time::Instant::now();
+    /// // (arrival in ms, message id)
+    /// let deliveries = stream::iter([(0, 1), (5, 2), (10, 1), (30, 2), (65, 2), (70, 1)])
+    ///     .then(|(at, id)| async move {
+    ///         tokio::time::sleep_until(start + Duration::from_millis(at)).await;
+    ///         id
+    ///     });
+    /// let handled: Vec<u32> = deliveries
+    ///     .dedupe_by(Duration::from_millis(60), 1000, |id| *id)
+    ///     .collect()
+    ///     .await;
+    /// // 1 at 10 ms and 2 at 30 ms repeat within 60 ms and are dropped; 2 at 65 ms and 1 at
+    /// // 70 ms come 60 ms or more after the ones that passed.
+    /// assert_eq!(handled, [1, 2, 2, 1]);
+    /// # }
+    /// ```
+    #[track_caller]
+    fn dedupe_by<K, F>(
+        self,
+        window: std::time::Duration,
+        capacity: usize,
+        key: F,
+    ) -> crate::DedupeBy<Self, K, F>
+    where
+        Self: Sized,
+        K: std::hash::Hash + Eq + Clone,
+        F: FnMut(&Self::Item) -> K,
+    {
+        crate::DedupeBy::new(self, window, capacity, key)
+    }
 
     // -- staged pipelines: through --
 

@@ -47,8 +47,21 @@ pub use pool::WorkerPool;
 pub use stats::{Stats, StatsSnapshot, WithStats};
 
 // -- resilience: rate_limit, retry, circuit_breaker --
+mod circuit_breaker;
+mod rate_limit;
+mod retry;
+pub use circuit_breaker::{Breaker, BreakerError, CircuitBreaker, CircuitState};
+pub use governor::Quota;
+pub use rate_limit::{KeyedRateLimiter, RateLimit, RateLimitBy, RateLimiter};
+pub use retry::{Backoff, Retry, RetryError, RetryIf};
 
 // -- batching: batch, batch_dedupe, debounce, dedupe_by --
+mod batch;
+mod debounce;
+mod dedupe;
+pub use batch::{Batch, BatchDedupe};
+pub use debounce::Debounce;
+pub use dedupe::DedupeBy;
 
 // -- staged pipelines --
 mod staged;
@@ -68,6 +81,10 @@ pub mod prelude {
     pub use crate::{InFlightLimit, Stats, StatsSnapshot, WorkerPool};
 
     // -- resilience --
+    pub use crate::{
+        Backoff, BreakerError, CircuitBreaker, CircuitState, KeyedRateLimiter, Quota, RateLimiter,
+        RetryError,
+    };
 
     // -- batching --
 

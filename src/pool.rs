@@ -12,6 +12,7 @@ use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use crate::error::{ConfigError, nonzero, or_panic};
 
@@ -199,12 +200,13 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Moves the next jobs for worker `index` into `batch`: up to [`MAX_CHUNK`] from one source,
-    /// fewer when the queue is short so that other workers get a share. Returns `Ready(false)`
+    /// Moves the next jobs for worker `index` into `batch`: up to `cap` from one source, fewer
+    /// when the queue is short so that other workers get a share. Returns `Ready(false)`
     /// on shutdown, or `Pending` after parking the worker.
     fn poll_jobs(
         &self,
         index: usize,
+        cap: usize,
         batch: &mut VecDeque<Job>,
         cx: &mut Context<'_>,
     ) -> Poll<bool> {
@@ -217,7 +219,7 @@ impl Shared {
             let queue = state.sources[id]
                 .as_mut()
                 .expect("ready source is registered");
-            let take = (queue.len() / (2 * workers)).clamp(1, MAX_CHUNK);
+            let take = (queue.len() / (2 * workers)).clamp(1, cap);
             batch.extend(queue.drain(..take));
             if !queue.is_empty() {
                 state.ready.push_back(id);
@@ -249,10 +251,17 @@ const DEFAULT_MIN_WINDOW: usize = 256;
 /// The most jobs a worker takes from one source at a time.
 const MAX_CHUNK: usize = 32;
 
+/// A chunk that takes longer than this halves the worker's chunk size: slow jobs are taken one
+/// at a time, so their results are not held back and other streams get their turn.
+const SLOW_CHUNK: Duration = Duration::from_micros(100);
+
 async fn worker(shared: Arc<Shared>, index: usize) {
     let mut batch = VecDeque::with_capacity(MAX_CHUNK);
     let mut deferred: Vec<Waker> = Vec::new();
-    while poll_fn(|cx| shared.poll_jobs(index, &mut batch, cx)).await {
+    let mut cap = 1;
+    while poll_fn(|cx| shared.poll_jobs(index, cap, &mut batch, cx)).await {
+        let taken = batch.len();
+        let started = std::time::Instant::now();
         while let Some(mut job) = batch.pop_front() {
             let unblocked = poll_fn(|cx| {
                 let poll = job.as_mut().poll(cx);
@@ -271,6 +280,13 @@ async fn worker(shared: Arc<Shared>, index: usize) {
             tokio::task::consume_budget().await;
         }
         wake_all(&mut deferred);
+        cap = if started.elapsed() > SLOW_CHUNK {
+            (cap / 2).max(1)
+        } else if taken == cap {
+            (cap * 2).min(MAX_CHUNK)
+        } else {
+            cap
+        };
     }
     wake_all(&mut deferred);
 }

@@ -1,0 +1,194 @@
+//! [`DedupeBy`]: drops an item whose key passed within a time window, in bounded memory.
+
+use std::collections::{HashSet, VecDeque};
+use std::fmt;
+use std::hash::Hash;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use futures::stream::FusedStream;
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+
+use crate::batch::{POLL_BUDGET, nonzero_duration};
+use crate::error::{ConfigError, nonzero, or_panic};
+
+/// The keys that passed within the window, oldest first, in at most `capacity` entries.
+struct Window<K> {
+    live: HashSet<K>,
+    // (expiry, key) in the order the keys passed; expiries are therefore ascending.
+    order: VecDeque<(Instant, K)>,
+    window: Duration,
+    capacity: usize,
+}
+
+impl<K: Hash + Eq + Clone> Window<K> {
+    /// Whether `key` may pass at `now`; if so it is remembered until `now + window`.
+    fn pass(&mut self, key: K, now: Instant) -> bool {
+        while let Some((expiry, _)) = self.order.front() {
+            if *expiry > now {
+                break;
+            }
+            self.forget_oldest();
+        }
+        if self.live.contains(&key) {
+            return false;
+        }
+        if self.order.len() == self.capacity {
+            self.forget_oldest();
+        }
+        self.order.push_back((now + self.window, key.clone()));
+        self.live.insert(key);
+        true
+    }
+
+    fn forget_oldest(&mut self) {
+        if let Some((_, key)) = self.order.pop_front() {
+            self.live.remove(&key);
+        }
+    }
+}
+
+pin_project! {
+    /// Stream for the [`dedupe_by`](crate::PipelineExt::dedupe_by) method.
+    #[must_use = "streams do nothing unless polled"]
+    pub struct DedupeBy<S, K, F> {
+        #[pin]
+        stream: S,
+        seen: Window<K>,
+        key: F,
+        done: bool,
+    }
+}
+
+impl<S, K, F> DedupeBy<S, K, F>
+where
+    S: Stream,
+    K: Hash + Eq + Clone,
+    F: FnMut(&S::Item) -> K,
+{
+    #[track_caller]
+    pub(crate) fn new(stream: S, window: Duration, capacity: usize, key: F) -> Self {
+        or_panic(Self::try_new(stream, window, capacity, key))
+    }
+
+    pub(crate) fn try_new(
+        stream: S,
+        window: Duration,
+        capacity: usize,
+        key: F,
+    ) -> Result<Self, ConfigError> {
+        nonzero_duration("window", window)?;
+        nonzero("capacity", capacity as u64)?;
+        Ok(Self {
+            stream,
+            seen: Window {
+                live: HashSet::new(),
+                order: VecDeque::new(),
+                window,
+                capacity,
+            },
+            key,
+            done: false,
+        })
+    }
+
+    /// A reference to the underlying stream.
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+
+    /// A mutable reference to the underlying stream.
+    ///
+    /// Items taken from it directly are not remembered.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.stream
+    }
+
+    /// A pinned mutable reference to the underlying stream.
+    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
+        self.project().stream
+    }
+
+    /// How many keys are remembered now (at most `capacity`; expired keys are forgotten when
+    /// the next item arrives).
+    pub fn remembered(&self) -> usize {
+        self.seen.order.len()
+    }
+
+    /// Consumes this stream, returning the underlying stream.
+    pub fn into_inner(self) -> S {
+        self.stream
+    }
+}
+
+impl<S, K, F> Stream for DedupeBy<S, K, F>
+where
+    S: Stream,
+    K: Hash + Eq + Clone,
+    F: FnMut(&S::Item) -> K,
+{
+    type Item = S::Item;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        let mut this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        let mut now = None;
+        let mut budget = POLL_BUDGET;
+        loop {
+            match this.stream.as_mut().poll_next(cx) {
+                Poll::Ready(Some(item)) => {
+                    // Items taken in one call arrive at the same instant: one clock read.
+                    let now = *now.get_or_insert_with(Instant::now);
+                    if this.seen.pass((this.key)(&item), now) {
+                        return Poll::Ready(Some(item));
+                    }
+                    budget -= 1;
+                    if budget == 0 {
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                }
+                Poll::Ready(None) => {
+                    *this.done = true;
+                    return Poll::Ready(None);
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        if self.done {
+            return (0, Some(0));
+        }
+        // Any item may be a duplicate of one that passed before.
+        (0, self.stream.size_hint().1)
+    }
+}
+
+impl<S, K, F> FusedStream for DedupeBy<S, K, F>
+where
+    S: Stream,
+    K: Hash + Eq + Clone,
+    F: FnMut(&S::Item) -> K,
+{
+    fn is_terminated(&self) -> bool {
+        self.done
+    }
+}
+
+impl<S: fmt::Debug, K, F> fmt::Debug for DedupeBy<S, K, F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DedupeBy")
+            .field("stream", &self.stream)
+            .field("window", &self.seen.window)
+            .field("capacity", &self.seen.capacity)
+            .field("remembered", &self.seen.order.len())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,590 @@
+//! [`Backoff`], [`RetryError`] and the [`Retry`] / [`RetryIf`] streams.
+
+use std::error::Error;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use futures::stream::FusedStream;
+use futures::{Stream, TryFuture};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep, sleep, sleep_until};
+
+/// A retry policy: how many attempts, and how long to wait between them.
+///
+/// Built with [`fixed`](Self::fixed) or [`exponential`](Self::exponential), then optionally
+/// [`max_attempts`](Self::max_attempts) (default 3, the first attempt included),
+/// [`max_delay`](Self::max_delay) and [`jitter`](Self::jitter). A `Backoff` is a plain value:
+/// use it for the [`retry`](crate::PipelineExt::retry) operator or around any async call with
+/// [`retry`](Self::retry). Waiting uses tokio's timer.
+///
+/// ```
+/// use std::time::Duration;
+/// use stagepipe::Backoff;
+///
+/// let backoff = Backoff::exponential(Duration::from_millis(100))
+///     .max_attempts(5)
+///     .max_delay(Duration::from_millis(300));
+/// // the waits after the 1st, 2nd, 3rd and 4th failed attempts
+/// let waits: Vec<_> = (1..5).map(|n| backoff.delay_after(n)).collect();
+/// assert_eq!(waits, [100, 200, 300, 300].map(Duration::from_millis));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backoff {
+    exponential: bool,
+    delay: Duration,
+    max_attempts: u32,
+    max_delay: Option<Duration>,
+    jitter: bool,
+}
+
+const DEFAULT_ATTEMPTS: u32 = 3;
+
+impl Backoff {
+    /// Waits `delay` between attempts (zero retries at once).
+    pub fn fixed(delay: Duration) -> Self {
+        Self {
+            exponential: false,
+            delay,
+            max_attempts: DEFAULT_ATTEMPTS,
+            max_delay: None,
+            jitter: false,
+        }
+    }
+
+    /// Waits `initial` after the first failed attempt, then doubles the wait after each one.
+    ///
+    /// # Panics
+    ///
+    /// If `initial` is zero (it would never grow).
+    #[track_caller]
+    pub fn exponential(initial: Duration) -> Self {
+        assert!(
+            !initial.is_zero(),
+            "invalid `initial`: must be greater than zero"
+        );
+        Self {
+            exponential: true,
+            ..Self::fixed(initial)
+        }
+    }
+
+    /// Makes at most `n` attempts in total, the first one included (default 3).
+    ///
+    /// # Panics
+    ///
+    /// If `n` is zero.
+    #[track_caller]
+    #[must_use]
+    pub fn max_attempts(self, n: u32) -> Self {
+        assert!(n > 0, "invalid `n`: must be greater than zero");
+        Self {
+            max_attempts: n,
+            ..self
+        }
+    }
+
+    /// Caps every wait at `d` (before jitter).
+    #[must_use]
+    pub fn max_delay(self, d: Duration) -> Self {
+        Self {
+            max_delay: Some(d),
+            ..self
+        }
+    }
+
+    /// Full jitter: each wait is drawn uniformly from `[0, nominal]`, so that many callers
+    /// failing together do not retry together.
+    #[must_use]
+    pub fn jitter(self) -> Self {
+        Self {
+            jitter: true,
+            ..self
+        }
+    }
+
+    /// The number of attempts in total, the first one included.
+    pub fn attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// The wait after the `attempt`-th failed attempt (counted from 1), before jitter.
+    pub fn nominal_delay_after(&self, attempt: u32) -> Duration {
+        let delay = if self.exponential {
+            let doublings = attempt.saturating_sub(1);
+            2u32.checked_pow(doublings)
+                .and_then(|factor| self.delay.checked_mul(factor))
+                .unwrap_or(Duration::MAX)
+        } else {
+            self.delay
+        };
+        match self.max_delay {
+            Some(max) => delay.min(max),
+            None => delay,
+        }
+    }
+
+    /// The wait after the `attempt`-th failed attempt (counted from 1), jitter included: with
+    /// [`jitter`](Self::jitter), a fresh random draw from `[0, nominal]` on every call.
+    pub fn delay_after(&self, attempt: u32) -> Duration {
+        let nominal = self.nominal_delay_after(attempt);
+        if self.jitter && !nominal.is_zero() {
+            let nanos = u64::try_from(nominal.as_nanos()).unwrap_or(u64::MAX);
+            Duration::from_nanos(fastrand::u64(0..=nanos))
+        } else {
+            nominal
+        }
+    }
+
+    /// Calls `f` and awaits its future until it returns `Ok` or the policy gives up; returns the
+    /// last result.
+    ///
+    /// The returned future owns a copy of the policy (it does not borrow `self`), so it can be
+    /// returned from a closure, as in `fan_out_ordered(n, move |x| backoff.retry(...))`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops the attempt in progress; nothing else is left behind.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use stagepipe::Backoff;
+    /// use tokio::time::Instant;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let start = Instant::now();
+    /// let mut calls = 0;
+    /// let result: Result<u32, &str> = Backoff::fixed(Duration::from_millis(10))
+    ///     .max_attempts(5)
+    ///     .retry(|| {
+    ///         calls += 1;
+    ///         let n = calls;
+    ///         async move { if n < 3 { Err("busy") } else { Ok(n) } }
+    ///     })
+    ///     .await;
+    /// assert_eq!(result, Ok(3));
+    /// assert_eq!(start.elapsed(), Duration::from_millis(20)); // two waits
+    /// # }
+    /// ```
+    pub fn retry<F, Fut, U, E>(
+        &self,
+        f: F,
+    ) -> impl Future<Output = Result<U, E>> + use<F, Fut, U, E>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<U, E>>,
+    {
+        self.retry_if(f, |_: &E| true)
+    }
+
+    /// [`retry`](Self::retry), giving up at once on an error for which `retryable` returns
+    /// `false` (a permanent error).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use stagepipe::Backoff;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let mut calls = 0;
+    /// let result: Result<(), &str> = Backoff::fixed(Duration::from_millis(10))
+    ///     .retry_if(
+    ///         || {
+    ///             calls += 1;
+    ///             async { Err("not found") }
+    ///         },
+    ///         |e: &&str| *e != "not found",
+    ///     )
+    ///     .await;
+    /// assert_eq!((result, calls), (Err("not found"), 1));
+    /// # }
+    /// ```
+    pub fn retry_if<F, Fut, U, E, P>(
+        &self,
+        mut f: F,
+        mut retryable: P,
+    ) -> impl Future<Output = Result<U, E>> + use<F, Fut, U, E, P>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<U, E>>,
+        P: FnMut(&E) -> bool,
+    {
+        let policy = self.clone();
+        async move {
+            let mut attempts = 1;
+            loop {
+                match f().await {
+                    Ok(value) => return Ok(value),
+                    Err(error) => {
+                        if attempts >= policy.max_attempts || !retryable(&error) {
+                            return Err(error);
+                        }
+                        let delay = policy.delay_after(attempts);
+                        if !delay.is_zero() {
+                            sleep(delay).await;
+                        }
+                        attempts += 1;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// An item whose retries were exhausted (or whose error was not retryable): the item back, the
+/// last error, and how many attempts were made.
+///
+/// `Display` prints the attempt count and the last error; [`source`](Error::source) is the last
+/// error's source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryError<T, E> {
+    /// The input item, given back.
+    pub item: T,
+    /// The error of the last attempt.
+    pub error: E,
+    /// How many attempts were made, the first one included.
+    pub attempts: u32,
+}
+
+impl<T, E: fmt::Display> fmt::Display for RetryError<T, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = if self.attempts == 1 { "" } else { "s" };
+        write!(
+            f,
+            "gave up after {} attempt{s}: {}",
+            self.attempts, self.error
+        )
+    }
+}
+
+impl<T: fmt::Debug, E: Error> Error for RetryError<T, E> {
+    fn source(&self) -> Option<&(dyn Error + 'static)> {
+        self.error.source()
+    }
+}
+
+/// Which errors are worth another attempt.
+pub(crate) trait Classify<E> {
+    fn retryable(&mut self, error: &E) -> bool;
+}
+
+/// Every error is retryable.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Always;
+
+impl<E> Classify<E> for Always {
+    fn retryable(&mut self, _: &E) -> bool {
+        true
+    }
+}
+
+/// Errors are retryable when the predicate says so.
+pub(crate) struct When<P>(P);
+
+impl<E, P: FnMut(&E) -> bool> Classify<E> for When<P> {
+    fn retryable(&mut self, error: &E) -> bool {
+        (self.0)(error)
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<Fut> {
+        Idle,
+        Calling { #[pin] fut: Fut },
+        Waiting { #[pin] sleep: Sleep },
+    }
+}
+
+pin_project! {
+    /// The engine behind [`Retry`] and [`RetryIf`]: one item at a time.
+    struct Core<S: Stream, F, Fut, C> {
+        #[pin]
+        stream: S,
+        f: F,
+        classify: C,
+        backoff: Backoff,
+        item: Option<S::Item>,
+        attempts: u32,
+        #[pin]
+        state: State<Fut>,
+        done: bool,
+    }
+}
+
+impl<S: Stream, F, Fut, C> Core<S, F, Fut, C> {
+    fn new(stream: S, backoff: Backoff, f: F, classify: C) -> Self {
+        Self {
+            stream,
+            f,
+            classify,
+            backoff,
+            item: None,
+            attempts: 0,
+            state: State::Idle,
+            done: false,
+        }
+    }
+
+    fn is_terminated(&self) -> bool {
+        self.done && self.item.is_none()
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let current = usize::from(self.item.is_some());
+        if self.done {
+            return (current, Some(current));
+        }
+        let (lower, upper) = self.stream.size_hint();
+        (
+            lower.saturating_add(current),
+            upper.and_then(|u| u.checked_add(current)),
+        )
+    }
+}
+
+type Output<T, Fut> = Result<<Fut as TryFuture>::Ok, RetryError<T, <Fut as TryFuture>::Error>>;
+
+impl<S, F, Fut, C> Core<S, F, Fut, C>
+where
+    S: Stream,
+    S::Item: Clone,
+    F: FnMut(S::Item) -> Fut,
+    Fut: TryFuture,
+    C: Classify<Fut::Error>,
+{
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Output<S::Item, Fut>>> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Idle => {
+                    if *this.done {
+                        return Poll::Ready(None);
+                    }
+                    let Some(item) = ready!(this.stream.as_mut().poll_next(cx)) else {
+                        *this.done = true;
+                        return Poll::Ready(None);
+                    };
+                    *this.attempts = 1;
+                    let fut = (this.f)(item.clone());
+                    *this.item = Some(item);
+                    this.state.set(State::Calling { fut });
+                }
+                StateProj::Calling { fut } => {
+                    let result = ready!(fut.try_poll(cx));
+                    match result {
+                        Ok(value) => {
+                            this.state.set(State::Idle);
+                            *this.item = None;
+                            return Poll::Ready(Some(Ok(value)));
+                        }
+                        Err(error) => {
+                            let attempts = *this.attempts;
+                            if attempts >= this.backoff.max_attempts
+                                || !this.classify.retryable(&error)
+                            {
+                                this.state.set(State::Idle);
+                                let item = this.item.take().expect("the current item is kept");
+                                return Poll::Ready(Some(Err(RetryError {
+                                    item,
+                                    error,
+                                    attempts,
+                                })));
+                            }
+                            let delay = this.backoff.delay_after(attempts);
+                            *this.attempts += 1;
+                            if delay.is_zero() {
+                                let item = this.item.as_ref().expect("the current item is kept");
+                                let fut = (this.f)(item.clone());
+                                this.state.set(State::Calling { fut });
+                            } else {
+                                let sleep = sleep_until(Instant::now() + delay);
+                                this.state.set(State::Waiting { sleep });
+                            }
+                        }
+                    }
+                }
+                StateProj::Waiting { sleep } => {
+                    ready!(sleep.poll(cx));
+                    let item = this.item.as_ref().expect("the current item is kept");
+                    let fut = (this.f)(item.clone());
+                    this.state.set(State::Calling { fut });
+                }
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// Stream for the [`retry`](crate::PipelineExt::retry) method.
+    #[must_use = "streams do nothing unless polled"]
+    pub struct Retry<S: Stream, F, Fut> {
+        #[pin]
+        core: Core<S, F, Fut, Always>,
+    }
+}
+
+impl<S: Stream, F, Fut> Retry<S, F, Fut>
+where
+    S::Item: Clone,
+    F: FnMut(S::Item) -> Fut,
+    Fut: TryFuture,
+{
+    pub(crate) fn new(stream: S, backoff: Backoff, f: F) -> Self {
+        Self {
+            core: Core::new(stream, backoff, f, Always),
+        }
+    }
+}
+
+impl<S: Stream, F, Fut> Retry<S, F, Fut> {
+    /// The retry policy.
+    pub fn backoff(&self) -> &Backoff {
+        &self.core.backoff
+    }
+
+    /// The upstream stream.
+    pub fn get_ref(&self) -> &S {
+        &self.core.stream
+    }
+
+    /// The upstream stream, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.core.stream
+    }
+
+    /// The upstream stream, pinned.
+    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
+        self.project().core.project().stream
+    }
+}
+
+impl<S, F, Fut> Stream for Retry<S, F, Fut>
+where
+    S: Stream,
+    S::Item: Clone,
+    F: FnMut(S::Item) -> Fut,
+    Fut: TryFuture,
+{
+    type Item = Output<S::Item, Fut>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.project().core.poll_next(cx)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.core.size_hint()
+    }
+}
+
+impl<S, F, Fut> FusedStream for Retry<S, F, Fut>
+where
+    S: Stream,
+    S::Item: Clone,
+    F: FnMut(S::Item) -> Fut,
+    Fut: TryFuture,
+{
+    fn is_terminated(&self) -> bool {
+        self.core.is_terminated()
+    }
+}
+
+impl<S: Stream + fmt::Debug, F, Fut> fmt::Debug for Retry<S, F, Fut> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("stream", &self.core.stream)
+            .field("backoff", &self.core.backoff)
+            .field("attempts", &self.core.attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+pin_project! {
+    /// Stream for the [`retry_if`](crate::PipelineExt::retry_if) method.
+    #[must_use = "streams do nothing unless polled"]
+    pub struct RetryIf<S: Stream, F, Fut, P> {
+        #[pin]
+        core: Core<S, F, Fut, When<P>>,
+    }
+}
+
+impl<S: Stream, F, Fut, P> RetryIf<S, F, Fut, P>
+where
+    S::Item: Clone,
+    F: FnMut(S::Item) -> Fut,
+    Fut: TryFuture,
+    P: FnMut(&Fut::Error) -> bool,
+{
+    pub(crate) fn new(stream: S, backoff: Backoff, f: F, retryable: P) -> Self {
+        Self {
+            core: Core::new(stream, backoff, f, When(retryable)),
+        }
+    }
+}
+
+impl<S: Stream, F, Fut, P> RetryIf<S, F, Fut, P> {
+    /// The retry policy.
+    pub fn backoff(&self) -> &Backoff {
+        &self.core.backoff
+    }
+
+    /// The upstream stream.
+    pub fn get_ref(&self) -> &S {
+        &self.core.stream
+    }
+
+    /// The upstream stream, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.core.stream
+    }
+
+    /// The upstream stream, pinned.
+    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
+        self.project().core.project().stream
+    }
+}
+
+impl<S, F, Fut, P> Stream for RetryIf<S, F, Fut, P>
+where
+    S: Stream,
+    S::Item: Clone,
+    F: FnMut(S::Item) -> Fut,
+    Fut: TryFuture,
+    P: FnMut(&Fut::Error) -> bool,
+{
+    type Item = Output<S::Item, Fut>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.project().core.poll_next(cx)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.core.size_hint()
+    }
+}
+
+impl<S, F, Fut, P> FusedStream for RetryIf<S, F, Fut, P>
+where
+    S: Stream,
+    S::Item: Clone,
+    F: FnMut(S::Item) -> Fut,
+    Fut: TryFuture,
+    P: FnMut(&Fut::Error) -> bool,
+{
+    fn is_terminated(&self) -> bool {
+        self.core.is_terminated()
+    }
+}
+
+impl<S: Stream + fmt::Debug, F, Fut, P> fmt::Debug for RetryIf<S, F, Fut, P> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryIf")
+            .field("stream", &self.core.stream)
+            .field("backoff", &self.core.backoff)
+            .field("attempts", &self.core.attempts)
+            .finish_non_exhaustive()
+    }
+}

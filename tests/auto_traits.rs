@@ -1,0 +1,60 @@
+//! Handles are cheap shared `Clone + Send + Sync + 'static` values; streams built from `Send`
+//! parts are `Send` (they can be consumed inside spawned tasks).
+
+use futures::{Stream, stream};
+use stagepipe::prelude::*;
+use stagepipe::{GroupResults, Submitter};
+
+fn shared_handle<T: Clone + Send + Sync + 'static>() {}
+fn send<T: Send>(_: &T) {}
+fn send_static_stream<S: Stream + Send + 'static>(_: &S) {}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+struct Only;
+
+struct Machine;
+
+impl StateMachine for Machine {
+    type Stage = Only;
+    type Data = String;
+    type Error = std::io::Error;
+    fn start(&self) -> Only {
+        Only
+    }
+    async fn run(&self, _: Only, data: String) -> Result<Next<Only, String>, std::io::Error> {
+        Ok(Next::Done(data))
+    }
+}
+
+#[test]
+fn handles_are_shared_handles() {
+    shared_handle::<WorkerPool>();
+    shared_handle::<InFlightLimit>();
+    shared_handle::<Stats>();
+    shared_handle::<Pipeline<Machine>>();
+    fn send_sync<T: Send + Sync + 'static>() {}
+    send_sync::<Submitter<Machine>>();
+    send_sync::<ConfigError>();
+    send_sync::<StageError<Machine>>();
+    fn send_only<T: Send + 'static>() {}
+    send_only::<GroupResults<Machine>>();
+}
+
+#[tokio::test]
+async fn streams_from_send_parts_are_send() {
+    let pool = WorkerPool::new(1);
+    let s = stream::iter(0..3u32).fan_out_ordered(&pool, |x| async move { x });
+    send_static_stream(&s);
+    let s = stream::iter(0..3u32).fan_out(&pool, |x| async move { x });
+    send_static_stream(&s);
+    let s = stream::iter(0..3u32).in_flight(2, |x| async move { x });
+    send_static_stream(&s);
+    let s = stream::iter(0..3u32).with_stats(Stats::new("s"));
+    send_static_stream(&s);
+    let pipeline = Pipeline::builder(Machine).workers(1).build();
+    let s = stream::iter(vec![String::new()]).through(&pipeline);
+    send_static_stream(&s);
+    let (tx, results) = pipeline.group().open();
+    send(&tx.submit(String::new()));
+    send_static_stream(&results);
+}

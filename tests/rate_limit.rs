@@ -1,0 +1,372 @@
+//! `rate_limit`, `rate_limit_by`, `RateLimiter` and `KeyedRateLimiter` on a paused clock.
+
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt, stream};
+use stagepipe::prelude::*;
+use tokio::time::{Instant, advance};
+use tokio_test::{assert_pending, assert_ready, assert_ready_eq, task};
+
+const fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+/// The instants (since `start`) at which a rate-limited stream yields each item.
+async fn release_times<S: Stream>(s: S, start: Instant) -> Vec<Duration> {
+    s.map(|_| start.elapsed()).collect().await
+}
+
+#[tokio::test(start_paused = true)]
+async fn burst_one_releases_one_per_interval() {
+    let start = Instant::now();
+    let at = release_times(
+        stream::iter(0..5).rate_limit(RateLimiter::per_second(10)),
+        start,
+    )
+    .await;
+    assert_eq!(at, [0, 100, 200, 300, 400].map(ms));
+}
+
+#[tokio::test(start_paused = true)]
+async fn burst_n_releases_n_at_once_then_paces() {
+    let start = Instant::now();
+    let limiter = RateLimiter::per(ms(100)).burst(3);
+    let at = release_times(stream::iter(0..6).rate_limit(&limiter), start).await;
+    assert_eq!(at, [0, 0, 0, 100, 200, 300].map(ms));
+}
+
+#[tokio::test(start_paused = true)]
+async fn items_pass_unchanged_and_in_order() {
+    let out: Vec<u32> = stream::iter(0..20u32)
+        .rate_limit(RateLimiter::per_second(1000).burst(4))
+        .collect()
+        .await;
+    assert_eq!(out, (0..20).collect::<Vec<_>>());
+}
+
+#[tokio::test(start_paused = true)]
+async fn exact_instants_polled_by_hand() {
+    let limiter = RateLimiter::per(ms(50));
+    let mut s = task::spawn(stream::iter(1..=3).rate_limit(&limiter));
+    assert_ready_eq!(s.poll_next(), Some(1));
+    assert_pending!(s.poll_next());
+    advance(ms(49)).await;
+    assert!(!s.is_woken());
+    assert_pending!(s.poll_next());
+    advance(ms(1)).await;
+    assert!(s.is_woken());
+    assert_ready_eq!(s.poll_next(), Some(2));
+    assert_pending!(s.poll_next());
+    advance(ms(50)).await;
+    assert_ready_eq!(s.poll_next(), Some(3));
+    assert_ready_eq!(s.poll_next(), None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_time_refills_up_to_the_burst_only() {
+    let limiter = RateLimiter::per(ms(10)).burst(2);
+    for _ in 0..2 {
+        limiter.until_ready().await;
+    }
+    advance(ms(1000)).await;
+    let start = Instant::now();
+    let at = release_times(stream::iter(0..4).rate_limit(&limiter), start).await;
+    assert_eq!(at, [0, 0, 10, 20].map(ms));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_wake_releases_the_items_already_due_and_no_more() {
+    let limiter = RateLimiter::per(ms(10));
+    let mut s = task::spawn(stream::iter(0..10).rate_limit(&limiter));
+    assert_ready_eq!(s.poll_next(), Some(0));
+    assert_pending!(s.poll_next()); // item 1 is due at 10 ms
+    // The consumer is busy until 35 ms: its wake-up comes 25 ms late.
+    advance(ms(35)).await;
+    assert_ready_eq!(s.poll_next(), Some(1));
+    // Items 2 and 3 were due at 20 and 30 ms: released at once, the schedule keeps its deadlines.
+    assert_ready_eq!(s.poll_next(), Some(2));
+    assert_ready_eq!(s.poll_next(), Some(3));
+    // Item 4 is due at 40 ms, not before.
+    assert_pending!(s.poll_next());
+    advance(ms(4)).await;
+    assert_pending!(s.poll_next());
+    advance(ms(1)).await;
+    assert_ready_eq!(s.poll_next(), Some(4));
+    assert_pending!(s.poll_next());
+    advance(ms(10)).await;
+    assert_ready_eq!(s.poll_next(), Some(5));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_limiter_shared_by_two_streams_and_a_direct_caller_keeps_the_combined_rate() {
+    let limiter = RateLimiter::per(ms(10));
+    let start = Instant::now();
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let record = |times: Arc<Mutex<Vec<Duration>>>| {
+        move |_| {
+            times.lock().unwrap().push(start.elapsed());
+            futures::future::ready(())
+        }
+    };
+    let a = stream::iter(0..5)
+        .rate_limit(&limiter)
+        .for_each(record(times.clone()));
+    let b = stream::iter(0..5)
+        .rate_limit(limiter.clone())
+        .for_each(record(times.clone()));
+    let direct = {
+        let limiter = limiter.clone();
+        let times = times.clone();
+        async move {
+            for _ in 0..5 {
+                limiter.until_ready().await;
+                times.lock().unwrap().push(start.elapsed());
+            }
+        }
+    };
+    tokio::join!(a, b, direct);
+    let mut times = times.lock().unwrap().clone();
+    times.sort();
+    let expected: Vec<Duration> = (0..15).map(|i| ms(10 * i)).collect();
+    assert_eq!(times, expected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn until_ready_serves_callers_in_call_order() {
+    let limiter = RateLimiter::per(ms(20));
+    let start = Instant::now();
+    let (a, b, c) = tokio::join!(
+        async {
+            limiter.until_ready().await;
+            start.elapsed()
+        },
+        async {
+            limiter.until_ready().await;
+            start.elapsed()
+        },
+        async {
+            limiter.until_ready().await;
+            start.elapsed()
+        },
+    );
+    assert_eq!([a, b, c], [0, 20, 40].map(ms));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dropped_waiter_gives_its_slot_back() {
+    let limiter = RateLimiter::per(ms(100));
+    limiter.until_ready().await;
+    let mut waiter = task::spawn(limiter.until_ready());
+    assert_pending!(waiter.poll()); // holds the slot at 100 ms
+    drop(waiter);
+    let start = Instant::now();
+    limiter.until_ready().await;
+    assert_eq!(start.elapsed(), ms(100));
+
+    // Likewise a rate-limited stream dropped while it holds an item.
+    let mut s = task::spawn(stream::iter(0..3).rate_limit(&limiter));
+    assert_pending!(s.poll_next()); // item 0 waits for 200 ms
+    drop(s);
+    let start = Instant::now();
+    limiter.until_ready().await;
+    assert_eq!(start.elapsed(), ms(100));
+}
+
+#[tokio::test(start_paused = true)]
+async fn check_takes_a_cell_only_when_one_conforms() {
+    let limiter = RateLimiter::per(ms(10)).burst(2);
+    assert!(limiter.check());
+    assert!(limiter.check());
+    assert!(!limiter.check());
+    advance(ms(10)).await;
+    assert!(limiter.check());
+    assert!(!limiter.check());
+}
+
+#[tokio::test(start_paused = true)]
+async fn from_quota_keeps_the_quota_burst() {
+    let quota = Quota::per_second(NonZeroU32::new(5).unwrap());
+    let limiter = RateLimiter::from(quota);
+    assert_eq!(limiter.burst_size(), 5);
+    assert_eq!(limiter.interval(), ms(200));
+    assert_eq!(limiter.quota(), quota);
+    let start = Instant::now();
+    let at = release_times(stream::iter(0..7).rate_limit(limiter), start).await;
+    assert_eq!(at, [0, 0, 0, 0, 0, 200, 400].map(ms));
+
+    let limiter: RateLimiter = Quota::with_period(ms(30))
+        .unwrap()
+        .allow_burst(NonZeroU32::new(2).unwrap())
+        .into();
+    let start = Instant::now();
+    let at = release_times(stream::iter(0..4).rate_limit(&limiter), start).await;
+    assert_eq!(at, [0, 0, 30, 60].map(ms));
+}
+
+#[test]
+fn per_second_rounds_the_interval_up() {
+    assert_eq!(
+        RateLimiter::per_second(3).interval(),
+        Duration::from_nanos(333_333_334)
+    );
+    assert_eq!(
+        RateLimiter::per_second(100_000).interval(),
+        Duration::from_micros(10)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn keyed_limits_are_independent_per_key() {
+    let limiter = KeyedRateLimiter::per(ms(100));
+    let start = Instant::now();
+    let at: Vec<(char, Duration)> = stream::iter("aabab".chars())
+        .rate_limit_by(&limiter, |c: &char| *c)
+        .map(|c| (c, start.elapsed()))
+        .collect()
+        .await;
+    // In order: the second `a` waits for its key, and the items behind it wait with it.
+    assert_eq!(
+        at,
+        [
+            ('a', ms(0)),
+            ('a', ms(100)),
+            ('b', ms(100)),
+            ('a', ms(200)),
+            ('b', ms(200))
+        ]
+    );
+
+    // Direct callers: one key's waits never delay another key.
+    let limiter = KeyedRateLimiter::per_second(10).burst(2);
+    let start = Instant::now();
+    let (x, y) = tokio::join!(
+        async {
+            for _ in 0..4 {
+                limiter.until_key_ready(&"x").await;
+            }
+            start.elapsed()
+        },
+        async {
+            for _ in 0..2 {
+                limiter.until_key_ready(&"y").await;
+            }
+            start.elapsed()
+        },
+    );
+    assert_eq!((x, y), (ms(200), ms(0)));
+}
+
+#[tokio::test(start_paused = true)]
+async fn keyed_state_of_idle_keys_is_dropped() {
+    let limiter = KeyedRateLimiter::per(ms(10));
+    for key in 0..10u32 {
+        assert!(limiter.check_key(&key));
+        assert!(!limiter.check_key(&key));
+    }
+    assert_eq!(limiter.len(), 10);
+    advance(ms(10)).await;
+    limiter.retain_recent();
+    assert!(limiter.is_empty());
+
+    // The map is swept on its own as it grows: it never holds many idle keys.
+    for key in 0..10_000u32 {
+        limiter.until_key_ready(&key).await;
+        advance(ms(1)).await;
+    }
+    assert!(limiter.len() <= 128, "{} keys kept", limiter.len());
+}
+
+#[tokio::test(start_paused = true)]
+async fn keyed_dropped_waiter_gives_the_slot_back() {
+    let limiter = KeyedRateLimiter::per(ms(100));
+    limiter.until_key_ready(&1).await;
+    let mut waiter = task::spawn(limiter.until_key_ready(&1));
+    assert_pending!(waiter.poll());
+    drop(waiter);
+    let start = Instant::now();
+    limiter.until_key_ready(&1).await;
+    assert_eq!(start.elapsed(), ms(100));
+}
+
+#[tokio::test(start_paused = true)]
+async fn fused_and_size_hint() {
+    use futures::stream::FusedStream;
+    let limiter = RateLimiter::per(ms(10));
+    let mut s = task::spawn(stream::iter(0..3).rate_limit(&limiter));
+    assert_eq!(s.size_hint(), (3, Some(3)));
+    assert_ready!(s.poll_next());
+    assert_pending!(s.poll_next());
+    assert_eq!(s.size_hint(), (2, Some(2)));
+    advance(ms(20)).await;
+    assert_ready!(s.poll_next());
+    assert_ready!(s.poll_next());
+    assert!(!s.is_terminated());
+    assert_ready_eq!(s.poll_next(), None);
+    assert!(s.is_terminated());
+    assert_ready_eq!(s.poll_next(), None);
+}
+
+#[test]
+#[should_panic(expected = "`rate`")]
+fn zero_rate_panics_naming_rate() {
+    let _ = RateLimiter::per_second(0);
+}
+
+#[test]
+#[should_panic(expected = "`period`")]
+fn zero_period_panics_naming_period() {
+    let _ = RateLimiter::per(Duration::ZERO);
+}
+
+#[test]
+#[should_panic(expected = "`b`")]
+fn zero_burst_panics_naming_b() {
+    let _ = RateLimiter::per_second(1).burst(0);
+}
+
+#[test]
+#[should_panic(expected = "`rate`")]
+fn keyed_zero_rate_panics_naming_rate() {
+    let _ = KeyedRateLimiter::<u32>::per_second(0);
+}
+
+#[test]
+fn try_twins_return_the_error() {
+    assert_eq!(
+        RateLimiter::try_per_second(0).unwrap_err().parameter(),
+        "rate"
+    );
+    assert_eq!(
+        RateLimiter::try_per(Duration::ZERO)
+            .unwrap_err()
+            .parameter(),
+        "period"
+    );
+    assert!(RateLimiter::try_per_second(1).is_ok());
+    assert_eq!(
+        KeyedRateLimiter::<u8>::try_per(Duration::ZERO)
+            .unwrap_err()
+            .parameter(),
+        "period"
+    );
+}
+
+#[test]
+fn panics_point_at_the_caller() {
+    let err = std::panic::catch_unwind(|| RateLimiter::per_second(0)).unwrap_err();
+    let msg = err.downcast_ref::<String>().unwrap();
+    assert_eq!(msg, "invalid `rate`: must be greater than zero");
+}
+
+#[test]
+fn handles_are_shared_and_thread_safe() {
+    fn shared<T: Clone + Send + Sync + 'static>() {}
+    shared::<RateLimiter>();
+    shared::<KeyedRateLimiter<String>>();
+    let limiter = RateLimiter::per_second(5).burst(2);
+    let clone: RateLimiter = (&limiter).into();
+    assert_eq!(format!("{clone:?}"), format!("{limiter:?}"));
+    assert!(format!("{limiter:?}").contains("burst: 2"));
+}
