@@ -20,9 +20,11 @@ mod model;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use db::{Db, Faults, TopRow};
 use job::Config;
+use stagepipe::Backoff;
 
 /// A scratch directory for one test, removed when dropped.
 struct Scratch(PathBuf);
@@ -281,7 +283,7 @@ async fn fault_is_retried(url: &str, csv: &Path) {
 /// A fault that does not go away fails the job with a clear error after the attempts.
 async fn persistent_fault_is_reported(url: &str, csv: &Path) {
     let mut config = Config::new(csv, url);
-    config.attempts = 1;
+    config.retry = Backoff::fixed(Duration::from_millis(1)).max_attempts(1);
     config.faults = Faults::fail_call(1);
     let err = job::run(&config).await.unwrap_err().to_string();
     assert!(err.contains("failed after 1 attempts"), "{err}");

@@ -31,10 +31,8 @@ pub struct Config {
     pub batch_wait: Duration,
     /// Batched inserts running at once.
     pub in_flight: usize,
-    /// Attempts per batch (the first included) for transient database errors.
-    pub attempts: u32,
-    /// The first retry's delay (doubles each attempt).
-    pub retry_delay: Duration,
+    /// The retry policy of a batched insert that failed with a transient database error.
+    pub retry: Backoff,
     /// Faults to inject (tests).
     pub faults: Faults,
     /// Live counters (for a progress display).
@@ -52,8 +50,10 @@ impl Config {
             db_url,
             batch_max: 500,
             batch_wait: Duration::from_millis(100),
-            attempts: 5,
-            retry_delay: Duration::from_millis(20),
+            retry: Backoff::exponential(Duration::from_millis(20))
+                .max_attempts(5)
+                .max_delay(Duration::from_secs(2))
+                .jitter(),
             faults: Faults::none(),
             progress: Arc::default(),
         }
@@ -195,34 +195,6 @@ fn csv_reader(file: File) -> csv::Reader<BufReader<File>> {
         .from_reader(BufReader::with_capacity(1 << 16, file))
 }
 
-/// Attempts `write` until it succeeds, the error is not transient, or `attempts` are spent,
-/// doubling the delay between attempts. Returns the result and the failed attempts.
-// To be replaced by the crate's `Backoff::exponential(..).max_attempts(..).retry(..)`.
-async fn with_retry<F, Fut, T>(
-    attempts: u32,
-    delay: Duration,
-    mut write: F,
-) -> (Result<T, sqlx::Error>, u64)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, sqlx::Error>>,
-{
-    let mut failed = 0;
-    let mut wait = delay;
-    loop {
-        match write().await {
-            Ok(v) => return (Ok(v), failed),
-            Err(e) if is_transient(&e) && failed + 1 < u64::from(attempts) => {
-                failed += 1;
-                tracing::warn!(error = %e, attempt = failed, "batch failed, retrying");
-                tokio::time::sleep(wait).await;
-                wait *= 2;
-            }
-            Err(e) => return (Err(e), failed),
-        }
-    }
-}
-
 /// The stages of one CSV record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Stage {
@@ -285,9 +257,6 @@ impl StateMachine for Etl {
 /// The streaming part of the job: the staged pipeline (parse/validate → transform → route)
 /// → batches → batched inserts in flight, each in a transaction retried on transient errors,
 /// with stats at each step.
-///
-/// NOTE: batching (`chunks`) and the retry loop (`with_retry`) are stand-ins, to be replaced
-/// by the crate's `batch(500, 100 ms)` and `Backoff` retry once those operators land.
 pub async fn run_pipeline<S>(
     rows: S,
     cols: Columns,
@@ -328,25 +297,31 @@ where
             future::ready(outcome)
         })
         .with_stats(&routed)
-        .chunks(config.batch_max)
+        .batch(config.batch_max, config.batch_wait)
         .in_flight(&limit, |batch| {
             let source = source.as_str();
             let faults = &config.faults;
             async move {
                 let batch: Vec<Outcome> = batch.into_iter().collect::<Result<_, _>>()?;
                 let (rows, rejects) = split(batch);
-                let (written, failed) = with_retry(config.attempts, config.retry_delay, || {
-                    db.write_batch(source, &rows, &rejects, faults)
-                })
-                .await;
-                let written = written.map_err(|e| {
-                    format!(
-                        "a batch of {} rows failed after {} attempts: {e}",
-                        rows.len(),
-                        failed + 1
+                let mut attempts = 0;
+                let written = config
+                    .retry
+                    .retry_if(
+                        || {
+                            attempts += 1;
+                            db.write_batch(source, &rows, &rejects, faults)
+                        },
+                        is_transient,
                     )
-                })?;
-                Ok::<_, BoxError>((rejects.len() as u64, written, failed))
+                    .await
+                    .map_err(|e| {
+                        format!(
+                            "a batch of {} rows failed after {attempts} attempts: {e}",
+                            rows.len()
+                        )
+                    })?;
+                Ok::<_, BoxError>((rejects.len() as u64, written, attempts - 1))
             }
         })
         .with_stats(&written)
