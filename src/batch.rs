@@ -213,7 +213,8 @@ impl<S: Stream, A: Admit<S::Item>> Core<S, A> {
                 Poll::Ready(Some(item)) => {
                     if this.batch.is_empty() {
                         // Items taken in one call arrive at the same instant: one clock read.
-                        this.deadline.set(*now.get_or_insert_with(Instant::now) + *this.wait);
+                        this.deadline
+                            .set(*now.get_or_insert_with(Instant::now) + *this.wait);
                         this.batch.reserve((*this.max).min(PREALLOC));
                     }
                     if this.admit.admit(&item) {

@@ -103,7 +103,8 @@ impl<S: Stream> Stream for Debounce<S> {
             match this.stream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(item)) => {
                     // Items taken in one call arrive at the same instant: one clock read.
-                    this.deadline.set(*now.get_or_insert_with(Instant::now) + *this.quiet);
+                    this.deadline
+                        .set(*now.get_or_insert_with(Instant::now) + *this.quiet);
                     *this.held = Some(item);
                     budget -= 1;
                     if budget == 0 {

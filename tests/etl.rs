@@ -88,7 +88,11 @@ fn is_date(s: &str) -> bool {
         parts[1].parse().unwrap(),
         parts[2].parse().unwrap(),
     );
-    let feb = if y % 400 == 0 || (y % 4 == 0 && y % 100 != 0) { 29 } else { 28 };
+    let feb = if y % 400 == 0 || (y % 4 == 0 && y % 100 != 0) {
+        29
+    } else {
+        28
+    };
     let month_days = [31, feb, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
     if y == 0 || !(1..=12).contains(&m) || d == 0 || d > month_days[m as usize - 1] {
         return false;
@@ -111,8 +115,17 @@ fn is_date(s: &str) -> bool {
 /// The key's timestamp as stored: seconds resolution, `T` and fractions dropped.
 fn normal_time(s: &str) -> String {
     let s = s.replace('T', " ");
-    let s = s.split('.').next().unwrap().trim_end_matches('Z').to_string();
-    if s.len() == 10 { format!("{s} 00:00:00") } else { s }
+    let s = s
+        .split('.')
+        .next()
+        .unwrap()
+        .trim_end_matches('Z')
+        .to_string();
+    if s.len() == 10 {
+        format!("{s} 00:00:00")
+    } else {
+        s
+    }
 }
 
 fn expected(path: &Path) -> Expected {
@@ -204,8 +217,14 @@ fn as_tuples(top: &[TopRow]) -> Vec<(String, String, i64)> {
 /// First load equals the independent computation; a second run adds nothing.
 async fn load_and_reload(url: &str, csv: &Path) {
     let want = expected(csv);
-    assert!(want.loaded > 1000, "the sample should be a few thousand rows");
-    assert!(want.violation_rows > want.loaded, "the sample should hold duplicates");
+    assert!(
+        want.loaded > 1000,
+        "the sample should be a few thousand rows"
+    );
+    assert!(
+        want.violation_rows > want.loaded,
+        "the sample should hold duplicates"
+    );
 
     let config = Config::new(csv, url);
     let first = job::run(&config).await.unwrap();
@@ -328,7 +347,12 @@ async fn sequential_baseline_agrees_with_the_job() {
     let t = job::run_sequential(&csv, &db, 500).await.unwrap();
     assert_eq!(
         (t.read, t.loaded, t.skipped, t.rejected),
-        (want.read, want.loaded, want.skipped, want.rejects.len() as u64)
+        (
+            want.read,
+            want.loaded,
+            want.skipped,
+            want.rejects.len() as u64
+        )
     );
     assert_eq!(as_tuples(&db.top_severe(10).await.unwrap()), want.top);
     db.close().await;
@@ -351,9 +375,11 @@ fn generator_is_deterministic_and_shaped_like_the_real_file() {
     assert!(a.contains("\"\"back door\"\""));
     assert!(a.contains(", Inc.\""));
     // The shipped sample is the generator's output.
-    let sample =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/data/violations-sample.csv"))
-            .unwrap();
+    let sample = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/data/violations-sample.csv"
+    ))
+    .unwrap();
     assert_eq!(sample, gen_bytes(4000, 1));
 }
 
@@ -380,7 +406,11 @@ fn independent_date_check_agrees_on_edge_cases() {
 async fn pg_database(name: &str) -> String {
     let base = std::env::var("STAGEPIPE_TEST_POSTGRES")
         .ok()
-        .or_else(|| std::env::var("DATABASE_URL").ok().filter(|u| u.starts_with("postgres")))
+        .or_else(|| {
+            std::env::var("DATABASE_URL")
+                .ok()
+                .filter(|u| u.starts_with("postgres"))
+        })
         .unwrap_or_else(|| {
             panic!(
                 "the Postgres tests need a PostgreSQL server: run them through \
@@ -404,7 +434,10 @@ async fn pg_database(name: &str) -> String {
         .unwrap();
     admin.close().await;
     let (prefix, _) = base.rsplit_once('/').expect("a database URL has a path");
-    let query = base.split_once('?').map(|(_, q)| format!("?{q}")).unwrap_or_default();
+    let query = base
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
     format!("{prefix}/{db}{query}")
 }
 

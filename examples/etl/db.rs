@@ -96,7 +96,12 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::WorkerCrashed => true,
         sqlx::Error::Database(db) => match db.code().as_deref() {
             // SQLite: BUSY, LOCKED (and their extended codes).
-            Some(c) if c.parse::<u32>().is_ok_and(|n| n & 0xff == 5 || n & 0xff == 6) => true,
+            Some(c)
+                if c.parse::<u32>()
+                    .is_ok_and(|n| n & 0xff == 5 || n & 0xff == 6) =>
+            {
+                true
+            }
             // Postgres: serialization failure, deadlock, admin shutdown, connection exceptions.
             Some("40001" | "40P01" | "57P01" | "57P02" | "57P03") => true,
             Some(c) => c.starts_with("08"),
@@ -279,7 +284,8 @@ impl Db {
             Db::Sqlite(p) => {
                 let mut tx = p.begin().await?;
                 for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                    let mut qb = QueryBuilder::<Sqlite>::new(format!("INSERT INTO violations ({COLUMNS}) "));
+                    let mut qb =
+                        QueryBuilder::<Sqlite>::new(format!("INSERT INTO violations ({COLUMNS}) "));
                     push_rows!(qb, chunk, "");
                     w.inserted += qb.build().execute(&mut *tx).await?.rows_affected();
                 }
@@ -302,8 +308,9 @@ impl Db {
             Db::Postgres(p) => {
                 let mut tx = p.begin().await?;
                 for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                    let mut qb =
-                        QueryBuilder::<Postgres>::new(format!("INSERT INTO violations ({COLUMNS}) "));
+                    let mut qb = QueryBuilder::<Postgres>::new(format!(
+                        "INSERT INTO violations ({COLUMNS}) "
+                    ));
                     push_rows!(qb, chunk, "::timestamp");
                     w.inserted += qb.build().execute(&mut *tx).await?.rows_affected();
                 }
@@ -352,10 +359,12 @@ impl Db {
     pub async fn rejects(&self, source: &str) -> Result<Vec<(i64, String, String)>, sqlx::Error> {
         match self {
             Db::Sqlite(p) => {
-                sqlx::query_as("SELECT line, kind, reason FROM rejects WHERE source = ? ORDER BY line")
-                    .bind(source)
-                    .fetch_all(p)
-                    .await
+                sqlx::query_as(
+                    "SELECT line, kind, reason FROM rejects WHERE source = ? ORDER BY line",
+                )
+                .bind(source)
+                .fetch_all(p)
+                .await
             }
             Db::Postgres(p) => {
                 sqlx::query_as(
@@ -375,8 +384,18 @@ impl Db {
             WHERE viol_level = 3 GROUP BY licenseno, businessname \
             ORDER BY severe DESC, businessname, licenseno LIMIT ";
         let rows: Vec<(String, String, i64)> = match self {
-            Db::Sqlite(p) => sqlx::query_as(&format!("{SQL}?")).bind(n).fetch_all(p).await?,
-            Db::Postgres(p) => sqlx::query_as(&format!("{SQL}$1")).bind(n).fetch_all(p).await?,
+            Db::Sqlite(p) => {
+                sqlx::query_as(&format!("{SQL}?"))
+                    .bind(n)
+                    .fetch_all(p)
+                    .await?
+            }
+            Db::Postgres(p) => {
+                sqlx::query_as(&format!("{SQL}$1"))
+                    .bind(n)
+                    .fetch_all(p)
+                    .await?
+            }
         };
         Ok(rows
             .into_iter()

@@ -73,13 +73,44 @@ impl Rng {
 }
 
 const NAME_A: &[&str] = &[
-    "Golden", "Harbor", "Liberty", "Beacon", "Back Bay", "North End", "Copley", "Fenway", "Emerald",
-    "Union", "Red Line", "Charles", "Old State", "Seaport", "Common", "Bunker Hill", "Dorchester",
-    "Brighton", "Quincy", "Faneuil",
+    "Golden",
+    "Harbor",
+    "Liberty",
+    "Beacon",
+    "Back Bay",
+    "North End",
+    "Copley",
+    "Fenway",
+    "Emerald",
+    "Union",
+    "Red Line",
+    "Charles",
+    "Old State",
+    "Seaport",
+    "Common",
+    "Bunker Hill",
+    "Dorchester",
+    "Brighton",
+    "Quincy",
+    "Faneuil",
 ];
 const NAME_B: &[&str] = &[
-    "Pizza", "Grill", "Diner", "Cafe", "Sushi", "Bakery", "Tavern", "Noodle House", "Deli",
-    "Taqueria", "Oyster Bar", "Market", "Kitchen", "Bistro", "Dumplings", "Subs",
+    "Pizza",
+    "Grill",
+    "Diner",
+    "Cafe",
+    "Sushi",
+    "Bakery",
+    "Tavern",
+    "Noodle House",
+    "Deli",
+    "Taqueria",
+    "Oyster Bar",
+    "Market",
+    "Kitchen",
+    "Bistro",
+    "Dumplings",
+    "Subs",
 ];
 const SUFFIX: &[&str] = &["", "", "", " Inc.", " LLC", ", Inc.", " & Co."];
 const LAST: &[&str] = &[
@@ -89,8 +120,16 @@ const FIRST: &[&str] = &[
     "Maria", "John", "Linh", "Patrick", "Ana", "Wei", "Jose", "Sean", "Priya", "Giulia",
 ];
 const STREET: &[&str] = &[
-    "Washington St", "Tremont St", "Boylston St", "Hanover St", "Massachusetts Ave",
-    "Commonwealth Ave", "Cambridge St", "Dorchester Ave", "Blue Hill Ave", "Centre St",
+    "Washington St",
+    "Tremont St",
+    "Boylston St",
+    "Hanover St",
+    "Massachusetts Ave",
+    "Commonwealth Ave",
+    "Cambridge St",
+    "Dorchester Ave",
+    "Blue Hill Ave",
+    "Centre St",
 ];
 const CITY_ZIP: &[(&str, &str)] = &[
     ("Boston", "02108"),
@@ -119,11 +158,19 @@ const VIOLATIONS: &[(&str, &str, &str)] = &[
     ("13-2-103.11", "**", "PIC Knowledge"),
     ("18-3-304.14", "**", "Wiping Cloths, Clean, Sanitized"),
     ("21-3-501.16", "**", "Proper Cold Holding Temperatures"),
-    ("22-3-302.11", "**", "Separation, Segregation, Cross Contamination"),
+    (
+        "22-3-302.11",
+        "**",
+        "Separation, Segregation, Cross Contamination",
+    ),
     ("26-2-301.12", "***", "Hand Washing: Cleaning Procedure"),
     ("30-3-101.11", "***", "Food from Approved Source"),
     ("31-3-501.14", "***", "Cooling Food: Proper Cooling Methods"),
-    ("36-4-602.11", "***", "Food Contact Surfaces Clean & Sanitized"),
+    (
+        "36-4-602.11",
+        "***",
+        "Food Contact Surfaces Clean & Sanitized",
+    ),
 ];
 const COMMENTS: &[&str] = &[
     "",
@@ -177,7 +224,11 @@ fn businesses(rng: &mut Rng, n: usize) -> Vec<Business> {
             let lon = -71.19 + rng.below(20_000) as f64 / 100_000.0;
             Business {
                 // Names repeat across licences (chains, common names), as in the real file.
-                dba: if rng.chance(3) { name.clone() } else { String::new() },
+                dba: if rng.chance(3) {
+                    name.clone()
+                } else {
+                    String::new()
+                },
                 owner: format!("{} {} Holdings, LLC", first, last),
                 name,
                 last,
@@ -330,10 +381,20 @@ pub fn generate<W: Write>(config: &GenConfig, out: W) -> io::Result<()> {
 }
 
 fn corrupt(rng: &mut Rng, rec: &mut Vec<String>, kind: Malformed, failed: bool) {
-    let col = |name: &str| HEADER.iter().position(|h| *h == name).expect("known column");
+    let col = |name: &str| {
+        HEADER
+            .iter()
+            .position(|h| *h == name)
+            .expect("known column")
+    };
     match kind {
         Malformed::BadDate => {
-            let bad = ["2015-13-45 25:61:00", "last tuesday", "2019-02-30 10:00:00", "20190304"];
+            let bad = [
+                "2015-13-45 25:61:00",
+                "last tuesday",
+                "2019-02-30 10:00:00",
+                "20190304",
+            ];
             let field = if failed { "violdttm" } else { "resultdttm" };
             rec[col(field)] = rng.pick(&bad).to_string();
         }

@@ -12,7 +12,8 @@ use stagepipe::prelude::*;
 
 use crate::db::{Db, Faults, TopRow, Written, is_transient};
 use crate::model::{
-    Checked, Columns, Inspection, Outcome, RawRow, Reject, Routed, process, route, transform, validate,
+    Checked, Columns, Inspection, Outcome, RawRow, Reject, Routed, process, route, transform,
+    validate,
 };
 
 /// Errors that stop the job (malformed rows never do: they are rejected and counted).
@@ -139,7 +140,13 @@ pub async fn load(db: &Db, config: &Config) -> Result<(Totals, String), BoxError
 pub fn read_csv(
     path: &Path,
     progress: Arc<Progress>,
-) -> Result<(Columns, impl Stream<Item = Result<RawRow, csv::Error>> + Send + 'static), BoxError> {
+) -> Result<
+    (
+        Columns,
+        impl Stream<Item = Result<RawRow, csv::Error>> + Send + 'static,
+    ),
+    BoxError,
+> {
     let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
     progress
         .total_bytes
@@ -377,7 +384,10 @@ pub async fn run_sequential(input: &Path, db: &Db, batch_max: usize) -> Result<T
         if more {
             totals.read += 1;
             let row = RawRow {
-                line: record.position().expect("a read record has a position").line(),
+                line: record
+                    .position()
+                    .expect("a read record has a position")
+                    .line(),
                 record: csv::StringRecord::from_byte_record_lossy(record.clone()),
             };
             match process(row, &cols) {

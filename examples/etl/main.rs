@@ -172,7 +172,12 @@ fn print_report(r: &Report) {
         t.retries
     );
     println!("\nwhere not to eat: the 10 businesses with the most severe (***) violations");
-    let width = r.top.iter().map(|t| t.businessname.len()).max().unwrap_or(8);
+    let width = r
+        .top
+        .iter()
+        .map(|t| t.businessname.len())
+        .max()
+        .unwrap_or(8);
     for (i, row) in r.top.iter().enumerate() {
         println!(
             "{:>2}. {:<width$}  licence {:<8} {:>5}",
@@ -230,6 +235,15 @@ fn progress(p: Arc<Progress>, quiet: bool) -> Option<impl Drop> {
 
 /// Without the `progress` feature: no bar.
 #[cfg(not(feature = "progress"))]
-fn progress(_: Arc<Progress>, _: bool) -> Option<()> {
+fn progress(_: Arc<Progress>, _: bool) -> Option<NoBar> {
     None
+}
+
+/// The guard of the absent progress bar.
+#[cfg(not(feature = "progress"))]
+struct NoBar;
+
+#[cfg(not(feature = "progress"))]
+impl Drop for NoBar {
+    fn drop(&mut self) {}
 }

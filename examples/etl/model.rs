@@ -94,7 +94,11 @@ impl Columns {
         for (i, name) in HEADER.iter().enumerate() {
             at[i] = header
                 .iter()
-                .position(|h| h.trim().trim_start_matches('\u{feff}').eq_ignore_ascii_case(name))
+                .position(|h| {
+                    h.trim()
+                        .trim_start_matches('\u{feff}')
+                        .eq_ignore_ascii_case(name)
+                })
                 .ok_or_else(|| format!("the header has no column `{name}`"))?;
         }
         Ok(Columns {
@@ -148,7 +152,13 @@ pub struct Reject {
 
 impl fmt::Display for Reject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "line {}: {}: {}", self.line, self.kind.as_str(), self.reason)
+        write!(
+            f,
+            "line {}: {}: {}",
+            self.line,
+            self.kind.as_str(),
+            self.reason
+        )
     }
 }
 
@@ -198,8 +208,7 @@ impl Timestamp {
         let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
         let (mut hour, mut minute, mut second) = (0, 0, 0);
         if b.len() > 10 {
-            if !(b[10] == b' ' || b[10] == b'T') || b.len() < 19 || b[13] != b':' || b[16] != b':'
-            {
+            if !(b[10] == b' ' || b[10] == b'T') || b.len() < 19 || b[13] != b':' || b[16] != b':' {
                 return None;
             }
             (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
@@ -399,6 +408,8 @@ pub fn transform(c: Checked, cols: &Columns) -> Inspection {
 }
 
 /// Where a row goes after [`route`].
+// Most rows are `Load`: boxing it would only add an allocation per row.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Routed {
     /// A violation row, to load.
@@ -417,6 +428,8 @@ pub fn route(row: Inspection) -> Routed {
 }
 
 /// What one CSV record becomes: a row to load, a skipped row, or a reject.
+// Most rows are `Load`: boxing it would only add an allocation per row.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Outcome {
     /// A violation row, to load.
@@ -483,7 +496,10 @@ mod tests {
     fn timestamps() {
         let t = Timestamp::parse("2016-02-29 23:59:59").unwrap();
         assert_eq!(t.to_string(), "2016-02-29 23:59:59");
-        assert_eq!(Timestamp::parse("2016-02-29").unwrap().to_string(), "2016-02-29 00:00:00");
+        assert_eq!(
+            Timestamp::parse("2016-02-29").unwrap().to_string(),
+            "2016-02-29 00:00:00"
+        );
         assert!(Timestamp::parse("2016-02-29T01:02:03.123Z").is_some());
         for bad in [
             "2015-02-29 00:00:00",
@@ -526,7 +542,12 @@ mod tests {
         let mut short = good();
         short.pop();
         assert_eq!(kind(run(short)), RejectKind::ColumnCount);
-        for c in [Col::BusinessName, Col::LicenseNo, Col::ViolDttm, Col::ViolLevel] {
+        for c in [
+            Col::BusinessName,
+            Col::LicenseNo,
+            Col::ViolDttm,
+            Col::ViolLevel,
+        ] {
             let mut r = good();
             r[c as usize] = "  ".into();
             assert_eq!(kind(run(r)), RejectKind::MissingField, "{c:?}");
@@ -546,6 +567,10 @@ mod tests {
         let cols = Columns::from_header(&StringRecord::from(names)).unwrap();
         assert_eq!(cols.at[0], 25);
         let missing = StringRecord::from(vec!["businessname"]);
-        assert!(Columns::from_header(&missing).unwrap_err().contains("dbaname"));
+        assert!(
+            Columns::from_header(&missing)
+                .unwrap_err()
+                .contains("dbaname")
+        );
     }
 }
