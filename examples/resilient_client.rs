@@ -1,10 +1,13 @@
 //! A resilient client: fetch pages from a flaky API and store them in a flaky database.
 //!
 //! * `rate_limit` paces the requests to the API (one shared quota for the whole client);
-//! * `retry` retries transient fetch errors with exponential backoff and gives the request id
-//!   back when it gives up (or at once on a permanent error, with `retry_if`);
+//! * `in_flight` makes up to 8 first attempts at once;
+//! * `retry_if` retries the transient failures one at a time with exponential backoff, pausing
+//!   the stream meanwhile, and gives the request id back when it gives up (or at once on a
+//!   permanent error);
 //! * `circuit_breaker` protects the database: after 3 failed writes in a row it stops writing
-//!   for a while, hands the pages back, and lets one trial write through later.
+//!   for a while, hands the pages back, and lets one trial write through later;
+//! * `with_stats` counts what came out and where the time went.
 //!
 //! Run with `cargo run --example resilient_client`.
 
@@ -55,11 +58,11 @@ impl Api {
     }
 }
 
-/// The flaky database: down for writes 6 to 10, then back.
+/// The flaky database: down for writes 6 to 9, then back.
 async fn store(writes: &AtomicU32, page: &Page) -> Result<(), String> {
     sleep(Duration::from_millis(1)).await;
     let n = writes.fetch_add(1, Ordering::SeqCst);
-    if (6..=10).contains(&n) {
+    if (6..=9).contains(&n) {
         Err(format!("database down (write {n})"))
     } else {
         let _ = &page.body;
@@ -77,20 +80,30 @@ async fn main() {
     // Shared handles: every stream of this client would draw on the same quota and breaker.
     let limiter = RateLimiter::per_second(200).burst(5);
     let backoff = Backoff::exponential(Duration::from_millis(5)).max_attempts(4);
-    let breaker = CircuitBreaker::new(3, Duration::from_millis(30));
+    let breaker = CircuitBreaker::new(3, Duration::from_millis(20));
 
     let start = Instant::now();
+    let stats = Stats::new("client");
     let results: Vec<_> = stream::iter(1..=30u32)
         .rate_limit(&limiter)
-        // TODO(in_flight): run the fetches concurrently here, e.g.
-        // `.in_flight(8, ...)` between `rate_limit` and `retry` once `in_flight` is available.
+        // First attempts, up to 8 at once; a failure carries its id on to the retry step.
+        .in_flight(8, |id| {
+            let api = api.clone();
+            async move { api.fetch(id).await.map_err(|e| (id, e)) }
+        })
+        // Transient failures are fetched again, one at a time, with backoff.
         .retry_if(
             backoff,
             {
                 let api = api.clone();
-                move |id| {
+                move |first: Result<Page, (u32, FetchError)>| {
                     let api = api.clone();
-                    async move { api.fetch(id).await }
+                    async move {
+                        match first {
+                            Ok(page) => Ok(page),
+                            Err((id, _)) => api.fetch(id).await,
+                        }
+                    }
                 }
             },
             |e: &FetchError| *e == FetchError::Unavailable,
@@ -109,7 +122,7 @@ async fn main() {
                 }
             }
         })
-        // TODO(with_stats): `.with_stats(&stats)` goes here, and print `stats.snapshot()` below.
+        .with_stats(&stats)
         .collect()
         .await;
 
@@ -120,7 +133,7 @@ async fn main() {
             Ok(Err(gave_up)) => {
                 not_fetched += 1;
                 println!(
-                    "request {} not fetched: {:?} after {} attempt(s)",
+                    "request {:?} not fetched: {:?} after {} more attempt(s)",
                     gave_up.item, gave_up.error, gave_up.attempts
                 );
             }
@@ -133,7 +146,10 @@ async fn main() {
                 match fetched {
                     Ok(page) => println!("page {} not written: breaker open", page.id),
                     Err(gave_up) => {
-                        println!("request {} not fetched: {:?}", gave_up.item, gave_up.error)
+                        println!(
+                            "request {:?} not fetched: {:?}",
+                            gave_up.item, gave_up.error
+                        )
                     }
                 }
             }
@@ -146,4 +162,5 @@ async fn main() {
         start.elapsed(),
         breaker.state(),
     );
+    println!("{}", stats.snapshot());
 }

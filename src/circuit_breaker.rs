@@ -245,31 +245,6 @@ impl Shared {
     }
 }
 
-/// A permit held while a call runs; dropped without an outcome, it is abandoned.
-struct Guard<'a> {
-    shared: &'a Shared,
-    permit: Option<Permit>,
-}
-
-impl Guard<'_> {
-    fn finish<U, E>(mut self, result: &Result<U, E>) {
-        if let Some(permit) = self.permit.take() {
-            match result {
-                Ok(_) => self.shared.succeeded(permit),
-                Err(_) => self.shared.failed(permit),
-            }
-        }
-    }
-}
-
-impl Drop for Guard<'_> {
-    fn drop(&mut self) {
-        if let Some(permit) = self.permit.take() {
-            self.shared.abandoned(permit);
-        }
-    }
-}
-
 impl CircuitBreaker {
     /// A closed breaker that opens after `failure_threshold` consecutive failures and stays open
     /// for `open_for` before letting a trial call through.
@@ -354,20 +329,64 @@ impl CircuitBreaker {
     /// assert_eq!(r, Ok(7));
     /// # }
     /// ```
-    pub async fn call<Fut, U, E>(&self, fut: Fut) -> Result<U, BreakerError<(), E>>
+    pub fn call<Fut, U, E>(&self, fut: Fut) -> impl Future<Output = Result<U, BreakerError<(), E>>>
     where
         Fut: Future<Output = Result<U, E>>,
     {
-        let Some(permit) = self.shared.acquire() else {
-            return Err(BreakerError::Open(()));
-        };
-        let guard = Guard {
+        Call {
             shared: &self.shared,
-            permit: Some(permit),
-        };
-        let result = fut.await;
-        guard.finish(&result);
-        result.map_err(BreakerError::Failed)
+            fut,
+            permit: None,
+            started: false,
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`CircuitBreaker::call`]: asks for a permit on its first poll, then runs
+    /// the call and records its outcome (a hand-written future, so the call is not moved again).
+    struct Call<'a, Fut> {
+        shared: &'a Shared,
+        #[pin]
+        fut: Fut,
+        permit: Option<Permit>,
+        started: bool,
+    }
+
+    impl<'a, Fut> PinnedDrop for Call<'a, Fut> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(permit) = this.permit.take() {
+                this.shared.abandoned(permit);
+            }
+        }
+    }
+}
+
+impl<Fut, U, E> Future for Call<'_, Fut>
+where
+    Fut: Future<Output = Result<U, E>>,
+{
+    type Output = Result<U, BreakerError<(), E>>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if !*this.started {
+            *this.started = true;
+            match this.shared.acquire() {
+                Some(permit) => *this.permit = Some(permit),
+                None => return Poll::Ready(Err(BreakerError::Open(()))),
+            }
+        }
+        let result = ready!(this.fut.poll(cx));
+        if let Some(permit) = this.permit.take() {
+            match &result {
+                Ok(_) => this.shared.succeeded(permit),
+                Err(_) => this.shared.failed(permit),
+            }
+        }
+        Poll::Ready(result.map_err(BreakerError::Failed))
     }
 }
 

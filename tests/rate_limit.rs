@@ -370,3 +370,92 @@ fn handles_are_shared_and_thread_safe() {
     assert_eq!(format!("{clone:?}"), format!("{limiter:?}"));
     assert!(format!("{limiter:?}").contains("burst: 2"));
 }
+
+mod never_above_the_quota {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// However late the consumer polls (timer lateness, a busy consumer), item `i` is never
+        /// released before the quota allows since the first release: `(i + 1 - burst)` intervals.
+        #[test]
+        fn whatever_the_polling_delays(
+            burst in 1u32..5,
+            delays in proptest::collection::vec(0u64..35, 40),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            let released = rt.block_on(async {
+                let limiter = RateLimiter::per(ms(10)).burst(burst);
+                let mut s = task::spawn(stream::iter(0..delays.len()).rate_limit(&limiter));
+                let start = Instant::now();
+                let mut released = Vec::new();
+                for delay in &delays {
+                    advance(ms(*delay)).await;
+                    loop {
+                        match s.poll_next() {
+                            std::task::Poll::Ready(Some(_)) => {
+                                released.push(start.elapsed());
+                                break;
+                            }
+                            std::task::Poll::Ready(None) => unreachable!(),
+                            std::task::Poll::Pending => advance(ms(1)).await,
+                        }
+                    }
+                }
+                released
+            });
+            let first = released[0];
+            for (i, at) in released.iter().enumerate() {
+                let allowed = (i as u64 + 1).saturating_sub(u64::from(burst));
+                prop_assert!(*at - first >= ms(10 * allowed), "item {i} at {at:?}, first {first:?}");
+            }
+        }
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn rates_above_the_timer_resolution_are_kept_exactly() {
+    // 10 000 cells per second with burst 1, and a consumer that is only woken once per
+    // millisecond (as by a timer of 1 ms resolution): every wake-up releases the 10 cells that
+    // became due, so 100 ms pass 1 + 1 000 cells, exactly the quota.
+    let limiter = RateLimiter::per(Duration::from_micros(100));
+    let mut s = task::spawn(stream::iter(0..5_000).rate_limit(&limiter));
+    let mut released = 0;
+    for tick in 0..=100 {
+        if tick > 0 {
+            advance(ms(1)).await;
+        }
+        while let std::task::Poll::Ready(Some(_)) = s.poll_next() {
+            released += 1;
+        }
+    }
+    assert_eq!(released, 1_001);
+}
+
+#[tokio::test(start_paused = true)]
+async fn direct_callers_keep_rates_above_the_timer_resolution_too() {
+    let limiter = RateLimiter::per(Duration::from_micros(100));
+    let count = Arc::new(Mutex::new(0u32));
+    let mut caller = task::spawn({
+        let count = count.clone();
+        async move {
+            loop {
+                limiter.until_ready().await;
+                *count.lock().unwrap() += 1;
+            }
+        }
+    });
+    for tick in 0..=100 {
+        if tick > 0 {
+            advance(ms(1)).await;
+        }
+        assert_pending!(caller.poll());
+    }
+    assert_eq!(*count.lock().unwrap(), 1_001);
+}
