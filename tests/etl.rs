@@ -1,0 +1,470 @@
+//! The ETL example end to end, into SQLite and into Postgres.
+//!
+//! Each load is checked against an independent, straightforward computation over the same CSV
+//! (written here, not the job's own functions). The Postgres tests need a server: run them
+//! through `scripts/with-postgres`, which starts a throwaway one and sets
+//! `STAGEPIPE_TEST_POSTGRES`; without it they fail and say so.
+
+#[path = "../examples/etl/db.rs"]
+#[allow(dead_code)]
+mod db;
+#[path = "../examples/etl/generator.rs"]
+#[allow(dead_code)]
+mod generator;
+#[path = "../examples/etl/job.rs"]
+#[allow(dead_code)]
+mod job;
+#[path = "../examples/etl/model.rs"]
+#[allow(dead_code)]
+mod model;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use db::{Db, Faults, TopRow};
+use job::Config;
+use stagepipe::Backoff;
+
+/// A scratch directory for one test, removed when dropped.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("stagepipe-etl-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    fn csv(&self, rows: usize, seed: u64) -> PathBuf {
+        let path = self.0.join(format!("violations-{rows}-{seed}.csv"));
+        let file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        generator::generate(&generator::GenConfig::new(rows, seed), file).unwrap();
+        path
+    }
+
+    fn sqlite_url(&self) -> String {
+        format!("sqlite://{}", self.0.join("etl.sqlite").display())
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The independent computation: read the CSV with the csv crate and apply the rules directly.
+
+#[derive(Debug, Default)]
+struct Expected {
+    read: u64,
+    skipped: u64,
+    /// Violation rows in the file (duplicates included).
+    violation_rows: u64,
+    /// Distinct natural keys among violation rows: what lands in the table.
+    loaded: u64,
+    /// (line, kind) of every malformed row.
+    rejects: Vec<(i64, String)>,
+    top: Vec<(String, String, i64)>,
+}
+
+fn is_date(s: &str) -> bool {
+    // YYYY-MM-DD, optionally followed by ' ' or 'T' and HH:MM:SS[.digits], optionally 'Z'.
+    let s = s.strip_suffix('Z').unwrap_or(s);
+    let (date, time) = match s.split_once([' ', 'T']) {
+        Some((d, t)) => (d, Some(t)),
+        None => (s, None),
+    };
+    let parts: Vec<&str> = date.split('-').collect();
+    let digits = |p: &str, n: usize| p.len() == n && p.bytes().all(|b| b.is_ascii_digit());
+    if parts.len() != 3 || !digits(parts[0], 4) || !digits(parts[1], 2) || !digits(parts[2], 2) {
+        return false;
+    }
+    let (y, m, d): (u32, u32, u32) = (
+        parts[0].parse().unwrap(),
+        parts[1].parse().unwrap(),
+        parts[2].parse().unwrap(),
+    );
+    let feb = if y % 400 == 0 || (y % 4 == 0 && y % 100 != 0) {
+        29
+    } else {
+        28
+    };
+    let month_days = [31, feb, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
+    if y == 0 || !(1..=12).contains(&m) || d == 0 || d > month_days[m as usize - 1] {
+        return false;
+    }
+    match time {
+        None => true,
+        Some(t) => {
+            let (hms, frac) = t.split_once('.').unwrap_or((t, "0"));
+            let p: Vec<&str> = hms.split(':').collect();
+            p.len() == 3
+                && p.iter().all(|x| digits(x, 2))
+                && p[0].parse::<u32>().unwrap() < 24
+                && p[1].parse::<u32>().unwrap() < 60
+                && p[2].parse::<u32>().unwrap() < 60
+                && frac.bytes().all(|b| b.is_ascii_digit())
+        }
+    }
+}
+
+/// The key's timestamp as stored: seconds resolution, `T` and fractions dropped.
+fn normal_time(s: &str) -> String {
+    let s = s.replace('T', " ");
+    let s = s
+        .split('.')
+        .next()
+        .unwrap()
+        .trim_end_matches('Z')
+        .to_string();
+    if s.len() == 10 {
+        format!("{s} 00:00:00")
+    } else {
+        s
+    }
+}
+
+fn expected(path: &Path) -> Expected {
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_path(path)
+        .unwrap();
+    let header: Vec<String> = reader.headers().unwrap().iter().map(String::from).collect();
+    let mut e = Expected::default();
+    // key -> (businessname, level)
+    let mut table: HashMap<(String, String, String), (String, i64)> = HashMap::new();
+    for rec in reader.records() {
+        let rec = rec.unwrap();
+        e.read += 1;
+        let line = rec.position().unwrap().line() as i64;
+        if rec.len() != header.len() {
+            e.rejects.push((line, "column_count".into()));
+            continue;
+        }
+        let f: HashMap<&str, &str> = header
+            .iter()
+            .map(String::as_str)
+            .zip(rec.iter().map(str::trim))
+            .collect();
+        let violation = f["violation"];
+        let mut required = vec!["businessname", "licenseno"];
+        if !violation.is_empty() {
+            required.extend(["viol_level", "violdttm"]);
+        }
+        if required.iter().any(|c| f[c].is_empty()) {
+            e.rejects.push((line, "missing_field".into()));
+            continue;
+        }
+        let dates = ["issdttm", "expdttm", "resultdttm", "violdttm", "statusdate"];
+        if dates.iter().any(|c| !f[c].is_empty() && !is_date(f[c])) {
+            e.rejects.push((line, "bad_date".into()));
+            continue;
+        }
+        let level = match f["viol_level"] {
+            "" => 0,
+            "*" => 1,
+            "**" => 2,
+            "***" => 3,
+            _ => {
+                e.rejects.push((line, "unknown_level".into()));
+                continue;
+            }
+        };
+        if violation.is_empty() {
+            e.skipped += 1;
+            continue;
+        }
+        e.violation_rows += 1;
+        let key = (
+            f["licenseno"].to_string(),
+            normal_time(f["violdttm"]),
+            violation.to_string(),
+        );
+        table
+            .entry(key)
+            .or_insert((f["businessname"].to_string(), level));
+    }
+    e.loaded = table.len() as u64;
+    let mut severe: BTreeMap<(String, String), i64> = BTreeMap::new();
+    for ((licence, _, _), (name, level)) in &table {
+        if *level == 3 {
+            *severe.entry((licence.clone(), name.clone())).or_default() += 1;
+        }
+    }
+    let mut top: Vec<(String, String, i64)> = severe
+        .into_iter()
+        .map(|((licence, name), n)| (name, licence, n))
+        .collect();
+    top.sort_by(|a, b| b.2.cmp(&a.2).then(a.0.cmp(&b.0)).then(a.1.cmp(&b.1)));
+    top.truncate(10);
+    e.top = top;
+    e
+}
+
+fn as_tuples(top: &[TopRow]) -> Vec<(String, String, i64)> {
+    top.iter()
+        .map(|t| (t.businessname.clone(), t.licenseno.clone(), t.severe))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The scenarios, shared by both databases.
+
+/// First load equals the independent computation; a second run adds nothing.
+async fn load_and_reload(url: &str, csv: &Path) {
+    let want = expected(csv);
+    assert!(
+        want.loaded > 1000,
+        "the sample should be a few thousand rows"
+    );
+    assert!(
+        want.violation_rows > want.loaded,
+        "the sample should hold duplicates"
+    );
+
+    let config = Config::new(csv, url);
+    let first = job::run(&config).await.unwrap();
+    let t = first.totals;
+    assert_eq!(t.read, want.read);
+    assert_eq!(t.loaded, want.loaded);
+    assert_eq!(t.duplicates, want.violation_rows - want.loaded);
+    assert_eq!(t.skipped, want.skipped);
+    assert_eq!(t.rejected, want.rejects.len() as u64);
+    assert_eq!(t.retries, 0);
+    assert_eq!(as_tuples(&first.top), want.top);
+    assert_eq!(first.top.len(), 10);
+
+    let db = Db::connect(url, 1).await.unwrap();
+    assert_eq!(db.count_violations().await.unwrap(), want.loaded as i64);
+    assert_eq!(db.count_rejects().await.unwrap(), want.rejects.len() as i64);
+
+    let second = job::run(&config).await.unwrap();
+    assert_eq!(second.totals.loaded, 0, "a second run adds no rows");
+    assert_eq!(second.totals.duplicates, want.violation_rows);
+    assert_eq!(second.totals.rejected, want.rejects.len() as u64);
+    assert_eq!(as_tuples(&second.top), want.top);
+    assert_eq!(db.count_violations().await.unwrap(), want.loaded as i64);
+    assert_eq!(db.count_rejects().await.unwrap(), want.rejects.len() as i64);
+    db.close().await;
+}
+
+/// Every malformed row lands in `rejects`, at its line, with the right kind and a reason.
+async fn rejects_every_kind(url: &str, csv: &Path) {
+    let want = expected(csv);
+    job::run(&Config::new(csv, url)).await.unwrap();
+    let db = Db::connect(url, 1).await.unwrap();
+    let got = db.rejects(&job::source_name(csv)).await.unwrap();
+    let got_kinds: Vec<(i64, String)> = got.iter().map(|(l, k, _)| (*l, k.clone())).collect();
+    assert_eq!(got_kinds, want.rejects);
+    let kinds: HashSet<&str> = got.iter().map(|(_, k, _)| k.as_str()).collect();
+    assert_eq!(
+        kinds,
+        HashSet::from(["column_count", "missing_field", "bad_date", "unknown_level"])
+    );
+    for (line, kind, reason) in &got {
+        let ok = match kind.as_str() {
+            "column_count" => reason.contains("fields, expected 26"),
+            "missing_field" => reason.ends_with("is empty"),
+            "bad_date" => reason.contains("is not a date"),
+            "unknown_level" => reason.contains("is not *, ** or ***"),
+            _ => false,
+        };
+        assert!(ok, "line {line}: {kind}: {reason}");
+    }
+    db.close().await;
+}
+
+/// A batch whose transaction fails mid-way is retried: nothing lost, nothing doubled.
+async fn fault_is_retried(url: &str, csv: &Path) {
+    let want = expected(csv);
+    let mut config = Config::new(csv, url);
+    config.batch_max = 200; // several batches, so the fault hits one in the middle
+    config.faults = Faults::fail_call(3);
+    let report = job::run(&config).await.unwrap();
+    let t = report.totals;
+    assert_eq!(t.retries, 1, "the injected fault was retried once");
+    assert_eq!(config.faults.calls(), t.batches + 1);
+    assert!(t.batches > 3);
+    assert_eq!(t.loaded, want.loaded);
+    assert_eq!(t.duplicates, want.violation_rows - want.loaded);
+    assert_eq!(t.rejected, want.rejects.len() as u64);
+    assert_eq!(as_tuples(&report.top), want.top);
+    let db = Db::connect(url, 1).await.unwrap();
+    assert_eq!(db.count_violations().await.unwrap(), want.loaded as i64);
+    assert_eq!(db.count_rejects().await.unwrap(), want.rejects.len() as i64);
+    db.close().await;
+}
+
+/// A fault that does not go away fails the job with a clear error after the attempts.
+async fn persistent_fault_is_reported(url: &str, csv: &Path) {
+    let mut config = Config::new(csv, url);
+    config.retry = Backoff::fixed(Duration::from_millis(1)).max_attempts(1);
+    config.faults = Faults::fail_call(1);
+    let err = job::run(&config).await.unwrap_err().to_string();
+    assert!(err.contains("failed after 1 attempts"), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// SQLite (embedded: always runs).
+
+const ROWS: usize = 3000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_load_matches_independent_count_and_rerun_adds_nothing() {
+    let s = Scratch::new("sqlite-load");
+    load_and_reload(&s.sqlite_url(), &s.csv(ROWS, 11)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_rejects_every_malformed_kind_with_reason() {
+    let s = Scratch::new("sqlite-rejects");
+    rejects_every_kind(&s.sqlite_url(), &s.csv(ROWS, 12)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_injected_fault_is_retried_without_loss_or_doubling() {
+    let s = Scratch::new("sqlite-fault");
+    fault_is_retried(&s.sqlite_url(), &s.csv(ROWS, 13)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_persistent_fault_is_reported() {
+    let s = Scratch::new("sqlite-fault-reported");
+    persistent_fault_is_reported(&s.sqlite_url(), &s.csv(600, 14)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_baseline_agrees_with_the_job() {
+    let s = Scratch::new("sequential");
+    let csv = s.csv(ROWS, 15);
+    let want = expected(&csv);
+    let db = Db::connect(&s.sqlite_url(), 1).await.unwrap();
+    db.ensure_schema().await.unwrap();
+    let t = job::run_sequential(&csv, &db, 500).await.unwrap();
+    assert_eq!(
+        (t.read, t.loaded, t.skipped, t.rejected),
+        (
+            want.read,
+            want.loaded,
+            want.skipped,
+            want.rejects.len() as u64
+        )
+    );
+    assert_eq!(as_tuples(&db.top_severe(10).await.unwrap()), want.top);
+    db.close().await;
+}
+
+#[test]
+fn generator_is_deterministic_and_shaped_like_the_real_file() {
+    let gen_bytes = |rows, seed| {
+        let mut out = Vec::new();
+        generator::generate(&generator::GenConfig::new(rows, seed), &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    };
+    let a = gen_bytes(2000, 3);
+    assert_eq!(a, gen_bytes(2000, 3));
+    assert_ne!(a, gen_bytes(2000, 4));
+    assert!(a.starts_with(&(model::HEADER.join(",") + "\n")));
+    assert!(a.contains(",***,") && a.contains(",**,") && a.contains(",*,"));
+    // Quoted fields holding commas, quotes and newlines.
+    assert!(a.contains("\"Raw chicken stored above ready-to-eat produce.\nRe-organize"));
+    assert!(a.contains("\"\"back door\"\""));
+    assert!(a.contains(", Inc.\""));
+    // The shipped sample is the generator's output.
+    let sample = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/data/violations-sample.csv"
+    ))
+    .unwrap();
+    assert_eq!(sample, gen_bytes(4000, 1));
+}
+
+#[test]
+fn independent_date_check_agrees_on_edge_cases() {
+    for (s, ok) in [
+        ("2016-02-29 10:00:00", true),
+        ("2015-02-29 10:00:00", false),
+        ("2019-02-30 10:00:00", false),
+        ("2015-13-45 25:61:00", false),
+        ("20190304", false),
+        ("last tuesday", false),
+        ("2015-01-01T10:00:00.123", true),
+    ] {
+        assert_eq!(is_date(s), ok, "{s}");
+        assert_eq!(model::Timestamp::parse(s).is_some(), ok, "{s}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Postgres (a real server: run through scripts/with-postgres).
+
+/// A fresh database on the test server for one test.
+async fn pg_database(name: &str) -> String {
+    let base = std::env::var("STAGEPIPE_TEST_POSTGRES")
+        .ok()
+        .or_else(|| {
+            std::env::var("DATABASE_URL")
+                .ok()
+                .filter(|u| u.starts_with("postgres"))
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "the Postgres tests need a PostgreSQL server: run them through \
+                 `scripts/with-postgres cargo test --test etl` (it starts a throwaway local \
+                 server), or set STAGEPIPE_TEST_POSTGRES=postgres://user@host:port/db"
+            )
+        });
+    let admin = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&base)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to the test server {base}: {e}"));
+    let db = format!("etl_test_{name}");
+    sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let (prefix, _) = base.rsplit_once('/').expect("a database URL has a path");
+    let query = base
+        .split_once('?')
+        .map(|(_, q)| format!("?{q}"))
+        .unwrap_or_default();
+    format!("{prefix}/{db}{query}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_load_matches_independent_count_and_rerun_adds_nothing() {
+    let url = pg_database("load").await;
+    let s = Scratch::new("pg-load");
+    load_and_reload(&url, &s.csv(ROWS, 21)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_rejects_every_malformed_kind_with_reason() {
+    let url = pg_database("rejects").await;
+    let s = Scratch::new("pg-rejects");
+    rejects_every_kind(&url, &s.csv(ROWS, 22)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_dropped_connection_is_retried_without_loss_or_doubling() {
+    let url = pg_database("fault").await;
+    let s = Scratch::new("pg-fault");
+    fault_is_retried(&url, &s.csv(ROWS, 23)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_persistent_fault_is_reported() {
+    let url = pg_database("fault_reported").await;
+    let s = Scratch::new("pg-fault-reported");
+    persistent_fault_is_reported(&url, &s.csv(600, 24)).await;
+}
