@@ -77,6 +77,34 @@ impl InFlightLimit {
         self.limit
     }
 
+    /// Runs `fut` while holding one unit of this limit, waiting for a free unit first: the same
+    /// budget as the [`in_flight`](crate::PipelineExt::in_flight) operator, for a direct caller
+    /// (inside a stage of a staged pipeline, say). Waiting callers are served first come, first
+    /// served.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the returned future before it completes gives the unit back (or leaves the
+    /// queue) at once.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use stagepipe::InFlightLimit;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let db = InFlightLimit::new(2);
+    /// let rows = db.run(async { 42 }).await;
+    /// assert_eq!(rows, 42);
+    /// assert_eq!(db.in_use(), 0);
+    /// # }
+    /// ```
+    pub async fn run<F: Future>(&self, fut: F) -> F::Output {
+        let _permit = self.semaphore.acquire().await.expect("the semaphore is never closed");
+        fut.await
+    }
+
     /// How many operations are running now, across every stream sharing this limit.
     pub fn in_use(&self) -> usize {
         self.limit - self.semaphore.available_permits()

@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -67,6 +68,8 @@ struct Handle {
 
 pub(crate) struct Shared {
     workers: usize,
+    /// Workers running jobs now.
+    busy: AtomicUsize,
     state: Mutex<State>,
 }
 
@@ -111,6 +114,7 @@ impl WorkerPool {
         };
         let shared = Arc::new(Shared {
             workers,
+            busy: AtomicUsize::new(0),
             state: Mutex::new(state),
         });
         Ok(Self {
@@ -121,6 +125,11 @@ impl WorkerPool {
     /// The number of workers: at most this many user futures run at once on the pool.
     pub fn workers(&self) -> usize {
         self.handle.shared.workers
+    }
+
+    /// How many workers are running jobs now (at most [`workers`](Self::workers)).
+    pub fn busy(&self) -> usize {
+        self.handle.shared.busy.load(Ordering::Relaxed)
     }
 
     /// The default window of a stream on this pool: how many of its items may be in the pool at
@@ -262,6 +271,7 @@ async fn worker(shared: Arc<Shared>, index: usize) {
     while poll_fn(|cx| shared.poll_jobs(index, cap, &mut batch, cx)).await {
         let taken = batch.len();
         let started = std::time::Instant::now();
+        shared.busy.fetch_add(1, Ordering::Relaxed);
         while let Some(mut job) = batch.pop_front() {
             let unblocked = poll_fn(|cx| {
                 let poll = job.as_mut().poll(cx);
@@ -279,6 +289,7 @@ async fn worker(shared: Arc<Shared>, index: usize) {
             drop(job);
             tokio::task::consume_budget().await;
         }
+        shared.busy.fetch_sub(1, Ordering::Relaxed);
         wake_all(&mut deferred);
         cap = if started.elapsed() > SLOW_CHUNK {
             (cap / 2).max(1)
@@ -345,7 +356,7 @@ impl fmt::Debug for WorkerPool {
                     .map(VecDeque::len)
                     .sum::<usize>(),
             )
-            .field("idle", &state.parked_ids.len())
+            .field("busy", &self.busy())
             .finish()
     }
 }
