@@ -8,7 +8,6 @@ use std::time::Duration;
 use futures::Stream;
 use futures::stream::FusedStream;
 use pin_project_lite::pin_project;
-use tokio::time::Instant;
 
 use crate::batch::{Deadline, POLL_BUDGET, nonzero_duration};
 use crate::error::{ConfigError, or_panic};
@@ -25,7 +24,6 @@ pin_project! {
         held: Option<S::Item>,
         // Due `quiet` after `held` arrived.
         deadline: Deadline,
-        quiet: Duration,
         done: bool,
     }
 }
@@ -41,8 +39,7 @@ impl<S: Stream> Debounce<S> {
         Ok(Self {
             stream,
             held: None,
-            deadline: Deadline::new(),
-            quiet,
+            deadline: Deadline::new(quiet),
             done: false,
         })
     }
@@ -94,7 +91,6 @@ impl<S: Stream> Stream for Debounce<S> {
             return Poll::Ready(this.held.take());
         }
 
-        let mut now = None;
         let mut budget = POLL_BUDGET;
         loop {
             if *this.done {
@@ -102,11 +98,12 @@ impl<S: Stream> Stream for Debounce<S> {
             }
             match this.stream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(item)) => {
-                    // Items taken in one call arrive at the same instant: one clock read.
-                    this.deadline.set(*now.get_or_insert_with(Instant::now) + *this.quiet);
+                    // A newer item restarts the wait.
+                    this.deadline.clear();
                     *this.held = Some(item);
                     budget -= 1;
                     if budget == 0 {
+                        this.deadline.at();
                         cx.waker().wake_by_ref();
                         return Poll::Pending;
                     }
@@ -152,7 +149,7 @@ where
         f.debug_struct("Debounce")
             .field("stream", &self.stream)
             .field("held", &self.held)
-            .field("quiet", &self.quiet)
+            .field("quiet", &self.deadline.wait())
             .finish_non_exhaustive()
     }
 }

@@ -223,7 +223,8 @@ async fn works_on_unpin_less_upstream_with_plain_items() {
         (20, row("b", 3)),
         (200, row("a", 4)),
     ];
-    let mut batches = Box::pin(arriving(t0, events).batch_dedupe(10, ms(100), |r: &Row| r.key.clone()));
+    let mut batches =
+        Box::pin(arriving(t0, events).batch_dedupe(10, ms(100), |r: &Row| r.key.clone()));
     assert_eq!(batches.next().await, Some(vec![row("a", 1), row("b", 3)]));
     assert_eq!(t0.elapsed(), ms(100));
     assert_eq!(batches.next().await, Some(vec![row("a", 4)]));
@@ -231,7 +232,10 @@ async fn works_on_unpin_less_upstream_with_plain_items() {
     assert_eq!(batches.next().await, None);
 
     let events = vec![(0, row("x", 1)), (10, row("x", 2))];
-    let batches: Vec<Vec<Row>> = arriving(Instant::now(), events).batch(5, ms(100)).collect().await;
+    let batches: Vec<Vec<Row>> = arriving(Instant::now(), events)
+        .batch(5, ms(100))
+        .collect()
+        .await;
     assert_eq!(batches, [vec![row("x", 1), row("x", 2)]]);
 }
 
@@ -315,7 +319,6 @@ async fn partial_batch_can_be_taken_out() {
     let t1 = Instant::now();
     assert_eq!(batches.next().await, Some(vec![1]));
     assert_eq!(t1.elapsed(), ms(100));
-
 }
 
 #[tokio::test(start_paused = true)]
@@ -423,7 +426,10 @@ fn run_batches(gaps: &[u8], keys: &[u8], max: usize, wait: u64, dedupe: bool) ->
             item
         });
         if dedupe {
-            source.batch_dedupe(max, ms(wait), |i: &Item| i.key).collect().await
+            source
+                .batch_dedupe(max, ms(wait), |i: &Item| i.key)
+                .collect()
+                .await
         } else {
             source.batch(max, ms(wait)).collect().await
         }

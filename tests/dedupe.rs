@@ -32,7 +32,16 @@ async fn passed(items: &[(u64, u32)], window: u64, capacity: usize) -> Vec<(u64,
 
 #[tokio::test(start_paused = true)]
 async fn drops_a_key_seen_within_the_window_and_passes_it_at_the_window() {
-    let items = [(0, 1), (10, 2), (59, 1), (60, 1), (65, 2), (70, 2), (119, 1), (120, 1)];
+    let items = [
+        (0, 1),
+        (10, 2),
+        (59, 1),
+        (60, 1),
+        (65, 2),
+        (70, 2),
+        (119, 1),
+        (120, 1),
+    ];
     assert_eq!(
         passed(&items, 60, 100).await,
         [(0, 1), (10, 2), (60, 1), (70, 2), (120, 1)]
@@ -43,7 +52,10 @@ async fn drops_a_key_seen_within_the_window_and_passes_it_at_the_window() {
 async fn a_dropped_duplicate_does_not_extend_the_window() {
     // Redelivered every 20 ms: it passes once per window, not never again.
     let items: Vec<(u64, u32)> = (0..10).map(|i| (i * 20, 7)).collect();
-    assert_eq!(passed(&items, 50, 10).await, [(0, 7), (60, 7), (120, 7), (180, 7)]);
+    assert_eq!(
+        passed(&items, 50, 10).await,
+        [(0, 7), (60, 7), (120, 7), (180, 7)]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -59,7 +71,10 @@ async fn ready_input_is_deduplicated_in_order() {
 async fn capacity_bounds_the_memory_and_forgets_the_oldest_first() {
     // Capacity 2: after 1, 2 and 3 passed, 1 is forgotten even within the window.
     let items = [(0, 1), (1, 2), (2, 3), (3, 1), (4, 3), (5, 2)];
-    assert_eq!(passed(&items, 1000, 2).await, [(0, 1), (1, 2), (2, 3), (3, 1), (5, 2)]);
+    assert_eq!(
+        passed(&items, 1000, 2).await,
+        [(0, 1), (1, 2), (2, 3), (3, 1), (5, 2)]
+    );
 
     let mut s = Box::pin(stream::iter(0..10_000u32).dedupe_by(ms(1000), 64, |x| *x));
     while s.next().await.is_some() {
@@ -90,10 +105,13 @@ struct Message {
 
 #[tokio::test(start_paused = true)]
 async fn works_on_plain_items_with_owned_keys() {
-    let messages = ["a", "b", "a", "c", "b"].into_iter().enumerate().map(|(body, id)| Message {
-        id: id.to_owned(),
-        body: body as u64,
-    });
+    let messages = ["a", "b", "a", "c", "b"]
+        .into_iter()
+        .enumerate()
+        .map(|(body, id)| Message {
+            id: id.to_owned(),
+            body: body as u64,
+        });
     let out: Vec<u64> = stream::iter(messages)
         .dedupe_by(ms(100), 10, |m: &Message| m.id.clone())
         .map(|m| m.body)
@@ -124,7 +142,10 @@ fn size_hint_and_debug() {
     let s = stream::iter(0..10).dedupe_by(ms(5), 3, |x| *x);
     assert_eq!(s.size_hint(), (0, Some(10)));
     let text = format!("{s:?}");
-    assert!(text.contains("capacity: 3") && text.contains("window: 5ms"), "{text}");
+    assert!(
+        text.contains("capacity: 3") && text.contains("window: 5ms"),
+        "{text}"
+    );
 }
 
 #[test]
