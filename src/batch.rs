@@ -243,7 +243,9 @@ impl<K: Hash + Eq> KeySet<K> {
         self.generation = self.generation.wrapping_add(1);
         if self.generation == 0 {
             // Once in 2^32 batches: forget every tag so that none can match again.
-            self.slots.iter_mut().for_each(|slot| *slot = Slot { tag: 0, key: None });
+            self.slots
+                .iter_mut()
+                .for_each(|slot| *slot = Slot { tag: 0, key: None });
             self.generation = 1;
         }
     }
