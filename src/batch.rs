@@ -68,9 +68,9 @@ impl Deadline {
         *self.at.get_or_insert_with(|| Instant::now() + self.wait)
     }
 
-    /// Whether the timer is armed: it was polled for the current wait and will wake the task.
-    pub(crate) fn is_armed(&self) -> bool {
-        self.armed
+    /// Whether the current wait's timer has fired (checked without polling it).
+    pub(crate) fn has_fired(&self) -> bool {
+        self.armed && self.sleep.as_ref().is_some_and(|sleep| sleep.is_elapsed())
     }
 
     /// Arms the timer for the current wait if needed and polls it; `true` once it is due.
@@ -147,15 +147,15 @@ impl<T, K: Hash + Eq, F: FnMut(&T) -> K> Admit<T> for FirstOfKey<K, F> {
     }
 }
 
-/// The keys of the current batch: an open-addressing set (linear probing, at most half full)
-/// that is emptied in O(1) by starting a new generation, so one table serves every batch.
+/// The keys of the current batch: an open-addressing set (linear probing, at most a quarter
+/// full) that is emptied in O(1) by starting a new generation, so one table serves every batch.
 ///
 /// A slot belongs to the current batch when its tag carries the current generation; its other
 /// bits are part of the key's hash, compared before the key itself. Keys of earlier batches stay
-/// in their slots until overwritten, so the set holds at most its table's worth of keys: twice
-/// `max`, rounded up to a power of two. Hashing uses foldhash (seeded per process) rather than
-/// SipHash, as hashing is most of the cost; keys chosen to collide can cost at most `max`
-/// comparisons per item, since a batch holds at most `max` keys.
+/// in their slots until overwritten, so the set holds at most its table's worth of keys: four
+/// times the largest batch, rounded up to a power of two. Hashing uses foldhash (seeded per
+/// process) rather than SipHash, as hashing is most of the cost; keys chosen to collide cost at
+/// most `max` comparisons per item, since a batch holds at most `max` keys.
 struct KeySet<K> {
     slots: Vec<Slot<K>>,
     len: usize,
@@ -184,7 +184,7 @@ impl<K: Hash + Eq> KeySet<K> {
     /// Adds `key`; `false` if the current batch already has it.
     #[inline]
     fn insert(&mut self, key: K) -> bool {
-        if 2 * (self.len + 1) > self.slots.len() {
+        if 4 * (self.len + 1) > self.slots.len() {
             self.grow();
         }
         let hash = self.hasher.hash_one(&key);
@@ -300,7 +300,7 @@ impl<S: Stream, A: Admit<S::Item>> Core<S, A> {
 
         // A batch that has been waiting: its deadline comes before anything upstream has now,
         // so an item arriving at the deadline's very instant starts the next batch.
-        if this.deadline.is_armed() && this.deadline.poll_due(cx) {
+        if this.deadline.has_fired() {
             emit!();
         }
 
@@ -336,8 +336,7 @@ impl<S: Stream, A: Admit<S::Item>> Core<S, A> {
                 }
                 Poll::Ready(None) => *this.done = true,
                 Poll::Pending => {
-                    // Nothing to flush, or the timer was polled above and will wake us.
-                    if this.batch.is_empty() || this.deadline.is_armed() {
+                    if this.batch.is_empty() {
                         return Poll::Pending;
                     }
                     if this.deadline.poll_due(cx) {
@@ -568,7 +567,7 @@ mod tests {
             for k in 0..1000u32 {
                 assert!(!set.insert(k * 7 + round), "repeat {k} in round {round}");
             }
-            assert!(set.slots.len() >= 2000 && set.slots.len().is_power_of_two());
+            assert!(set.slots.len() >= 4000 && set.slots.len().is_power_of_two());
             set.clear();
         }
     }

@@ -86,7 +86,7 @@ impl<S: Stream> Stream for Debounce<S> {
 
         // The held item's deadline comes before anything upstream has now: an item arriving at
         // the deadline's very instant does not replace it.
-        if this.deadline.is_armed() && this.deadline.poll_due(cx) {
+        if this.deadline.has_fired() {
             this.deadline.clear();
             return Poll::Ready(this.held.take());
         }
@@ -110,8 +110,7 @@ impl<S: Stream> Stream for Debounce<S> {
                 }
                 Poll::Ready(None) => *this.done = true,
                 Poll::Pending => {
-                    // Nothing held, or the timer was polled above and will wake us.
-                    if this.held.is_none() || this.deadline.is_armed() {
+                    if this.held.is_none() {
                         return Poll::Pending;
                     }
                     if this.deadline.poll_due(cx) {
