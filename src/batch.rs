@@ -5,10 +5,9 @@
 //! only which items the core admits into the current batch, an [`Admit`] policy: every item
 //! ([`All`]) or the first item of each key ([`FirstOfKey`]).
 
-use std::collections::HashSet;
 use std::fmt;
 use std::future::Future;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -30,55 +29,60 @@ const PREALLOC: usize = 1024;
 
 /// The timer of a wait that starts at an item (a batch's first, a debounced item).
 ///
-/// Setting a deadline only records it; the timer itself is touched only when the stream has to
-/// wait for it, so batches filled by a ready upstream never reach the timer. The `Sleep` is
-/// boxed, allocated at the first wait and reset for every later one, so the streams that use
-/// it stay `Unpin` when their upstream is.
+/// A wait starts when the stream first needs its end: when upstream is pending (or the stream
+/// yields) with the item still waiting, which is still the poll in which the item arrived.
+/// Items that arrive and leave within one poll (a batch filled by a ready upstream) never read
+/// the clock or touch the timer. The `Sleep` is boxed, allocated at the first wait and reset
+/// for every later one, so the streams that use it stay `Unpin` when their upstream is.
 pub(crate) struct Deadline {
     sleep: Option<Pin<Box<Sleep>>>,
-    at: Instant,
+    wait: Duration,
+    // When the current wait ends, once it has started.
+    at: Option<Instant>,
     // Whether `sleep` is set to `at` and has been polled.
     armed: bool,
 }
 
 impl Deadline {
-    pub(crate) fn new() -> Self {
+    pub(crate) fn new(wait: Duration) -> Self {
         Self {
             sleep: None,
-            at: Instant::now(),
+            wait,
+            at: None,
             armed: false,
         }
     }
 
-    /// Starts a new wait due at `at`.
-    pub(crate) fn set(&mut self, at: Instant) {
-        self.at = at;
-        self.armed = false;
+    pub(crate) fn wait(&self) -> Duration {
+        self.wait
     }
 
-    /// Forgets the current wait.
+    /// Forgets the current wait; the next one starts when it is first needed.
     pub(crate) fn clear(&mut self) {
+        self.at = None;
         self.armed = false;
     }
 
-    pub(crate) fn at(&self) -> Instant {
-        self.at
+    /// When the current wait ends, starting it now if it has not started.
+    pub(crate) fn at(&mut self) -> Instant {
+        *self.at.get_or_insert_with(|| Instant::now() + self.wait)
     }
 
-    /// Whether the timer is armed: it was polled for the current wait and will wake the task.
-    pub(crate) fn is_armed(&self) -> bool {
-        self.armed
+    /// Whether the current wait's timer has fired (checked without polling it).
+    pub(crate) fn has_fired(&self) -> bool {
+        self.armed && self.sleep.as_ref().is_some_and(|sleep| sleep.is_elapsed())
     }
 
     /// Arms the timer for the current wait if needed and polls it; `true` once it is due.
     pub(crate) fn poll_due(&mut self, cx: &mut Context<'_>) -> bool {
+        let at = self.at();
         let sleep = match &mut self.sleep {
             Some(sleep) if self.armed => sleep,
             Some(sleep) => {
-                sleep.as_mut().reset(self.at);
+                sleep.as_mut().reset(at);
                 sleep
             }
-            None => self.sleep.insert(Box::pin(sleep_until(self.at))),
+            None => self.sleep.insert(Box::pin(sleep_until(at))),
         };
         self.armed = true;
         sleep.as_mut().poll(cx).is_ready()
@@ -123,10 +127,9 @@ impl<T> Admit<T> for All {
     fn clear(&mut self) {}
 }
 
-/// Admits the first item of each key in the current batch. The key set keeps its allocation
-/// from one batch to the next.
+/// Admits the first item of each key in the current batch.
 pub(crate) struct FirstOfKey<K, F> {
-    keys: HashSet<K>,
+    keys: KeySet<K>,
     key: F,
 }
 
@@ -144,18 +147,120 @@ impl<T, K: Hash + Eq, F: FnMut(&T) -> K> Admit<T> for FirstOfKey<K, F> {
     }
 }
 
+/// The keys of the current batch: an open-addressing set (linear probing, at most a quarter
+/// full) that is emptied in O(1) by starting a new generation, so one table serves every batch.
+///
+/// A slot belongs to the current batch when its tag carries the current generation; its other
+/// bits are part of the key's hash, compared before the key itself. Keys of earlier batches stay
+/// in their slots until overwritten, so the set holds at most its table's worth of keys: four
+/// times the largest batch, rounded up to a power of two. Hashing uses foldhash (seeded per
+/// process) rather than SipHash, as hashing is most of the cost; keys chosen to collide cost at
+/// most `max` comparisons per item, since a batch holds at most `max` keys.
+struct KeySet<K> {
+    slots: Vec<Slot<K>>,
+    len: usize,
+    generation: u32,
+    hasher: foldhash::fast::RandomState,
+}
+
+struct Slot<K> {
+    /// `generation << 32 | hash >> 32`; generation 0 marks a slot never used.
+    tag: u64,
+    key: Option<K>,
+}
+
+impl<K: Hash + Eq> KeySet<K> {
+    const FIRST: usize = 16;
+
+    fn new() -> Self {
+        Self {
+            slots: Vec::new(),
+            len: 0,
+            generation: 1,
+            hasher: foldhash::fast::RandomState::default(),
+        }
+    }
+
+    /// Adds `key`; `false` if the current batch already has it.
+    #[inline]
+    fn insert(&mut self, key: K) -> bool {
+        if 4 * (self.len + 1) > self.slots.len() {
+            self.grow();
+        }
+        let hash = self.hasher.hash_one(&key);
+        if self.probe(hash, key) {
+            self.len += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    #[inline]
+    fn probe(&mut self, hash: u64, key: K) -> bool {
+        let generation = u64::from(self.generation);
+        let tag = (generation << 32) | (hash >> 32);
+        let mask = self.slots.len() - 1;
+        // Truncating the hash to pick a slot is intended.
+        let mut i = hash as usize & mask;
+        loop {
+            let slot = &mut self.slots[i];
+            if slot.tag == tag {
+                if slot.key.as_ref() == Some(&key) {
+                    return false;
+                }
+            } else if slot.tag >> 32 != generation {
+                slot.tag = tag;
+                slot.key = Some(key);
+                return true;
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
+    /// Doubles the table, keeping the current batch's keys.
+    #[cold]
+    fn grow(&mut self) {
+        let size = (self.slots.len() * 2).max(Self::FIRST);
+        let old = std::mem::replace(&mut self.slots, Self::empty_slots(size));
+        let generation = u64::from(self.generation);
+        for slot in old {
+            if let (true, Some(key)) = (slot.tag >> 32 == generation, slot.key) {
+                let hash = self.hasher.hash_one(&key);
+                self.probe(hash, key);
+            }
+        }
+    }
+
+    fn empty_slots(size: usize) -> Vec<Slot<K>> {
+        (0..size).map(|_| Slot { tag: 0, key: None }).collect()
+    }
+
+    /// Empties the set for the next batch.
+    #[inline]
+    fn clear(&mut self) {
+        self.len = 0;
+        self.generation = self.generation.wrapping_add(1);
+        if self.generation == 0 {
+            // Once in 2^32 batches: forget every tag so that none can match again.
+            self.slots
+                .iter_mut()
+                .for_each(|slot| *slot = Slot { tag: 0, key: None });
+            self.generation = 1;
+        }
+    }
+}
+
 pin_project! {
     /// The batching core shared by [`Batch`] and [`BatchDedupe`].
     struct Core<S: Stream, A> {
         #[pin]
         stream: S,
-        // Created at the first batch that has to wait, then reset for each later one.
         // Due `wait` after the current batch's first item.
         deadline: Deadline,
         batch: Vec<S::Item>,
         admit: A,
         max: usize,
-        wait: Duration,
         // The upstream stream has ended.
         done: bool,
     }
@@ -167,11 +272,10 @@ impl<S: Stream, A: Admit<S::Item>> Core<S, A> {
         nonzero_duration("wait", wait)?;
         Ok(Self {
             stream,
-            deadline: Deadline::new(),
+            deadline: Deadline::new(wait),
             batch: Vec::new(),
             admit,
             max,
-            wait,
             done: false,
         })
     }
@@ -196,11 +300,10 @@ impl<S: Stream, A: Admit<S::Item>> Core<S, A> {
 
         // A batch that has been waiting: its deadline comes before anything upstream has now,
         // so an item arriving at the deadline's very instant starts the next batch.
-        if this.deadline.is_armed() && this.deadline.poll_due(cx) {
+        if this.deadline.has_fired() {
             emit!();
         }
 
-        let mut now = None;
         let mut budget = POLL_BUDGET;
         loop {
             if *this.done {
@@ -212,9 +315,6 @@ impl<S: Stream, A: Admit<S::Item>> Core<S, A> {
             match this.stream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(item)) => {
                     if this.batch.is_empty() {
-                        // Items taken in one call arrive at the same instant: one clock read.
-                        this.deadline
-                            .set(*now.get_or_insert_with(Instant::now) + *this.wait);
                         this.batch.reserve((*this.max).min(PREALLOC));
                     }
                     if this.admit.admit(&item) {
@@ -236,8 +336,7 @@ impl<S: Stream, A: Admit<S::Item>> Core<S, A> {
                 }
                 Poll::Ready(None) => *this.done = true,
                 Poll::Pending => {
-                    // Nothing to flush, or the timer was polled above and will wake us.
-                    if this.batch.is_empty() || this.deadline.is_armed() {
+                    if this.batch.is_empty() {
                         return Poll::Pending;
                     }
                     if this.deadline.poll_due(cx) {
@@ -365,7 +464,7 @@ where
             .field("stream", &self.core.stream)
             .field("partial", &self.core.batch)
             .field("max", &self.core.max)
-            .field("wait", &self.core.wait)
+            .field("wait", &self.core.deadline.wait())
             .finish_non_exhaustive()
     }
 }
@@ -401,7 +500,7 @@ where
         key: F,
     ) -> Result<Self, ConfigError> {
         let admit = FirstOfKey {
-            keys: HashSet::new(),
+            keys: KeySet::new(),
             key,
         };
         Ok(Self {
@@ -449,7 +548,40 @@ where
             .field("stream", &self.core.stream)
             .field("partial", &self.core.batch)
             .field("max", &self.core.max)
-            .field("wait", &self.core.wait)
+            .field("wait", &self.core.deadline.wait())
             .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::KeySet;
+
+    #[test]
+    fn key_set_grows_and_clears_by_generation() {
+        let mut set = KeySet::new();
+        for round in 0..3u32 {
+            for k in 0..1000u32 {
+                assert!(set.insert(k * 7 + round), "first {k} in round {round}");
+            }
+            for k in 0..1000u32 {
+                assert!(!set.insert(k * 7 + round), "repeat {k} in round {round}");
+            }
+            assert!(set.slots.len() >= 4000 && set.slots.len().is_power_of_two());
+            set.clear();
+        }
+    }
+
+    #[test]
+    fn key_set_survives_the_generation_wrapping() {
+        let mut set = KeySet::new();
+        set.generation = u32::MAX;
+        assert!(set.insert("a"));
+        assert!(!set.insert("a"));
+        set.clear();
+        assert_eq!(set.generation, 1);
+        assert!(set.insert("a"));
+        assert!(set.insert("b"));
+        assert!(!set.insert("b"));
     }
 }

@@ -8,7 +8,6 @@ use std::time::Duration;
 use futures::Stream;
 use futures::stream::FusedStream;
 use pin_project_lite::pin_project;
-use tokio::time::Instant;
 
 use crate::batch::{Deadline, POLL_BUDGET, nonzero_duration};
 use crate::error::{ConfigError, or_panic};
@@ -25,7 +24,6 @@ pin_project! {
         held: Option<S::Item>,
         // Due `quiet` after `held` arrived.
         deadline: Deadline,
-        quiet: Duration,
         done: bool,
     }
 }
@@ -41,8 +39,7 @@ impl<S: Stream> Debounce<S> {
         Ok(Self {
             stream,
             held: None,
-            deadline: Deadline::new(),
-            quiet,
+            deadline: Deadline::new(quiet),
             done: false,
         })
     }
@@ -89,12 +86,11 @@ impl<S: Stream> Stream for Debounce<S> {
 
         // The held item's deadline comes before anything upstream has now: an item arriving at
         // the deadline's very instant does not replace it.
-        if this.deadline.is_armed() && this.deadline.poll_due(cx) {
+        if this.deadline.has_fired() {
             this.deadline.clear();
             return Poll::Ready(this.held.take());
         }
 
-        let mut now = None;
         let mut budget = POLL_BUDGET;
         loop {
             if *this.done {
@@ -102,20 +98,19 @@ impl<S: Stream> Stream for Debounce<S> {
             }
             match this.stream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(item)) => {
-                    // Items taken in one call arrive at the same instant: one clock read.
-                    this.deadline
-                        .set(*now.get_or_insert_with(Instant::now) + *this.quiet);
+                    // A newer item restarts the wait.
+                    this.deadline.clear();
                     *this.held = Some(item);
                     budget -= 1;
                     if budget == 0 {
+                        this.deadline.at();
                         cx.waker().wake_by_ref();
                         return Poll::Pending;
                     }
                 }
                 Poll::Ready(None) => *this.done = true,
                 Poll::Pending => {
-                    // Nothing held, or the timer was polled above and will wake us.
-                    if this.held.is_none() || this.deadline.is_armed() {
+                    if this.held.is_none() {
                         return Poll::Pending;
                     }
                     if this.deadline.poll_due(cx) {
@@ -153,7 +148,7 @@ where
         f.debug_struct("Debounce")
             .field("stream", &self.stream)
             .field("held", &self.held)
-            .field("quiet", &self.quiet)
+            .field("quiet", &self.deadline.wait())
             .finish_non_exhaustive()
     }
 }

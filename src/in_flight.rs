@@ -101,7 +101,11 @@ impl InFlightLimit {
     /// # }
     /// ```
     pub async fn run<F: Future>(&self, fut: F) -> F::Output {
-        let _permit = self.semaphore.acquire().await.expect("the semaphore is never closed");
+        let _permit = self
+            .semaphore
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
         fut.await
     }
 
