@@ -15,7 +15,7 @@ use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
@@ -37,6 +37,8 @@ struct Chan<U> {
     /// Wakers of workers running this stream's pending jobs, to cancel them on drop. At most one
     /// per worker of the pool.
     running: Mutex<Vec<Waker>>,
+    /// Nanoseconds per item of the last finished chunk, to size the next chunks.
+    item_nanos: AtomicU64,
 }
 
 struct ChanState<U> {
@@ -61,6 +63,7 @@ impl<U> Chan<U> {
             consumer: AtomicWaker::new(),
             closed: AtomicBool::new(false),
             running: Mutex::new(Vec::new()),
+            item_nanos: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -72,21 +75,30 @@ impl<U> Chan<U> {
         self.closed.load(Ordering::Acquire)
     }
 
-    /// Stores the outcome of job `seq`. Returns the consumer's waker if it can now make
-    /// progress; the worker wakes it (once per chunk of jobs, see `pool.rs`).
-    fn complete(&self, seq: u64, outcome: Outcome<U>) -> Option<Waker> {
+    /// Stores finished outcomes `(seq, outcome)`, draining `done`. Returns the consumer's waker
+    /// if it can now make progress; the worker wakes it (once per chunk of jobs, see `pool.rs`).
+    fn complete(&self, done: &mut Vec<(u64, Outcome<U>)>) -> Option<Waker> {
+        if done.is_empty() {
+            return None;
+        }
         if self.is_closed() {
+            done.clear();
             return None;
         }
         let wake = {
             let mut state = self.lock();
             if state.ordered {
-                let index = (seq - state.base) as usize;
-                state.slots[index] = Some(outcome);
-                index == 0
+                for (seq, outcome) in done.drain(..) {
+                    let index = (seq - state.base) as usize;
+                    state.slots[index] = Some(outcome);
+                }
+                matches!(state.slots.front(), Some(Some(_)))
             } else {
-                state.done.push_back(outcome);
-                state.done.len() == 1
+                let was_empty = state.done.is_empty();
+                state
+                    .done
+                    .extend(done.drain(..).map(|(_, outcome)| outcome));
+                was_empty
             }
         };
         if wake { self.consumer.take() } else { None }
@@ -128,10 +140,13 @@ impl<U> Chan<U> {
 
 pin_project! {
     /// Runs a user future on a worker; resolves to `None` as soon as the owning stream is gone.
+    /// Before the future waits, the chunk's finished outcomes are handed over, so a slow item
+    /// never holds back results that are ready.
     struct Cancellable<'a, Fut, U> {
         #[pin]
         fut: Fut,
         chan: &'a Chan<U>,
+        done: &'a mut Vec<(u64, Outcome<U>)>,
         registered: bool,
     }
 }
@@ -147,6 +162,9 @@ impl<Fut: Future, U> Future for Cancellable<'_, Fut, U> {
         match this.fut.poll(cx) {
             Poll::Ready(v) => Poll::Ready(Some(v)),
             Poll::Pending => {
+                if let Some(waker) = this.chan.complete(this.done) {
+                    waker.wake();
+                }
                 if !*this.registered {
                     *this.registered = true;
                     this.chan.register_running(cx.waker());
@@ -160,23 +178,41 @@ impl<Fut: Future, U> Future for Cancellable<'_, Fut, U> {
     }
 }
 
-fn make_job<Fut>(fut: Fut, chan: Arc<Chan<Fut::Output>>, seq: u64) -> Job
+/// A chunk of one stream's futures, run in turn by one worker. Its outcomes reach the channel
+/// together at the end (one lock per chunk), or earlier when an item has to wait.
+fn make_job<Fut>(futs: Vec<Fut>, first_seq: u64, chan: Arc<Chan<Fut::Output>>) -> Job
 where
     Fut: Future + Send + 'static,
     Fut::Output: Send + 'static,
 {
     Box::pin(async move {
-        let run = Cancellable {
-            fut: AssertUnwindSafe(fut).catch_unwind(),
-            chan: &chan,
-            registered: false,
-        };
-        match run.await {
-            Some(outcome) => chan.complete(seq, outcome),
-            None => None,
+        let started = std::time::Instant::now();
+        let n = futs.len() as u64;
+        let mut done = Vec::with_capacity(futs.len());
+        for (seq, fut) in (first_seq..).zip(futs) {
+            let run = Cancellable {
+                fut: AssertUnwindSafe(fut).catch_unwind(),
+                chan: &chan,
+                done: &mut done,
+                registered: false,
+            };
+            match run.await {
+                Some(outcome) => done.push((seq, outcome)),
+                None => return None,
+            }
         }
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        chan.item_nanos.store(nanos / n.max(1), Ordering::Relaxed);
+        chan.complete(&mut done)
     })
 }
+
+/// A chunk aims to run about this long, so that quick items share one hand-off and slow items
+/// go one by one.
+const CHUNK_NANOS: u64 = 50_000;
+
+/// The most items in one chunk.
+const MAX_CHUNK_ITEMS: usize = 32;
 
 /// The consumer side shared by [`FanOutOrdered`] and [`FanOut`].
 pub(crate) struct Core<U> {
@@ -191,6 +227,8 @@ pub(crate) struct Core<U> {
     upstream_done: bool,
     /// Jobs made in this poll, submitted together.
     jobs: Vec<Job>,
+    /// Items queued in `jobs`.
+    queued: usize,
     /// Results taken from the channel, not yet yielded.
     ready: VecDeque<Outcome<U>>,
 }
@@ -208,6 +246,7 @@ impl<U: Send + 'static> Core<U> {
             in_pool: 0,
             upstream_done: false,
             jobs: Vec::new(),
+            queued: 0,
             ready: VecDeque::new(),
         }
     }
@@ -233,20 +272,51 @@ impl<U: Send + 'static> Core<U> {
         // Refill only once half the window is free, so that jobs reach the pool in batches and
         // idle workers are woken once per batch rather than once per item.
         let refill = self.in_pool == 0 || self.in_pool + self.window.div_ceil(2) <= self.window;
-        while refill && !self.upstream_done && self.in_pool < self.window {
-            match stream.as_mut().poll_next(cx) {
-                Poll::Ready(Some(item)) => {
-                    let job = make_job(f(item), self.chan.clone(), self.next_seq);
-                    self.jobs.push(job);
-                    self.next_seq += 1;
-                    self.in_pool += 1;
+        if refill && !self.upstream_done && self.in_pool < self.window {
+            let mut futs = Vec::new();
+            while !self.upstream_done && self.in_pool + futs.len() < self.window {
+                match stream.as_mut().poll_next(cx) {
+                    Poll::Ready(Some(item)) => futs.push(f(item)),
+                    Poll::Ready(None) => self.upstream_done = true,
+                    Poll::Pending => break,
                 }
-                Poll::Ready(None) => self.upstream_done = true,
-                Poll::Pending => break,
             }
+            self.chunk(futs);
         }
         self.flush();
         self.poll_result(cx)
+    }
+
+    /// Splits new futures into chunk jobs: as many items per chunk as take about
+    /// [`CHUNK_NANOS`] (judging by the last chunk), and at least four chunks per worker.
+    fn chunk<Fut>(&mut self, futs: Vec<Fut>)
+    where
+        Fut: Future<Output = U> + Send + 'static,
+    {
+        let n = futs.len();
+        if n == 0 {
+            return;
+        }
+        let by_time = CHUNK_NANOS / self.chan.item_nanos.load(Ordering::Relaxed).max(1);
+        let by_share = n / (4 * self.pool.workers());
+        let size = usize::try_from(by_time)
+            .unwrap_or(usize::MAX)
+            .min(by_share)
+            .clamp(1, MAX_CHUNK_ITEMS);
+        let mut futs = futs.into_iter();
+        let mut seq = self.next_seq;
+        loop {
+            let chunk: Vec<Fut> = futs.by_ref().take(size).collect();
+            if chunk.is_empty() {
+                break;
+            }
+            let len = chunk.len() as u64;
+            self.jobs.push(make_job(chunk, seq, self.chan.clone()));
+            seq += len;
+        }
+        self.next_seq += n as u64;
+        self.in_pool += n;
+        self.queued += n;
     }
 
     fn flush(&mut self) {
@@ -256,10 +326,11 @@ impl<U: Send + 'static> Core<U> {
         {
             let mut state = self.chan.lock();
             if state.ordered {
-                let n = self.jobs.len();
+                let n = self.queued;
                 state.slots.extend(std::iter::repeat_with(|| None).take(n));
             }
         }
+        self.queued = 0;
         self.pool.submit(self.source, &mut self.jobs);
     }
 

@@ -262,7 +262,7 @@ const MAX_CHUNK: usize = 32;
 
 /// A chunk that takes longer than this halves the worker's chunk size: slow jobs are taken one
 /// at a time, so their results are not held back and other streams get their turn.
-const SLOW_CHUNK: Duration = Duration::from_micros(100);
+const SLOW_CHUNK: Duration = Duration::from_micros(500);
 
 async fn worker(shared: Arc<Shared>, index: usize) {
     let mut batch = VecDeque::with_capacity(MAX_CHUNK);
