@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use governor::Quota;
+
+use crate::error::{ConfigError, nonzero};
 use tokio::time::Instant;
 
 /// The quota in the algorithm's own terms: the emission interval `t` and the burst tolerance
@@ -19,6 +21,24 @@ pub(crate) struct Gcra {
 }
 
 impl Gcra {
+    /// `rate` cells per second, burst 1; the interval is rounded up, so the limiter never
+    /// runs faster than `rate`. An error names `rate` if it is zero.
+    pub(crate) fn try_per_second(rate: u32) -> Result<Self, ConfigError> {
+        nonzero("rate", u64::from(rate))?;
+        Ok(Self::new(
+            Duration::from_nanos(1_000_000_000u64.div_ceil(u64::from(rate))),
+            1,
+        ))
+    }
+
+    /// One cell per `period`, burst 1. An error names `period` if it is zero.
+    pub(crate) fn try_per(period: Duration) -> Result<Self, ConfigError> {
+        if period.is_zero() {
+            return Err(ConfigError::new("period", "must be greater than zero"));
+        }
+        Ok(Self::new(period, 1))
+    }
+
     pub(crate) fn new(interval: Duration, burst: u32) -> Self {
         let t = u64::try_from(interval.as_nanos())
             .unwrap_or(u64::MAX)

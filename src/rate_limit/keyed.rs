@@ -128,9 +128,7 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
 
     /// [`per_second`](Self::per_second), returning a [`ConfigError`] naming `rate` if it is zero.
     pub fn try_per_second(rate: u32) -> Result<Self, ConfigError> {
-        nonzero("rate", u64::from(rate))?;
-        let interval = Duration::from_nanos(1_000_000_000u64.div_ceil(u64::from(rate)));
-        Ok(Self::from_gcra(Gcra::new(interval, 1)))
+        Gcra::try_per_second(rate).map(Self::from_gcra)
     }
 
     /// One cell per `period` for each key, burst 1 (change it with [`burst`](Self::burst)).
@@ -145,10 +143,7 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
 
     /// [`per`](Self::per), returning a [`ConfigError`] naming `period` if it is zero.
     pub fn try_per(period: Duration) -> Result<Self, ConfigError> {
-        if period.is_zero() {
-            return Err(ConfigError::new("period", "must be greater than zero"));
-        }
-        Ok(Self::from_gcra(Gcra::new(period, 1)))
+        Gcra::try_per(period).map(Self::from_gcra)
     }
 
     /// Allows each key up to `b` cells at once after an idle spell.
