@@ -32,7 +32,7 @@ pub trait PipelineExt: Stream {
     /// At most a *window* of this stream's items is in the pool at once (queued, running, or
     /// finished and waiting for an earlier item); upstream is not pulled while the window is
     /// full, so one slow item holds back at most a window of results. Set it with
-    /// [`FanOutOrdered::window`]; the default is four times the workers, at least 256.
+    /// [`FanOutOrdered::window`]; the default is four times the workers, at least 512.
     ///
     /// A future that panics re-raises its panic in the consumer at that item's place, after
     /// every earlier item; the pool and other streams keep running. Dropping the stream drops

@@ -414,7 +414,7 @@ macro_rules! fan_out_stream {
             /// finished and not yet yielded. This bounds the stream's memory (and, for the
             /// ordered variant, the reorder buffer behind a slow item); upstream is not pulled
             /// while the window is full. The default is four times the pool's workers, and at
-            /// least 256 (hand-offs to the pool happen in batches of half a window).
+            /// least 512 (hand-offs to the pool happen in batches of half a window).
             ///
             /// # Panics
             ///

@@ -138,7 +138,7 @@ impl<M: StateMachine> PipelineBuilder<M> {
     }
 
     /// The default window of each group: how many of its requests may be in the pool at once
-    /// (default: the pool's default fan-out window). A group can also set its own with
+    /// (default: four times the workers, at least 256). A group can also set its own with
     /// [`GroupBuilder::window`].
     ///
     /// # Panics
@@ -168,7 +168,9 @@ impl<M: StateMachine> PipelineBuilder<M> {
                 WorkerPool::new(std::thread::available_parallelism().map_or(1, usize::from))
             }
         };
-        let window = self.window.unwrap_or_else(|| pool.default_window());
+        let window = self
+            .window
+            .unwrap_or_else(|| pool.workers().saturating_mul(4).max(DEFAULT_GROUP_WINDOW));
         Pipeline {
             inner: Arc::new(Inner {
                 machine: self.machine,
@@ -341,6 +343,10 @@ impl<M: StateMachine> Inner<M> {
         result
     }
 }
+
+/// The smallest default window of a request group (measured best for many groups sharing
+/// one pool; a lone fan-out stream's default is larger).
+const DEFAULT_GROUP_WINDOW: usize = 256;
 
 /// Stage runs a request records per stats lock.
 const RECORD_BATCH: usize = 8;
