@@ -207,9 +207,10 @@ where
     })
 }
 
-/// A chunk aims to run about this long, so that quick items share one hand-off and slow items
-/// go one by one.
-const CHUNK_NANOS: u64 = 50_000;
+/// A chunk aims to run about this long (judging by the last chunk's time per item), so that
+/// quick items share one hand-off and slow items go one by one. Results are not held back by
+/// it: a chunk hands its finished results over before any item waits.
+const CHUNK_NANOS: u64 = 200_000;
 
 /// The most items in one chunk.
 const MAX_CHUNK_ITEMS: usize = 32;
@@ -288,7 +289,7 @@ impl<U: Send + 'static> Core<U> {
     }
 
     /// Splits new futures into chunk jobs: as many items per chunk as take about
-    /// [`CHUNK_NANOS`] (judging by the last chunk), and at least four chunks per worker.
+    /// [`CHUNK_NANOS`], and at least four chunks per worker.
     fn chunk<Fut>(&mut self, futs: Vec<Fut>)
     where
         Fut: Future<Output = U> + Send + 'static,
