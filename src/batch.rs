@@ -8,6 +8,7 @@
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, Hash};
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -105,10 +106,14 @@ pub(crate) fn nonzero_duration(
 pub(crate) trait Admit<T> {
     /// Whether admitting can refuse an item (then fewer than `max` items may fill a batch).
     const MAY_REFUSE: bool;
-    /// Decides for one item; an admitted item joins the current batch.
-    fn admit(&mut self, item: &T) -> bool;
+    /// What the policy keeps about the current batch. While a poll pulls items it is moved
+    /// out of the stream into a local, with the batch, so that the compiler can keep it in
+    /// registers; a default value must be a valid (if slower) state.
+    type State: Default;
+    /// Decides for one item, given the batch so far; an admitted item joins the batch.
+    fn admit(&mut self, state: &mut Self::State, item: &T, batch: &[T]) -> bool;
     /// Called when the current batch is emitted.
-    fn clear(&mut self);
+    fn clear(state: &mut Self::State);
 }
 
 /// Admits every item.
@@ -117,156 +122,208 @@ pub(crate) struct All;
 
 impl<T> Admit<T> for All {
     const MAY_REFUSE: bool = false;
+    type State = ();
 
     #[inline]
-    fn admit(&mut self, _: &T) -> bool {
+    fn admit(&mut self, (): &mut (), _: &T, _: &[T]) -> bool {
         true
     }
 
     #[inline]
-    fn clear(&mut self) {}
+    fn clear((): &mut ()) {}
 }
 
 /// Admits the first item of each key in the current batch.
-pub(crate) struct FirstOfKey<K, F> {
-    keys: KeySet<K>,
+pub(crate) struct FirstOfKey<F> {
     key: F,
+    // Batch size the key table is first sized for.
+    room: usize,
 }
 
-impl<T, K: Hash + Eq, F: FnMut(&T) -> K> Admit<T> for FirstOfKey<K, F> {
+impl<T, K: Hash + Eq, F: FnMut(&T) -> K> Admit<T> for FirstOfKey<F> {
     const MAY_REFUSE: bool = true;
+    type State = KeyTable;
 
     #[inline]
-    fn admit(&mut self, item: &T) -> bool {
-        self.keys.insert((self.key)(item))
+    fn admit(&mut self, table: &mut KeyTable, item: &T, batch: &[T]) -> bool {
+        if !table.has_room(batch.len() + 1) {
+            let room = (batch.len() + 1).max(self.room);
+            let old = std::mem::take(table);
+            *table = old.rebuilt(room, batch.iter().map(|earlier| (self.key)(earlier)));
+        }
+        let key = (self.key)(item);
+        let key_fn = &mut self.key;
+        table.insert(&key, batch.len(), |earlier| key_fn(&batch[earlier]) == key)
     }
 
     #[inline]
-    fn clear(&mut self) {
-        self.keys.clear();
+    fn clear(table: &mut KeyTable) {
+        table.clear();
     }
 }
 
-/// The keys of the current batch: an open-addressing set (linear probing, at most a quarter
-/// full) that is emptied in O(1) by starting a new generation, so one table serves every batch.
+/// Where the keys of the current batch are: an open-addressing table (linear probing, at most
+/// an eighth full) of the batch positions of its first items. Keys themselves are not stored:
+/// a slot whose tag matches is confirmed by calling the key function again on the item at its
+/// position. The table is emptied in O(1) by starting a new generation, so one table serves
+/// every batch, and it can always be rebuilt from the batch, which is how it grows.
 ///
-/// A slot belongs to the current batch when its tag carries the current generation; its other
-/// bits are part of the key's hash, compared before the key itself. Keys of earlier batches stay
-/// in their slots until overwritten, so the set holds at most its table's worth of keys: four
-/// times the largest batch, rounded up to a power of two. Hashing uses foldhash (seeded per
-/// process) rather than SipHash, as hashing is most of the cost; keys chosen to collide cost at
-/// most `max` comparisons per item, since a batch holds at most `max` keys.
-struct KeySet<K> {
-    slots: Vec<Slot<K>>,
-    len: usize,
-    generation: u32,
-    hasher: foldhash::fast::RandomState,
+/// A slot is one `u64`: a 16-bit generation (0 marks a slot never used), 16 bits of the key's
+/// hash, and the 32-bit position. Hashing uses foldhash with a random seed per table rather
+/// than SipHash, as hashing is a large part of the cost; keys chosen to collide cost at most
+/// `max` key comparisons per item, since a batch holds at most `max` keys.
+#[derive(Default)]
+pub(crate) struct KeyTable {
+    slots: Vec<u64>,
+    // The current generation, in `1..=GENERATIONS` once the table has slots.
+    generation: u64,
+    hasher: foldhash::fast::FixedState,
 }
 
-struct Slot<K> {
-    /// `generation << 32 | hash >> 32`; generation 0 marks a slot never used.
-    tag: u64,
-    key: Option<K>,
-}
+impl KeyTable {
+    /// Slots per key: the table is at most this sparse.
+    const SPREAD: usize = 8;
+    const GENERATIONS: u64 = 0xFFFF;
+    const POSITION: u64 = 0xFFFF_FFFF;
+    const GENERATION_SHIFT: u32 = 48;
+    const TAG: u64 = !Self::POSITION;
 
-impl<K: Hash + Eq> KeySet<K> {
-    const FIRST: usize = 16;
+    /// The largest batch the table can index.
+    pub(crate) const MAX_BATCH: usize = Self::POSITION as usize;
 
-    fn new() -> Self {
-        Self {
-            slots: Vec::new(),
-            len: 0,
+    /// Whether the table can hold `keys` keys.
+    #[inline]
+    fn has_room(&self, keys: usize) -> bool {
+        Self::SPREAD * keys <= self.slots.len()
+    }
+
+    /// A table with room for at least `room` keys (and at least twice the size of this one),
+    /// filled with `keys`, the keys of the current batch in order.
+    ///
+    /// By value, out of line, like [`with_room`], so that the table in use never has its
+    /// address taken and stays in registers.
+    #[cold]
+    #[inline(never)]
+    fn rebuilt<K: Hash>(self, room: usize, keys: impl Iterator<Item = K>) -> Self {
+        let size = (Self::SPREAD * room)
+            .next_power_of_two()
+            .max(2 * self.slots.len());
+        let mut table = Self {
+            slots: vec![0; size],
             generation: 1,
-            hasher: foldhash::fast::RandomState::default(),
+            hasher: foldhash::fast::FixedState::with_seed(fastrand::u64(..)),
+        };
+        for (position, key) in keys.enumerate() {
+            table.insert(&key, position, |_| false);
         }
+        table
     }
 
-    /// Adds `key`; `false` if the current batch already has it.
+    /// Records that the batch's item at `position` has `key`, unless an earlier item has
+    /// the same key: then returns `false`. `same(p)` tells whether the item at `p` has `key`.
     #[inline]
-    fn insert(&mut self, key: K) -> bool {
-        if 4 * (self.len + 1) > self.slots.len() {
-            self.grow();
-        }
-        let hash = self.hasher.hash_one(&key);
-        if self.probe(hash, key) {
-            self.len += 1;
-            true
-        } else {
-            false
-        }
-    }
-
-    #[inline]
-    fn probe(&mut self, hash: u64, key: K) -> bool {
-        let generation = u64::from(self.generation);
-        let tag = (generation << 32) | (hash >> 32);
+    fn insert<K: Hash>(
+        &mut self,
+        key: &K,
+        position: usize,
+        mut same: impl FnMut(usize) -> bool,
+    ) -> bool {
+        let hash = self.hasher.hash_one(key);
+        let current = self.generation << Self::GENERATION_SHIFT;
+        let tag = current | ((hash >> Self::GENERATION_SHIFT) << 32);
         let mask = self.slots.len() - 1;
         // Truncating the hash to pick a slot is intended.
         let mut i = hash as usize & mask;
         loop {
-            let slot = &mut self.slots[i];
-            if slot.tag == tag {
-                if slot.key.as_ref() == Some(&key) {
-                    return false;
-                }
-            } else if slot.tag >> 32 != generation {
-                slot.tag = tag;
-                slot.key = Some(key);
+            let slot = self.slots[i];
+            if slot >> Self::GENERATION_SHIFT != self.generation {
+                self.slots[i] = tag | position as u64;
                 return true;
+            }
+            if slot & Self::TAG == tag && same((slot & Self::POSITION) as usize) {
+                return false;
             }
             i = (i + 1) & mask;
         }
     }
 
-    /// Doubles the table, keeping the current batch's keys.
-    #[cold]
-    fn grow(&mut self) {
-        let size = (self.slots.len() * 2).max(Self::FIRST);
-        let old = std::mem::replace(&mut self.slots, Self::empty_slots(size));
-        let generation = u64::from(self.generation);
-        for slot in old {
-            if let (true, Some(key)) = (slot.tag >> 32 == generation, slot.key) {
-                let hash = self.hasher.hash_one(&key);
-                self.probe(hash, key);
-            }
-        }
-    }
-
-    fn empty_slots(size: usize) -> Vec<Slot<K>> {
-        (0..size).map(|_| Slot { tag: 0, key: None }).collect()
-    }
-
-    /// Empties the set for the next batch.
+    /// Empties the table for the next batch.
     #[inline]
     fn clear(&mut self) {
-        self.len = 0;
-        self.generation = self.generation.wrapping_add(1);
-        if self.generation == 0 {
-            // Once in 2^32 batches: forget every tag so that none can match again.
-            self.slots
-                .iter_mut()
-                .for_each(|slot| *slot = Slot { tag: 0, key: None });
+        self.generation += 1;
+        if self.generation > Self::GENERATIONS {
+            // Once in 65535 batches: forget every slot so that none can match again.
+            self.slots.fill(0);
             self.generation = 1;
         }
     }
 }
 
+/// `batch` with room for one more item (of at most `max`): the first allocation holds
+/// `max` items up to [`PREALLOC`], and later ones double it up to `max`.
+///
+/// The batch is passed by value and grown out of line so that the batch being filled in
+/// [`Core::poll_next`] never has its address taken: it stays in registers.
+#[cold]
+#[inline(never)]
+fn with_room<T>(mut batch: Vec<T>, max: usize) -> Vec<T> {
+    let room = if batch.capacity() == 0 {
+        max.min(PREALLOC)
+    } else {
+        batch.capacity().min(max - batch.len())
+    };
+    batch.reserve_exact(room.max(1));
+    batch
+}
+
+/// The batch and its admission state, moved out of the stream for one poll and put back when
+/// this is dropped (on every return and on a panic upstream or in the key function).
+///
+/// As locals they can live in registers: stores into the batch or into the key table cannot
+/// alias them, so the compiler does not reload them for every item.
+struct Pulled<'a, T, S: Default> {
+    batch: Vec<T>,
+    state: S,
+    home: &'a mut Vec<T>,
+    state_home: &'a mut S,
+}
+
+impl<'a, T, S: Default> Pulled<'a, T, S> {
+    fn take(home: &'a mut Vec<T>, state_home: &'a mut S) -> Self {
+        Self {
+            batch: std::mem::take(home),
+            state: std::mem::take(state_home),
+            home,
+            state_home,
+        }
+    }
+}
+
+impl<T, S: Default> Drop for Pulled<'_, T, S> {
+    #[inline]
+    fn drop(&mut self) {
+        *self.home = std::mem::take(&mut self.batch);
+        *self.state_home = std::mem::take(&mut self.state);
+    }
+}
+
 pin_project! {
     /// The batching core shared by [`Batch`] and [`BatchDedupe`].
-    struct Core<S: Stream, A> {
+    struct Core<S: Stream, A, State> {
         #[pin]
         stream: S,
         // Due `wait` after the current batch's first item.
         deadline: Deadline,
         batch: Vec<S::Item>,
         admit: A,
+        state: State,
         max: usize,
         // The upstream stream has ended.
         done: bool,
     }
 }
 
-impl<S: Stream, A: Admit<S::Item>> Core<S, A> {
+impl<S: Stream, A: Admit<S::Item, State = State>, State: Default> Core<S, A, State> {
     fn try_new(stream: S, max: usize, wait: Duration, admit: A) -> Result<Self, ConfigError> {
         nonzero("max", max as u64)?;
         nonzero_duration("wait", wait)?;
@@ -275,6 +332,7 @@ impl<S: Stream, A: Admit<S::Item>> Core<S, A> {
             deadline: Deadline::new(wait),
             batch: Vec::new(),
             admit,
+            state: State::default(),
             max,
             done: false,
         })
@@ -282,7 +340,7 @@ impl<S: Stream, A: Admit<S::Item>> Core<S, A> {
 
     fn take_partial(self: Pin<&mut Self>) -> Vec<S::Item> {
         let this = self.project();
-        this.admit.clear();
+        A::clear(this.state);
         this.deadline.clear();
         std::mem::take(this.batch)
     }
@@ -290,36 +348,39 @@ impl<S: Stream, A: Admit<S::Item>> Core<S, A> {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Vec<S::Item>>> {
         let mut this = self.project();
 
-        macro_rules! emit {
-            () => {{
-                this.admit.clear();
-                this.deadline.clear();
-                return Poll::Ready(Some(std::mem::take(this.batch)));
-            }};
-        }
-
         // A batch that has been waiting: its deadline comes before anything upstream has now,
         // so an item arriving at the deadline's very instant starts the next batch.
         if this.deadline.has_fired() {
-            emit!();
+            A::clear(this.state);
+            this.deadline.clear();
+            return Poll::Ready(Some(std::mem::take(this.batch)));
+        }
+        if *this.done {
+            return Poll::Ready(None);
+        }
+
+        let mut pulled = Pulled::take(this.batch, this.state);
+        macro_rules! emit {
+            () => {{
+                A::clear(&mut pulled.state);
+                this.deadline.clear();
+                return Poll::Ready(Some(std::mem::take(&mut pulled.batch)));
+            }};
         }
 
         let mut budget = POLL_BUDGET;
         loop {
-            if *this.done {
-                if this.batch.is_empty() {
-                    return Poll::Ready(None);
-                }
-                emit!();
-            }
             match this.stream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(item)) => {
-                    if this.batch.is_empty() {
-                        this.batch.reserve((*this.max).min(PREALLOC));
-                    }
-                    if this.admit.admit(&item) {
-                        this.batch.push(item);
-                        if this.batch.len() >= *this.max {
+                    if this.admit.admit(&mut pulled.state, &item, &pulled.batch) {
+                        if pulled.batch.len() == pulled.batch.capacity() {
+                            pulled.batch = with_room(std::mem::take(&mut pulled.batch), *this.max);
+                        }
+                        // `with_room` left room, so `push` does not grow the batch (which
+                        // would take its address).
+                        assert!(pulled.batch.len() < pulled.batch.capacity());
+                        pulled.batch.push(item);
+                        if pulled.batch.len() >= *this.max {
                             emit!();
                         }
                     } else {
@@ -334,12 +395,15 @@ impl<S: Stream, A: Admit<S::Item>> Core<S, A> {
                         }
                     }
                 }
-                Poll::Ready(None) => *this.done = true,
-                Poll::Pending => {
-                    if this.batch.is_empty() {
-                        return Poll::Pending;
+                Poll::Ready(None) => {
+                    *this.done = true;
+                    if pulled.batch.is_empty() {
+                        return Poll::Ready(None);
                     }
-                    if this.deadline.poll_due(cx) {
+                    emit!();
+                }
+                Poll::Pending => {
+                    if !pulled.batch.is_empty() && this.deadline.poll_due(cx) {
                         emit!();
                     }
                     return Poll::Pending;
@@ -350,8 +414,7 @@ impl<S: Stream, A: Admit<S::Item>> Core<S, A> {
 
     fn size_hint(&self) -> (usize, Option<usize>) {
         if self.done {
-            let n = usize::from(!self.batch.is_empty());
-            return (n, Some(n));
+            return (0, Some(0));
         }
         let pending = self.batch.len();
         let (lower, upper) = self.stream.size_hint();
@@ -365,7 +428,7 @@ impl<S: Stream, A: Admit<S::Item>> Core<S, A> {
     }
 
     fn is_terminated(&self) -> bool {
-        self.done && self.batch.is_empty()
+        self.done
     }
 }
 
@@ -418,7 +481,7 @@ pin_project! {
     #[must_use = "streams do nothing unless polled"]
     pub struct Batch<S: Stream> {
         #[pin]
-        core: Core<S, All>,
+        core: Core<S, All, ()>,
     }
 }
 
@@ -478,7 +541,8 @@ pin_project! {
     #[must_use = "streams do nothing unless polled"]
     pub struct BatchDedupe<S: Stream, K, F> {
         #[pin]
-        core: Core<S, FirstOfKey<K, F>>,
+        core: Core<S, FirstOfKey<F>, KeyTable>,
+        _key: PhantomData<fn() -> K>,
     }
 }
 
@@ -499,12 +563,19 @@ where
         wait: Duration,
         key: F,
     ) -> Result<Self, ConfigError> {
+        if max > KeyTable::MAX_BATCH {
+            return Err(ConfigError::new(
+                "max",
+                "must be at most 4294967295 (2^32 - 1) for batch_dedupe",
+            ));
+        }
         let admit = FirstOfKey {
-            keys: KeySet::new(),
             key,
+            room: max.min(PREALLOC),
         };
         Ok(Self {
             core: Core::try_new(stream, max, wait, admit)?,
+            _key: PhantomData,
         })
     }
 
@@ -555,33 +626,69 @@ where
 
 #[cfg(test)]
 mod tests {
-    use super::KeySet;
+    use super::{Admit, FirstOfKey, KeyTable};
 
-    #[test]
-    fn key_set_grows_and_clears_by_generation() {
-        let mut set = KeySet::new();
-        for round in 0..3u32 {
-            for k in 0..1000u32 {
-                assert!(set.insert(k * 7 + round), "first {k} in round {round}");
+    /// Runs `items` through a first-of-key policy as `Core` does, cutting a batch every `max`
+    /// admitted items; returns the batches.
+    fn batches(items: &[u32], max: usize, key: impl FnMut(&u32) -> u32) -> Vec<Vec<u32>> {
+        let mut policy = FirstOfKey { key, room: 4 };
+        let mut table = KeyTable::default();
+        let (mut out, mut batch) = (Vec::new(), Vec::new());
+        for &item in items {
+            if policy.admit(&mut table, &item, &batch) {
+                batch.push(item);
+                if batch.len() == max {
+                    out.push(std::mem::take(&mut batch));
+                    FirstOfKey::<fn(&u32) -> u32>::clear(&mut table);
+                }
             }
-            for k in 0..1000u32 {
-                assert!(!set.insert(k * 7 + round), "repeat {k} in round {round}");
-            }
-            assert!(set.slots.len() >= 4000 && set.slots.len().is_power_of_two());
-            set.clear();
         }
+        out.push(batch);
+        out
     }
 
     #[test]
-    fn key_set_survives_the_generation_wrapping() {
-        let mut set = KeySet::new();
-        set.generation = u32::MAX;
-        assert!(set.insert("a"));
-        assert!(!set.insert("a"));
-        set.clear();
-        assert_eq!(set.generation, 1);
-        assert!(set.insert("a"));
-        assert!(set.insert("b"));
-        assert!(!set.insert("b"));
+    fn key_table_grows_from_the_batch_and_clears_by_generation() {
+        // 3 rounds of 1000 distinct keys, each key but the last given again with the next
+        // one (before it): a batch of 1000 grows the table from room for 4 keys, rebuilding it from the
+        // batch each time.
+        let items: Vec<u32> = (0..3u32)
+            .flat_map(|round| {
+                (0..1000u32).flat_map(move |k| {
+                    let again = k.checked_sub(1).map(|earlier| earlier * 7 + round);
+                    again.into_iter().chain([k * 7 + round])
+                })
+            })
+            .collect();
+        let out = batches(&items, 1000, |x| *x);
+        assert_eq!(out.len(), 4);
+        for (round, batch) in out.iter().take(3).enumerate() {
+            let expected: Vec<u32> = (0..1000u32).map(|k| k * 7 + round as u32).collect();
+            assert_eq!(batch, &expected, "round {round}");
+        }
+        assert!(out[3].is_empty());
+    }
+
+    #[test]
+    fn key_table_confirms_matches_with_the_key_function() {
+        // Ten items per key (x / 10): only the first of each ten joins the one batch.
+        let items: Vec<u32> = (0..100).collect();
+        let out = batches(&items, 100, |x| x / 10);
+        assert_eq!(out, [(0..10).map(|k| k * 10).collect::<Vec<_>>()]);
+    }
+
+    #[test]
+    fn key_table_survives_the_generation_wrapping() {
+        let mut table = KeyTable::default().rebuilt(4, std::iter::empty::<u32>());
+        table.generation = KeyTable::GENERATIONS;
+        let batch = ["a"];
+        assert!(table.insert(&"a", 0, |_| false));
+        assert!(!table.insert(&"a", 1, |p| batch[p] == "a"));
+        table.clear();
+        assert_eq!(table.generation, 1);
+        // Nothing of the old generation matches any more.
+        assert!(table.insert(&"a", 0, |_| panic!(
+            "no slot of the current batch holds a key"
+        )));
     }
 }

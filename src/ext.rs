@@ -450,8 +450,15 @@ pub trait PipelineExt: Stream {
     /// `wait` starts at the batch's first item and is not extended by later items, so a steady
     /// trickle still flushes every `wait`; a quiet stream emits nothing. An item arriving at the
     /// very instant a batch is due starts the next batch. When the input ends, the partial
-    /// batch is emitted before the stream ends. The key set is reused from batch to batch and
-    /// holds at most `max` keys.
+    /// batch is emitted before the stream ends.
+    ///
+    /// Keys are not stored. A table of the batch's positions, reused from batch to batch and
+    /// at most `8 × max` slots of 8 bytes, finds an earlier item whose key may be equal; `key`
+    /// is then called again on that item to confirm the duplicate. So `key` is called once per
+    /// item and once more per dropped duplicate (rarely also for two keys whose hashes look
+    /// alike), like the key function of
+    /// [`slice::sort_by_key`](https://doc.rust-lang.org/std/primitive.slice.html#method.sort_by_key):
+    /// it should give equal keys for the same item every time.
     ///
     /// Dropping the stream drops the partial batch it has not emitted;
     /// [`BatchDedupe::take_partial`](crate::BatchDedupe::take_partial) and
@@ -464,7 +471,7 @@ pub trait PipelineExt: Stream {
     ///
     /// # Panics
     ///
-    /// Panics if `max` is zero or `wait` is zero.
+    /// Panics if `max` is zero or above `u32::MAX`, or if `wait` is zero.
     ///
     /// # Examples
     ///
