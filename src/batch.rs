@@ -162,8 +162,9 @@ impl<T, K: Hash + Eq, F: FnMut(&T) -> K> Admit<T> for FirstOfKey<F> {
     }
 }
 
-/// Where the keys of the current batch are: an open-addressing table (linear probing, at most
-/// an eighth full) of the batch positions of its first items. Keys themselves are not stored:
+/// Where the keys of the current batch are: an open-addressing table (linear probing) of the
+/// batch positions of its first items, a sixteenth full at most up to 64 KiB and a quarter
+/// full at most beyond. Keys themselves are not stored:
 /// a slot whose tag matches is confirmed by calling the key function again on the item at its
 /// position. The table is emptied in O(1) by starting a new generation, so one table serves
 /// every batch, and it can always be rebuilt from the batch, which is how it grows.
@@ -175,14 +176,21 @@ impl<T, K: Hash + Eq, F: FnMut(&T) -> K> Admit<T> for FirstOfKey<F> {
 #[derive(Default)]
 pub(crate) struct KeyTable {
     slots: Vec<u64>,
+    // How many keys the table may hold, at most a quarter of its slots.
+    room: usize,
     // The current generation, in `1..=GENERATIONS` once the table has slots.
     generation: u64,
     hasher: foldhash::fast::FixedState,
 }
 
 impl KeyTable {
-    /// Slots per key: the table is at most this sparse.
-    const SPREAD: usize = 8;
+    /// Slots per key while the table is small (up to [`Self::SPARSE_SLOTS`]), so that an
+    /// item rarely lands in a taken slot and probing seldom branches the other way.
+    const SPREAD: usize = 16;
+    /// Slots per key at least, in a larger table.
+    const MIN_SPREAD: usize = 4;
+    /// 64 KiB of slots.
+    const SPARSE_SLOTS: usize = 8192;
     const GENERATIONS: u64 = 0xFFFF;
     const POSITION: u64 = 0xFFFF_FFFF;
     const GENERATION_SHIFT: u32 = 48;
@@ -194,10 +202,10 @@ impl KeyTable {
     /// Whether the table can hold `keys` keys.
     #[inline]
     fn has_room(&self, keys: usize) -> bool {
-        Self::SPREAD * keys <= self.slots.len()
+        keys <= self.room
     }
 
-    /// A table with room for at least `room` keys (and at least twice the size of this one),
+    /// A table with room for at least `room` keys (and at least twice the room of this one),
     /// filled with `keys`, the keys of the current batch in order.
     ///
     /// By value, out of line, like [`with_room`], so that the table in use never has its
@@ -205,11 +213,12 @@ impl KeyTable {
     #[cold]
     #[inline(never)]
     fn rebuilt<K: Hash>(self, room: usize, keys: impl Iterator<Item = K>) -> Self {
-        let size = (Self::SPREAD * room)
-            .next_power_of_two()
-            .max(2 * self.slots.len());
+        let room = room.max(2 * self.room);
+        let dense = (Self::MIN_SPREAD * room).next_power_of_two();
+        let sparse = (Self::SPREAD * room).next_power_of_two();
         let mut table = Self {
-            slots: vec![0; size],
+            slots: vec![0; dense.max(sparse.min(Self::SPARSE_SLOTS))],
+            room,
             generation: 1,
             hasher: foldhash::fast::FixedState::with_seed(fastrand::u64(..)),
         };

@@ -452,9 +452,9 @@ pub trait PipelineExt: Stream {
     /// very instant a batch is due starts the next batch. When the input ends, the partial
     /// batch is emitted before the stream ends.
     ///
-    /// Keys are not stored. A table of the batch's positions, reused from batch to batch and
-    /// at most `8 × max` slots of 8 bytes, finds an earlier item whose key may be equal; `key`
-    /// is then called again on that item to confirm the duplicate. So `key` is called once per
+    /// Keys are not stored. A table of the batch's positions, reused from batch to batch,
+    /// finds an earlier item whose key may be equal (8-byte slots, 16 per item of a batch up
+    /// to 64 KiB, 4 to 8 per item beyond); `key` is then called again on that item to confirm the duplicate. So `key` is called once per
     /// item and once more per dropped duplicate (rarely also for two keys whose hashes look
     /// alike), like the key function of
     /// [`slice::sort_by_key`](https://doc.rust-lang.org/std/primitive.slice.html#method.sort_by_key):
