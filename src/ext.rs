@@ -453,12 +453,13 @@ pub trait PipelineExt: Stream {
     /// batch is emitted before the stream ends.
     ///
     /// Keys are not stored. A table of the batch's positions, reused from batch to batch,
-    /// finds an earlier item whose key may be equal (8-byte slots, 16 per item of a batch up
-    /// to 64 KiB, 4 to 8 per item beyond); `key` is then called again on that item to confirm the duplicate. So `key` is called once per
-    /// item and once more per dropped duplicate (rarely also for two keys whose hashes look
-    /// alike), like the key function of
-    /// [`slice::sort_by_key`](https://doc.rust-lang.org/std/primitive.slice.html#method.sort_by_key):
-    /// it should give equal keys for the same item every time.
+    /// finds an earlier item whose key may be equal, and `key` is called again on that item to
+    /// confirm the duplicate. So `key` is called once per item, once more per dropped duplicate
+    /// (rarely also for two keys whose hashes look alike), and, in a batch past 1024 items,
+    /// again on every earlier item each time the table doubles. Like the key function of
+    /// [`slice::sort_by_key`](https://doc.rust-lang.org/std/primitive.slice.html#method.sort_by_key),
+    /// it should give equal keys for the same item every time. The table has 8-byte slots: 16
+    /// per item of `max` up to 64 KiB, 4 to 8 per item beyond.
     ///
     /// Dropping the stream drops the partial batch it has not emitted;
     /// [`BatchDedupe::take_partial`](crate::BatchDedupe::take_partial) and

@@ -257,6 +257,29 @@ async fn key_function_may_keep_state() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_large_batch_keeps_dropping_duplicates_as_its_key_table_grows() {
+    // 3000 distinct keys, then every key again, twice, in a batch of up to 5000.
+    let batches: Vec<Vec<u32>> = stream::iter(0..9000u32)
+        .batch_dedupe(5000, ms(10), |x| x % 3000)
+        .collect()
+        .await;
+    assert_eq!(batches, [(0..3000).collect::<Vec<_>>()]);
+
+    // Two full batches of 5000 distinct keys; within each, every key but the last comes again
+    // with the next one (as `(key, 1)`, to tell the copies apart).
+    let input = (0..10_000u32).flat_map(|k| {
+        let again = (k % 5000 != 0).then(|| (k - 1, 1));
+        again.into_iter().chain([(k, 0)])
+    });
+    let batches: Vec<Vec<(u32, u8)>> = stream::iter(input)
+        .batch_dedupe(5000, ms(10), |(k, _)| *k)
+        .collect()
+        .await;
+    let firsts: Vec<(u32, u8)> = (0..10_000).map(|k| (k, 0)).collect();
+    assert_eq!(batches, [firsts[..5000].to_vec(), firsts[5000..].to_vec()]);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_panicking_key_function_keeps_the_partial_batch_and_its_keys() {
     let mut panicked = false;
     let mut batches = task::spawn(stream::iter([1, 2, 3, 99, 1, 2, 4]).batch_dedupe(
