@@ -164,9 +164,8 @@ impl<T, K: Hash + Eq, F: FnMut(&T) -> K> Admit<T> for FirstOfKey<F> {
 
 /// Where the keys of the current batch are: an open-addressing table (linear probing) of the
 /// batch positions of its first items, a sixteenth full at most up to 64 KiB and a quarter
-/// full at most beyond. Keys themselves are not stored:
-/// a slot whose tag matches is confirmed by calling the key function again on the item at its
-/// position. The table is emptied in O(1) by starting a new generation, so one table serves
+/// full at most beyond. Keys themselves are not stored: a slot whose tag matches is confirmed
+/// by calling the key function again on the item at its position. The table is emptied in O(1) by starting a new generation, so one table serves
 /// every batch, and it can always be rebuilt from the batch, which is how it grows.
 ///
 /// A slot is one `u64`: a 16-bit generation (0 marks a slot never used), 16 bits of the key's
