@@ -356,17 +356,6 @@ impl<S: Stream, A: Admit<S::Item, State = State>, State: Default> Core<S, A, Sta
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Vec<S::Item>>> {
         let mut this = self.project();
 
-        // A batch that has been waiting: its deadline comes before anything upstream has now,
-        // so an item arriving at the deadline's very instant starts the next batch.
-        if this.deadline.has_fired() {
-            A::clear(this.state);
-            this.deadline.clear();
-            return Poll::Ready(Some(std::mem::take(this.batch)));
-        }
-        if *this.done {
-            return Poll::Ready(None);
-        }
-
         let mut pulled = Pulled::take(this.batch, this.state);
         macro_rules! emit {
             () => {{
@@ -374,6 +363,15 @@ impl<S: Stream, A: Admit<S::Item, State = State>, State: Default> Core<S, A, Sta
                 this.deadline.clear();
                 return Poll::Ready(Some(std::mem::take(&mut pulled.batch)));
             }};
+        }
+
+        // A batch that has been waiting: its deadline comes before anything upstream has now,
+        // so an item arriving at the deadline's very instant starts the next batch.
+        if this.deadline.has_fired() {
+            emit!();
+        }
+        if *this.done {
+            return Poll::Ready(None);
         }
 
         let mut budget = POLL_BUDGET;

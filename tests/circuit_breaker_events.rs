@@ -1,0 +1,82 @@
+//! The `tracing` events of `CircuitBreaker`'s state changes.
+//!
+//! Alone in its own test binary: `tracing` caches whether a call site is wanted the first time
+//! it is hit, and another test hitting the breaker's call sites on another thread, with no
+//! subscriber, while this one installs its own, could leave them switched off here.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use stagepipe::prelude::*;
+use tokio::time::advance;
+
+const fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+async fn fail(calls: &AtomicU32) -> Result<u32, String> {
+    calls.fetch_add(1, Ordering::SeqCst);
+    Err(String::from("down"))
+}
+
+async fn succeed(calls: &AtomicU32) -> Result<u32, String> {
+    Ok(calls.fetch_add(1, Ordering::SeqCst))
+}
+
+/// A subscriber that records the message of every event.
+struct Recorder(Arc<Mutex<Vec<String>>>);
+
+struct Message<'a>(&'a mut String);
+
+impl tracing::field::Visit for Message<'_> {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            *self.0 = format!("{value:?}");
+        }
+    }
+}
+
+impl tracing::Subscriber for Recorder {
+    fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+        true
+    }
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+    fn event(&self, event: &tracing::Event<'_>) {
+        assert_eq!(event.metadata().target(), "stagepipe::circuit_breaker");
+        let mut message = String::new();
+        event.record(&mut Message(&mut message));
+        self.0.lock().unwrap().push(message);
+    }
+    fn enter(&self, _: &tracing::span::Id) {}
+    fn exit(&self, _: &tracing::span::Id) {}
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn state_changes_emit_tracing_events() {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let _guard = tracing::subscriber::set_default(Recorder(events.clone()));
+    let breaker = CircuitBreaker::new(1, ms(10));
+    let calls = AtomicU32::new(0);
+    breaker.call(fail(&calls)).await.unwrap_err();
+    advance(ms(10)).await;
+    breaker.call(fail(&calls)).await.unwrap_err();
+    advance(ms(10)).await;
+    breaker.call(succeed(&calls)).await.unwrap();
+    breaker.call(succeed(&calls)).await.unwrap(); // no change, no event
+    let events = events.lock().unwrap().clone();
+    assert_eq!(
+        events,
+        [
+            "circuit breaker opened",
+            "circuit breaker half-open: trial call",
+            "circuit breaker opened again: trial call failed",
+            "circuit breaker half-open: trial call",
+            "circuit breaker closed: trial call succeeded",
+        ]
+    );
+}
