@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 
-use futures::FutureExt;
 use futures::stream::{FusedStream, Stream};
 use futures::task::AtomicWaker;
 use pin_project_lite::pin_project;
@@ -142,26 +141,55 @@ pin_project! {
     /// Runs a user future on a worker; resolves to `None` as soon as the owning stream is gone.
     /// Before the future waits, the chunk's finished outcomes are handed over, so a slow item
     /// never holds back results that are ready.
+    ///
+    /// Every call into user code happens inside an unwind guard: polling the future, and dropping
+    /// it, whether it finished (a panic there becomes the item's outcome) or was cancelled (a
+    /// panic there is swallowed: nobody is left to see it). So a worker never dies of user code.
     struct Cancellable<'a, Fut, U> {
         #[pin]
-        fut: Fut,
+        fut: Option<Fut>,
         chan: &'a Chan<U>,
         done: &'a mut Vec<(u64, Outcome<U>)>,
         registered: bool,
     }
+
+    impl<Fut, U> PinnedDrop for Cancellable<'_, Fut, U> {
+        fn drop(this: Pin<&mut Self>) {
+            drop_caught(this.project().fut);
+        }
+    }
+}
+
+/// Drops the future in `slot` inside an unwind guard, returning the panic of its destructor.
+fn drop_caught<Fut>(slot: Pin<&mut Option<Fut>>) -> Option<Box<dyn Any + Send + 'static>> {
+    std::panic::catch_unwind(AssertUnwindSafe(move || {
+        let mut slot = slot;
+        slot.set(None);
+    }))
+    .err()
 }
 
 impl<Fut: Future, U> Future for Cancellable<'_, Fut, U> {
-    type Output = Option<Fut::Output>;
+    type Output = Option<Outcome<Fut::Output>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
+        let mut this = self.project();
         if this.chan.is_closed() {
             return Poll::Ready(None);
         }
-        match this.fut.poll(cx) {
-            Poll::Ready(v) => Poll::Ready(Some(v)),
-            Poll::Pending => {
+        let Some(fut) = this.fut.as_mut().as_pin_mut() else {
+            return Poll::Ready(None);
+        };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+            Ok(Poll::Ready(value)) => Poll::Ready(Some(match drop_caught(this.fut) {
+                None => Ok(value),
+                Some(panic) => Err(panic),
+            })),
+            Err(panic) => {
+                drop_caught(this.fut);
+                Poll::Ready(Some(Err(panic)))
+            }
+            Ok(Poll::Pending) => {
                 if let Some(waker) = this.chan.complete(this.done) {
                     waker.wake();
                 }
@@ -178,6 +206,19 @@ impl<Fut: Future, U> Future for Cancellable<'_, Fut, U> {
     }
 }
 
+/// The futures of a chunk that have not started yet. Dropped one by one inside an unwind guard
+/// (the stream is gone), so one panicking destructor neither aborts the process nor skips the
+/// others.
+struct NotStarted<Fut>(std::vec::IntoIter<Fut>);
+
+impl<Fut> Drop for NotStarted<Fut> {
+    fn drop(&mut self) {
+        for fut in self.0.by_ref() {
+            let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(fut)));
+        }
+    }
+}
+
 /// A chunk of one stream's futures, run in turn by one worker. Its outcomes reach the channel
 /// together at the end (one lock per chunk), or earlier when an item has to wait.
 fn make_job<Fut>(futs: Vec<Fut>, first_seq: u64, chan: Arc<Chan<Fut::Output>>) -> Job
@@ -185,13 +226,16 @@ where
     Fut: Future + Send + 'static,
     Fut::Output: Send + 'static,
 {
+    let n = futs.len();
+    // Owned by the guard from here on, so that a job dropped before it starts drops each future
+    // inside an unwind guard too.
+    let mut rest = NotStarted(futs.into_iter());
     Box::pin(async move {
         let started = std::time::Instant::now();
-        let n = futs.len() as u64;
-        let mut done = Vec::with_capacity(futs.len());
-        for (seq, fut) in (first_seq..).zip(futs) {
+        let mut done = Vec::with_capacity(n);
+        for (seq, fut) in (first_seq..).zip(rest.0.by_ref()) {
             let run = Cancellable {
-                fut: AssertUnwindSafe(fut).catch_unwind(),
+                fut: Some(fut),
                 chan: &chan,
                 done: &mut done,
                 registered: false,
@@ -202,7 +246,8 @@ where
             }
         }
         let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        chan.item_nanos.store(nanos / n.max(1), Ordering::Relaxed);
+        chan.item_nanos
+            .store(nanos / (n as u64).max(1), Ordering::Relaxed);
         chan.complete(&mut done)
     })
 }
@@ -232,6 +277,11 @@ pub(crate) struct Core<U> {
     queued: usize,
     /// Results taken from the channel, not yet yielded.
     ready: VecDeque<Outcome<U>>,
+    /// Jobs taken back from the pool to run on this stream's own task: when the stream is
+    /// polled by one of its own pool's workers (a nested fan-out) and no worker started them.
+    inline: VecDeque<Job>,
+    /// Nested: the stream yielded once to let idle workers take its jobs before taking them back.
+    yielded: bool,
 }
 
 impl<U: Send + 'static> Core<U> {
@@ -249,6 +299,8 @@ impl<U: Send + 'static> Core<U> {
             jobs: Vec::new(),
             queued: 0,
             ready: VecDeque::new(),
+            inline: VecDeque::new(),
+            yielded: false,
         }
     }
 
@@ -285,7 +337,40 @@ impl<U: Send + 'static> Core<U> {
             self.chunk(futs);
         }
         self.flush();
-        self.poll_result(cx)
+        if !self.inline.is_empty() {
+            self.poll_inline(cx);
+        }
+        let poll = self.poll_result(cx);
+        if poll.is_ready() || !self.pool.on_worker() {
+            self.yielded = false;
+            return poll;
+        }
+        // Nested on its own pool: this task holds one of the pool's workers, and every other
+        // worker may be doing the same, so never wait for a job that no worker has started.
+        // Let idle workers take the jobs first (yield once), then run what is left here.
+        if !self.yielded {
+            self.yielded = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        self.yielded = false;
+        if self.pool.reclaim(self.source, &mut self.inline) {
+            self.poll_inline(cx);
+            return self.poll_result(cx);
+        }
+        Poll::Pending
+    }
+
+    /// Runs the jobs taken back from the pool, one at a time as a worker would (so the pool's
+    /// cap on running futures still holds); their results reach the channel as usual.
+    fn poll_inline(&mut self, cx: &mut Context<'_>) {
+        while let Some(job) = self.inline.front_mut() {
+            if job.as_mut().poll(cx).is_pending() {
+                return;
+            }
+            // A finished job hands back the waker of this very consumer: nothing to wake.
+            self.inline.pop_front();
+        }
     }
 
     /// Splits new futures into chunk jobs: as many items per chunk as take about
@@ -378,6 +463,7 @@ impl<U> Drop for Core<U> {
     fn drop(&mut self) {
         self.chan.close();
         self.jobs.clear();
+        self.inline.clear();
         self.pool.unregister(self.source);
     }
 }

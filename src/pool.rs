@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::{Future, poll_fn};
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -16,6 +17,26 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use crate::error::{ConfigError, nonzero, or_panic};
+
+thread_local! {
+    /// The pool (its `Shared`'s address) whose worker is polling a job on this thread, or 0.
+    static ON_WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Marks this thread as running a job of `shared` until dropped (restoring the previous mark).
+struct OnWorker(usize);
+
+impl OnWorker {
+    fn enter(shared: &Arc<Shared>) -> Self {
+        Self(ON_WORKER.replace(Arc::as_ptr(shared) as usize))
+    }
+}
+
+impl Drop for OnWorker {
+    fn drop(&mut self) {
+        ON_WORKER.set(self.0);
+    }
+}
 
 /// A type-erased unit of work: a user future wrapped so that it delivers its own result. It
 /// resolves to the waker of a consumer that its result unblocked, which the worker wakes once it
@@ -34,6 +55,25 @@ pub(crate) type Job = Pin<Box<dyn Future<Output = Option<Waker>> + Send + 'stati
 /// be built before the runtime is entered, but it must be *used* inside one. Cloning the handle
 /// shares the workers; when the last handle (and the last stream using the pool) is dropped, the
 /// workers stop.
+///
+/// # Panics in user code
+///
+/// Every call into a user future on a worker is guarded: a panic while it is polled, or while it
+/// is dropped after it finished, reaches the stream's consumer at that item's place (as inline
+/// code would); a panic while a cancelled future is dropped (its stream is gone) is swallowed,
+/// after the panic hook has reported it. A worker never dies of user code.
+///
+/// # Nested use
+///
+/// A future running on the pool may itself fan out on the same pool (library code that was
+/// handed the pool does not know its caller). Such a nested stream never waits for a job of its
+/// own that no worker has started: when it would wait, it first yields once so that idle workers
+/// can take its jobs, then runs the jobs still queued on its own worker, one at a time (the outer
+/// future waits meanwhile, so the worker still runs one future at a time). So nesting completes
+/// even when every worker is busy with an outer item (on one worker, the nested stream simply
+/// runs inline), and at most `workers` futures still make progress at once. This holds for streams polled
+/// inside a job of the pool; a nested stream moved into a separately spawned task that an outer
+/// item awaits is an ordinary consumer and can still exhaust the pool.
 ///
 /// A plain number converts into a private pool wherever a pool is accepted:
 /// `s.fan_out_ordered(4, f)` is `s.fan_out_ordered(WorkerPool::new(4), f)`.
@@ -151,6 +191,27 @@ impl WorkerPool {
                 state.sources.len() - 1
             }
         }
+    }
+
+    /// Whether the caller runs inside a job of one of this pool's own workers: a stream polled
+    /// there is nested on its own pool, and must not wait for jobs that no worker has started.
+    pub(crate) fn on_worker(&self) -> bool {
+        ON_WORKER.get() == Arc::as_ptr(&self.handle.shared) as usize
+    }
+
+    /// Takes back the jobs of source `id` that no worker has started yet, into `out`; returns
+    /// whether there were any.
+    pub(crate) fn reclaim(&self, id: usize, out: &mut VecDeque<Job>) -> bool {
+        let mut state = self.handle.shared.lock();
+        let Some(queue) = state.sources[id].as_mut() else {
+            return false;
+        };
+        if queue.is_empty() {
+            return false;
+        }
+        out.extend(queue.drain(..));
+        state.ready.retain(|&r| r != id);
+        true
     }
 
     /// Removes a source; its queued jobs are dropped (outside the lock).
@@ -274,7 +335,11 @@ async fn worker(shared: Arc<Shared>, index: usize) {
         shared.busy.fetch_add(1, Ordering::Relaxed);
         while let Some(mut job) = batch.pop_front() {
             let unblocked = poll_fn(|cx| {
-                let poll = job.as_mut().poll(cx);
+                let _on = OnWorker::enter(&shared);
+                // Jobs guard every call into user code themselves (see `fan_out.rs`); this
+                // second guard only keeps the worker alive should one ever get through.
+                let poll = std::panic::catch_unwind(AssertUnwindSafe(|| job.as_mut().poll(cx)))
+                    .unwrap_or(Poll::Ready(None));
                 if poll.is_pending() {
                     wake_all(&mut deferred);
                 }
@@ -286,7 +351,7 @@ async fn worker(shared: Arc<Shared>, index: usize) {
                     deferred.push(waker);
                 }
             }
-            drop(job);
+            let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(job)));
             tokio::task::consume_budget().await;
         }
         shared.busy.fetch_sub(1, Ordering::Relaxed);
