@@ -23,7 +23,7 @@ use futures::stream::{FusedStream, Stream};
 use futures::task::AtomicWaker;
 use pin_project_lite::pin_project;
 
-use crate::pool::{Job, WorkerPool};
+use crate::pool::{self, Job, SourceId, WorkerPool};
 
 /// What a job produced: its value, or the payload of its panic.
 type Outcome<U> = Result<U, Box<dyn Any + Send + 'static>>;
@@ -139,8 +139,9 @@ impl<U> Chan<U> {
 
 pin_project! {
     /// Runs a user future on a worker; resolves to `None` as soon as the owning stream is gone.
-    /// Before the future waits, the chunk's finished outcomes are handed over, so a slow item
-    /// never holds back results that are ready.
+    /// The first time the future has to wait, the chunk's finished outcomes are handed over and
+    /// its unstarted items are split off into a job of their own for idle workers to take, so a
+    /// slow item never holds back results that are ready or items that could run.
     ///
     /// Every call into user code happens inside an unwind guard: polling the future, and dropping
     /// it, whether it finished (a panic there becomes the item's outcome) or was cancelled (a
@@ -148,8 +149,11 @@ pin_project! {
     struct Cancellable<'a, Fut, U> {
         #[pin]
         fut: Option<Fut>,
-        chan: &'a Chan<U>,
+        chan: &'a Arc<Chan<U>>,
         done: &'a mut Vec<(u64, Outcome<U>)>,
+        rest: &'a mut NotStarted<Fut>,
+        // The sequence number of the first item in `rest`.
+        next_seq: u64,
         registered: bool,
     }
 
@@ -169,8 +173,12 @@ fn drop_caught<Fut>(slot: Pin<&mut Option<Fut>>) -> Option<Box<dyn Any + Send + 
     .err()
 }
 
-impl<Fut: Future, U> Future for Cancellable<'_, Fut, U> {
-    type Output = Option<Outcome<Fut::Output>>;
+impl<Fut, U> Future for Cancellable<'_, Fut, U>
+where
+    Fut: Future<Output = U> + Send + 'static,
+    U: Send + 'static,
+{
+    type Output = Option<Outcome<U>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
@@ -195,6 +203,7 @@ impl<Fut: Future, U> Future for Cancellable<'_, Fut, U> {
                 }
                 if !*this.registered {
                     *this.registered = true;
+                    split_off(this.rest, *this.next_seq, this.chan);
                     this.chan.register_running(cx.waker());
                     if this.chan.is_closed() {
                         return Poll::Ready(None);
@@ -219,8 +228,23 @@ impl<Fut> Drop for NotStarted<Fut> {
     }
 }
 
+/// Hands the unstarted futures in `rest` (the first numbered `first_seq`) to whoever polls this
+/// job, as a job of their own; keeps them if nobody collects (then this job runs them).
+fn split_off<Fut>(rest: &mut NotStarted<Fut>, first_seq: u64, chan: &Arc<Chan<Fut::Output>>)
+where
+    Fut: Future + Send + 'static,
+    Fut::Output: Send + 'static,
+{
+    if rest.0.len() == 0 || !pool::collecting() {
+        return;
+    }
+    let futs: Vec<Fut> = rest.0.by_ref().collect();
+    pool::spill(make_job(futs, first_seq, chan.clone()));
+}
+
 /// A chunk of one stream's futures, run in turn by one worker. Its outcomes reach the channel
-/// together at the end (one lock per chunk), or earlier when an item has to wait.
+/// together at the end (one lock per chunk), or earlier when an item has to wait, when the
+/// items not started yet are also split off for other workers.
 fn make_job<Fut>(futs: Vec<Fut>, first_seq: u64, chan: Arc<Chan<Fut::Output>>) -> Job
 where
     Fut: Future + Send + 'static,
@@ -233,21 +257,25 @@ where
     Box::pin(async move {
         let started = std::time::Instant::now();
         let mut done = Vec::with_capacity(n);
-        for (seq, fut) in (first_seq..).zip(rest.0.by_ref()) {
+        let mut seq = first_seq;
+        while let Some(fut) = rest.0.next() {
             let run = Cancellable {
                 fut: Some(fut),
                 chan: &chan,
                 done: &mut done,
+                rest: &mut rest,
+                next_seq: seq + 1,
                 registered: false,
             };
             match run.await {
                 Some(outcome) => done.push((seq, outcome)),
                 None => return None,
             }
+            seq += 1;
         }
+        let ran = seq - first_seq;
         let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        chan.item_nanos
-            .store(nanos / (n as u64).max(1), Ordering::Relaxed);
+        chan.item_nanos.store(nanos / ran.max(1), Ordering::Relaxed);
         chan.complete(&mut done)
     })
 }
@@ -263,7 +291,7 @@ const MAX_CHUNK_ITEMS: usize = 32;
 /// The consumer side shared by [`FanOutOrdered`] and [`FanOut`].
 pub(crate) struct Core<U> {
     pool: WorkerPool,
-    source: usize,
+    source: SourceId,
     chan: Arc<Chan<U>>,
     window: usize,
     /// Items submitted so far; the next item's sequence number.
@@ -271,6 +299,8 @@ pub(crate) struct Core<U> {
     /// Items in the pool: submitted and not yet yielded.
     in_pool: usize,
     upstream_done: bool,
+    /// Upstream was pending at the last pull: it is pulled whenever the window has room.
+    upstream_lazy: bool,
     /// Jobs made in this poll, submitted together.
     jobs: Vec<Job>,
     /// Items queued in `jobs`.
@@ -296,6 +326,7 @@ impl<U: Send + 'static> Core<U> {
             next_seq: 0,
             in_pool: 0,
             upstream_done: false,
+            upstream_lazy: false,
             jobs: Vec::new(),
             queued: 0,
             ready: VecDeque::new(),
@@ -322,16 +353,24 @@ impl<U: Send + 'static> Core<U> {
         F: FnMut(S::Item) -> Fut,
         Fut: Future<Output = U> + Send + 'static,
     {
-        // Refill only once half the window is free, so that jobs reach the pool in batches and
-        // idle workers are woken once per batch rather than once per item.
-        let refill = self.in_pool == 0 || self.in_pool + self.window.div_ceil(2) <= self.window;
+        // While upstream keeps up, refill only once half the window is free, so that jobs reach
+        // the pool in batches and idle workers are woken once per batch rather than once per
+        // item. A lazy upstream (pending at the last pull) is pulled whenever the window has
+        // room: batching would only leave its window half used.
+        let refill = self.in_pool == 0
+            || self.upstream_lazy
+            || self.in_pool + self.window.div_ceil(2) <= self.window;
         if refill && !self.upstream_done && self.in_pool < self.window {
             let mut futs = Vec::new();
+            self.upstream_lazy = false;
             while !self.upstream_done && self.in_pool + futs.len() < self.window {
                 match stream.as_mut().poll_next(cx) {
                     Poll::Ready(Some(item)) => futs.push(f(item)),
                     Poll::Ready(None) => self.upstream_done = true,
-                    Poll::Pending => break,
+                    Poll::Pending => {
+                        self.upstream_lazy = true;
+                        break;
+                    }
                 }
             }
             self.chunk(futs);
@@ -363,9 +402,13 @@ impl<U: Send + 'static> Core<U> {
 
     /// Runs the jobs taken back from the pool, one at a time as a worker would (so the pool's
     /// cap on running futures still holds); their results reach the channel as usual.
+    /// A job that has to wait splits off its unstarted items; they go back to the pool, where
+    /// idle workers may take them (or this stream takes them back when it would wait again).
     fn poll_inline(&mut self, cx: &mut Context<'_>) {
         while let Some(job) = self.inline.front_mut() {
-            if job.as_mut().poll(cx).is_pending() {
+            let (poll, spilled) = pool::poll_collecting(job, cx);
+            self.pool.requeue(self.source, spilled);
+            if poll.is_pending() {
                 return;
             }
             // A finished job hands back the waker of this very consumer: nothing to wake.

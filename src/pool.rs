@@ -14,7 +14,6 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
 
 use crate::error::{ConfigError, nonzero, or_panic};
 
@@ -38,10 +37,10 @@ impl Drop for OnWorker {
     }
 }
 
-/// A type-erased unit of work: a user future wrapped so that it delivers its own result. It
-/// resolves to the waker of a consumer that its result unblocked, which the worker wakes once it
-/// finishes its chunk of jobs (or as soon as a job has to wait), so that a consumer is woken once
-/// per chunk rather than once per item.
+/// A type-erased unit of work: a chunk of one stream's futures wrapped so that it delivers its
+/// own results. It resolves to the waker of a consumer that its results unblocked, which the
+/// worker wakes when the job ends, so that a consumer is woken once per chunk rather than once
+/// per item. A job whose item has to wait splits off its unstarted items (see [`spill`]).
 pub(crate) type Job = Pin<Box<dyn Future<Output = Option<Waker>> + Send + 'static>>;
 
 /// A pool of long-lived worker tasks shared by every stream and request group that holds a clone.
@@ -118,13 +117,65 @@ struct State {
     started: bool,
     shutdown: bool,
     /// Job queues by source id; `None` marks a free id.
-    sources: Vec<Option<VecDeque<Job>>>,
+    sources: Vec<Option<Queue>>,
     free_ids: Vec<usize>,
+    /// Registrations so far: tells a source apart from a later one that reuses its id.
+    epochs: u64,
     /// Source ids that have queued jobs, each at most once, served round-robin.
     ready: VecDeque<usize>,
     /// Wakers of idle workers, by worker index.
     parked: Vec<Option<Waker>>,
     parked_ids: Vec<usize>,
+}
+
+/// One source's queued jobs.
+struct Queue {
+    jobs: VecDeque<Job>,
+    epoch: u64,
+    /// Worker time owed, in nanoseconds: charged for every job the source ran, repaid by one
+    /// [`QUANTUM`] each time its turn is skipped because it is in debt.
+    debt: u64,
+}
+
+/// The worker time a source in debt is forgiven each time its turn comes round. Sources are
+/// served round-robin by time, not by job: a source whose jobs took long waits until the others
+/// have had as much (deficit round-robin). Small against a job's usual time, so that a source of
+/// short jobs loses little of its turn; many turns in a row cost one extra pass (`next_job`).
+const QUANTUM: u64 = 20_000;
+
+/// The most debt a source carries, so that one very long job does not push it back for long.
+const MAX_DEBT: u64 = 100_000_000;
+
+/// A registered source: its slot, and the registration it belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SourceId {
+    id: usize,
+    epoch: u64,
+}
+
+impl State {
+    /// The queue of `source`, if it is still registered.
+    fn queue(&mut self, source: SourceId) -> Option<&mut VecDeque<Job>> {
+        match self.sources.get_mut(source.id) {
+            Some(Some(queue)) if queue.epoch == source.epoch => Some(&mut queue.jobs),
+            _ => None,
+        }
+    }
+
+    /// Marks `source` ready (it has queued jobs) and takes the wakers of up to `n` idle workers.
+    fn wake_for(&mut self, source: SourceId, was_empty: bool, n: usize, wake: &mut Vec<Waker>) {
+        if was_empty {
+            self.ready.push_back(source.id);
+        }
+        for _ in 0..n {
+            let Some(index) = self.parked_ids.pop() else {
+                break;
+            };
+            if let Some(waker) = self.parked[index].take() {
+                wake.push(waker);
+            }
+        }
+    }
 }
 
 impl WorkerPool {
@@ -178,19 +229,25 @@ impl WorkerPool {
         self.workers().saturating_mul(4).max(DEFAULT_MIN_WINDOW)
     }
 
-    /// Registers a new source and returns its id.
-    pub(crate) fn register(&self) -> usize {
+    /// Registers a new source.
+    pub(crate) fn register(&self) -> SourceId {
         let mut state = self.handle.shared.lock();
-        match state.free_ids.pop() {
-            Some(id) => {
-                state.sources[id] = Some(VecDeque::new());
-                id
-            }
-            None => {
-                state.sources.push(Some(VecDeque::new()));
-                state.sources.len() - 1
-            }
+        state.epochs += 1;
+        let queue = Queue {
+            jobs: VecDeque::new(),
+            epoch: state.epochs,
+            debt: 0,
+        };
+        let source = SourceId {
+            id: state.free_ids.pop().unwrap_or(state.sources.len()),
+            epoch: queue.epoch,
+        };
+        if source.id == state.sources.len() {
+            state.sources.push(Some(queue));
+        } else {
+            state.sources[source.id] = Some(queue);
         }
+        source
     }
 
     /// Whether the caller runs inside a job of one of this pool's own workers: a stream polled
@@ -199,35 +256,38 @@ impl WorkerPool {
         ON_WORKER.get() == Arc::as_ptr(&self.handle.shared) as usize
     }
 
-    /// Takes back the jobs of source `id` that no worker has started yet, into `out`; returns
+    /// Takes back the jobs of `source` that no worker has started yet, into `out`; returns
     /// whether there were any.
-    pub(crate) fn reclaim(&self, id: usize, out: &mut VecDeque<Job>) -> bool {
+    pub(crate) fn reclaim(&self, source: SourceId, out: &mut VecDeque<Job>) -> bool {
         let mut state = self.handle.shared.lock();
-        let Some(queue) = state.sources[id].as_mut() else {
+        let Some(queue) = state.queue(source) else {
             return false;
         };
         if queue.is_empty() {
             return false;
         }
         out.extend(queue.drain(..));
-        state.ready.retain(|&r| r != id);
+        state.ready.retain(|&r| r != source.id);
         true
     }
 
     /// Removes a source; its queued jobs are dropped (outside the lock).
-    pub(crate) fn unregister(&self, id: usize) {
+    pub(crate) fn unregister(&self, source: SourceId) {
         let jobs = {
             let mut state = self.handle.shared.lock();
-            let jobs = state.sources[id].take();
-            state.free_ids.push(id);
-            state.ready.retain(|&r| r != id);
+            if state.queue(source).is_none() {
+                return;
+            }
+            let jobs = state.sources[source.id].take();
+            state.free_ids.push(source.id);
+            state.ready.retain(|&r| r != source.id);
             jobs
         };
         drop(jobs);
     }
 
-    /// Queues `jobs` (drained from the buffer) for source `id` and wakes idle workers.
-    pub(crate) fn submit(&self, id: usize, jobs: &mut Vec<Job>) {
+    /// Queues `jobs` (drained from the buffer) for `source` and wakes idle workers.
+    pub(crate) fn submit(&self, source: SourceId, jobs: &mut Vec<Job>) {
         if jobs.is_empty() {
             return;
         }
@@ -242,24 +302,19 @@ impl WorkerPool {
                 }
             }
             let n = jobs.len();
-            let queue = state.sources[id].as_mut().expect("source registered");
+            let queue = state.queue(source).expect("source registered");
             let was_empty = queue.is_empty();
             queue.extend(jobs.drain(..));
-            if was_empty {
-                state.ready.push_back(id);
-            }
-            for _ in 0..n {
-                let Some(index) = state.parked_ids.pop() else {
-                    break;
-                };
-                if let Some(waker) = state.parked[index].take() {
-                    wake.push(waker);
-                }
-            }
+            state.wake_for(source, was_empty, n, &mut wake);
         }
         for waker in wake {
             waker.wake();
         }
+    }
+
+    /// Puts `jobs` back at the front of `source`'s queue (see [`Shared::requeue`]).
+    pub(crate) fn requeue(&self, source: SourceId, jobs: Vec<Job>) {
+        self.handle.shared.requeue(source, jobs);
     }
 }
 
@@ -270,35 +325,51 @@ impl Shared {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Moves the next jobs for worker `index` into `batch`: up to `cap` from one source, fewer
-    /// when the queue is short so that other workers get a share. Returns `Ready(false)`
-    /// on shutdown, or `Pending` after parking the worker.
-    fn poll_jobs(
+    /// Puts `jobs`, split off a job that has to wait, back at the front of `source`'s queue, in
+    /// order, for idle workers to take. Dropped (outside the lock) if the source is gone.
+    fn requeue(&self, source: SourceId, mut jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
+        let mut wake = Vec::new();
+        {
+            let mut state = self.lock();
+            if let Some(queue) = state.queue(source) {
+                let was_empty = queue.is_empty();
+                let n = jobs.len();
+                for job in jobs.drain(..).rev() {
+                    queue.push_front(job);
+                }
+                state.wake_for(source, was_empty, n, &mut wake);
+            }
+        }
+        drop(jobs);
+        for waker in wake {
+            waker.wake();
+        }
+    }
+
+    /// The next job for worker `index`, after charging the last job's time (`charge`, taken).
+    /// Returns `Ready(None)` on shutdown, or `Pending` after parking the worker.
+    fn poll_job(
         &self,
         index: usize,
-        cap: usize,
-        batch: &mut VecDeque<Job>,
+        charge: &mut Option<(SourceId, u64)>,
         cx: &mut Context<'_>,
-    ) -> Poll<bool> {
+    ) -> Poll<Option<(SourceId, Job)>> {
         let mut state = self.lock();
-        if state.shutdown {
-            return Poll::Ready(false);
+        if let Some((source, nanos)) = charge.take() {
+            state.charge(source, nanos);
         }
-        if let Some(id) = state.ready.pop_front() {
-            let workers = self.workers;
-            let queue = state.sources[id]
-                .as_mut()
-                .expect("ready source is registered");
-            let take = (queue.len() / (2 * workers)).clamp(1, cap);
-            batch.extend(queue.drain(..take));
-            if !queue.is_empty() {
-                state.ready.push_back(id);
-            }
+        if state.shutdown {
+            return Poll::Ready(None);
+        }
+        if let Some(next) = state.next_job() {
             // Woken for another reason while parked: a submitter must not count on this worker.
             if state.parked[index].take().is_some() {
                 state.parked_ids.retain(|&i| i != index);
             }
-            return Poll::Ready(true);
+            return Poll::Ready(Some(next));
         }
         let slot = &mut state.parked[index];
         match slot {
@@ -313,63 +384,135 @@ impl Shared {
     }
 }
 
+impl State {
+    /// Charges `source` for `nanos` of worker time.
+    fn charge(&mut self, source: SourceId, nanos: u64) {
+        if let Some(Some(queue)) = self.sources.get_mut(source.id) {
+            if queue.epoch == source.epoch {
+                queue.debt = queue.debt.saturating_add(nanos).min(MAX_DEBT);
+            }
+        }
+    }
+
+    /// The next job, from the ready sources in round-robin order (deficit round-robin by time):
+    /// a source whose turn comes is forgiven one [`QUANTUM`] of its debt and served if that
+    /// clears it, else it waits for its next turn. If a whole round clears nobody, every ready
+    /// source is forgiven the smallest remaining debt at once (as many rounds as that takes),
+    /// so picking a job never takes more than two passes over the ready sources.
+    fn next_job(&mut self) -> Option<(SourceId, Job)> {
+        let mut least = u64::MAX;
+        for _ in 0..self.ready.len() {
+            let id = self.ready.pop_front()?;
+            let Some(queue) = self.sources[id].as_mut() else {
+                continue;
+            };
+            if queue.jobs.is_empty() {
+                continue;
+            }
+            queue.debt = queue.debt.saturating_sub(QUANTUM);
+            if queue.debt == 0 {
+                return Some(self.take_from(id));
+            }
+            least = least.min(queue.debt);
+            self.ready.push_back(id);
+        }
+        if self.ready.is_empty() {
+            return None;
+        }
+        let mut first = None;
+        for &id in &self.ready {
+            if let Some(queue) = self.sources[id].as_mut() {
+                queue.debt = queue.debt.saturating_sub(least);
+                if queue.debt == 0 && first.is_none() {
+                    first = Some(id);
+                }
+            }
+        }
+        let id = first?;
+        self.ready.retain(|&r| r != id);
+        Some(self.take_from(id))
+    }
+
+    /// Takes the next job of ready source `id` (just removed from `ready`), putting the source
+    /// back at the end of `ready` if it has more.
+    fn take_from(&mut self, id: usize) -> (SourceId, Job) {
+        let queue = self.sources[id].as_mut().expect("a ready source is registered");
+        let job = queue.jobs.pop_front().expect("a ready source has a job");
+        let source = SourceId {
+            id,
+            epoch: queue.epoch,
+        };
+        if !queue.jobs.is_empty() {
+            self.ready.push_back(id);
+        }
+        (source, job)
+    }
+}
+
+thread_local! {
+    /// Jobs split off the job being polled on this thread because one of its items has to wait
+    /// (see `fan_out.rs`), collected by whoever polls it: `None` when nobody collects.
+    static SPILL: std::cell::RefCell<Option<Vec<Job>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Polls `job`, collecting the jobs it splits off while it is polled.
+pub(crate) fn poll_collecting(
+    job: &mut Job,
+    cx: &mut Context<'_>,
+) -> (Poll<Option<Waker>>, Vec<Job>) {
+    let outer = SPILL.replace(Some(Vec::new()));
+    // Jobs guard every call into user code themselves (see `fan_out.rs`); this second guard
+    // only keeps a worker alive should a panic ever get through.
+    let poll = std::panic::catch_unwind(AssertUnwindSafe(|| job.as_mut().poll(cx)))
+        .unwrap_or(Poll::Ready(None));
+    let spilled = SPILL.replace(outer).unwrap_or_default();
+    (poll, spilled)
+}
+
+/// Whether whoever polls the current job collects the jobs it splits off.
+pub(crate) fn collecting() -> bool {
+    SPILL.with_borrow(Option::is_some)
+}
+
+/// Hands `job` to whoever is polling the current job, for idle workers to take. Only called
+/// when [`collecting`].
+pub(crate) fn spill(job: Job) {
+    SPILL.with_borrow_mut(|spill| {
+        debug_assert!(spill.is_some(), "a job is split only for a collector");
+        if let Some(jobs) = spill {
+            jobs.push(job);
+        }
+    });
+}
+
 /// The smallest default window. Hand-offs between the consumer and the workers happen in
 /// batches of half a window, and each batch costs a few thread wake-ups; a window of 512 keeps
 /// that cost under 100 ns per item (measured) while holding at most 512 items per stream.
 const DEFAULT_MIN_WINDOW: usize = 512;
 
-/// The most jobs a worker takes from one source at a time.
-const MAX_CHUNK: usize = 32;
-
-/// A chunk that takes longer than this halves the worker's chunk size: slow jobs are taken one
-/// at a time, so their results are not held back and other streams get their turn.
-const SLOW_CHUNK: Duration = Duration::from_micros(500);
-
 async fn worker(shared: Arc<Shared>, index: usize) {
-    let mut batch = VecDeque::with_capacity(MAX_CHUNK);
-    let mut deferred: Vec<Waker> = Vec::new();
-    let mut cap = 1;
-    while poll_fn(|cx| shared.poll_jobs(index, cap, &mut batch, cx)).await {
-        let taken = batch.len();
+    let mut charge = None;
+    while let Some((source, mut job)) =
+        poll_fn(|cx| shared.poll_job(index, &mut charge, cx)).await
+    {
         let started = std::time::Instant::now();
         shared.busy.fetch_add(1, Ordering::Relaxed);
-        while let Some(mut job) = batch.pop_front() {
-            let unblocked = poll_fn(|cx| {
-                let _on = OnWorker::enter(&shared);
-                // Jobs guard every call into user code themselves (see `fan_out.rs`); this
-                // second guard only keeps the worker alive should one ever get through.
-                let poll = std::panic::catch_unwind(AssertUnwindSafe(|| job.as_mut().poll(cx)))
-                    .unwrap_or(Poll::Ready(None));
-                if poll.is_pending() {
-                    wake_all(&mut deferred);
-                }
-                poll
-            })
-            .await;
-            if let Some(waker) = unblocked {
-                if !deferred.iter().any(|w| w.will_wake(&waker)) {
-                    deferred.push(waker);
-                }
-            }
-            let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(job)));
-            tokio::task::consume_budget().await;
-        }
+        let unblocked = poll_fn(|cx| {
+            let _on = OnWorker::enter(&shared);
+            let (poll, spilled) = poll_collecting(&mut job, cx);
+            shared.requeue(source, spilled);
+            poll
+        })
+        .await;
         shared.busy.fetch_sub(1, Ordering::Relaxed);
-        wake_all(&mut deferred);
-        cap = if started.elapsed() > SLOW_CHUNK {
-            (cap / 2).max(1)
-        } else if taken == cap {
-            (cap * 2).min(MAX_CHUNK)
-        } else {
-            cap
-        };
-    }
-    wake_all(&mut deferred);
-}
-
-fn wake_all(wakers: &mut Vec<Waker>) {
-    for waker in wakers.drain(..) {
-        waker.wake();
+        let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(job)));
+        // The consumer a finished job's results unblocked, woken once per job (a chunk of items).
+        if let Some(waker) = unblocked {
+            waker.wake();
+        }
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        charge = Some((source, nanos));
+        tokio::task::consume_budget().await;
     }
 }
 
@@ -418,10 +561,76 @@ impl fmt::Debug for WorkerPool {
                     .sources
                     .iter()
                     .flatten()
-                    .map(VecDeque::len)
+                    .map(|queue| queue.jobs.len())
                     .sum::<usize>(),
             )
             .field("busy", &self.busy())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn noop() -> Job {
+        Box::pin(async { None })
+    }
+
+    fn state_with(sources: usize, jobs: usize) -> State {
+        let mut state = State::default();
+        for id in 0..sources {
+            state.sources.push(Some(Queue {
+                jobs: (0..jobs).map(|_| noop()).collect(),
+                epoch: id as u64,
+                debt: 0,
+            }));
+            state.ready.push_back(id);
+        }
+        state
+    }
+
+    /// One worker serving a heavy source (5 ms jobs) and a light one (160 µs jobs): each gets
+    /// about half of the worker's time, not half of its jobs.
+    #[test]
+    fn sources_are_served_by_time_used_not_by_job() {
+        let mut state = state_with(2, 100_000);
+        let cost = [5_000_000u64, 160_000];
+        let mut time = [0u64; 2];
+        for _ in 0..20_000 {
+            let (source, _job) = state.next_job().expect("jobs are queued");
+            time[source.id] += cost[source.id];
+            state.charge(source, cost[source.id]);
+        }
+        let ratio = time[1] as f64 / time[0] as f64;
+        assert!(
+            (0.9..=1.1).contains(&ratio),
+            "light/heavy worker time {ratio:.2} ({time:?})"
+        );
+    }
+
+    /// A source alone is served whatever its debt: debt never idles a worker.
+    #[test]
+    fn a_source_in_debt_is_served_when_it_is_alone() {
+        let mut state = state_with(1, 3);
+        for _ in 0..3 {
+            let (source, _job) = state.next_job().expect("served despite its debt");
+            state.charge(source, MAX_DEBT);
+        }
+        assert!(state.next_job().is_none());
+    }
+
+    /// Equal jobs are still served strictly in turn.
+    #[test]
+    fn equal_sources_alternate() {
+        let mut state = state_with(3, 10);
+        let order: Vec<usize> = (0..9)
+            .map(|_| {
+                let (source, _job) = state.next_job().expect("jobs are queued");
+                state.charge(source, QUANTUM / 2);
+                source.id
+            })
+            .collect();
+        assert_eq!(order, [0, 1, 2, 0, 1, 2, 0, 1, 2]);
     }
 }
