@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 
 const TRIVIAL_ITEMS: u64 = 1_000_000;
 const CPU_ITEMS: u64 = 4_000;
+const MIXED_ITEMS: u64 = 100_000;
 
 /// A CPU-bound step: `rounds` rounds of a multiply-xorshift mix.
 fn spin(x: u64, rounds: u32) -> u64 {
@@ -157,10 +158,16 @@ fn trivial(x: u64) -> u64 {
     x + 1
 }
 
+/// One item in a hundred is CPU-bound (~20 µs), the rest trivial.
+fn mixed(x: u64) -> u64 {
+    if x % 100 == 0 { cpu_bound(x) } else { x + 1 }
+}
+
 fn benches(c: &mut Criterion) {
     ROUNDS.get_or_init(calibrate);
     bench_map(c, "trivial_map", TRIVIAL_ITEMS, trivial, false);
     bench_map(c, "cpu_bound_20us", CPU_ITEMS, cpu_bound, true);
+    bench_map(c, "mixed_1_in_100_heavy", MIXED_ITEMS, mixed, true);
 }
 
 criterion_group!(fan_out, benches);

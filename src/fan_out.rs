@@ -285,6 +285,14 @@ where
 /// it: a chunk hands its finished results over before any item waits.
 const CHUNK_NANOS: u64 = 200_000;
 
+/// Items measured to take less than this (nanoseconds, judging by the last chunk) are light: a
+/// hand-off costs more than they do, so they go to the pool in chunks of up to
+/// [`MAX_LIGHT_CHUNK_ITEMS`]. A chunk whose item has to wait still splits off the rest.
+const LIGHT_NANOS: u64 = 250;
+
+/// The most light items in one chunk.
+const MAX_LIGHT_CHUNK_ITEMS: usize = 256;
+
 /// The most items in one chunk.
 const MAX_CHUNK_ITEMS: usize = 32;
 
@@ -426,12 +434,17 @@ impl<U: Send + 'static> Core<U> {
         if n == 0 {
             return;
         }
-        let by_time = CHUNK_NANOS / self.chan.item_nanos.load(Ordering::Relaxed).max(1);
-        let by_share = n / (4 * self.pool.workers());
-        let size = usize::try_from(by_time)
-            .unwrap_or(usize::MAX)
-            .min(by_share)
-            .clamp(1, MAX_CHUNK_ITEMS);
+        let item_nanos = self.chan.item_nanos.load(Ordering::Relaxed);
+        let size = if item_nanos < LIGHT_NANOS {
+            n.min(MAX_LIGHT_CHUNK_ITEMS)
+        } else {
+            let by_time = CHUNK_NANOS / item_nanos.max(1);
+            let by_share = n / (4 * self.pool.workers());
+            usize::try_from(by_time)
+                .unwrap_or(usize::MAX)
+                .min(by_share)
+                .clamp(1, MAX_CHUNK_ITEMS)
+        };
         let mut futs = futs.into_iter();
         let mut seq = self.next_seq;
         loop {
