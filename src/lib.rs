@@ -55,6 +55,12 @@ pub use governor::Quota;
 pub use rate_limit::{KeyedRateLimiter, RateLimit, RateLimitBy, RateLimiter};
 pub use retry::{Backoff, Retry, RetryError, RetryIf};
 
+// -- one policy stack around an async fn --
+mod call;
+pub use call::{
+    Call, CallError, CallRetry, CallStats, CallStatsSnapshot, NoRetry, RetryAll, Retrying,
+};
+
 // -- batching: batch, batch_dedupe, debounce, dedupe_by --
 mod batch;
 mod debounce;
@@ -85,6 +91,9 @@ pub mod prelude {
         Backoff, BreakerError, CircuitBreaker, CircuitState, KeyedRateLimiter, Quota, RateLimiter,
         RetryError,
     };
+
+    // -- call --
+    pub use crate::{Call, CallError, CallStats, CallStatsSnapshot};
 
     // -- batching --
 

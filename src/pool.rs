@@ -436,7 +436,9 @@ impl State {
     /// Takes the next job of ready source `id` (just removed from `ready`), putting the source
     /// back at the end of `ready` if it has more.
     fn take_from(&mut self, id: usize) -> (SourceId, Job) {
-        let queue = self.sources[id].as_mut().expect("a ready source is registered");
+        let queue = self.sources[id]
+            .as_mut()
+            .expect("a ready source is registered");
         let job = queue.jobs.pop_front().expect("a ready source has a job");
         let source = SourceId {
             id,
@@ -492,8 +494,7 @@ const DEFAULT_MIN_WINDOW: usize = 512;
 
 async fn worker(shared: Arc<Shared>, index: usize) {
     let mut charge = None;
-    while let Some((source, mut job)) =
-        poll_fn(|cx| shared.poll_job(index, &mut charge, cx)).await
+    while let Some((source, mut job)) = poll_fn(|cx| shared.poll_job(index, &mut charge, cx)).await
     {
         let started = std::time::Instant::now();
         shared.busy.fetch_add(1, Ordering::Relaxed);
