@@ -436,11 +436,11 @@ fn calls_and_their_futures_are_send_sync_and_static() {
     fn send_static<T: Send + 'static>(_: &T) {}
     let call = Call::new(|x: u32| async move { Ok::<_, String>(x) })
         .timeout(ms(1))
-        .rate_limit(&RateLimiter::per_second(10))
+        .rate_limit(RateLimiter::per_second(10))
         .in_flight(2)
-        .circuit_breaker(&CircuitBreaker::new(1, ms(1)))
+        .circuit_breaker(CircuitBreaker::new(1, ms(1)))
         .retry(Backoff::fixed(ms(1)))
-        .stats(&CallStats::new("x"));
+        .stats(CallStats::new("x"));
     send_sync_static(&call);
     send_sync_static(&CallStats::new("x"));
     let fut = call.run(1);
