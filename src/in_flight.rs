@@ -109,6 +109,12 @@ impl InFlightLimit {
         fut.await
     }
 
+    /// The semaphore behind the limit, for services that hold a unit past a call.
+    #[cfg(feature = "tower")]
+    pub(crate) fn semaphore(&self) -> &Arc<Semaphore> {
+        &self.semaphore
+    }
+
     /// How many operations are running now, across every stream sharing this limit.
     pub fn in_use(&self) -> usize {
         self.limit - self.semaphore.available_permits()

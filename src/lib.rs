@@ -15,6 +15,18 @@
 //!   every budget.
 //! * **Time.** All waiting uses tokio's timer, so tests can run on a paused clock.
 //!
+//! Around a single async function, [`Call`] applies the same handles (timeout, rate limit,
+//! in-flight cap, circuit breaker, retry, [`CallStats`]) in one fixed order and drops into any
+//! operator: `.in_flight(20, move |x| call.run(x))`.
+//!
+//! # Cargo features
+//!
+//! * `progress` (default): the progress bar of the ETL example.
+//! * `tower`: [`RateLimiter`], [`InFlightLimit`], [`CircuitBreaker`] and `Call::layer()` as
+//!   tower `Layer`s whose services share one budget across every clone (services
+//!   `RateLimitService`, `InFlightService`, `BreakerService`, `CallService`), and [`Call`] as a
+//!   tower `Service`. Adds the small `tower-layer` and `tower-service` crates.
+//!
 //! ```
 //! use futures::{stream, StreamExt};
 //! use stagepipe::prelude::*;
@@ -32,6 +44,7 @@
 #![deny(missing_docs)]
 #![warn(missing_debug_implementations, rust_2018_idioms, unreachable_pub)]
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod error;
 mod ext;
@@ -59,6 +72,16 @@ pub use retry::{Backoff, Retry, RetryError, RetryIf};
 mod call;
 pub use call::{
     Call, CallError, CallRetry, CallStats, CallStatsSnapshot, NoRetry, RetryAll, Retrying,
+};
+
+// -- tower layers (feature `tower`) --
+#[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+mod tower;
+#[cfg(feature = "tower")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tower")))]
+pub use tower::{
+    BreakerService, CallLayer, CallService, InFlightFuture, InFlightService, RateLimitService,
 };
 
 // -- batching: batch, batch_dedupe, debounce, dedupe_by --

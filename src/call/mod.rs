@@ -413,6 +413,11 @@ impl<F, R> Call<F, R> {
     pub fn get_stats(&self) -> Option<&CallStats> {
         self.inner.policy.stats.as_ref()
     }
+
+    #[cfg(feature = "tower")]
+    pub(crate) fn policy(&self) -> &Policy<R> {
+        &self.inner.policy
+    }
 }
 
 impl<R> Policy<R> {

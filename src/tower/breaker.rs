@@ -1,0 +1,111 @@
+//! [`CircuitBreaker`] as a tower layer.
+
+use std::fmt;
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::{BreakerError, CircuitBreaker};
+
+/// A service guarded by a shared [`CircuitBreaker`]: made by using the breaker as a [`Layer`].
+///
+/// Each call is one call of the breaker: an `Err` of the inner service counts as a failure, and
+/// while the breaker is open a call is rejected with [`BreakerError::Open`] **without calling
+/// the inner service**. To decide that before the inner service sees the request, `call` moves
+/// the inner service (readied by `poll_ready`) into the response future and leaves a clone in
+/// its place, as tower recommends for services that call their inner service later; so the inner
+/// service must be `Clone`. An error of the inner `poll_ready` is returned as
+/// [`BreakerError::Failed`] and not counted.
+///
+/// ```
+/// use std::time::Duration;
+/// use stagepipe::{BreakerError, CircuitBreaker, CircuitState};
+/// use tower::{ServiceBuilder, ServiceExt, service_fn};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() {
+/// let breaker = CircuitBreaker::new(1, Duration::from_secs(5));
+/// let svc = ServiceBuilder::new()
+///     .layer(breaker.clone())
+///     .service(service_fn(|_: ()| async { Err::<(), _>("down") }));
+/// assert_eq!(svc.clone().oneshot(()).await, Err(BreakerError::Failed("down")));
+/// assert_eq!(breaker.state(), CircuitState::Open);
+/// assert_eq!(svc.oneshot(()).await, Err(BreakerError::Open(())));
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct BreakerService<S> {
+    inner: S,
+    breaker: CircuitBreaker,
+}
+
+impl<S> BreakerService<S> {
+    /// Wraps `inner`, guarding each call with `breaker`.
+    pub fn new(inner: S, breaker: CircuitBreaker) -> Self {
+        Self { inner, breaker }
+    }
+
+    /// The breaker guarding this service.
+    pub fn breaker(&self) -> &CircuitBreaker {
+        &self.breaker
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S> Layer<S> for CircuitBreaker {
+    type Service = BreakerService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        BreakerService::new(inner, self.clone())
+    }
+}
+
+impl<S, Req> Service<Req> for BreakerService<S>
+where
+    S: Service<Req> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Response: Send + 'static,
+    S::Error: Send + 'static,
+    Req: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = BreakerError<(), S::Error>;
+    type Future = BoxFuture<'static, Result<S::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(BreakerError::Failed)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        // The readied service goes with the request; its clone waits for the next poll_ready.
+        let clone = self.inner.clone();
+        let mut ready = std::mem::replace(&mut self.inner, clone);
+        let breaker = self.breaker.clone();
+        Box::pin(async move { breaker.call(async move { ready.call(req).await }).await })
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for BreakerService<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BreakerService")
+            .field("inner", &self.inner)
+            .field("breaker", &self.breaker)
+            .finish()
+    }
+}
