@@ -101,11 +101,16 @@ impl InFlightLimit {
     /// # }
     /// ```
     pub async fn run<F: Future>(&self, fut: F) -> F::Output {
-        let _permit = self
-            .semaphore
-            .acquire()
-            .await
-            .expect("the semaphore is never closed");
+        // A free unit is taken without the queue's future (no waiter can be ahead while units
+        // are free, so first come, first served still holds).
+        let _permit = match self.semaphore.try_acquire() {
+            Ok(permit) => permit,
+            Err(_) => self
+                .semaphore
+                .acquire()
+                .await
+                .expect("the semaphore is never closed"),
+        };
         fut.await
     }
 

@@ -19,7 +19,6 @@ use std::fmt;
 use std::future::{Future, poll_fn};
 use std::pin::pin;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -432,12 +431,16 @@ impl<R> Policy<R> {
         A: FnMut(T) -> Fut,
         Fut: Future<Output = Result<U, E>>,
     {
-        let run = self.stats.as_ref().map(CallStats::start);
+        // The clock is read once per run where it can be: the start of a run is also the start
+        // of its first attempt, until something waits.
+        let started = self.stats.as_ref().map(|_| Instant::now());
+        let run = self.stats.as_ref().zip(started).map(|(s, t)| s.start(t));
         let mut item = item;
         let mut attempts = 1;
+        let mut now = started;
         let result = loop {
             let next = self.retry.copy_for_retry(&item, attempts);
-            let error = match self.attempt(&mut attempt, item).await {
+            let error = match self.attempt(&mut attempt, item, now.take()).await {
                 Ok(value) => break Ok(value),
                 Err(Fault::Timeout) => CallError::timeout(attempts),
                 Err(Fault::Rejected) => CallError::rejected(attempts),
@@ -461,16 +464,23 @@ impl<R> Policy<R> {
         result
     }
 
-    /// One attempt: breaker( rate limit( timeout( in-flight( f(item) )))).
-    async fn attempt<T, U, E, A, Fut>(&self, f: &mut A, item: T) -> Result<U, Fault<E>>
+    /// One attempt: breaker( rate limit( timeout( in-flight( f(item) )))). `now` is the current
+    /// instant if the caller knows it (nothing has waited since it was read).
+    async fn attempt<T, U, E, A, Fut>(
+        &self,
+        f: &mut A,
+        item: T,
+        now: Option<Instant>,
+    ) -> Result<U, Fault<E>>
     where
         A: FnMut(T) -> Fut,
         Fut: Future<Output = Result<U, E>>,
     {
         let limited = async {
-            if let Some(limiter) = &self.limiter {
-                self.take_cell(limiter).await;
-            }
+            let now = match &self.limiter {
+                Some(limiter) => self.take_cell(limiter, now).await,
+                None => now,
+            };
             let call = async {
                 match &self.in_flight {
                     Some(limit) => limit.run(async { f(item).await }).await,
@@ -478,10 +488,13 @@ impl<R> Policy<R> {
                 }
             };
             let result = match self.timeout {
-                Some(timeout) => match Timeout::new(call, timeout).await {
-                    Ok(result) => result,
-                    Err(Elapsed) => return Err(Fault::Timeout),
-                },
+                Some(timeout) => {
+                    let now = now.unwrap_or_else(Instant::now);
+                    match Timeout::new(call, now, timeout).await {
+                        Ok(result) => result,
+                        Err(Elapsed) => return Err(Fault::Timeout),
+                    }
+                }
                 None => call.await,
             };
             result.map_err(Fault::Failed)
@@ -504,25 +517,31 @@ impl<R> Policy<R> {
         result
     }
 
-    /// Waits for a cell of `limiter`, adding the wait to the stats (the clock is read only if
-    /// the cell was not free at once).
-    async fn take_cell(&self, limiter: &RateLimiter) {
+    /// Waits for a cell of `limiter`, adding the wait to the stats. Returns the current instant
+    /// if it is known: `now` if the cell was free at once, else the end of the wait if the stats
+    /// read it. (`now`, when known, is also when the wait began: the first poll follows it.)
+    async fn take_cell(&self, limiter: &RateLimiter, now: Option<Instant>) -> Option<Instant> {
         let mut ready = pin!(limiter.until_ready());
-        let Some(stats) = &self.stats else {
-            return ready.await;
-        };
-        let mut since = None;
-        poll_fn(|cx| match ready.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(()),
-            Poll::Pending => {
-                since.get_or_insert_with(Instant::now);
-                Poll::Pending
+        let mut waited = false;
+        let mut since = None; // when the wait began, if the stats need it
+        poll_fn(|cx| {
+            let poll = ready.as_mut().poll(cx);
+            if poll.is_pending() && !waited {
+                waited = true;
+                if self.stats.is_some() {
+                    since = Some(now.unwrap_or_else(Instant::now));
+                }
             }
+            poll
         })
         .await;
-        if let Some(since) = since {
-            stats.limiter_wait(since.elapsed());
+        if !waited {
+            return now;
         }
+        let (stats, since) = (self.stats.as_ref()?, since?);
+        let end = Instant::now();
+        stats.limiter_wait(end.saturating_duration_since(since));
+        Some(end)
     }
 }
 

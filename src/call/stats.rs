@@ -107,12 +107,12 @@ impl CallStats {
         }
     }
 
-    /// A run starts: counts it, and returns the guard that records how it ends.
-    pub(crate) fn start(&self) -> RunGuard<'_> {
+    /// A run starts at `now`: counts it, and returns the guard that records how it ends.
+    pub(crate) fn start(&self, now: Instant) -> RunGuard<'_> {
         self.inner.calls.fetch_add(1, Ordering::Relaxed);
         RunGuard {
             stats: self,
-            started: Instant::now(),
+            started: now,
             done: false,
         }
     }
@@ -302,8 +302,13 @@ impl Histogram {
         let b = &self.buckets[bucket(v)];
         b.count.fetch_add(1, Ordering::Relaxed);
         b.sum.fetch_add(v, Ordering::Relaxed);
-        self.min.fetch_min(v, Ordering::Relaxed);
-        self.max.fetch_max(v, Ordering::Relaxed);
+        // Read first: once the extremes are set, most values change neither.
+        if v < self.min.load(Ordering::Relaxed) {
+            self.min.fetch_min(v, Ordering::Relaxed);
+        }
+        if v > self.max.load(Ordering::Relaxed) {
+            self.max.fetch_max(v, Ordering::Relaxed);
+        }
     }
 
     fn summary(&self) -> Summary {

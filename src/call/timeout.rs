@@ -46,11 +46,11 @@ pin_project! {
 pub(crate) struct Elapsed;
 
 impl<Fut> Timeout<Fut> {
-    /// Times `fut` out `d` after now.
-    pub(crate) fn new(fut: Fut, d: Duration) -> Self {
+    /// Times `fut` out `d` after `now`.
+    pub(crate) fn new(fut: Fut, now: Instant, d: Duration) -> Self {
         Self {
             fut,
-            deadline: deadline_after(Instant::now(), d),
+            deadline: deadline_after(now, d),
             sleep: None,
         }
     }
