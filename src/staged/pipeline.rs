@@ -1,7 +1,8 @@
 //! [`Pipeline`]: a state machine and a worker pool, shared by every clone and every group.
 
+use std::any::Any;
 use std::fmt;
-use std::panic::AssertUnwindSafe;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -289,7 +290,19 @@ impl<M: StateMachine> Inner<M> {
         self: Arc<Self>,
         mut data: M::Data,
     ) -> Result<M::Data, StageError<M>> {
-        let mut stage = self.machine.start();
+        // Every call into the machine is inside an unwind guard: `start`, and `run` both while
+        // it makes the stage's future (a plain `fn run` may check its input or `assert!` before
+        // the future exists) and while the future runs. A panic ends this request only.
+        let mut stage = match catch_unwind(AssertUnwindSafe(|| self.machine.start())) {
+            Ok(stage) => stage,
+            Err(panic) => {
+                self.requests_done.fetch_add(1, Ordering::Relaxed);
+                self.requests_failed.fetch_add(1, Ordering::Relaxed);
+                return Err(StageError::StartPanicked {
+                    message: panic_message(&*panic),
+                });
+            }
+        };
         let mut path = Vec::new();
         // Stage timings are recorded in batches of `RECORD_BATCH`, one lock per batch.
         let mut runs = [(stage, Duration::ZERO, false); RECORD_BATCH];
@@ -303,7 +316,8 @@ impl<M: StateMachine> Inner<M> {
                 }
                 path.push(stage);
             }
-            let ran = AssertUnwindSafe(self.machine.run(stage, data))
+            let machine = &self.machine;
+            let ran = AssertUnwindSafe(async move { machine.run(stage, data).await })
                 .catch_unwind()
                 .await;
             let now = Instant::now();
@@ -326,12 +340,10 @@ impl<M: StateMachine> Inner<M> {
                 Ok(Ok(Next::Done(d))) => break Ok(d),
                 Ok(Err(error)) => break Err(StageError::Failed { stage, error }),
                 Err(panic) => {
-                    let message = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    break Err(StageError::Panicked { stage, message });
+                    break Err(StageError::Panicked {
+                        stage,
+                        message: panic_message(&*panic),
+                    });
                 }
             }
         };
@@ -342,6 +354,15 @@ impl<M: StateMachine> Inner<M> {
         }
         result
     }
+}
+
+/// The message of a panic payload: its string, or empty if it is not a string.
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
 }
 
 /// The smallest default window of a request group (measured best for many groups sharing
