@@ -693,3 +693,178 @@ async fn a_panic_in_start_ends_a_cancel_on_error_group() {
     assert!(!refused.is_empty(), "later submits are refused");
     assert_still_serves(&pipeline).await;
 }
+
+// -- stage figures of requests cancelled later --
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Phase {
+    Quick,
+    Slow,
+}
+
+/// `Quick` is instant; `Slow` sleeps `id + 1` hours, then finishes (or fails, for request
+/// `fail`). Counts the runs of each stage that finished, and the `Slow` runs that began.
+#[derive(Clone, Default)]
+struct TwoPhase {
+    fail: Option<u64>,
+    quick_done: Arc<AtomicUsize>,
+    slow_begun: Arc<AtomicUsize>,
+    slow_done: Arc<AtomicUsize>,
+}
+
+impl StateMachine for TwoPhase {
+    type Stage = Phase;
+    type Data = u64;
+    type Error = String;
+
+    fn start(&self) -> Phase {
+        Phase::Quick
+    }
+
+    async fn run(&self, stage: Phase, id: u64) -> Result<Next<Phase, u64>, String> {
+        match stage {
+            Phase::Quick => {
+                self.quick_done.fetch_add(1, Ordering::SeqCst);
+                Ok(Next::Stage(Phase::Slow, id))
+            }
+            Phase::Slow => {
+                self.slow_begun.fetch_add(1, Ordering::SeqCst);
+                sleep(Duration::from_secs(3600 * (id + 1))).await;
+                self.slow_done.fetch_add(1, Ordering::SeqCst);
+                if self.fail == Some(id) {
+                    return Err(format!("request {id} failed"));
+                }
+                Ok(Next::Done(id))
+            }
+        }
+    }
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Four requests on four workers: all run `Quick` at once, then `Slow` for 1, 2, 3 and 4 hours.
+/// The group is dropped after two results: requests 2 and 3 have finished `Quick` and are
+/// cancelled mid-way through `Slow`. Every finished run counts; the cancelled ones do not.
+#[tokio::test(start_paused = true)]
+async fn stage_runs_of_a_dropped_group_still_count() {
+    let machine = TwoPhase::default();
+    let pipeline = Pipeline::builder(machine.clone()).workers(4).build();
+    let (tx, results) = pipeline.group().window(8).open();
+    for id in 0..4 {
+        tx.submit(id).await.unwrap();
+    }
+    let start = Instant::now();
+    let mut results = Box::pin(results);
+    let mut out = Vec::new();
+    while out.len() < 2 {
+        out.push(results.next().await.unwrap().unwrap());
+    }
+    assert_eq!(out, [0, 1]);
+    assert_eq!(start.elapsed(), 2 * HOUR);
+    assert_eq!(
+        machine.quick_done.load(Ordering::SeqCst),
+        4,
+        "all ran Quick"
+    );
+    assert_eq!(machine.slow_begun.load(Ordering::SeqCst), 4);
+    drop(results);
+
+    let stats = pipeline.stats();
+    let quick = stats.stage(Phase::Quick).unwrap();
+    assert_eq!((quick.runs, quick.errors), (4, 0), "{stats}");
+    assert_eq!(quick.total, Duration::ZERO);
+    let slow = stats.stage(Phase::Slow).unwrap();
+    assert_eq!(machine.slow_done.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        (slow.runs, slow.errors),
+        (2, 0),
+        "only finished runs: {stats}"
+    );
+    assert_eq!(
+        (slow.total, slow.max, slow.mean),
+        (3 * HOUR, 2 * HOUR, 3 * HOUR / 2)
+    );
+    assert_eq!((stats.requests_done, stats.requests_failed), (2, 0));
+    assert_eq!(stats.groups_open, 0);
+
+    // Nothing of the cancelled runs is recorded later either.
+    sleep(10 * HOUR).await;
+    assert_eq!(pipeline.stats(), stats);
+    assert!(tx.submit(9).await.is_err());
+}
+
+/// As above, but the group cancels itself: request 1 fails at the end of `Slow` (2 h), which
+/// abandons requests 2 and 3 in the middle of theirs.
+#[tokio::test(start_paused = true)]
+async fn stage_runs_of_requests_abandoned_by_cancel_on_error_still_count() {
+    let machine = TwoPhase {
+        fail: Some(1),
+        ..TwoPhase::default()
+    };
+    let pipeline = Pipeline::builder(machine.clone()).workers(4).build();
+    let (tx, results) = pipeline.group().cancel_on_error().window(8).open();
+    for id in 0..4 {
+        tx.submit(id).await.unwrap();
+    }
+    drop(tx);
+    let results: Vec<_> = results.collect().await;
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert_eq!(results[0].as_ref().ok(), Some(&0));
+    assert!(
+        matches!(&results[1], Err(StageError::Failed { stage: Phase::Slow, error }) if error == "request 1 failed"),
+        "{results:?}"
+    );
+    assert_eq!(machine.quick_done.load(Ordering::SeqCst), 4);
+    assert_eq!(machine.slow_done.load(Ordering::SeqCst), 2);
+
+    let stats = pipeline.stats();
+    let quick = stats.stage(Phase::Quick).unwrap();
+    assert_eq!((quick.runs, quick.errors), (4, 0), "{stats}");
+    let slow = stats.stage(Phase::Slow).unwrap();
+    assert_eq!(
+        (slow.runs, slow.errors),
+        (2, 1),
+        "only finished runs: {stats}"
+    );
+    assert_eq!((slow.total, slow.max), (3 * HOUR, 2 * HOUR));
+    assert_eq!((stats.requests_done, stats.requests_failed), (2, 1));
+    assert_eq!(stats.groups_open, 0);
+}
+
+/// A chain of 40 stages (more than the stage table keeps without a lock): every stage's
+/// figures are kept, in the order the stages first ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_stages_keep_their_figures_in_order() {
+    struct Chain;
+    impl StateMachine for Chain {
+        type Stage = u8;
+        type Data = u64;
+        type Error = ();
+        fn start(&self) -> u8 {
+            0
+        }
+        async fn run(&self, stage: u8, n: u64) -> Result<Next<u8, u64>, ()> {
+            Ok(if stage == 39 {
+                Next::Done(n)
+            } else {
+                Next::Stage(stage + 1, n + 1)
+            })
+        }
+    }
+    let pipeline = Pipeline::builder(Chain).workers(2).build();
+    let results: Vec<_> = tokio::time::timeout(
+        HANG_GUARD,
+        stream::iter(0..500u64).through(&pipeline).collect(),
+    )
+    .await
+    .expect("the stream ends");
+    let values: Vec<u64> = results.into_iter().map(Result::unwrap).collect();
+    assert_eq!(values, (39..539).collect::<Vec<_>>());
+    let stats = pipeline.stats();
+    let stages: Vec<u8> = stats.stages.iter().map(|(s, _)| *s).collect();
+    assert_eq!(stages, (0..40).collect::<Vec<_>>());
+    for (stage, st) in &stats.stages {
+        assert_eq!((st.runs, st.errors), (500, 0), "stage {stage}");
+    }
+    assert_eq!(stats.to_string().lines().count(), 42, "{stats}");
+}
