@@ -2,6 +2,9 @@
 //!
 //! Time is kept as nanoseconds since a base [`Instant`] taken when the limiter was built, so a
 //! theoretical arrival time fits in one `AtomicU64` and a paused tokio clock drives everything.
+//!
+//! Timer lateness is made up per waiter, never on the shared state: see [`Credit`] and
+//! [`Woken`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -74,33 +77,28 @@ impl Gcra {
         (deadline, tat.max(deadline).saturating_add(self.t))
     }
 
-    /// Whether a key whose state is `tat` is indistinguishable from a fresh one at `now`.
+    /// Whether a key whose state is `tat` is indistinguishable from a fresh one from `now` on:
+    /// for every arrival from one tick before `now` (the most a waiter's [`Credit`] back-dates).
     #[inline]
     pub(crate) fn is_idle(&self, tat: u64, now: u64) -> bool {
-        tat <= now
+        tat.saturating_add(TICK) <= now
     }
 }
 
-/// The limiter's view of tokio's clock, and the timer lateness it has observed.
-///
-/// When a waiter's timer fires late, the slots that passed while it slept are still owed to the
-/// cells that were waiting: for a short while after a late wake-up (as long as the lateness
-/// itself), reservations are taken as of `now - lateness`, so the schedule keeps its absolute
-/// deadlines and timer lateness does not accumulate. On a paused clock timers are exact and this
-/// never applies.
+/// One tick of tokio's timer (its resolution, 1 ms), in nanoseconds: the most timer lateness a
+/// waiter may make up, and so the most any reservation is back-dated.
+pub(crate) const TICK: u64 = 1_000_000;
+
+/// The limiter's view of tokio's clock: nanoseconds since the limiter was built.
 #[derive(Debug)]
 pub(crate) struct Timeline {
     base: Instant,
-    late: AtomicU64,
-    late_at: AtomicU64,
 }
 
 impl Timeline {
     pub(crate) fn new() -> Self {
         Self {
             base: Instant::now(),
-            late: AtomicU64::new(0),
-            late_at: AtomicU64::new(0),
         }
     }
 
@@ -114,33 +112,100 @@ impl Timeline {
         self.base + Duration::from_nanos(nanos)
     }
 
-    /// `now`, moved back by the lateness of a recent late wake-up.
+    /// Now, on this timeline.
     #[inline]
-    pub(crate) fn effective(&self, now: u64) -> u64 {
-        let late = self.late.load(Ordering::Relaxed);
-        if late == 0 {
-            return now;
+    pub(crate) fn now(&self) -> u64 {
+        self.nanos(Instant::now())
+    }
+}
+
+/// What a waiter does when its timer has fired at `now` for a slot due at `deadline`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Woken {
+    /// The slot is not due yet (tokio's timer rounds up, so only after a reset): sleep again.
+    Early,
+    /// Due at most one tick ago: the cell is released, and the waiter keeps the lateness as
+    /// its [`Credit`].
+    Due,
+    /// Due more than one tick ago: the waiter was not polled in time (its consumer was busy).
+    /// The slot has lapsed: it is given back and the waiter reserves again as of one tick ago,
+    /// so that no cell is ever released more than one tick after its slot.
+    Lapsed,
+}
+
+impl Woken {
+    #[inline]
+    pub(crate) fn of(deadline: u64, now: u64) -> Self {
+        if now < deadline {
+            Woken::Early
+        } else if now - deadline <= TICK {
+            Woken::Due
+        } else {
+            Woken::Lapsed
         }
-        let at = self.late_at.load(Ordering::Relaxed);
-        if now.saturating_sub(at) <= late {
-            now.saturating_sub(late)
+    }
+}
+
+/// A waiter's own credit for the lateness of its last timer: `late` (at most one tick) as of
+/// `at`, the instant its slot was released.
+///
+/// When a timer fires late, the slots that passed meanwhile belong to the waiter that was
+/// sleeping: for one tick after the release, that waiter's next reservations are taken as of
+/// `now - late`, so a stream keeps an absolute schedule even when its interval is far below the
+/// timer's resolution. The credit is private (a stream, a handle, and for a keyed limiter one
+/// key): other streams, direct callers and keys never see it. Since no reservation is back-dated
+/// by more than one tick and no cell is released more than one tick after its slot, any window
+/// of length `T` holds at most `burst + (T + 1 tick) / interval` cells.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Credit {
+    late: u64,
+    at: u64,
+}
+
+impl Credit {
+    /// The credit of a waiter whose slot due at `deadline` was released at `now`.
+    #[inline]
+    pub(crate) fn after_wait(deadline: u64, now: u64) -> Self {
+        Self {
+            late: now.saturating_sub(deadline).min(TICK),
+            at: now,
+        }
+    }
+
+    /// The instant a reservation made at `now` is taken as of.
+    #[inline]
+    pub(crate) fn arrival(self, now: u64) -> u64 {
+        if self.late != 0 && now.saturating_sub(self.at) <= TICK {
+            now.saturating_sub(self.late)
         } else {
             now
         }
     }
+}
 
-    /// Records that a waiter whose slot was due at `deadline` woke at `now`.
+/// A [`Credit`] kept in a shared handle, for its direct callers.
+///
+/// The two halves are read and written separately: a torn read pairs a lateness of at most one
+/// tick with another release's instant, which still back-dates by at most one tick.
+#[derive(Debug, Default)]
+pub(crate) struct HandleCredit {
+    late: AtomicU64,
+    at: AtomicU64,
+}
+
+impl HandleCredit {
     #[inline]
-    pub(crate) fn woke(&self, deadline: u64, now: u64) {
-        let late = now.saturating_sub(deadline);
-        if late == 0 {
-            if self.late.load(Ordering::Relaxed) != 0 {
-                self.late.store(0, Ordering::Relaxed);
-            }
-        } else {
-            self.late_at.store(now, Ordering::Relaxed);
-            self.late.store(late, Ordering::Relaxed);
+    pub(crate) fn get(&self) -> Credit {
+        Credit {
+            late: self.late.load(Ordering::Relaxed),
+            at: self.at.load(Ordering::Relaxed),
         }
+    }
+
+    #[inline]
+    pub(crate) fn set(&self, credit: Credit) {
+        self.at.store(credit.at, Ordering::Relaxed);
+        self.late.store(credit.late, Ordering::Relaxed);
     }
 }
 
@@ -167,11 +232,11 @@ impl Tat {
 
     /// Takes a slot at `now` only if it conforms at once; `false` leaves the state untouched.
     #[inline]
-    pub(crate) fn try_take(&self, gcra: &Gcra, now: u64, real_now: u64) -> bool {
+    pub(crate) fn try_take(&self, gcra: &Gcra, now: u64) -> bool {
         let mut before = self.0.load(Ordering::Acquire);
         loop {
             let (deadline, after) = gcra.reserve(before, now);
-            if deadline > real_now {
+            if deadline > now {
                 return false;
             }
             match self
@@ -220,5 +285,43 @@ mod tests {
         let (d2, tat) = g.reserve(tat, 1_000);
         let (d3, _) = g.reserve(tat, 1_000);
         assert_eq!((d1, d2, d3), (1_000, 1_000, 1_010));
+    }
+
+    #[test]
+    fn a_key_is_idle_one_tick_after_regaining_its_burst() {
+        let g = Gcra::new(Duration::from_nanos(10), 1);
+        assert!(!g.is_idle(100, 100));
+        assert!(!g.is_idle(100, 100 + TICK - 1));
+        assert!(g.is_idle(100, 100 + TICK));
+    }
+
+    #[test]
+    fn a_slot_lapses_more_than_one_tick_after_its_deadline() {
+        assert_eq!(Woken::of(5 * TICK, 5 * TICK - 1), Woken::Early);
+        assert_eq!(Woken::of(5 * TICK, 5 * TICK), Woken::Due);
+        assert_eq!(Woken::of(5 * TICK, 6 * TICK), Woken::Due);
+        assert_eq!(Woken::of(5 * TICK, 6 * TICK + 1), Woken::Lapsed);
+    }
+
+    #[test]
+    fn credit_is_the_lateness_for_one_tick_after_the_release() {
+        assert_eq!(Credit::default().arrival(7 * TICK), 7 * TICK);
+        let late = TICK / 4;
+        let credit = Credit::after_wait(10 * TICK, 10 * TICK + late);
+        assert_eq!(credit.arrival(10 * TICK + late), 10 * TICK);
+        assert_eq!(credit.arrival(11 * TICK + late), 11 * TICK);
+        assert_eq!(credit.arrival(11 * TICK + late + 1), 11 * TICK + late + 1);
+        // never more than one tick, however late the release
+        let credit = Credit::after_wait(0, 50 * TICK);
+        assert_eq!(credit.arrival(50 * TICK), 49 * TICK);
+    }
+
+    #[test]
+    fn a_handle_credit_holds_what_was_set() {
+        let h = HandleCredit::default();
+        assert_eq!(h.get(), Credit::default());
+        let c = Credit::after_wait(3, 9);
+        h.set(c);
+        assert_eq!(h.get(), c);
     }
 }

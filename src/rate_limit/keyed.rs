@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use governor::Quota;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::sleep_until;
 
-use super::gcra::{Gcra, Timeline};
+use super::gcra::{Credit, Gcra, TICK, Timeline, Woken};
 use super::quota_of;
 use crate::error::{ConfigError, nonzero, or_panic};
 
@@ -26,9 +26,10 @@ const MIN_SWEEP: usize = 64;
 /// # Memory
 ///
 /// A key's state is only kept while it still matters: once a key has been idle long enough to
-/// regain its full burst, its state equals a fresh key's and may be dropped. The map is swept of
-/// such keys whenever it has doubled since the last sweep (and [`retain_recent`](Self::retain_recent)
-/// sweeps on demand), so memory is bounded by the keys active within about one burst period.
+/// regain its full burst, plus one timer tick (the most a late waiter may make up), its state
+/// equals a fresh key's and may be dropped. The map is swept of such keys whenever it has
+/// doubled since the last sweep (and [`retain_recent`](Self::retain_recent) sweeps on demand),
+/// so memory is bounded by the keys active within about one burst period.
 ///
 /// ```
 /// use std::time::Duration;
@@ -48,6 +49,9 @@ const MIN_SWEEP: usize = 64;
 /// ```
 pub struct KeyedRateLimiter<K> {
     shared: Arc<Shared<K>>,
+    /// This handle's own credit for timer lateness, and the key it was earned on, for
+    /// [`until_key_ready`](Self::until_key_ready).
+    credit: Mutex<Option<(K, Credit)>>,
 }
 
 pub(super) struct Shared<K> {
@@ -69,29 +73,54 @@ impl<K> Shared<K> {
 }
 
 impl<K: Hash + Eq + Clone> Shared<K> {
-    /// Reserves `key`'s next slot: `None` if the cell conforms at once.
-    pub(super) fn reserve(&self, key: &K, now: Instant) -> Option<(u64, u64, u64)> {
-        let now = self.clock.nanos(now);
-        let effective = self.clock.effective(now);
-        let mut keys = self.lock();
-        let (deadline, before, after) = match keys.tats.get_mut(key) {
+    /// Reserves `key`'s next slot for a cell taken as of `arrival` (at most one tick before
+    /// `now`): `(deadline, tat before, tat after)`; the cell conforms at once if
+    /// `deadline <= now`.
+    pub(super) fn reserve(&self, key: &K, arrival: u64, now: u64) -> (u64, u64, u64) {
+        Self::reserve_locked(&self.gcra, &mut self.lock(), key, arrival, now)
+    }
+
+    fn reserve_locked(
+        gcra: &Gcra,
+        keys: &mut Keys<K>,
+        key: &K,
+        arrival: u64,
+        now: u64,
+    ) -> (u64, u64, u64) {
+        match keys.tats.get_mut(key) {
             Some(tat) => {
                 let before = *tat;
-                let (deadline, after) = self.gcra.reserve(before, effective);
+                let (deadline, after) = gcra.reserve(before, arrival);
                 *tat = after;
                 (deadline, before, after)
             }
             None => {
-                let (deadline, after) = self.gcra.reserve(0, effective);
-                keys.insert(&self.gcra, key.clone(), after, effective);
+                let (deadline, after) = gcra.reserve(0, arrival);
+                keys.insert(gcra, key.clone(), after, now);
                 (deadline, 0, after)
             }
-        };
-        (deadline > now).then_some((deadline, before, after))
+        }
+    }
+
+    /// A waiter's slot on `key` has lapsed at `now` (see [`Woken::Lapsed`]): gives it back and
+    /// reserves again as of one tick ago.
+    pub(super) fn reserve_lapsed(
+        &self,
+        key: &K,
+        before: u64,
+        after: u64,
+        now: u64,
+    ) -> (u64, u64, u64) {
+        let mut keys = self.lock();
+        Self::refund_locked(&mut keys, key, before, after);
+        Self::reserve_locked(&self.gcra, &mut keys, key, now.saturating_sub(TICK), now)
     }
 
     pub(super) fn refund(&self, key: &K, before: u64, after: u64) {
-        let mut keys = self.lock();
+        Self::refund_locked(&mut self.lock(), key, before, after);
+    }
+
+    fn refund_locked(keys: &mut Keys<K>, key: &K, before: u64, after: u64) {
         if let Some(tat) = keys.tats.get_mut(key) {
             if *tat == after {
                 *tat = before;
@@ -161,62 +190,77 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
     }
 
     fn from_gcra(gcra: Gcra) -> Self {
-        Self {
-            shared: Arc::new(Shared {
-                gcra,
-                clock: Timeline::new(),
-                keys: Mutex::new(Keys {
-                    tats: HashMap::new(),
-                    sweep_at: MIN_SWEEP,
-                }),
+        Self::from_shared(Arc::new(Shared {
+            gcra,
+            clock: Timeline::new(),
+            keys: Mutex::new(Keys {
+                tats: HashMap::new(),
+                sweep_at: MIN_SWEEP,
             }),
-        }
+        }))
     }
 
     /// Waits until one cell for `key` conforms to its quota and takes it.
+    ///
+    /// As with [`RateLimiter::until_ready`](crate::RateLimiter::until_ready), a call whose timer
+    /// fired late keeps that lateness (at most one timer tick) as this handle's credit for
+    /// `key`: only the next call for the same key through the same handle, within one tick, is
+    /// served as of that much earlier. Other keys, handles and streams never see it.
     ///
     /// # Cancel safety
     ///
     /// Dropping the future before it completes gives the key's slot back if no later slot was
     /// reserved for that key since.
     pub async fn until_key_ready(&self, key: &K) {
-        if let Some((deadline, before, after)) = self.shared.reserve(key, Instant::now()) {
-            let mut slot = KeySlot {
-                shared: &self.shared,
+        let shared = &*self.shared;
+        let now = shared.clock.now();
+        let arrival = match &*self.lock_credit() {
+            Some((credited, credit)) if credited == key => credit.arrival(now),
+            _ => now,
+        };
+        let (deadline, before, after) = shared.reserve(key, arrival, now);
+        if deadline > now {
+            let slot = KeySlot {
+                shared,
                 key,
+                deadline,
                 before,
                 after,
                 armed: true,
             };
-            sleep_until(self.shared.clock.instant(deadline)).await;
-            slot.armed = false;
-            let now = self.shared.clock.nanos(Instant::now());
-            self.shared.clock.woke(deadline, now);
+            let credit = slot.wait().await;
+            *self.lock_credit() = Some((key.clone(), credit));
         }
     }
 
+    fn lock_credit(&self) -> MutexGuard<'_, Option<(K, Credit)>> {
+        // A key and two numbers, written at once: never inconsistent.
+        self.credit.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Takes one cell for `key` if it conforms now, without waiting: `true` if it was taken.
+    ///
+    /// A check never makes up any waiter's timer lateness: it sees the key's quota as of now.
     pub fn check_key(&self, key: &K) -> bool {
-        let now = self.shared.clock.nanos(Instant::now());
-        let effective = self.shared.clock.effective(now);
+        let now = self.shared.clock.now();
         let mut keys = self.shared.lock();
         let before = keys.tats.get(key).copied().unwrap_or(0);
-        let (deadline, after) = self.shared.gcra.reserve(before, effective);
+        let (deadline, after) = self.shared.gcra.reserve(before, now);
         if deadline > now {
             return false;
         }
         match keys.tats.get_mut(key) {
             Some(tat) => *tat = after,
-            None => keys.insert(&self.shared.gcra, key.clone(), after, effective),
+            None => keys.insert(&self.shared.gcra, key.clone(), after, now),
         }
         true
     }
 
-    /// Drops the state of every key that has regained its full burst (it equals a fresh key's).
+    /// Drops the state of every key that has regained its full burst for at least one timer
+    /// tick (it equals a fresh key's).
     pub fn retain_recent(&self) {
-        let now = self.shared.clock.nanos(Instant::now());
-        let effective = self.shared.clock.effective(now);
-        self.shared.lock().sweep(&self.shared.gcra, effective);
+        let now = self.shared.clock.now();
+        self.shared.lock().sweep(&self.shared.gcra, now);
     }
 
     /// The number of keys whose state is kept.
@@ -249,14 +293,49 @@ impl<K> KeyedRateLimiter<K> {
     pub(super) fn shared(&self) -> &Arc<Shared<K>> {
         &self.shared
     }
+
+    fn from_shared(shared: Arc<Shared<K>>) -> Self {
+        Self {
+            shared,
+            credit: Mutex::new(None),
+        }
+    }
 }
 
+/// A reserved slot of one key whose deadline is still ahead: given back if dropped before it is
+/// released.
 struct KeySlot<'a, K: Hash + Eq + Clone> {
     shared: &'a Shared<K>,
     key: &'a K,
+    deadline: u64,
     before: u64,
     after: u64,
     armed: bool,
+}
+
+impl<K: Hash + Eq + Clone> KeySlot<'_, K> {
+    /// Sleeps until the slot is due and takes it; returns the waiter's credit.
+    async fn wait(mut self) -> Credit {
+        let now = loop {
+            sleep_until(self.shared.clock.instant(self.deadline)).await;
+            let now = self.shared.clock.now();
+            match Woken::of(self.deadline, now) {
+                Woken::Early => {}
+                Woken::Due => break now,
+                Woken::Lapsed => {
+                    let (deadline, before, after) =
+                        self.shared
+                            .reserve_lapsed(self.key, self.before, self.after, now);
+                    (self.deadline, self.before, self.after) = (deadline, before, after);
+                    if deadline <= now {
+                        break now;
+                    }
+                }
+            }
+        };
+        self.armed = false;
+        Credit::after_wait(self.deadline, now)
+    }
 }
 
 impl<K: Hash + Eq + Clone> Drop for KeySlot<'_, K> {
@@ -268,10 +347,10 @@ impl<K: Hash + Eq + Clone> Drop for KeySlot<'_, K> {
 }
 
 impl<K> Clone for KeyedRateLimiter<K> {
+    /// Another handle on the same per-key state, with a credit of its own (see
+    /// [`until_key_ready`](Self::until_key_ready)).
     fn clone(&self) -> Self {
-        Self {
-            shared: Arc::clone(&self.shared),
-        }
+        Self::from_shared(Arc::clone(&self.shared))
     }
 }
 
