@@ -3,8 +3,11 @@
 //! Time is kept as nanoseconds since a base [`Instant`] taken when the limiter was built, so a
 //! theoretical arrival time fits in one `AtomicU64` and a paused tokio clock drives everything.
 //!
-//! Timer lateness is made up per waiter, never on the shared state: see [`Credit`] and
-//! [`Woken`].
+//! A quota keeps two schedules. The slots ([`Tat`]) give each cell a deadline and each waiter
+//! its place in line; the releases ([`Released`]) record when cells actually went out, and
+//! hold back a cell whose release would put more than `burst + (T + 1 tick) / interval` cells
+//! in some window of length `T` (a consumer polled late, a runtime that stalled). Timer lateness
+//! is made up per waiter, never on the shared state: see [`Credit`].
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -77,16 +80,34 @@ impl Gcra {
         (deadline, tat.max(deadline).saturating_add(self.t))
     }
 
-    /// Whether a key whose state is `tat` is indistinguishable from a fresh one from `now` on:
-    /// for every arrival from one tick before `now` (the most a waiter's [`Credit`] back-dates).
+    /// Releases a cell at `now`, given the release schedule's theoretical time `released`: the
+    /// new `released`, or `Err(at)`, the earliest instant the cell may go out.
+    ///
+    /// This is the GCRA on release instants with a tolerance of one timer tick beyond the
+    /// burst's, which holds exactly when every window of length `T` has at most
+    /// `burst + (T + 1 tick) / interval` releases.
     #[inline]
-    pub(crate) fn is_idle(&self, tat: u64, now: u64) -> bool {
-        tat.saturating_add(TICK) <= now
+    pub(crate) fn release(&self, released: u64, now: u64) -> Result<u64, u64> {
+        let earliest = released.saturating_sub(self.tol.saturating_add(TICK));
+        if earliest > now {
+            Err(earliest)
+        } else {
+            Ok(released.max(now).saturating_add(self.t))
+        }
+    }
+
+    /// Whether a key whose schedules are `tat` and `released` is indistinguishable from a fresh
+    /// one from `now` on: for every arrival from one tick before `now` (the most a waiter's
+    /// [`Credit`] back-dates) and every release from `now`.
+    #[inline]
+    pub(crate) fn is_idle(&self, tat: u64, released: u64, now: u64) -> bool {
+        tat.saturating_add(TICK) <= now && released <= now
     }
 }
 
 /// One tick of tokio's timer (its resolution, 1 ms), in nanoseconds: the most timer lateness a
-/// waiter may make up, and so the most any reservation is back-dated.
+/// waiter may make up (the most any reservation is back-dated), and the release schedule's
+/// tolerance beyond the burst.
 pub(crate) const TICK: u64 = 1_000_000;
 
 /// The limiter's view of tokio's clock: nanoseconds since the limiter was built.
@@ -119,33 +140,6 @@ impl Timeline {
     }
 }
 
-/// What a waiter does when its timer has fired at `now` for a slot due at `deadline`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Woken {
-    /// The slot is not due yet (tokio's timer rounds up, so only after a reset): sleep again.
-    Early,
-    /// Due at most one tick ago: the cell is released, and the waiter keeps the lateness as
-    /// its [`Credit`].
-    Due,
-    /// Due more than one tick ago: the waiter was not polled in time (its consumer was busy).
-    /// The slot has lapsed: it is given back and the waiter reserves again as of one tick ago,
-    /// so that no cell is ever released more than one tick after its slot.
-    Lapsed,
-}
-
-impl Woken {
-    #[inline]
-    pub(crate) fn of(deadline: u64, now: u64) -> Self {
-        if now < deadline {
-            Woken::Early
-        } else if now - deadline <= TICK {
-            Woken::Due
-        } else {
-            Woken::Lapsed
-        }
-    }
-}
-
 /// A waiter's own credit for the lateness of its last timer: `late` (at most one tick) as of
 /// `at`, the instant its slot was released.
 ///
@@ -153,9 +147,8 @@ impl Woken {
 /// sleeping: for one tick after the release, that waiter's next reservations are taken as of
 /// `now - late`, so a stream keeps an absolute schedule even when its interval is far below the
 /// timer's resolution. The credit is private (a stream, a handle, and for a keyed limiter one
-/// key): other streams, direct callers and keys never see it. Since no reservation is back-dated
-/// by more than one tick and no cell is released more than one tick after its slot, any window
-/// of length `T` holds at most `burst + (T + 1 tick) / interval` cells.
+/// key): other streams, direct callers, checks and keys never see it, so they get no more than
+/// the burst at once.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Credit {
     late: u64,
@@ -230,20 +223,21 @@ impl Tat {
         }
     }
 
-    /// Takes a slot at `now` only if it conforms at once; `false` leaves the state untouched.
+    /// Takes a slot at `now` only if it conforms at once: `(tat before, tat after)`; `None`
+    /// leaves the state untouched.
     #[inline]
-    pub(crate) fn try_take(&self, gcra: &Gcra, now: u64) -> bool {
+    pub(crate) fn try_take(&self, gcra: &Gcra, now: u64) -> Option<(u64, u64)> {
         let mut before = self.0.load(Ordering::Acquire);
         loop {
             let (deadline, after) = gcra.reserve(before, now);
             if deadline > now {
-                return false;
+                return None;
             }
             match self
                 .0
                 .compare_exchange_weak(before, after, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => return true,
+                Ok(_) => return Some((before, after)),
                 Err(actual) => before = actual,
             }
         }
@@ -255,6 +249,34 @@ impl Tat {
         let _ = self
             .0
             .compare_exchange(after, before, Ordering::AcqRel, Ordering::Relaxed);
+    }
+}
+
+/// The release schedule's theoretical time, shared lock-free (see [`Gcra::release`]).
+#[derive(Debug, Default)]
+pub(crate) struct Released(AtomicU64);
+
+impl Released {
+    /// Releases a cell at `now`, or returns the earliest instant it may go out.
+    #[inline]
+    pub(crate) fn release(&self, gcra: &Gcra, now: u64) -> Result<(), u64> {
+        let mut before = self.0.load(Ordering::Acquire);
+        loop {
+            let after = gcra.release(before, now)?;
+            match self
+                .0
+                .compare_exchange_weak(before, after, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return Ok(()),
+                Err(actual) => before = actual,
+            }
+        }
+    }
+
+    /// Whether a cell could be released at `now`.
+    #[inline]
+    pub(crate) fn conforms(&self, gcra: &Gcra, now: u64) -> bool {
+        gcra.release(self.0.load(Ordering::Acquire), now).is_ok()
     }
 }
 
@@ -290,17 +312,26 @@ mod tests {
     #[test]
     fn a_key_is_idle_one_tick_after_regaining_its_burst() {
         let g = Gcra::new(Duration::from_nanos(10), 1);
-        assert!(!g.is_idle(100, 100));
-        assert!(!g.is_idle(100, 100 + TICK - 1));
-        assert!(g.is_idle(100, 100 + TICK));
+        assert!(!g.is_idle(100, 100, 100));
+        assert!(!g.is_idle(100, 100, 100 + TICK - 1));
+        assert!(g.is_idle(100, 100, 100 + TICK));
+        // and once its releases, which may lag its slots, are past too
+        assert!(!g.is_idle(100, 200 + TICK, 100 + TICK));
     }
 
     #[test]
-    fn a_slot_lapses_more_than_one_tick_after_its_deadline() {
-        assert_eq!(Woken::of(5 * TICK, 5 * TICK - 1), Woken::Early);
-        assert_eq!(Woken::of(5 * TICK, 5 * TICK), Woken::Due);
-        assert_eq!(Woken::of(5 * TICK, 6 * TICK), Woken::Due);
-        assert_eq!(Woken::of(5 * TICK, 6 * TICK + 1), Woken::Lapsed);
+    fn releases_allow_one_tick_beyond_the_burst() {
+        let g = Gcra::new(Duration::from_micros(100), 2);
+        let now = 50 * TICK;
+        // burst 2 plus one tick of 100 µs intervals: 12 at one instant, the 13th 100 µs later
+        let mut released = 0;
+        for _ in 0..12 {
+            released = g.release(released, now).unwrap();
+        }
+        assert_eq!(g.release(released, now), Err(now + 100_000));
+        // after an idle spell, the same again
+        let later = now + 10 * TICK;
+        assert_eq!(g.release(released, later), Ok(later + 100_000));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 use governor::Quota;
 use tokio::time::sleep_until;
 
-use super::gcra::{Credit, Gcra, TICK, Timeline, Woken};
+use super::gcra::{Credit, Gcra, Timeline};
 use super::quota_of;
 use crate::error::{ConfigError, nonzero, or_panic};
 
@@ -61,8 +61,15 @@ pub(super) struct Shared<K> {
 }
 
 struct Keys<K> {
-    tats: HashMap<K, u64>,
+    states: HashMap<K, KeyState>,
     sweep_at: usize,
+}
+
+/// One key's schedules: its slots (`tat`) and its releases (see [`Gcra::release`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct KeyState {
+    tat: u64,
+    released: u64,
 }
 
 impl<K> Shared<K> {
@@ -74,72 +81,56 @@ impl<K> Shared<K> {
 
 impl<K: Hash + Eq + Clone> Shared<K> {
     /// Reserves `key`'s next slot for a cell taken as of `arrival` (at most one tick before
-    /// `now`): `(deadline, tat before, tat after)`; the cell conforms at once if
+    /// `now`): `(deadline, tat before, tat after)`; the slot is due at once if
     /// `deadline <= now`.
     pub(super) fn reserve(&self, key: &K, arrival: u64, now: u64) -> (u64, u64, u64) {
-        Self::reserve_locked(&self.gcra, &mut self.lock(), key, arrival, now)
-    }
-
-    fn reserve_locked(
-        gcra: &Gcra,
-        keys: &mut Keys<K>,
-        key: &K,
-        arrival: u64,
-        now: u64,
-    ) -> (u64, u64, u64) {
-        match keys.tats.get_mut(key) {
-            Some(tat) => {
-                let before = *tat;
-                let (deadline, after) = gcra.reserve(before, arrival);
-                *tat = after;
-                (deadline, before, after)
-            }
-            None => {
-                let (deadline, after) = gcra.reserve(0, arrival);
-                keys.insert(gcra, key.clone(), after, now);
-                (deadline, 0, after)
-            }
-        }
-    }
-
-    /// A waiter's slot on `key` has lapsed at `now` (see [`Woken::Lapsed`]): gives it back and
-    /// reserves again as of one tick ago.
-    pub(super) fn reserve_lapsed(
-        &self,
-        key: &K,
-        before: u64,
-        after: u64,
-        now: u64,
-    ) -> (u64, u64, u64) {
         let mut keys = self.lock();
-        Self::refund_locked(&mut keys, key, before, after);
-        Self::reserve_locked(&self.gcra, &mut keys, key, now.saturating_sub(TICK), now)
+        let state = keys.entry(&self.gcra, key, now);
+        let before = state.tat;
+        let (deadline, after) = self.gcra.reserve(before, arrival);
+        state.tat = after;
+        (deadline, before, after)
+    }
+
+    /// Releases a cell of `key` whose slot is due, at `now`; `Err(at)` if it must wait until
+    /// `at` so that no window holds more than `burst + (T + 1 ms) / interval` of the key's cells.
+    pub(super) fn release(&self, key: &K, now: u64) -> Result<(), u64> {
+        let mut keys = self.lock();
+        let state = keys.entry(&self.gcra, key, now);
+        state.released = self.gcra.release(state.released, now)?;
+        Ok(())
     }
 
     pub(super) fn refund(&self, key: &K, before: u64, after: u64) {
-        Self::refund_locked(&mut self.lock(), key, before, after);
-    }
-
-    fn refund_locked(keys: &mut Keys<K>, key: &K, before: u64, after: u64) {
-        if let Some(tat) = keys.tats.get_mut(key) {
-            if *tat == after {
-                *tat = before;
+        if let Some(state) = self.lock().states.get_mut(key) {
+            if state.tat == after {
+                state.tat = before;
             }
         }
     }
 }
 
-impl<K: Hash + Eq> Keys<K> {
-    fn insert(&mut self, gcra: &Gcra, key: K, tat: u64, now: u64) {
-        if self.tats.len() >= self.sweep_at {
-            self.sweep(gcra, now);
+impl<K: Hash + Eq + Clone> Keys<K> {
+    /// `key`'s state, inserted fresh if it has none (sweeping idle keys first if the map has
+    /// doubled since the last sweep).
+    fn entry(&mut self, gcra: &Gcra, key: &K, now: u64) -> &mut KeyState {
+        // (`HashMap::entry` would need an owned key on every call: the key is cloned only to
+        // be inserted.)
+        if !self.states.contains_key(key) {
+            if self.states.len() >= self.sweep_at {
+                self.sweep(gcra, now);
+            }
+            self.states.insert(key.clone(), KeyState::default());
         }
-        self.tats.insert(key, tat);
+        self.states.get_mut(key).expect("inserted above")
     }
+}
 
+impl<K> Keys<K> {
     fn sweep(&mut self, gcra: &Gcra, now: u64) {
-        self.tats.retain(|_, tat| !gcra.is_idle(*tat, now));
-        self.sweep_at = (self.tats.len() * 2).max(MIN_SWEEP);
+        self.states
+            .retain(|_, s| !gcra.is_idle(s.tat, s.released, now));
+        self.sweep_at = (self.states.len() * 2).max(MIN_SWEEP);
     }
 }
 
@@ -194,7 +185,7 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
             gcra,
             clock: Timeline::new(),
             keys: Mutex::new(Keys {
-                tats: HashMap::new(),
+                states: HashMap::new(),
                 sweep_at: MIN_SWEEP,
             }),
         }))
@@ -219,18 +210,24 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
             _ => now,
         };
         let (deadline, before, after) = shared.reserve(key, arrival, now);
-        if deadline > now {
-            let slot = KeySlot {
-                shared,
-                key,
-                deadline,
-                before,
-                after,
-                armed: true,
-            };
-            let credit = slot.wait().await;
-            *self.lock_credit() = Some((key.clone(), credit));
-        }
+        let wake_at = if deadline > now {
+            deadline
+        } else {
+            match shared.release(key, now) {
+                Ok(()) => return,
+                Err(at) => at,
+            }
+        };
+        let slot = KeySlot {
+            shared,
+            key,
+            deadline,
+            before,
+            after,
+            armed: true,
+        };
+        let credit = slot.wait(wake_at).await;
+        *self.lock_credit() = Some((key.clone(), credit));
     }
 
     fn lock_credit(&self) -> MutexGuard<'_, Option<(K, Credit)>> {
@@ -242,17 +239,18 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
     ///
     /// A check never makes up any waiter's timer lateness: it sees the key's quota as of now.
     pub fn check_key(&self, key: &K) -> bool {
+        let gcra = &self.shared.gcra;
         let now = self.shared.clock.now();
         let mut keys = self.shared.lock();
-        let before = keys.tats.get(key).copied().unwrap_or(0);
-        let (deadline, after) = self.shared.gcra.reserve(before, now);
+        let state = keys.states.get(key).copied().unwrap_or_default();
+        let (deadline, tat) = gcra.reserve(state.tat, now);
         if deadline > now {
             return false;
         }
-        match keys.tats.get_mut(key) {
-            Some(tat) => *tat = after,
-            None => keys.insert(&self.shared.gcra, key.clone(), after, now),
-        }
+        let Ok(released) = gcra.release(state.released, now) else {
+            return false;
+        };
+        *keys.entry(gcra, key, now) = KeyState { tat, released };
         true
     }
 
@@ -265,7 +263,7 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
 
     /// The number of keys whose state is kept.
     pub fn len(&self) -> usize {
-        self.shared.lock().tats.len()
+        self.shared.lock().states.len()
     }
 
     /// Whether no key's state is kept.
@@ -314,23 +312,19 @@ struct KeySlot<'a, K: Hash + Eq + Clone> {
 }
 
 impl<K: Hash + Eq + Clone> KeySlot<'_, K> {
-    /// Sleeps until the slot is due and takes it; returns the waiter's credit.
-    async fn wait(mut self) -> Credit {
+    /// Sleeps (first until `wake_at`) until the slot is due and its cell may be released, and
+    /// releases it; returns the waiter's credit.
+    async fn wait(mut self, mut wake_at: u64) -> Credit {
         let now = loop {
-            sleep_until(self.shared.clock.instant(self.deadline)).await;
+            sleep_until(self.shared.clock.instant(wake_at)).await;
             let now = self.shared.clock.now();
-            match Woken::of(self.deadline, now) {
-                Woken::Early => {}
-                Woken::Due => break now,
-                Woken::Lapsed => {
-                    let (deadline, before, after) =
-                        self.shared
-                            .reserve_lapsed(self.key, self.before, self.after, now);
-                    (self.deadline, self.before, self.after) = (deadline, before, after);
-                    if deadline <= now {
-                        break now;
-                    }
-                }
+            if now < self.deadline {
+                wake_at = self.deadline;
+                continue;
+            }
+            match self.shared.release(self.key, now) {
+                Ok(()) => break now,
+                Err(at) => wake_at = at,
             }
         };
         self.armed = false;
@@ -373,7 +367,7 @@ impl<K> fmt::Debug for KeyedRateLimiter<K> {
         f.debug_struct("KeyedRateLimiter")
             .field("interval", &self.interval())
             .field("burst", &self.burst_size())
-            .field("keys", &self.shared.lock().tats.len())
+            .field("keys", &self.shared.lock().states.len())
             .finish_non_exhaustive()
     }
 }

@@ -15,7 +15,7 @@ use governor::Quota;
 use tokio::time::sleep_until;
 
 use crate::error::{ConfigError, nonzero, or_panic};
-use gcra::{Credit, Gcra, HandleCredit, TICK, Tat, Timeline, Woken};
+use gcra::{Credit, Gcra, HandleCredit, Released, Tat, Timeline};
 
 pub use keyed::KeyedRateLimiter;
 pub use stream::{RateLimit, RateLimitBy};
@@ -43,11 +43,14 @@ pub use stream::{RateLimit, RateLimitBy};
 ///
 /// The credit belongs to the waiter whose timer was late (the stream, the handle of a
 /// [`until_ready`](Self::until_ready) caller): other streams, other handles and
-/// [`check`](Self::check) never see it. A waiter polled more than one tick after its slot (its
-/// consumer was busy) gives that slot back and queues again as of one tick ago: slots missed
-/// meanwhile are not released late. So in any window of length `T` the cells released number at
-/// most `burst + (T + 1 ms) / interval`: the quota over long windows, and at one instant the
-/// burst plus one tick's worth of cells.
+/// [`check`](Self::check) never see it, so they get at most the burst at once.
+///
+/// The limiter also keeps the instants at which cells actually went out, and holds back a cell
+/// whose release would put more than `burst + (T + 1 ms) / interval` cells in some window of
+/// length `T`: a consumer that was busy when its slot came (or a runtime that stalled) gets its
+/// cell as soon as that allows, keeping its place in line, but the slots missed meanwhile are
+/// not released late on top of the ones due now. Over long windows that is the quota; at one
+/// instant, the burst plus one tick's worth of cells.
 ///
 /// The price is accuracy when the interval is below the timer's resolution and the burst is
 /// small: a wake-up releases at most `burst + 1 ms / interval` cells, and tokio's wake-ups come
@@ -83,7 +86,10 @@ pub struct RateLimiter {
 struct Shared {
     gcra: Gcra,
     clock: Timeline,
+    /// The slots: each cell's deadline, and each waiter's place in line.
     tat: Tat,
+    /// When cells actually went out.
+    released: Released,
 }
 
 impl Shared {
@@ -92,6 +98,7 @@ impl Shared {
             gcra,
             clock: Timeline::new(),
             tat: Tat::default(),
+            released: Released::default(),
         }
     }
 
@@ -102,12 +109,11 @@ impl Shared {
         self.tat.reserve(&self.gcra, arrival)
     }
 
-    /// A waiter's slot has lapsed at `now` (see [`Woken::Lapsed`]): gives it back and reserves
-    /// again as of one tick ago.
+    /// Releases a cell whose slot is due, at `now`; `Err(at)` if it must wait until `at` so
+    /// that no window holds more than `burst + (T + 1 ms) / interval` cells.
     #[inline]
-    fn reserve_lapsed(&self, before: u64, after: u64, now: u64) -> (u64, u64, u64) {
-        self.tat.refund(before, after);
-        self.reserve(now.saturating_sub(TICK))
+    fn release(&self, now: u64) -> Result<(), u64> {
+        self.released.release(&self.gcra, now)
     }
 }
 
@@ -187,8 +193,20 @@ impl RateLimiter {
     ///
     /// A check never makes up any waiter's timer lateness: it sees the quota as of now.
     pub fn check(&self) -> bool {
-        let now = self.shared.clock.now();
-        self.shared.tat.try_take(&self.shared.gcra, now)
+        let shared = &*self.shared;
+        let now = shared.clock.now();
+        if !shared.released.conforms(&shared.gcra, now) {
+            return false;
+        }
+        let Some((before, after)) = shared.tat.try_take(&shared.gcra, now) else {
+            return false;
+        };
+        if shared.release(now).is_err() {
+            // Another release got in between: give the slot back.
+            shared.tat.refund(before, after);
+            return false;
+        }
+        true
     }
 
     /// Waits until one cell conforms to the quota and takes it: the same budget as every stream
@@ -201,8 +219,7 @@ impl RateLimiter {
     /// handle's credit: the next call through the same handle within one tick is served as of
     /// that much earlier, so a loop of calls keeps the quota's rate even when the interval is
     /// below the timer's resolution. Clones have their own credit; other handles and streams
-    /// never see it. A call whose future is polled more than one tick after its slot (a busy
-    /// task) gives that slot back and queues again as of one tick ago.
+    /// never see it.
     ///
     /// # Cancel safety
     ///
@@ -226,10 +243,16 @@ impl RateLimiter {
         let shared = &*self.shared;
         let now = shared.clock.now();
         let (deadline, before, after) = shared.reserve(self.credit.get().arrival(now));
-        if deadline > now {
-            let slot = Slot::new(shared, deadline, before, after);
-            self.credit.set(slot.wait().await);
-        }
+        let wake_at = if deadline > now {
+            deadline
+        } else {
+            match shared.release(now) {
+                Ok(()) => return,
+                Err(at) => at,
+            }
+        };
+        let slot = Slot::new(shared, deadline, before, after);
+        self.credit.set(slot.wait(wake_at).await);
     }
 }
 
@@ -253,22 +276,19 @@ impl<'a> Slot<'a> {
         }
     }
 
-    /// Sleeps until the slot is due and takes it; returns the waiter's credit.
-    async fn wait(mut self) -> Credit {
+    /// Sleeps (first until `wake_at`) until the slot is due and its cell may be released, and
+    /// releases it; returns the waiter's credit.
+    async fn wait(mut self, mut wake_at: u64) -> Credit {
         let now = loop {
-            sleep_until(self.shared.clock.instant(self.deadline)).await;
+            sleep_until(self.shared.clock.instant(wake_at)).await;
             let now = self.shared.clock.now();
-            match Woken::of(self.deadline, now) {
-                Woken::Early => {}
-                Woken::Due => break now,
-                Woken::Lapsed => {
-                    let (deadline, before, after) =
-                        self.shared.reserve_lapsed(self.before, self.after, now);
-                    (self.deadline, self.before, self.after) = (deadline, before, after);
-                    if deadline <= now {
-                        break now;
-                    }
-                }
+            if now < self.deadline {
+                wake_at = self.deadline;
+                continue;
+            }
+            match self.shared.release(now) {
+                Ok(()) => break now,
+                Err(at) => wake_at = at,
             }
         };
         self.armed = false;

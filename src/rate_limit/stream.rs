@@ -11,7 +11,7 @@ use futures::stream::FusedStream;
 use pin_project_lite::pin_project;
 use tokio::time::{Sleep, sleep_until};
 
-use super::gcra::{Credit, Woken};
+use super::gcra::{Credit, Timeline};
 use super::keyed::{KeyedRateLimiter, Shared as KeyedShared};
 use super::{RateLimiter, Shared};
 
@@ -83,33 +83,29 @@ fn arm(sleep: &mut Option<Pin<Box<Sleep>>>, at: tokio::time::Instant) {
     }
 }
 
-/// Waits on the stream's timer until the held slot is due: `Ready(now)` once the item may be
-/// released. A slot that has lapsed (see [`Woken::Lapsed`]) is replaced by `reserve_lapsed`.
-fn poll_due<T, R: Refund>(
-    held: &mut Held<T, R>,
+/// Waits on the stream's timer (armed) until the held slot is due and its cell may be released
+/// (`release` returns when it may, if not now), and releases it: `Ready(now)`.
+fn poll_release(
+    deadline: u64,
     sleep: &mut Option<Pin<Box<Sleep>>>,
-    clock: &super::gcra::Timeline,
+    clock: &Timeline,
     cx: &mut Context<'_>,
-    mut reserve_lapsed: impl FnMut(&R, u64, u64, u64) -> (u64, u64, u64),
+    release: impl Fn(u64) -> Result<(), u64>,
 ) -> Poll<u64> {
     loop {
         if let Some(sleep) = sleep.as_mut() {
             ready!(sleep.as_mut().poll(cx));
         }
         let now = clock.now();
-        match Woken::of(held.deadline, now) {
-            Woken::Early => {}
-            Woken::Due => return Poll::Ready(now),
-            Woken::Lapsed => {
-                let refund = held.refund.as_ref().expect("a held slot has its refund");
-                (held.deadline, held.before, held.after) =
-                    reserve_lapsed(refund, held.before, held.after, now);
-                if held.deadline <= now {
-                    return Poll::Ready(now);
-                }
+        let wake_at = if now < deadline {
+            deadline
+        } else {
+            match release(now) {
+                Ok(()) => return Poll::Ready(now),
+                Err(at) => at,
             }
-        }
-        arm(sleep, clock.instant(held.deadline));
+        };
+        arm(sleep, clock.instant(wake_at));
     }
 }
 
@@ -184,19 +180,24 @@ impl<S: Stream> Stream for RateLimit<S> {
                 };
                 let now = shared.clock.now();
                 let slot = shared.reserve(this.credit.arrival(now));
-                if slot.0 <= now {
-                    return Poll::Ready(Some(item));
-                }
-                arm(this.sleep, shared.clock.instant(slot.0));
+                let wake_at = if slot.0 > now {
+                    slot.0
+                } else {
+                    match shared.release(now) {
+                        Ok(()) => return Poll::Ready(Some(item)),
+                        Err(at) => at,
+                    }
+                };
+                arm(this.sleep, shared.clock.instant(wake_at));
                 this.held.insert(Held::new(item, slot, Arc::clone(shared)))
             }
         };
-        let now = ready!(poll_due(
-            held,
+        let now = ready!(poll_release(
+            held.deadline,
             this.sleep,
             &shared.clock,
             cx,
-            |shared, before, after, now| shared.reserve_lapsed(before, after, now),
+            |now| shared.release(now),
         ));
         let held = this.held.take().expect("an item is held");
         *this.credit = Credit::after_wait(held.deadline, now);
@@ -322,10 +323,15 @@ where
                     _ => now,
                 };
                 let slot = shared.reserve(&key, arrival, now);
-                if slot.0 <= now {
-                    return Poll::Ready(Some(item));
-                }
-                arm(this.sleep, shared.clock.instant(slot.0));
+                let wake_at = if slot.0 > now {
+                    slot.0
+                } else {
+                    match shared.release(&key, now) {
+                        Ok(()) => return Poll::Ready(Some(item)),
+                        Err(at) => at,
+                    }
+                };
+                arm(this.sleep, shared.clock.instant(wake_at));
                 let refund = KeyRefund {
                     shared: Arc::clone(shared),
                     key,
@@ -334,12 +340,17 @@ where
                 this.held.insert(Held::new(item, slot, refund))
             }
         };
-        let now = ready!(poll_due(
-            held,
+        let key = &held
+            .refund
+            .as_ref()
+            .expect("a held slot has its refund")
+            .key;
+        let now = ready!(poll_release(
+            held.deadline,
             this.sleep,
             &shared.clock,
             cx,
-            |refund, before, after, now| shared.reserve_lapsed(&refund.key, before, after, now),
+            |now| shared.release(key, now),
         ));
         let held = this.held.take().expect("an item is held");
         let credit = Credit::after_wait(held.deadline, now);
