@@ -1,5 +1,6 @@
 //! Achieved rate against the configured one, on the real clock: `rate_limit` beside governor's
-//! `until_ready` and a tokio `interval` pacer, at 10k/s and 100k/s, with burst 1 and burst 100.
+//! `until_ready` and a tokio `interval` pacer, at 1k/s, 10k/s and 100k/s, with burst 1 and
+//! burst 100.
 //!
 //! Before the criterion groups, each variant runs once for about 0.5 s and prints
 //! `achieved/configured = (items - burst) / (rate * elapsed)`: the items released beyond the
@@ -16,7 +17,7 @@ use futures::{StreamExt, stream};
 use stagepipe::prelude::*;
 use tokio::time::MissedTickBehavior;
 
-const RATES: [u32; 2] = [10_000, 100_000];
+const RATES: [u32; 3] = [1_000, 10_000, 100_000];
 const BURSTS: [u32; 2] = [1, 100];
 
 #[derive(Clone, Copy, Debug)]

@@ -121,8 +121,9 @@ struct State {
     free_ids: Vec<usize>,
     /// Registrations so far: tells a source apart from a later one that reuses its id.
     epochs: u64,
-    /// Source ids that have queued jobs, each at most once, served round-robin.
-    ready: VecDeque<usize>,
+    /// Sources that have queued jobs, each listed at most once, served round-robin. An entry of
+    /// a source that is gone (or whose jobs were taken back) is skipped when it comes up.
+    ready: VecDeque<SourceId>,
     /// Wakers of idle workers, by worker index.
     parked: Vec<Option<Waker>>,
     parked_ids: Vec<usize>,
@@ -135,6 +136,8 @@ struct Queue {
     /// Worker time owed, in nanoseconds: charged for every job the source ran, repaid by one
     /// [`QUANTUM`] each time its turn is skipped because it is in debt.
     debt: u64,
+    /// Whether the source has an entry in `ready`.
+    listed: bool,
 }
 
 /// The worker time a source in debt is forgiven each time its turn comes round. Sources are
@@ -162,10 +165,14 @@ impl State {
         }
     }
 
-    /// Marks `source` ready (it has queued jobs) and takes the wakers of up to `n` idle workers.
-    fn wake_for(&mut self, source: SourceId, was_empty: bool, n: usize, wake: &mut Vec<Waker>) {
-        if was_empty {
-            self.ready.push_back(source.id);
+    /// Lists `source` as ready (it has queued jobs) and takes the wakers of up to `n` idle
+    /// workers.
+    fn wake_for(&mut self, source: SourceId, n: usize, wake: &mut Vec<Waker>) {
+        if let Some(Some(queue)) = self.sources.get_mut(source.id) {
+            if queue.epoch == source.epoch && !queue.listed {
+                queue.listed = true;
+                self.ready.push_back(source);
+            }
         }
         for _ in 0..n {
             let Some(index) = self.parked_ids.pop() else {
@@ -237,6 +244,7 @@ impl WorkerPool {
             jobs: VecDeque::new(),
             epoch: state.epochs,
             debt: 0,
+            listed: false,
         };
         let source = SourceId {
             id: state.free_ids.pop().unwrap_or(state.sources.len()),
@@ -267,7 +275,6 @@ impl WorkerPool {
             return false;
         }
         out.extend(queue.drain(..));
-        state.ready.retain(|&r| r != source.id);
         true
     }
 
@@ -280,7 +287,6 @@ impl WorkerPool {
             }
             let jobs = state.sources[source.id].take();
             state.free_ids.push(source.id);
-            state.ready.retain(|&r| r != source.id);
             jobs
         };
         drop(jobs);
@@ -303,9 +309,8 @@ impl WorkerPool {
             }
             let n = jobs.len();
             let queue = state.queue(source).expect("source registered");
-            let was_empty = queue.is_empty();
             queue.extend(jobs.drain(..));
-            state.wake_for(source, was_empty, n, &mut wake);
+            state.wake_for(source, n, &mut wake);
         }
         for waker in wake {
             waker.wake();
@@ -335,12 +340,11 @@ impl Shared {
         {
             let mut state = self.lock();
             if let Some(queue) = state.queue(source) {
-                let was_empty = queue.is_empty();
                 let n = jobs.len();
                 for job in jobs.drain(..).rev() {
                     queue.push_front(job);
                 }
-                state.wake_for(source, was_empty, n, &mut wake);
+                state.wake_for(source, n, &mut wake);
             }
         }
         drop(jobs);
@@ -402,50 +406,61 @@ impl State {
     fn next_job(&mut self) -> Option<(SourceId, Job)> {
         let mut least = u64::MAX;
         for _ in 0..self.ready.len() {
-            let id = self.ready.pop_front()?;
-            let Some(queue) = self.sources[id].as_mut() else {
+            let source = self.ready.pop_front()?;
+            let Some(queue) = self.listed_queue(source) else {
                 continue;
             };
-            if queue.jobs.is_empty() {
-                continue;
-            }
             queue.debt = queue.debt.saturating_sub(QUANTUM);
             if queue.debt == 0 {
-                return Some(self.take_from(id));
+                return Some(self.take_from(source));
             }
             least = least.min(queue.debt);
-            self.ready.push_back(id);
+            self.ready.push_back(source);
         }
         if self.ready.is_empty() {
             return None;
         }
         let mut first = None;
-        for &id in &self.ready {
-            if let Some(queue) = self.sources[id].as_mut() {
-                queue.debt = queue.debt.saturating_sub(least);
-                if queue.debt == 0 && first.is_none() {
-                    first = Some(id);
+        for (at, &source) in self.ready.iter().enumerate() {
+            if let Some(Some(queue)) = self.sources.get_mut(source.id) {
+                if queue.epoch == source.epoch {
+                    queue.debt = queue.debt.saturating_sub(least);
+                    if queue.debt == 0 && first.is_none() && !queue.jobs.is_empty() {
+                        first = Some(at);
+                    }
                 }
             }
         }
-        let id = first?;
-        self.ready.retain(|&r| r != id);
-        Some(self.take_from(id))
+        let source = self.ready.remove(first?)?;
+        self.listed_queue(source)?;
+        Some(self.take_from(source))
     }
 
-    /// Takes the next job of ready source `id` (just removed from `ready`), putting the source
-    /// back at the end of `ready` if it has more.
-    fn take_from(&mut self, id: usize) -> (SourceId, Job) {
-        let queue = self.sources[id]
+    /// The queue of a source taken from `ready`, if it is still there and has jobs; otherwise
+    /// its entry is dropped (and the source, if still there, is no longer listed).
+    fn listed_queue(&mut self, source: SourceId) -> Option<&mut Queue> {
+        let queue = self.sources.get_mut(source.id)?.as_mut()?;
+        if queue.epoch != source.epoch {
+            return None;
+        }
+        if queue.jobs.is_empty() {
+            queue.listed = false;
+            return None;
+        }
+        Some(queue)
+    }
+
+    /// Takes the next job of `source` (just removed from `ready`, with jobs queued), listing the
+    /// source again at the end of `ready` if it has more.
+    fn take_from(&mut self, source: SourceId) -> (SourceId, Job) {
+        let queue = self.sources[source.id]
             .as_mut()
-            .expect("a ready source is registered");
-        let job = queue.jobs.pop_front().expect("a ready source has a job");
-        let source = SourceId {
-            id,
-            epoch: queue.epoch,
-        };
-        if !queue.jobs.is_empty() {
-            self.ready.push_back(id);
+            .expect("a listed source is registered");
+        let job = queue.jobs.pop_front().expect("a listed source has a job");
+        if queue.jobs.is_empty() {
+            queue.listed = false;
+        } else {
+            self.ready.push_back(source);
         }
         (source, job)
     }
@@ -494,7 +509,8 @@ const DEFAULT_MIN_WINDOW: usize = 512;
 
 async fn worker(shared: Arc<Shared>, index: usize) {
     let mut charge = None;
-    while let Some((source, mut job)) = poll_fn(|cx| shared.poll_job(index, &mut charge, cx)).await
+    while let Some((source, mut job)) =
+        poll_fn(|cx| shared.poll_job(index, &mut charge, cx)).await
     {
         let started = std::time::Instant::now();
         shared.busy.fetch_add(1, Ordering::Relaxed);
@@ -585,8 +601,12 @@ mod tests {
                 jobs: (0..jobs).map(|_| noop()).collect(),
                 epoch: id as u64,
                 debt: 0,
+                listed: true,
             }));
-            state.ready.push_back(id);
+            state.ready.push_back(SourceId {
+                id,
+                epoch: id as u64,
+            });
         }
         state
     }

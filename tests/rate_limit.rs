@@ -77,26 +77,73 @@ async fn idle_time_refills_up_to_the_burst_only() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_late_wake_releases_the_items_already_due_and_no_more() {
+async fn a_consumer_late_by_more_than_a_tick_gets_one_cell_then_the_quota_pace() {
     let limiter = RateLimiter::per(ms(10));
     let mut s = task::spawn(stream::iter(0..10).rate_limit(&limiter));
     assert_ready_eq!(s.poll_next(), Some(0));
     assert_pending!(s.poll_next()); // item 1 is due at 10 ms
-    // The consumer is busy until 35 ms: its wake-up comes 25 ms late.
+    // The consumer is busy until 35 ms: it polls 25 ms after the slot.
     advance(ms(35)).await;
     assert_ready_eq!(s.poll_next(), Some(1));
-    // Items 2 and 3 were due at 20 and 30 ms: released at once, the schedule keeps its deadlines.
-    assert_ready_eq!(s.poll_next(), Some(2));
-    assert_ready_eq!(s.poll_next(), Some(3));
-    // Item 4 is due at 40 ms, not before.
+    // The slots at 20 and 30 ms passed unused: no backlog at once. A cell went out at 35 ms,
+    // so the next may go one interval later, less the one tick of tolerance: at 44 ms.
     assert_pending!(s.poll_next());
-    advance(ms(4)).await;
+    advance(ms(8)).await;
     assert_pending!(s.poll_next());
     advance(ms(1)).await;
-    assert_ready_eq!(s.poll_next(), Some(4));
+    assert_ready_eq!(s.poll_next(), Some(2));
     assert_pending!(s.poll_next());
     advance(ms(10)).await;
-    assert_ready_eq!(s.poll_next(), Some(5));
+    assert_ready_eq!(s.poll_next(), Some(3));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wake_late_by_less_than_a_tick_keeps_the_schedule() {
+    // A timer fires up to one tick after its slot (tokio rounds deadlines up to the
+    // millisecond). The stream makes that lateness up: every slot of the absolute schedule
+    // (0, 0.4, 0.8, 1.2 ms...) is released at the first whole millisecond after it.
+    let limiter = RateLimiter::per(Duration::from_micros(400));
+    let start = Instant::now();
+    let mut s = task::spawn(stream::iter(0..13).rate_limit(&limiter));
+    let mut released = Vec::new();
+    for _ in 0..6 {
+        drain(&mut s, &mut released, start);
+        advance(ms(1)).await;
+    }
+    assert_eq!(
+        released,
+        [0, 1, 1, 2, 2, 2, 3, 3, 4, 4, 4, 5, 5].map(ms)[..]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handles_credit_is_its_own() {
+    let interval = Duration::from_micros(200);
+    // Alone, a handle whose call woke 0.8 ms late makes up the slots it slept through.
+    let a = RateLimiter::per(interval);
+    a.until_ready().await;
+    let mut late = task::spawn(a.until_ready());
+    assert_pending!(late.poll()); // the slot at 0.2 ms
+    advance(ms(1)).await;
+    assert_ready!(late.poll());
+    drop(late);
+    let caught_up = (0..10)
+        .take_while(|_| task::spawn(a.until_ready()).poll().is_ready())
+        .count();
+    assert_eq!(caught_up, 4); // the slots at 0.4, 0.6, 0.8 and 1.0 ms
+
+    // Another handle (a clone) calling at that instant gets no part of that credit.
+    let a = RateLimiter::per(interval);
+    let b = a.clone();
+    a.until_ready().await;
+    let mut late = task::spawn(a.until_ready());
+    assert_pending!(late.poll());
+    advance(ms(1)).await;
+    assert_ready!(late.poll());
+    let at_once = (0..10)
+        .take_while(|_| task::spawn(b.until_ready()).poll().is_ready())
+        .count();
+    assert_eq!(at_once, 1);
 }
 
 #[tokio::test(start_paused = true)]
@@ -266,7 +313,11 @@ async fn keyed_state_of_idle_keys_is_dropped() {
         assert!(!limiter.check_key(&key));
     }
     assert_eq!(limiter.len(), 10);
+    // Full burst regained at 10 ms; kept one more timer tick, for a waiter's credit.
     advance(ms(10)).await;
+    limiter.retain_recent();
+    assert_eq!(limiter.len(), 10);
+    advance(ms(1)).await;
     limiter.retain_recent();
     assert!(limiter.is_empty());
 
@@ -299,8 +350,10 @@ async fn fused_and_size_hint() {
     assert_ready!(s.poll_next());
     assert_pending!(s.poll_next());
     assert_eq!(s.size_hint(), (2, Some(2)));
-    advance(ms(20)).await;
+    advance(ms(10)).await;
     assert_ready!(s.poll_next());
+    assert_pending!(s.poll_next());
+    advance(ms(10)).await;
     assert_ready!(s.poll_next());
     assert!(!s.is_terminated());
     assert_ready_eq!(s.poll_next(), None);
@@ -365,7 +418,12 @@ fn handles_are_shared_and_thread_safe() {
     fn shared<T: Clone + Send + Sync + 'static>() {}
     shared::<RateLimiter>();
     shared::<KeyedRateLimiter<String>>();
+    fn send<T: Send>(_: &T) {}
+    let keyed = KeyedRateLimiter::<String>::per_second(5);
+    let key = String::from("k");
+    send(&keyed.until_key_ready(&key));
     let limiter = RateLimiter::per_second(5).burst(2);
+    send(&limiter.until_ready());
     let clone: RateLimiter = (&limiter).into();
     assert_eq!(format!("{clone:?}"), format!("{limiter:?}"));
     assert!(format!("{limiter:?}").contains("burst: 2"));
@@ -458,4 +516,154 @@ async fn direct_callers_keep_rates_above_the_timer_resolution_too() {
         assert_pending!(caller.poll());
     }
     assert_eq!(*count.lock().unwrap(), 1_001);
+}
+
+// -- the quota after a stalled consumer: a late waiter's lateness is its own --
+
+/// The most cells the quota lets through in a window of length `window`:
+/// `burst + (window + 1 ms) / period`.
+fn allowed(burst: u32, period: Duration, window: Duration) -> u64 {
+    let span = (window + ms(1)).as_nanos() / period.as_nanos();
+    u64::from(burst) + u64::try_from(span).unwrap()
+}
+
+/// Every window of `at` (release instants) holds no more cells than the quota allows.
+fn assert_quota_kept(at: &[Duration], burst: u32, period: Duration) {
+    let mut at = at.to_vec();
+    at.sort();
+    for i in 0..at.len() {
+        for j in i..at.len() {
+            let cells = (j - i + 1) as u64;
+            let window = at[j] - at[i];
+            assert!(
+                cells <= allowed(burst, period, window),
+                "{cells} cells within {window:?} (from {:?}); releases: {at:?}",
+                at[i]
+            );
+        }
+    }
+}
+
+/// Polls a rate-limited stream until it is pending, recording each release; returns how many.
+fn drain<S: Stream>(s: &mut task::Spawn<S>, released: &mut Vec<Duration>, start: Instant) -> usize {
+    let mut n = 0;
+    while let std::task::Poll::Ready(Some(_)) = s.poll_next() {
+        released.push(start.elapsed());
+        n += 1;
+    }
+    n
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_stream_hands_no_backlog_to_another_stream() {
+    let period = Duration::from_secs(1);
+    let limiter = RateLimiter::per(period);
+    let start = Instant::now();
+    let mut released = Vec::new();
+    let mut a = task::spawn(stream::iter(0..20).rate_limit(&limiter));
+    assert_ready_eq!(a.poll_next(), Some(0));
+    released.push(start.elapsed());
+    assert_pending!(a.poll_next()); // item 1 holds the slot due at 1 s
+    // A's consumer is busy for 10 s: A is not polled meanwhile.
+    advance(Duration::from_secs(10)).await;
+    assert_ready_eq!(a.poll_next(), Some(1));
+    released.push(start.elapsed());
+    // Another stream on the same limiter, at the same instant: A's lateness is not B's credit.
+    let mut b = task::spawn(stream::iter(0..20).rate_limit(&limiter));
+    let at_once = drain(&mut b, &mut released, start);
+    assert_eq!(
+        at_once, 0,
+        "B got {at_once} cells at the instant A released its late one"
+    );
+    // Both go on at the quota's pace.
+    for _ in 0..5_000 {
+        advance(ms(1)).await;
+        drain(&mut a, &mut released, start);
+        drain(&mut b, &mut released, start);
+    }
+    assert_quota_kept(&released, 1, period);
+    assert!(released.len() >= 6, "{released:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn check_after_a_stalled_waiter_grants_no_backlog() {
+    let period = Duration::from_secs(1);
+    let limiter = RateLimiter::per(period);
+    assert!(limiter.check());
+    let mut waiter = task::spawn(limiter.until_ready());
+    assert_pending!(waiter.poll()); // holds the slot due at 1 s
+    // The waiter's task is busy for 10 s: its future is not polled meanwhile.
+    advance(Duration::from_secs(10)).await;
+    assert_ready!(waiter.poll());
+    let granted = (0..20).take_while(|_| limiter.check()).count();
+    assert_eq!(granted, 0, "check granted {granted} cells in a row");
+    // A direct caller behind it waits for the next slot as usual.
+    let start = Instant::now();
+    limiter.until_ready().await;
+    assert!(start.elapsed() <= period, "{:?}", start.elapsed());
+    assert!(!limiter.check());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_key_never_used_gets_its_burst_only_after_another_key_stalled() {
+    let period = Duration::from_secs(1);
+    let limiter = KeyedRateLimiter::per(period).burst(2);
+    let mut a = task::spawn(stream::iter(['a'; 10]).rate_limit_by(&limiter, |c: &char| *c));
+    assert_ready_eq!(a.poll_next(), Some('a'));
+    assert_ready_eq!(a.poll_next(), Some('a'));
+    assert_pending!(a.poll_next()); // the third `a` holds the slot due at 1 s
+    advance(Duration::from_secs(10)).await;
+    assert_ready_eq!(a.poll_next(), Some('a'));
+    // Keys never used before get their burst (2), not `a`'s lateness.
+    let granted = (0..20).take_while(|_| limiter.check_key(&'b')).count();
+    assert_eq!(granted, 2, "a fresh key got {granted} cells at once");
+    let mut c = task::spawn(stream::iter(['c'; 10]).rate_limit_by(&limiter, |c: &char| *c));
+    let mut released = Vec::new();
+    let at_once = drain(&mut c, &mut released, Instant::now());
+    assert_eq!(
+        at_once, 2,
+        "a fresh key's stream got {at_once} cells at once"
+    );
+    let mut direct = task::spawn(async {
+        let start = Instant::now();
+        for _ in 0..3 {
+            limiter.until_key_ready(&'d').await;
+        }
+        start.elapsed()
+    });
+    assert_pending!(direct.poll()); // two at once, the third a period later
+    advance(period).await;
+    assert_ready_eq!(direct.poll(), period);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_polled_from_select_beside_periodic_work_releases_no_backlog() {
+    let period = ms(10);
+    let limiter = RateLimiter::per(period);
+    let start = Instant::now();
+    let mut items = stream::iter(0..60).rate_limit(&limiter);
+    let mut tick = tokio::time::interval(ms(7));
+    let mut released = Vec::new();
+    let mut ticks = 0u32;
+    loop {
+        tokio::select! {
+            biased;
+            _ = tick.tick() => {
+                ticks += 1;
+                // Every fifth round of periodic work takes 25 ms: the stream is not polled
+                // meanwhile, and its slot comes due while it waits.
+                if ticks % 5 == 0 {
+                    tokio::time::sleep(ms(25)).await;
+                }
+            }
+            item = items.next() => match item {
+                Some(_) => released.push(start.elapsed()),
+                None => break,
+            },
+        }
+    }
+    assert_eq!(released.len(), 60);
+    // No instant releases more than burst + 1 ms / period = 1 cell, and no window more than
+    // its share.
+    assert_quota_kept(&released, 1, period);
 }

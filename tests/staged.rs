@@ -425,3 +425,446 @@ async fn keyed_groups_serialise_each_key() {
         "different keys run in parallel"
     );
 }
+
+// -- panics before a stage's future exists --
+
+/// A machine whose `run` is a plain `fn`: it checks its input synchronously (an `assert!`)
+/// before making the stage's future. Stages: `Parse` → `Work` (doubles) → `Store` → done.
+/// Request `reject.1` panics in stage `reject.0` before the stage's future exists; request
+/// `fail` fails in `Work`. `start` panics on its `start_panics_on`-th call (counting from 0).
+#[derive(Clone, Default)]
+struct Eager {
+    reject: Option<(Step, u64)>,
+    fail: Option<u64>,
+    start_panics_on: Option<usize>,
+    starts: Arc<AtomicUsize>,
+}
+
+impl StateMachine for Eager {
+    type Stage = Step;
+    type Data = u64;
+    type Error = String;
+
+    fn start(&self) -> Step {
+        let call = self.starts.fetch_add(1, Ordering::SeqCst);
+        if self.start_panics_on == Some(call) {
+            panic!("start refused call {call}");
+        }
+        Step::Parse
+    }
+
+    fn run(
+        &self,
+        stage: Step,
+        n: u64,
+    ) -> impl Future<Output = Result<Next<Step, u64>, String>> + Send {
+        if let Some((at, id)) = self.reject {
+            assert!(stage != at || n != id, "{stage:?} rejects {n}");
+        }
+        let fail = self.fail == Some(n);
+        async move {
+            match stage {
+                Step::Parse => Ok(Next::Stage(Step::Work, n)),
+                Step::Work if fail => Err(format!("request {n} failed")),
+                Step::Work => Ok(Next::Stage(Step::Store, n * 2)),
+                Step::Store => Ok(Next::Done(n)),
+            }
+        }
+    }
+}
+
+/// A generous bound that only guards against a hang; no test measures time with it.
+const HANG_GUARD: Duration = Duration::from_secs(120);
+
+/// Runs `ids` through a group of `builder` with its results read by a spawned task, which must
+/// not die; returns the results in the order they came and the refused submissions.
+async fn run_group_in_task<M: StateMachine>(
+    builder: stagepipe::GroupBuilder<M>,
+    ids: Vec<M::Data>,
+) -> (Vec<Result<M::Data, StageError<M>>>, Vec<M::Data>) {
+    let (tx, results) = builder.open();
+    let consumer = tokio::spawn(results.collect::<Vec<_>>());
+    let mut refused = Vec::new();
+    for id in ids {
+        if let Err(GroupClosed(back)) = tx.submit(id).await {
+            refused.push(back);
+        }
+    }
+    drop(tx);
+    let results = tokio::time::timeout(HANG_GUARD, consumer)
+        .await
+        .expect("the group's results end")
+        .expect("the consumer task survives the panic");
+    (results, refused)
+}
+
+/// The pipeline still serves a new group, and its pool still runs other streams.
+async fn assert_still_serves(pipeline: &Pipeline<Eager>) {
+    let (results, refused) =
+        run_group_in_task(pipeline.group().ordered(), (100..150).collect()).await;
+    assert!(refused.is_empty());
+    let values: Vec<u64> = results.into_iter().map(Result::unwrap).collect();
+    assert_eq!(values, (200..300).step_by(2).collect::<Vec<_>>());
+    let mapped: Vec<u64> = tokio::time::timeout(
+        HANG_GUARD,
+        stream::iter(0..100u64)
+            .fan_out_ordered(pipeline.pool(), |x| async move { x + 1 })
+            .collect(),
+    )
+    .await
+    .expect("the pool still runs jobs");
+    assert_eq!(mapped, (1..101).collect::<Vec<_>>());
+}
+
+fn is_rejection(r: &Result<u64, StageError<Eager>>, stage: Step, id: u64) -> bool {
+    matches!(r, Err(StageError::Panicked { stage: s, message })
+        if *s == stage && *message == format!("{stage:?} rejects {id}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronous_panic_in_run_stays_in_its_request_ordered() {
+    let pipeline = Pipeline::builder(Eager {
+        reject: Some((Step::Work, 7)),
+        ..Eager::default()
+    })
+    .workers(2)
+    .build();
+    let (results, refused) =
+        run_group_in_task(pipeline.group().ordered().window(4), (0..20).collect()).await;
+    assert!(refused.is_empty());
+    assert_eq!(results.len(), 20);
+    for (id, r) in (0..20u64).zip(&results) {
+        if id == 7 {
+            assert!(is_rejection(r, Step::Work, 7), "{r:?}");
+        } else {
+            assert_eq!(r.as_ref().ok(), Some(&(id * 2)), "request {id}");
+        }
+    }
+    let stats = pipeline.stats();
+    let work = stats.stage(Step::Work).unwrap();
+    assert_eq!((work.runs, work.errors), (20, 1));
+    assert_eq!(stats.stage(Step::Store).unwrap().runs, 19);
+    assert_eq!((stats.requests_done, stats.requests_failed), (20, 1));
+    assert_still_serves(&pipeline).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronous_panic_in_run_stays_in_its_request_unordered() {
+    let pipeline = Pipeline::builder(Eager {
+        reject: Some((Step::Parse, 3)),
+        ..Eager::default()
+    })
+    .workers(2)
+    .build();
+    let (results, refused) = run_group_in_task(pipeline.group(), (0..20).collect()).await;
+    assert!(refused.is_empty());
+    assert_eq!(results.len(), 20);
+    let rejected: Vec<_> = results.iter().filter(|r| r.is_err()).collect();
+    assert_eq!(rejected.len(), 1);
+    assert!(is_rejection(rejected[0], Step::Parse, 3), "{rejected:?}");
+    let mut values: Vec<u64> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok().copied())
+        .collect();
+    values.sort_unstable();
+    assert_eq!(
+        values,
+        (0..20)
+            .filter(|&id| id != 3)
+            .map(|id| id * 2)
+            .collect::<Vec<_>>()
+    );
+    let parse = pipeline.stats().stage(Step::Parse).unwrap();
+    assert_eq!((parse.runs, parse.errors), (20, 1));
+    assert_still_serves(&pipeline).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronous_panic_in_run_stays_in_its_request_through() {
+    // `Store` sees the doubled value: request 11 reaches it with 22.
+    let pipeline = Pipeline::builder(Eager {
+        reject: Some((Step::Store, 22)),
+        ..Eager::default()
+    })
+    .workers(2)
+    .build();
+    let consumer = tokio::spawn(
+        stream::iter(0..20u64)
+            .through(&pipeline)
+            .collect::<Vec<_>>(),
+    );
+    let results = tokio::time::timeout(HANG_GUARD, consumer)
+        .await
+        .expect("the stream ends")
+        .expect("the consumer task survives the panic");
+    assert_eq!(results.len(), 20);
+    for (id, r) in (0..20u64).zip(&results) {
+        if id == 11 {
+            assert!(is_rejection(r, Step::Store, 22), "{r:?}");
+        } else {
+            assert_eq!(r.as_ref().ok(), Some(&(id * 2)), "request {id}");
+        }
+    }
+    let store = pipeline.stats().stage(Step::Store).unwrap();
+    assert_eq!((store.runs, store.errors), (20, 1));
+    assert_still_serves(&pipeline).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_synchronous_panic_in_run_ends_a_cancel_on_error_group() {
+    let pipeline = Pipeline::builder(Eager {
+        reject: Some((Step::Work, 9)),
+        ..Eager::default()
+    })
+    .workers(2)
+    .build();
+    let (results, refused) = run_group_in_task(
+        pipeline.group().ordered().cancel_on_error().window(4),
+        (0..200).collect(),
+    )
+    .await;
+    let (last, before) = results.split_last().unwrap();
+    assert!(is_rejection(last, Step::Work, 9), "{last:?}");
+    let before: Vec<u64> = before.iter().map(|r| *r.as_ref().unwrap()).collect();
+    assert_eq!(
+        before,
+        (0..9).map(|id| id * 2).collect::<Vec<_>>(),
+        "every earlier result, in order, then the panic ends the group"
+    );
+    assert!(!refused.is_empty(), "later submits are refused");
+    let first_refused = refused[0];
+    assert!(first_refused > 9);
+    assert_eq!(refused, (first_refused..200).collect::<Vec<_>>());
+    assert_still_serves(&pipeline).await;
+}
+
+/// `start` panics once; with one worker requests start in submission order, so the panic
+/// belongs to request 5 (the sixth call).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_start_stays_in_its_request() {
+    let pipeline = Pipeline::builder(Eager {
+        start_panics_on: Some(5),
+        ..Eager::default()
+    })
+    .workers(1)
+    .build();
+    let (results, refused) = run_group_in_task(pipeline.group().ordered(), (0..20).collect()).await;
+    assert!(refused.is_empty());
+    assert_eq!(results.len(), 20);
+    for (id, r) in (0..20u64).zip(&results) {
+        if id == 5 {
+            let e = r.as_ref().unwrap_err();
+            assert!(
+                matches!(e, StageError::StartPanicked { message } if message == "start refused call 5"),
+                "{e:?}"
+            );
+            assert_eq!(e.stage(), None, "no stage ran");
+            assert_eq!(e.to_string(), "start panicked: start refused call 5");
+        } else {
+            assert_eq!(r.as_ref().ok(), Some(&(id * 2)), "request {id}");
+        }
+    }
+    let stats = pipeline.stats();
+    // The request never reached a stage: no stage counts it.
+    assert_eq!(stats.stage(Step::Parse).unwrap().runs, 19);
+    assert_eq!(stats.stage(Step::Parse).unwrap().errors, 0);
+    assert_eq!((stats.requests_done, stats.requests_failed), (20, 1));
+    assert_still_serves(&pipeline).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_start_ends_a_cancel_on_error_group() {
+    let pipeline = Pipeline::builder(Eager {
+        start_panics_on: Some(0),
+        ..Eager::default()
+    })
+    .workers(1)
+    .build();
+    let (results, refused) = run_group_in_task(
+        pipeline.group().cancel_on_error().window(2),
+        (0..100).collect(),
+    )
+    .await;
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert!(
+        matches!(&results[0], Err(StageError::StartPanicked { message }) if message == "start refused call 0"),
+        "{results:?}"
+    );
+    assert!(!refused.is_empty(), "later submits are refused");
+    assert_still_serves(&pipeline).await;
+}
+
+// -- stage figures of requests cancelled later --
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+enum Phase {
+    Quick,
+    Slow,
+}
+
+/// `Quick` is instant; `Slow` sleeps `id + 1` hours, then finishes (or fails, for request
+/// `fail`). Counts the runs of each stage that finished, and the `Slow` runs that began.
+#[derive(Clone, Default)]
+struct TwoPhase {
+    fail: Option<u64>,
+    quick_done: Arc<AtomicUsize>,
+    slow_begun: Arc<AtomicUsize>,
+    slow_done: Arc<AtomicUsize>,
+}
+
+impl StateMachine for TwoPhase {
+    type Stage = Phase;
+    type Data = u64;
+    type Error = String;
+
+    fn start(&self) -> Phase {
+        Phase::Quick
+    }
+
+    async fn run(&self, stage: Phase, id: u64) -> Result<Next<Phase, u64>, String> {
+        match stage {
+            Phase::Quick => {
+                self.quick_done.fetch_add(1, Ordering::SeqCst);
+                Ok(Next::Stage(Phase::Slow, id))
+            }
+            Phase::Slow => {
+                self.slow_begun.fetch_add(1, Ordering::SeqCst);
+                sleep(Duration::from_secs(3600 * (id + 1))).await;
+                self.slow_done.fetch_add(1, Ordering::SeqCst);
+                if self.fail == Some(id) {
+                    return Err(format!("request {id} failed"));
+                }
+                Ok(Next::Done(id))
+            }
+        }
+    }
+}
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Four requests on four workers: all run `Quick` at once, then `Slow` for 1, 2, 3 and 4 hours.
+/// The group is dropped after two results: requests 2 and 3 have finished `Quick` and are
+/// cancelled mid-way through `Slow`. Every finished run counts; the cancelled ones do not.
+#[tokio::test(start_paused = true)]
+async fn stage_runs_of_a_dropped_group_still_count() {
+    let machine = TwoPhase::default();
+    let pipeline = Pipeline::builder(machine.clone()).workers(4).build();
+    let (tx, results) = pipeline.group().window(8).open();
+    for id in 0..4 {
+        tx.submit(id).await.unwrap();
+    }
+    let start = Instant::now();
+    let mut results = Box::pin(results);
+    let mut out = Vec::new();
+    while out.len() < 2 {
+        out.push(results.next().await.unwrap().unwrap());
+    }
+    assert_eq!(out, [0, 1]);
+    assert_eq!(start.elapsed(), 2 * HOUR);
+    assert_eq!(
+        machine.quick_done.load(Ordering::SeqCst),
+        4,
+        "all ran Quick"
+    );
+    assert_eq!(machine.slow_begun.load(Ordering::SeqCst), 4);
+    drop(results);
+
+    let stats = pipeline.stats();
+    let quick = stats.stage(Phase::Quick).unwrap();
+    assert_eq!((quick.runs, quick.errors), (4, 0), "{stats}");
+    assert_eq!(quick.total, Duration::ZERO);
+    let slow = stats.stage(Phase::Slow).unwrap();
+    assert_eq!(machine.slow_done.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        (slow.runs, slow.errors),
+        (2, 0),
+        "only finished runs: {stats}"
+    );
+    assert_eq!(
+        (slow.total, slow.max, slow.mean),
+        (3 * HOUR, 2 * HOUR, 3 * HOUR / 2)
+    );
+    assert_eq!((stats.requests_done, stats.requests_failed), (2, 0));
+    assert_eq!(stats.groups_open, 0);
+
+    // Nothing of the cancelled runs is recorded later either.
+    sleep(10 * HOUR).await;
+    assert_eq!(pipeline.stats(), stats);
+    assert!(tx.submit(9).await.is_err());
+}
+
+/// As above, but the group cancels itself: request 1 fails at the end of `Slow` (2 h), which
+/// abandons requests 2 and 3 in the middle of theirs.
+#[tokio::test(start_paused = true)]
+async fn stage_runs_of_requests_abandoned_by_cancel_on_error_still_count() {
+    let machine = TwoPhase {
+        fail: Some(1),
+        ..TwoPhase::default()
+    };
+    let pipeline = Pipeline::builder(machine.clone()).workers(4).build();
+    let (tx, results) = pipeline.group().cancel_on_error().window(8).open();
+    for id in 0..4 {
+        tx.submit(id).await.unwrap();
+    }
+    drop(tx);
+    let results: Vec<_> = results.collect().await;
+    assert_eq!(results.len(), 2, "{results:?}");
+    assert_eq!(results[0].as_ref().ok(), Some(&0));
+    assert!(
+        matches!(&results[1], Err(StageError::Failed { stage: Phase::Slow, error }) if error == "request 1 failed"),
+        "{results:?}"
+    );
+    assert_eq!(machine.quick_done.load(Ordering::SeqCst), 4);
+    assert_eq!(machine.slow_done.load(Ordering::SeqCst), 2);
+
+    let stats = pipeline.stats();
+    let quick = stats.stage(Phase::Quick).unwrap();
+    assert_eq!((quick.runs, quick.errors), (4, 0), "{stats}");
+    let slow = stats.stage(Phase::Slow).unwrap();
+    assert_eq!(
+        (slow.runs, slow.errors),
+        (2, 1),
+        "only finished runs: {stats}"
+    );
+    assert_eq!((slow.total, slow.max), (3 * HOUR, 2 * HOUR));
+    assert_eq!((stats.requests_done, stats.requests_failed), (2, 1));
+    assert_eq!(stats.groups_open, 0);
+}
+
+/// A chain of 40 stages (more than the stage table keeps without a lock): every stage's
+/// figures are kept, in the order the stages first ran.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_stages_keep_their_figures_in_order() {
+    struct Chain;
+    impl StateMachine for Chain {
+        type Stage = u8;
+        type Data = u64;
+        type Error = ();
+        fn start(&self) -> u8 {
+            0
+        }
+        async fn run(&self, stage: u8, n: u64) -> Result<Next<u8, u64>, ()> {
+            Ok(if stage == 39 {
+                Next::Done(n)
+            } else {
+                Next::Stage(stage + 1, n + 1)
+            })
+        }
+    }
+    let pipeline = Pipeline::builder(Chain).workers(2).build();
+    let results: Vec<_> = tokio::time::timeout(
+        HANG_GUARD,
+        stream::iter(0..500u64).through(&pipeline).collect(),
+    )
+    .await
+    .expect("the stream ends");
+    let values: Vec<u64> = results.into_iter().map(Result::unwrap).collect();
+    assert_eq!(values, (39..539).collect::<Vec<_>>());
+    let stats = pipeline.stats();
+    let stages: Vec<u8> = stats.stages.iter().map(|(s, _)| *s).collect();
+    assert_eq!(stages, (0..40).collect::<Vec<_>>());
+    for (stage, st) in &stats.stages {
+        assert_eq!((st.runs, st.errors), (500, 0), "stage {stage}");
+    }
+    assert_eq!(stats.to_string().lines().count(), 42, "{stats}");
+}

@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use governor::Quota;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::sleep_until;
 
-use super::gcra::{Gcra, Timeline};
+use super::gcra::{Credit, Gcra, Timeline};
 use super::quota_of;
 use crate::error::{ConfigError, nonzero, or_panic};
 
@@ -26,9 +26,10 @@ const MIN_SWEEP: usize = 64;
 /// # Memory
 ///
 /// A key's state is only kept while it still matters: once a key has been idle long enough to
-/// regain its full burst, its state equals a fresh key's and may be dropped. The map is swept of
-/// such keys whenever it has doubled since the last sweep (and [`retain_recent`](Self::retain_recent)
-/// sweeps on demand), so memory is bounded by the keys active within about one burst period.
+/// regain its full burst, plus one timer tick (the most a late waiter may make up), its state
+/// equals a fresh key's and may be dropped. The map is swept of such keys whenever it has
+/// doubled since the last sweep (and [`retain_recent`](Self::retain_recent) sweeps on demand),
+/// so memory is bounded by the keys active within about one burst period.
 ///
 /// ```
 /// use std::time::Duration;
@@ -48,6 +49,9 @@ const MIN_SWEEP: usize = 64;
 /// ```
 pub struct KeyedRateLimiter<K> {
     shared: Arc<Shared<K>>,
+    /// This handle's own credit for timer lateness, and the key it was earned on, for
+    /// [`until_key_ready`](Self::until_key_ready).
+    credit: Mutex<Option<(K, Credit)>>,
 }
 
 pub(super) struct Shared<K> {
@@ -57,8 +61,15 @@ pub(super) struct Shared<K> {
 }
 
 struct Keys<K> {
-    tats: HashMap<K, u64>,
+    states: HashMap<K, KeyState>,
     sweep_at: usize,
+}
+
+/// One key's schedules: its slots (`tat`) and its releases (see [`Gcra::release`]).
+#[derive(Debug, Clone, Copy, Default)]
+struct KeyState {
+    tat: u64,
+    released: u64,
 }
 
 impl<K> Shared<K> {
@@ -69,48 +80,57 @@ impl<K> Shared<K> {
 }
 
 impl<K: Hash + Eq + Clone> Shared<K> {
-    /// Reserves `key`'s next slot: `None` if the cell conforms at once.
-    pub(super) fn reserve(&self, key: &K, now: Instant) -> Option<(u64, u64, u64)> {
-        let now = self.clock.nanos(now);
-        let effective = self.clock.effective(now);
+    /// Reserves `key`'s next slot for a cell taken as of `arrival` (at most one tick before
+    /// `now`): `(deadline, tat before, tat after)`; the slot is due at once if
+    /// `deadline <= now`.
+    pub(super) fn reserve(&self, key: &K, arrival: u64, now: u64) -> (u64, u64, u64) {
         let mut keys = self.lock();
-        let (deadline, before, after) = match keys.tats.get_mut(key) {
-            Some(tat) => {
-                let before = *tat;
-                let (deadline, after) = self.gcra.reserve(before, effective);
-                *tat = after;
-                (deadline, before, after)
-            }
-            None => {
-                let (deadline, after) = self.gcra.reserve(0, effective);
-                keys.insert(&self.gcra, key.clone(), after, effective);
-                (deadline, 0, after)
-            }
-        };
-        (deadline > now).then_some((deadline, before, after))
+        let state = keys.entry(&self.gcra, key, now);
+        let before = state.tat;
+        let (deadline, after) = self.gcra.reserve(before, arrival);
+        state.tat = after;
+        (deadline, before, after)
+    }
+
+    /// Releases a cell of `key` whose slot is due, at `now`; `Err(at)` if it must wait until
+    /// `at` so that no window holds more than `burst + (T + 1 ms) / interval` of the key's cells.
+    pub(super) fn release(&self, key: &K, now: u64) -> Result<(), u64> {
+        let mut keys = self.lock();
+        let state = keys.entry(&self.gcra, key, now);
+        state.released = self.gcra.release(state.released, now)?;
+        Ok(())
     }
 
     pub(super) fn refund(&self, key: &K, before: u64, after: u64) {
-        let mut keys = self.lock();
-        if let Some(tat) = keys.tats.get_mut(key) {
-            if *tat == after {
-                *tat = before;
+        if let Some(state) = self.lock().states.get_mut(key) {
+            if state.tat == after {
+                state.tat = before;
             }
         }
     }
 }
 
-impl<K: Hash + Eq> Keys<K> {
-    fn insert(&mut self, gcra: &Gcra, key: K, tat: u64, now: u64) {
-        if self.tats.len() >= self.sweep_at {
-            self.sweep(gcra, now);
+impl<K: Hash + Eq + Clone> Keys<K> {
+    /// `key`'s state, inserted fresh if it has none (sweeping idle keys first if the map has
+    /// doubled since the last sweep).
+    fn entry(&mut self, gcra: &Gcra, key: &K, now: u64) -> &mut KeyState {
+        // (`HashMap::entry` would need an owned key on every call: the key is cloned only to
+        // be inserted.)
+        if !self.states.contains_key(key) {
+            if self.states.len() >= self.sweep_at {
+                self.sweep(gcra, now);
+            }
+            self.states.insert(key.clone(), KeyState::default());
         }
-        self.tats.insert(key, tat);
+        self.states.get_mut(key).expect("inserted above")
     }
+}
 
+impl<K> Keys<K> {
     fn sweep(&mut self, gcra: &Gcra, now: u64) {
-        self.tats.retain(|_, tat| !gcra.is_idle(*tat, now));
-        self.sweep_at = (self.tats.len() * 2).max(MIN_SWEEP);
+        self.states
+            .retain(|_, s| !gcra.is_idle(s.tat, s.released, now));
+        self.sweep_at = (self.states.len() * 2).max(MIN_SWEEP);
     }
 }
 
@@ -161,67 +181,89 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
     }
 
     fn from_gcra(gcra: Gcra) -> Self {
-        Self {
-            shared: Arc::new(Shared {
-                gcra,
-                clock: Timeline::new(),
-                keys: Mutex::new(Keys {
-                    tats: HashMap::new(),
-                    sweep_at: MIN_SWEEP,
-                }),
+        Self::from_shared(Arc::new(Shared {
+            gcra,
+            clock: Timeline::new(),
+            keys: Mutex::new(Keys {
+                states: HashMap::new(),
+                sweep_at: MIN_SWEEP,
             }),
-        }
+        }))
     }
 
     /// Waits until one cell for `key` conforms to its quota and takes it.
+    ///
+    /// As with [`RateLimiter::until_ready`](crate::RateLimiter::until_ready), a call whose timer
+    /// fired late keeps that lateness (at most one timer tick) as this handle's credit for
+    /// `key`: only the next call for the same key through the same handle, within one tick, is
+    /// served as of that much earlier. Other keys, handles and streams never see it.
     ///
     /// # Cancel safety
     ///
     /// Dropping the future before it completes gives the key's slot back if no later slot was
     /// reserved for that key since.
     pub async fn until_key_ready(&self, key: &K) {
-        if let Some((deadline, before, after)) = self.shared.reserve(key, Instant::now()) {
-            let mut slot = KeySlot {
-                shared: &self.shared,
-                key,
-                before,
-                after,
-                armed: true,
-            };
-            sleep_until(self.shared.clock.instant(deadline)).await;
-            slot.armed = false;
-            let now = self.shared.clock.nanos(Instant::now());
-            self.shared.clock.woke(deadline, now);
-        }
+        let shared = &*self.shared;
+        let now = shared.clock.now();
+        let arrival = match &*self.lock_credit() {
+            Some((credited, credit)) if credited == key => credit.arrival(now),
+            _ => now,
+        };
+        let (deadline, before, after) = shared.reserve(key, arrival, now);
+        let wake_at = if deadline > now {
+            deadline
+        } else {
+            match shared.release(key, now) {
+                Ok(()) => return,
+                Err(at) => at,
+            }
+        };
+        let slot = KeySlot {
+            shared,
+            key,
+            deadline,
+            before,
+            after,
+            armed: true,
+        };
+        let credit = slot.wait(wake_at).await;
+        *self.lock_credit() = Some((key.clone(), credit));
+    }
+
+    fn lock_credit(&self) -> MutexGuard<'_, Option<(K, Credit)>> {
+        // A key and two numbers, written at once: never inconsistent.
+        self.credit.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Takes one cell for `key` if it conforms now, without waiting: `true` if it was taken.
+    ///
+    /// A check never makes up any waiter's timer lateness: it sees the key's quota as of now.
     pub fn check_key(&self, key: &K) -> bool {
-        let now = self.shared.clock.nanos(Instant::now());
-        let effective = self.shared.clock.effective(now);
+        let gcra = &self.shared.gcra;
+        let now = self.shared.clock.now();
         let mut keys = self.shared.lock();
-        let before = keys.tats.get(key).copied().unwrap_or(0);
-        let (deadline, after) = self.shared.gcra.reserve(before, effective);
+        let state = keys.states.get(key).copied().unwrap_or_default();
+        let (deadline, tat) = gcra.reserve(state.tat, now);
         if deadline > now {
             return false;
         }
-        match keys.tats.get_mut(key) {
-            Some(tat) => *tat = after,
-            None => keys.insert(&self.shared.gcra, key.clone(), after, effective),
-        }
+        let Ok(released) = gcra.release(state.released, now) else {
+            return false;
+        };
+        *keys.entry(gcra, key, now) = KeyState { tat, released };
         true
     }
 
-    /// Drops the state of every key that has regained its full burst (it equals a fresh key's).
+    /// Drops the state of every key that has regained its full burst for at least one timer
+    /// tick (it equals a fresh key's).
     pub fn retain_recent(&self) {
-        let now = self.shared.clock.nanos(Instant::now());
-        let effective = self.shared.clock.effective(now);
-        self.shared.lock().sweep(&self.shared.gcra, effective);
+        let now = self.shared.clock.now();
+        self.shared.lock().sweep(&self.shared.gcra, now);
     }
 
     /// The number of keys whose state is kept.
     pub fn len(&self) -> usize {
-        self.shared.lock().tats.len()
+        self.shared.lock().states.len()
     }
 
     /// Whether no key's state is kept.
@@ -249,14 +291,45 @@ impl<K> KeyedRateLimiter<K> {
     pub(super) fn shared(&self) -> &Arc<Shared<K>> {
         &self.shared
     }
+
+    fn from_shared(shared: Arc<Shared<K>>) -> Self {
+        Self {
+            shared,
+            credit: Mutex::new(None),
+        }
+    }
 }
 
+/// A reserved slot of one key whose deadline is still ahead: given back if dropped before it is
+/// released.
 struct KeySlot<'a, K: Hash + Eq + Clone> {
     shared: &'a Shared<K>,
     key: &'a K,
+    deadline: u64,
     before: u64,
     after: u64,
     armed: bool,
+}
+
+impl<K: Hash + Eq + Clone> KeySlot<'_, K> {
+    /// Sleeps (first until `wake_at`) until the slot is due and its cell may be released, and
+    /// releases it; returns the waiter's credit.
+    async fn wait(mut self, mut wake_at: u64) -> Credit {
+        let now = loop {
+            sleep_until(self.shared.clock.instant(wake_at)).await;
+            let now = self.shared.clock.now();
+            if now < self.deadline {
+                wake_at = self.deadline;
+                continue;
+            }
+            match self.shared.release(self.key, now) {
+                Ok(()) => break now,
+                Err(at) => wake_at = at,
+            }
+        };
+        self.armed = false;
+        Credit::after_wait(self.deadline, now)
+    }
 }
 
 impl<K: Hash + Eq + Clone> Drop for KeySlot<'_, K> {
@@ -268,10 +341,10 @@ impl<K: Hash + Eq + Clone> Drop for KeySlot<'_, K> {
 }
 
 impl<K> Clone for KeyedRateLimiter<K> {
+    /// Another handle on the same per-key state, with a credit of its own (see
+    /// [`until_key_ready`](Self::until_key_ready)).
     fn clone(&self) -> Self {
-        Self {
-            shared: Arc::clone(&self.shared),
-        }
+        Self::from_shared(Arc::clone(&self.shared))
     }
 }
 
@@ -294,7 +367,7 @@ impl<K> fmt::Debug for KeyedRateLimiter<K> {
         f.debug_struct("KeyedRateLimiter")
             .field("interval", &self.interval())
             .field("burst", &self.burst_size())
-            .field("keys", &self.shared.lock().tats.len())
+            .field("keys", &self.shared.lock().states.len())
             .finish_non_exhaustive()
     }
 }

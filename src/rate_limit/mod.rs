@@ -12,10 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use governor::Quota;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::sleep_until;
 
 use crate::error::{ConfigError, nonzero, or_panic};
-use gcra::{Gcra, Tat, Timeline};
+use gcra::{Credit, Gcra, HandleCredit, Released, Tat, Timeline};
 
 pub use keyed::KeyedRateLimiter;
 pub use stream::{RateLimit, RateLimitBy};
@@ -32,13 +32,31 @@ pub use stream::{RateLimit, RateLimitBy};
 ///
 /// # Accuracy at high rates
 ///
-/// Each cell is given an absolute deadline on the quota's timeline, and a waiter whose timer
-/// fires late does not push the timeline back: the cells that became due meanwhile are released
-/// at once when it wakes, never before their deadlines. So the achieved rate matches the quota
-/// even when the interval is far below the timer's resolution (about 1 ms): at 100 000 cells per
-/// second with burst 1, a wake-up releases the ~100 cells due in that millisecond. Below the
-/// timer's resolution the burst is therefore honoured on average over one timer tick, and over
-/// any longer window the count never exceeds what the quota allows since the window began.
+/// Each cell is given an absolute deadline on the quota's timeline. tokio's timer has a
+/// resolution of one tick (1 ms), so a waiter's timer fires up to a tick after its slot (more
+/// on a busy runtime). A waiter whose timer fired late keeps that lateness, up to one tick, as a
+/// credit of its own: for one tick after the release, its next reservations are taken as of
+/// that much earlier, so the slots that passed while it slept are released at once when it
+/// wakes, never before their deadlines. A stream whose interval is far below the timer's
+/// resolution thus releases about one tick's worth of cells per wake-up: at 100 000 cells per
+/// second, the ~100 cells due in that millisecond.
+///
+/// The credit belongs to the waiter whose timer was late (the stream, the handle of a
+/// [`until_ready`](Self::until_ready) caller): other streams, other handles and
+/// [`check`](Self::check) never see it, so they get at most the burst at once.
+///
+/// The limiter also keeps the instants at which cells actually went out, and holds back a cell
+/// whose release would put more than `burst + (T + 1 ms) / interval` cells in some window of
+/// length `T`: a consumer that was busy when its slot came (or a runtime that stalled) gets its
+/// cell as soon as that allows, keeping its place in line, but the slots missed meanwhile are
+/// not released late on top of the ones due now. Over long windows that is the quota; at one
+/// instant, the burst plus one tick's worth of cells.
+///
+/// The price is accuracy when the interval is below the timer's resolution and the burst is
+/// small: a wake-up releases at most `burst + 1 ms / interval` cells, and tokio's wake-ups come
+/// somewhat more than one tick apart (timer slack, scheduling), so such a limiter runs below its
+/// quota, by more on a busy runtime. A larger burst absorbs the lateness: no slot is lost while
+/// a waiter's timer is late by at most one tick plus `burst - 1` intervals.
 ///
 /// ```
 /// use std::time::Duration;
@@ -58,16 +76,20 @@ pub use stream::{RateLimit, RateLimitBy};
 /// ```
 ///
 /// [governor]: https://docs.rs/governor
-#[derive(Clone)]
 pub struct RateLimiter {
     shared: Arc<Shared>,
+    /// This handle's own credit for timer lateness, for [`until_ready`](Self::until_ready).
+    credit: HandleCredit,
 }
 
 #[derive(Debug)]
 struct Shared {
     gcra: Gcra,
     clock: Timeline,
+    /// The slots: each cell's deadline, and each waiter's place in line.
     tat: Tat,
+    /// When cells actually went out.
+    released: Released,
 }
 
 impl Shared {
@@ -76,15 +98,22 @@ impl Shared {
             gcra,
             clock: Timeline::new(),
             tat: Tat::default(),
+            released: Released::default(),
         }
     }
 
-    /// Reserves the next slot at `now`: `None` if the cell conforms at once.
+    /// Reserves the next slot for a cell taken as of `arrival` (at most one tick before now):
+    /// `(deadline, tat before, tat after)`; the cell conforms at once if `deadline <= now`.
     #[inline]
-    fn reserve(&self, now: Instant) -> Option<(u64, u64, u64)> {
-        let now = self.clock.nanos(now);
-        let (deadline, before, after) = self.tat.reserve(&self.gcra, self.clock.effective(now));
-        (deadline > now).then_some((deadline, before, after))
+    fn reserve(&self, arrival: u64) -> (u64, u64, u64) {
+        self.tat.reserve(&self.gcra, arrival)
+    }
+
+    /// Releases a cell whose slot is due, at `now`; `Err(at)` if it must wait until `at` so
+    /// that no window holds more than `burst + (T + 1 ms) / interval` cells.
+    #[inline]
+    fn release(&self, now: u64) -> Result<(), u64> {
+        self.released.release(&self.gcra, now)
     }
 }
 
@@ -135,8 +164,13 @@ impl RateLimiter {
     }
 
     fn from_gcra(gcra: Gcra) -> Self {
+        Self::from_shared(Arc::new(Shared::new(gcra)))
+    }
+
+    fn from_shared(shared: Arc<Shared>) -> Self {
         Self {
-            shared: Arc::new(Shared::new(gcra)),
+            shared,
+            credit: HandleCredit::default(),
         }
     }
 
@@ -156,10 +190,23 @@ impl RateLimiter {
     }
 
     /// Takes one cell if it conforms now, without waiting: `true` if it was taken.
+    ///
+    /// A check never makes up any waiter's timer lateness: it sees the quota as of now.
     pub fn check(&self) -> bool {
-        let now = self.shared.clock.nanos(Instant::now());
-        let effective = self.shared.clock.effective(now);
-        self.shared.tat.try_take(&self.shared.gcra, effective, now)
+        let shared = &*self.shared;
+        let now = shared.clock.now();
+        if !shared.released.conforms(&shared.gcra, now) {
+            return false;
+        }
+        let Some((before, after)) = shared.tat.try_take(&shared.gcra, now) else {
+            return false;
+        };
+        if shared.release(now).is_err() {
+            // Another release got in between: give the slot back.
+            shared.tat.refund(before, after);
+            return false;
+        }
+        true
     }
 
     /// Waits until one cell conforms to the quota and takes it: the same budget as every stream
@@ -167,6 +214,12 @@ impl RateLimiter {
     ///
     /// Waiters are served in the order they call: each call reserves the next slot on the
     /// quota's timeline at once and sleeps until it (on tokio's timer).
+    ///
+    /// A call whose timer fired late keeps that lateness (at most one timer tick) as this
+    /// handle's credit: the next call through the same handle within one tick is served as of
+    /// that much earlier, so a loop of calls keeps the quota's rate even when the interval is
+    /// below the timer's resolution. Clones have their own credit; other handles and streams
+    /// never see it.
     ///
     /// # Cancel safety
     ///
@@ -187,10 +240,19 @@ impl RateLimiter {
     /// # }
     /// ```
     pub async fn until_ready(&self) {
-        if let Some((deadline, before, after)) = self.shared.reserve(Instant::now()) {
-            let slot = Slot::new(&self.shared, deadline, before, after);
-            slot.wait().await;
-        }
+        let shared = &*self.shared;
+        let now = shared.clock.now();
+        let (deadline, before, after) = shared.reserve(self.credit.get().arrival(now));
+        let wake_at = if deadline > now {
+            deadline
+        } else {
+            match shared.release(now) {
+                Ok(()) => return,
+                Err(at) => at,
+            }
+        };
+        let slot = Slot::new(shared, deadline, before, after);
+        self.credit.set(slot.wait(wake_at).await);
     }
 }
 
@@ -214,11 +276,23 @@ impl<'a> Slot<'a> {
         }
     }
 
-    async fn wait(mut self) {
-        sleep_until(self.shared.clock.instant(self.deadline)).await;
+    /// Sleeps (first until `wake_at`) until the slot is due and its cell may be released, and
+    /// releases it; returns the waiter's credit.
+    async fn wait(mut self, mut wake_at: u64) -> Credit {
+        let now = loop {
+            sleep_until(self.shared.clock.instant(wake_at)).await;
+            let now = self.shared.clock.now();
+            if now < self.deadline {
+                wake_at = self.deadline;
+                continue;
+            }
+            match self.shared.release(now) {
+                Ok(()) => break now,
+                Err(at) => wake_at = at,
+            }
+        };
         self.armed = false;
-        let now = self.shared.clock.nanos(Instant::now());
-        self.shared.clock.woke(self.deadline, now);
+        Credit::after_wait(self.deadline, now)
     }
 }
 
@@ -241,6 +315,14 @@ impl From<Quota> for RateLimiter {
     /// A limiter enforcing governor's `quota`, with the quota's own burst.
     fn from(quota: Quota) -> Self {
         Self::from_gcra(Gcra::from_quota(&quota))
+    }
+}
+
+impl Clone for RateLimiter {
+    /// Another handle on the same quota, with a credit of its own (see
+    /// [`until_ready`](Self::until_ready)).
+    fn clone(&self) -> Self {
+        Self::from_shared(Arc::clone(&self.shared))
     }
 }
 

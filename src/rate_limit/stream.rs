@@ -9,8 +9,9 @@ use std::task::{Context, Poll, ready};
 use futures::Stream;
 use futures::stream::FusedStream;
 use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep, sleep_until};
+use tokio::time::{Sleep, sleep_until};
 
+use super::gcra::{Credit, Timeline};
 use super::keyed::{KeyedRateLimiter, Shared as KeyedShared};
 use super::{RateLimiter, Shared};
 
@@ -18,7 +19,7 @@ use super::{RateLimiter, Shared};
 struct Held<T, R: Refund> {
     item: Option<T>,
     deadline: u64,
-    refund: R,
+    refund: Option<R>,
     before: u64,
     after: u64,
 }
@@ -48,24 +49,63 @@ impl<K> Refund for KeyRefund<K> {
 }
 
 impl<T, R: Refund> Held<T, R> {
-    fn release(mut self) -> T {
-        self.item.take().expect("a held item is released once")
+    fn new(item: T, (deadline, before, after): (u64, u64, u64), refund: R) -> Self {
+        Self {
+            item: Some(item),
+            deadline,
+            refund: Some(refund),
+            before,
+            after,
+        }
+    }
+
+    /// The item, and what would have given its slot back.
+    fn release(mut self) -> (T, R) {
+        let item = self.item.take().expect("a held item is released once");
+        let refund = self.refund.take().expect("a held item is released once");
+        (item, refund)
     }
 }
 
 impl<T, R: Refund> Drop for Held<T, R> {
     fn drop(&mut self) {
-        if self.item.is_some() {
-            self.refund.refund(self.before, self.after);
+        if let (Some(_), Some(refund)) = (&self.item, &self.refund) {
+            refund.refund(self.before, self.after);
         }
     }
 }
 
 /// Sleeps until `at`, reusing the stream's timer.
-fn arm(sleep: &mut Option<Pin<Box<Sleep>>>, at: Instant) {
+fn arm(sleep: &mut Option<Pin<Box<Sleep>>>, at: tokio::time::Instant) {
     match sleep {
         Some(sleep) => sleep.as_mut().reset(at),
         None => *sleep = Some(Box::pin(sleep_until(at))),
+    }
+}
+
+/// Waits on the stream's timer (armed) until the held slot is due and its cell may be released
+/// (`release` returns when it may, if not now), and releases it: `Ready(now)`.
+fn poll_release(
+    deadline: u64,
+    sleep: &mut Option<Pin<Box<Sleep>>>,
+    clock: &Timeline,
+    cx: &mut Context<'_>,
+    release: impl Fn(u64) -> Result<(), u64>,
+) -> Poll<u64> {
+    loop {
+        if let Some(sleep) = sleep.as_mut() {
+            ready!(sleep.as_mut().poll(cx));
+        }
+        let now = clock.now();
+        let wake_at = if now < deadline {
+            deadline
+        } else {
+            match release(now) {
+                Ok(()) => return Poll::Ready(now),
+                Err(at) => at,
+            }
+        };
+        arm(sleep, clock.instant(wake_at));
     }
 }
 
@@ -78,6 +118,8 @@ pin_project! {
         limiter: RateLimiter,
         held: Option<Held<S::Item, Arc<Shared>>>,
         sleep: Option<Pin<Box<Sleep>>>,
+        // This stream's own credit for its timer's lateness.
+        credit: Credit,
         done: bool,
     }
 }
@@ -89,6 +131,7 @@ impl<S: Stream> RateLimit<S> {
             limiter,
             held: None,
             sleep: None,
+            credit: Credit::default(),
             done: false,
         }
     }
@@ -124,34 +167,41 @@ impl<S: Stream> Stream for RateLimit<S> {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
         let this = self.project();
-        if this.held.is_none() {
-            if *this.done {
-                return Poll::Ready(None);
+        let shared = &this.limiter.shared;
+        let held = match this.held {
+            Some(held) => held,
+            None => {
+                if *this.done {
+                    return Poll::Ready(None);
+                }
+                let Some(item) = ready!(this.stream.poll_next(cx)) else {
+                    *this.done = true;
+                    return Poll::Ready(None);
+                };
+                let now = shared.clock.now();
+                let slot = shared.reserve(this.credit.arrival(now));
+                let wake_at = if slot.0 > now {
+                    slot.0
+                } else {
+                    match shared.release(now) {
+                        Ok(()) => return Poll::Ready(Some(item)),
+                        Err(at) => at,
+                    }
+                };
+                arm(this.sleep, shared.clock.instant(wake_at));
+                this.held.insert(Held::new(item, slot, Arc::clone(shared)))
             }
-            let Some(item) = ready!(this.stream.poll_next(cx)) else {
-                *this.done = true;
-                return Poll::Ready(None);
-            };
-            let shared = &this.limiter.shared;
-            let Some((deadline, before, after)) = shared.reserve(Instant::now()) else {
-                return Poll::Ready(Some(item));
-            };
-            arm(this.sleep, shared.clock.instant(deadline));
-            *this.held = Some(Held {
-                item: Some(item),
-                deadline,
-                refund: Arc::clone(shared),
-                before,
-                after,
-            });
-        }
-        if let Some(sleep) = this.sleep.as_mut() {
-            ready!(sleep.as_mut().poll(cx));
-        }
+        };
+        let now = ready!(poll_release(
+            held.deadline,
+            this.sleep,
+            &shared.clock,
+            cx,
+            |now| shared.release(now),
+        ));
         let held = this.held.take().expect("an item is held");
-        let clock = &this.limiter.shared.clock;
-        clock.woke(held.deadline, clock.nanos(Instant::now()));
-        Poll::Ready(Some(held.release()))
+        *this.credit = Credit::after_wait(held.deadline, now);
+        Poll::Ready(Some(held.release().0))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -193,6 +243,8 @@ pin_project! {
         key: F,
         held: Option<Held<S::Item, KeyRefund<K>>>,
         sleep: Option<Pin<Box<Sleep>>>,
+        // This stream's own credit for its timer's lateness, and the key it was earned on.
+        credit: Option<(K, Credit)>,
         done: bool,
     }
 }
@@ -210,6 +262,7 @@ where
             key,
             held: None,
             sleep: None,
+            credit: None,
             done: false,
         }
     }
@@ -252,39 +305,58 @@ where
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
         let this = self.project();
-        if this.held.is_none() {
-            if *this.done {
-                return Poll::Ready(None);
-            }
-            let Some(item) = ready!(this.stream.poll_next(cx)) else {
-                *this.done = true;
-                return Poll::Ready(None);
-            };
-            let key = (this.key)(&item);
-            let shared = this.limiter.shared();
-            let Some((deadline, before, after)) = shared.reserve(&key, Instant::now()) else {
-                return Poll::Ready(Some(item));
-            };
-            arm(this.sleep, shared.clock.instant(deadline));
-            *this.held = Some(Held {
-                item: Some(item),
-                deadline,
-                refund: KeyRefund {
+        let shared = this.limiter.shared();
+        let held = match this.held {
+            Some(held) => held,
+            None => {
+                if *this.done {
+                    return Poll::Ready(None);
+                }
+                let Some(item) = ready!(this.stream.poll_next(cx)) else {
+                    *this.done = true;
+                    return Poll::Ready(None);
+                };
+                let key = (this.key)(&item);
+                let now = shared.clock.now();
+                let arrival = match this.credit {
+                    Some((credited, credit)) if *credited == key => credit.arrival(now),
+                    _ => now,
+                };
+                let slot = shared.reserve(&key, arrival, now);
+                let wake_at = if slot.0 > now {
+                    slot.0
+                } else {
+                    match shared.release(&key, now) {
+                        Ok(()) => return Poll::Ready(Some(item)),
+                        Err(at) => at,
+                    }
+                };
+                arm(this.sleep, shared.clock.instant(wake_at));
+                let refund = KeyRefund {
                     shared: Arc::clone(shared),
                     key,
                     refund: KeyedShared::refund,
-                },
-                before,
-                after,
-            });
-        }
-        if let Some(sleep) = this.sleep.as_mut() {
-            ready!(sleep.as_mut().poll(cx));
-        }
+                };
+                this.held.insert(Held::new(item, slot, refund))
+            }
+        };
+        let key = &held
+            .refund
+            .as_ref()
+            .expect("a held slot has its refund")
+            .key;
+        let now = ready!(poll_release(
+            held.deadline,
+            this.sleep,
+            &shared.clock,
+            cx,
+            |now| shared.release(key, now),
+        ));
         let held = this.held.take().expect("an item is held");
-        let clock = &this.limiter.shared().clock;
-        clock.woke(held.deadline, clock.nanos(Instant::now()));
-        Poll::Ready(Some(held.release()))
+        let credit = Credit::after_wait(held.deadline, now);
+        let (item, refund) = held.release();
+        *this.credit = Some((refund.key, credit));
+        Poll::Ready(Some(item))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {

@@ -19,21 +19,31 @@ pub enum StageError<M: StateMachine> {
         /// The stages visited in order, ending with the stage it tried to revisit.
         path: Vec<M::Stage>,
     },
-    /// A stage panicked. The panic stays inside this request; the pipeline keeps serving.
+    /// A stage panicked: in [`run`](StateMachine::run), while it made the stage's future or
+    /// while the future ran. The panic stays inside this request; the pipeline keeps serving.
     Panicked {
         /// The stage that panicked.
         stage: M::Stage,
         /// The panic's message, if it had a string payload.
         message: String,
     },
+    /// The machine's [`start`](StateMachine::start) panicked for this request, so it never
+    /// reached a stage (and no stage's figures count it). The panic stays inside this request;
+    /// the pipeline keeps serving.
+    StartPanicked {
+        /// The panic's message, if it had a string payload.
+        message: String,
+    },
 }
 
 impl<M: StateMachine> StageError<M> {
-    /// The stage where the request stopped (for `Cycle`, the stage it tried to revisit).
+    /// The stage where the request stopped (for `Cycle`, the stage it tried to revisit), or
+    /// `None` for `StartPanicked`: the request never reached a stage.
     pub fn stage(&self) -> Option<M::Stage> {
         match self {
             Self::Failed { stage, .. } | Self::Panicked { stage, .. } => Some(*stage),
             Self::Cycle { path } => path.last().copied(),
+            Self::StartPanicked { .. } => None,
         }
     }
 }
@@ -55,6 +65,10 @@ where
                 .field("stage", stage)
                 .field("message", message)
                 .finish(),
+            Self::StartPanicked { message } => f
+                .debug_struct("StartPanicked")
+                .field("message", message)
+                .finish(),
         }
     }
 }
@@ -68,6 +82,7 @@ where
             Self::Failed { stage, error } => write!(f, "stage {stage:?} failed: {error}"),
             Self::Cycle { path } => write!(f, "stage cycle: {path:?}"),
             Self::Panicked { stage, message } => write!(f, "stage {stage:?} panicked: {message}"),
+            Self::StartPanicked { message } => write!(f, "start panicked: {message}"),
         }
     }
 }

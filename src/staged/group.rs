@@ -220,8 +220,11 @@ impl<M: StateMachine> Run<M> {
         let poll = core.poll_next(
             stream,
             &mut |(key, data)| {
-                let run = inner.clone().run_request(data);
-                async move { (key, run.await) }
+                let inner = inner.clone();
+                // The request stays data until a worker runs it: its state machine's future
+                // (often kilobytes) is made and boxed only then, so a group's window of
+                // queued requests costs little more than the requests themselves.
+                async move { (key, Box::pin(inner.run_request(data)).await) }
             },
             cx,
         );

@@ -42,6 +42,16 @@ pub enum Next<S, D> {
 /// (routing). A request runs from [`start`](StateMachine::start) to [`Next::Done`] inside one
 /// slot of the pipeline's worker pool.
 ///
+/// # Panics
+///
+/// A panic in the machine stays inside the request it hit; the group and the pipeline keep
+/// serving (a [`cancel_on_error`](GroupBuilder::cancel_on_error) group ends there, as for any
+/// error). A panic in [`run`](StateMachine::run) yields [`StageError::Panicked`] naming the
+/// stage, whether it happens while `run` makes the stage's future (a plain `fn run` that checks
+/// its input before returning an `async` block) or while the future runs. A panic in
+/// [`start`](StateMachine::start) yields [`StageError::StartPanicked`]: the request never
+/// reached a stage.
+///
 /// # Examples
 ///
 /// ```
@@ -82,10 +92,15 @@ pub trait StateMachine: Send + Sync + 'static {
     /// The error a stage may fail with.
     type Error: Send + 'static;
 
-    /// The stage every request starts in.
+    /// The stage every request starts in. Called once per request, on the pool's worker that
+    /// runs it; a panic here yields [`StageError::StartPanicked`] for that request.
     fn start(&self) -> Self::Stage;
 
     /// Runs `stage` on `data` and says where the request goes next.
+    ///
+    /// It may be an `async fn`, or a plain `fn` that does some work before it returns the
+    /// stage's future: both the call and the future run on the pool, and a panic in either
+    /// yields [`StageError::Panicked`] for that request.
     fn run(
         &self,
         stage: Self::Stage,

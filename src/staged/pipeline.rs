@@ -1,9 +1,10 @@
 //! [`Pipeline`]: a state machine and a worker pool, shared by every clone and every group.
 
+use std::any::Any;
 use std::fmt;
-use std::panic::AssertUnwindSafe;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -70,8 +71,8 @@ pub(super) struct Inner<M: StateMachine> {
     pub(super) pool: WorkerPool,
     pub(super) window: usize,
     dag: bool,
-    /// Per-stage figures, in the order stages were first run.
-    stages: RwLock<Vec<(M::Stage, Stats)>>,
+    /// Per-stage figures, in the order of each stage's first finished run.
+    stages: StageTable<M::Stage>,
     pub(super) groups_opened: AtomicU64,
     pub(super) groups_closed: AtomicU64,
     pub(super) requests_done: AtomicU64,
@@ -177,7 +178,7 @@ impl<M: StateMachine> PipelineBuilder<M> {
                 pool,
                 window,
                 dag: self.dag,
-                stages: RwLock::new(Vec::new()),
+                stages: StageTable::new(),
                 groups_opened: AtomicU64::new(0),
                 groups_closed: AtomicU64::new(0),
                 requests_done: AtomicU64::new(0),
@@ -226,25 +227,20 @@ impl<M: StateMachine> Pipeline<M> {
     /// Per-stage and per-group figures so far.
     pub fn stats(&self) -> PipelineStats<M::Stage> {
         let i = &self.inner;
-        let stages = i
-            .stages
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(stage, stats)| {
-                let s = stats.snapshot();
-                (
-                    *stage,
-                    StageStats {
-                        runs: s.runs,
-                        errors: s.errors,
-                        mean: s.mean(),
-                        max: s.max,
-                        total: s.busy,
-                    },
-                )
-            })
-            .collect();
+        let mut stages = Vec::new();
+        i.stages.for_each(|stage, stats| {
+            let s = stats.snapshot();
+            stages.push((
+                stage,
+                StageStats {
+                    runs: s.runs,
+                    errors: s.errors,
+                    mean: s.mean(),
+                    max: s.max,
+                    total: s.busy,
+                },
+            ));
+        });
         let opened = i.groups_opened.load(Ordering::Relaxed);
         PipelineStats {
             stages,
@@ -257,105 +253,176 @@ impl<M: StateMachine> Pipeline<M> {
 }
 
 impl<M: StateMachine> Inner<M> {
-    /// Records stage runs `(stage, took, failed)` into their figures, under one lock.
-    fn record(&self, runs: &[(M::Stage, Duration, bool)]) {
-        {
-            let stages = self.stages.read().unwrap_or_else(|e| e.into_inner());
-            if runs
-                .iter()
-                .all(|(stage, _, _)| stages.iter().any(|(s, _)| s == stage))
-            {
-                for (stage, took, failed) in runs {
-                    if let Some((_, stats)) = stages.iter().find(|(s, _)| s == stage) {
-                        stats.record_run(*took, *failed);
-                    }
-                }
-                return;
-            }
-        }
-        let mut stages = self.stages.write().unwrap_or_else(|e| e.into_inner());
-        for &(stage, took, failed) in runs {
-            if !stages.iter().any(|(s, _)| *s == stage) {
-                stages.push((stage, Stats::new(format!("{stage:?}"))));
-            }
-            if let Some((_, stats)) = stages.iter().find(|(s, _)| *s == stage) {
-                stats.record_run(took, failed);
-            }
-        }
-    }
-
-    /// Runs one request from the machine's first stage to `Done`, timing every stage.
+    /// Runs one request from the machine's first stage to `Done`, timing every stage, and
+    /// counts it once it ends.
     pub(super) async fn run_request(
         self: Arc<Self>,
-        mut data: M::Data,
+        data: M::Data,
     ) -> Result<M::Data, StageError<M>> {
-        let mut stage = self.machine.start();
-        let mut path = Vec::new();
-        // Stage timings are recorded in batches of `RECORD_BATCH`, one lock per batch.
-        let mut runs = [(stage, Duration::ZERO, false); RECORD_BATCH];
-        let mut recorded = 0;
-        let mut clock = Instant::now();
-        let result = loop {
-            if self.dag {
-                if path.contains(&stage) {
-                    path.push(stage);
-                    break Err(StageError::Cycle { path });
-                }
-                path.push(stage);
-            }
-            let ran = AssertUnwindSafe(self.machine.run(stage, data))
-                .catch_unwind()
-                .await;
-            let now = Instant::now();
-            if recorded == RECORD_BATCH {
-                self.record(&runs);
-                recorded = 0;
-            }
-            runs[recorded] = (
-                stage,
-                now.saturating_duration_since(clock),
-                !matches!(ran, Ok(Ok(_))),
-            );
-            recorded += 1;
-            clock = now;
-            match ran {
-                Ok(Ok(Next::Stage(next, d))) => {
-                    stage = next;
-                    data = d;
-                }
-                Ok(Ok(Next::Done(d))) => break Ok(d),
-                Ok(Err(error)) => break Err(StageError::Failed { stage, error }),
-                Err(panic) => {
-                    let message = panic
-                        .downcast_ref::<&str>()
-                        .map(|s| (*s).to_string())
-                        .or_else(|| panic.downcast_ref::<String>().cloned())
-                        .unwrap_or_default();
-                    break Err(StageError::Panicked { stage, message });
-                }
-            }
-        };
-        self.record(&runs[..recorded]);
+        let result = self.drive(data).await;
         self.requests_done.fetch_add(1, Ordering::Relaxed);
         if result.is_err() {
             self.requests_failed.fetch_add(1, Ordering::Relaxed);
         }
         result
     }
+
+    async fn drive(&self, mut data: M::Data) -> Result<M::Data, StageError<M>> {
+        // Every call into the machine is inside an unwind guard: `start`, and `run` both while
+        // it makes the stage's future (a plain `fn run` may check its input or `assert!` before
+        // the future exists) and while the future runs. A panic ends this request only.
+        let mut stage = match catch_unwind(AssertUnwindSafe(|| self.machine.start())) {
+            Ok(stage) => stage,
+            Err(panic) => {
+                return Err(StageError::StartPanicked {
+                    message: panic_message(&*panic),
+                });
+            }
+        };
+        let mut path = Vec::new();
+        let mut clock = Instant::now();
+        loop {
+            if self.dag {
+                if path.contains(&stage) {
+                    path.push(stage);
+                    return Err(StageError::Cycle { path });
+                }
+                path.push(stage);
+            }
+            let machine = &self.machine;
+            let ran = AssertUnwindSafe(async move { machine.run(stage, data).await })
+                .catch_unwind()
+                .await;
+            let now = Instant::now();
+            self.stages.record(
+                stage,
+                now.saturating_duration_since(clock),
+                !matches!(ran, Ok(Ok(_))),
+            );
+            clock = now;
+            match ran {
+                Ok(Ok(Next::Stage(next, d))) => {
+                    stage = next;
+                    data = d;
+                }
+                Ok(Ok(Next::Done(d))) => return Ok(d),
+                Ok(Err(error)) => return Err(StageError::Failed { stage, error }),
+                Err(panic) => {
+                    return Err(StageError::Panicked {
+                        stage,
+                        message: panic_message(&*panic),
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Per-stage figures, in the order of each stage's first finished run. A run is recorded as soon as it ends, so
+/// the table is read once per stage run: the first [`STAGE_SLOTS`] stages sit in slots that are
+/// read without a lock (a stage's slot is set once, under `insert`); any further stages are in
+/// `more`, behind a lock.
+struct StageTable<S> {
+    slots: Box<[OnceLock<(S, Stats)>]>,
+    more: RwLock<Vec<(S, Stats)>>,
+    insert: Mutex<()>,
+}
+
+impl<S: Copy + Eq + fmt::Debug> StageTable<S> {
+    fn new() -> Self {
+        Self {
+            slots: (0..STAGE_SLOTS).map(|_| OnceLock::new()).collect(),
+            more: RwLock::new(Vec::new()),
+            insert: Mutex::new(()),
+        }
+    }
+
+    /// The figures of `stage` if it has a slot; otherwise `Err` with the first free slot, or
+    /// `Err(None)` if every slot is taken (look in `more`).
+    fn in_slots(&self, stage: S) -> Result<&Stats, Option<usize>> {
+        for (index, slot) in self.slots.iter().enumerate() {
+            match slot.get() {
+                Some((s, stats)) if *s == stage => return Ok(stats),
+                Some(_) => {}
+                None => return Err(Some(index)),
+            }
+        }
+        Err(None)
+    }
+
+    /// Records one finished run of `stage`.
+    fn record(&self, stage: S, took: Duration, failed: bool) {
+        match self.in_slots(stage) {
+            Ok(stats) => return stats.record_run(took, failed),
+            Err(Some(_)) => {}
+            Err(None) => {
+                let more = self.more.read().unwrap_or_else(|e| e.into_inner());
+                if let Some((_, stats)) = more.iter().find(|(s, _)| *s == stage) {
+                    return stats.record_run(took, failed);
+                }
+            }
+        }
+        // The stage's first finished run (or a race with another one): add the stage. Slots
+        // are only set under this lock, in order, so the first free slot follows every stage
+        // added before.
+        let _insert = self.insert.lock().unwrap_or_else(|e| e.into_inner());
+        match self.in_slots(stage) {
+            Ok(stats) => stats.record_run(took, failed),
+            Err(Some(free)) => {
+                let stats = Stats::new(format!("{stage:?}"));
+                stats.record_run(took, failed);
+                let _ = self.slots[free].set((stage, stats));
+            }
+            Err(None) => {
+                let mut more = self.more.write().unwrap_or_else(|e| e.into_inner());
+                match more.iter().find(|(s, _)| *s == stage) {
+                    Some((_, stats)) => stats.record_run(took, failed),
+                    None => {
+                        let stats = Stats::new(format!("{stage:?}"));
+                        stats.record_run(took, failed);
+                        more.push((stage, stats));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Calls `f` with each stage and its figures, in the order they were added.
+    fn for_each(&self, mut f: impl FnMut(S, &Stats)) {
+        for (stage, stats) in self.slots.iter().map_while(OnceLock::get) {
+            f(*stage, stats);
+        }
+        let more = self.more.read().unwrap_or_else(|e| e.into_inner());
+        for (stage, stats) in more.iter() {
+            f(*stage, stats);
+        }
+    }
+}
+
+/// Stages whose figures are found without a lock (a pipeline with more stages still works).
+const STAGE_SLOTS: usize = 32;
+
+/// The message of a panic payload: its string, or empty if it is not a string.
+fn panic_message(panic: &(dyn Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
 }
 
 /// The smallest default window of a request group (measured best for many groups sharing
 /// one pool; a lone fan-out stream's default is larger).
 const DEFAULT_GROUP_WINDOW: usize = 256;
 
-/// Stage runs a request records per stats lock.
-const RECORD_BATCH: usize = 8;
-
 /// Figures of one stage of a [`Pipeline`], from [`PipelineStats::stage`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub struct StageStats {
-    /// Times the stage ran, failed runs included.
+    /// Times the stage ran, failed runs included. A run counts as soon as it ends (returns,
+    /// fails or panics), even if its request is dropped or abandoned later; a run cut short by
+    /// cancellation (its group's results dropped, or the group cancelled on an error, while the
+    /// stage was running) did not finish and is not counted, here or in the other figures.
     pub runs: u64,
     /// Runs that returned an error or panicked.
     pub errors: u64,
@@ -363,7 +430,7 @@ pub struct StageStats {
     pub mean: Duration,
     /// Longest run.
     pub max: Duration,
-    /// Total time spent in the stage.
+    /// Total time spent in the stage's counted runs.
     pub total: Duration,
 }
 
@@ -373,13 +440,14 @@ pub struct StageStats {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub struct PipelineStats<S> {
-    /// Each stage that has run, in the order it first ran.
+    /// Each stage that has finished a run, in the order of their first finished runs.
     pub stages: Vec<(S, StageStats)>,
     /// Request groups opened so far (a `through` stream counts as one).
     pub groups_opened: u64,
     /// Request groups whose result stream is still alive.
     pub groups_open: u64,
-    /// Requests that finished (with a value or an error).
+    /// Requests that finished (with a value or an error); requests cancelled before the end
+    /// are not counted.
     pub requests_done: u64,
     /// Requests that finished with an error.
     pub requests_failed: u64,
