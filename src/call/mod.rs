@@ -254,7 +254,25 @@ impl<F, R: Clone> Call<F, R> {
     }
 
     /// Makes each attempt take one cell of `limiter` first (waiting for it), on the budget it
-    /// shares with every stream and caller holding a clone.
+    /// shares with every stream and caller holding a clone. A retry takes a cell of its own.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use stagepipe::{Call, RateLimiter};
+    /// use tokio::time::Instant;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let limiter = RateLimiter::per(Duration::from_millis(100));
+    /// let call = Call::new(|x: u32| async move { Ok::<_, String>(x) }).rate_limit(&limiter);
+    /// let start = Instant::now();
+    /// for x in 0..3 {
+    ///     call.run(x).await.unwrap();
+    /// }
+    /// limiter.until_ready().await; // a direct caller shares the quota
+    /// assert_eq!(start.elapsed(), Duration::from_millis(300));
+    /// # }
+    /// ```
     #[must_use]
     pub fn rate_limit(mut self, limiter: impl Into<RateLimiter>) -> Self {
         self.policy_mut().limiter = Some(limiter.into());
@@ -268,6 +286,18 @@ impl<F, R: Clone> Call<F, R> {
     /// # Panics
     ///
     /// If `limit` is the number zero.
+    ///
+    /// ```
+    /// use stagepipe::{Call, InFlightLimit};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let db = InFlightLimit::new(10); // shared with the streams that use the database
+    /// let query = Call::new(|id: u32| async move { Ok::<_, String>(id) }).in_flight(&db);
+    /// assert_eq!(query.run(3).await, Ok(3));
+    /// assert_eq!(db.in_use(), 0);
+    /// # }
+    /// ```
     #[track_caller]
     #[must_use]
     pub fn in_flight(mut self, limit: impl Into<InFlightLimit>) -> Self {
@@ -277,6 +307,26 @@ impl<F, R: Clone> Call<F, R> {
 
     /// Guards each attempt with `breaker`: an attempt's failure or timeout counts against it, and
     /// while it is open attempts are rejected without calling `f` ([`CallError::Rejected`]).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use stagepipe::{Call, CircuitBreaker, CircuitState};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let breaker = CircuitBreaker::new(2, Duration::from_secs(30));
+    /// let call = Call::new(|_: ()| async {
+    ///     tokio::time::sleep(Duration::from_secs(10)).await; // hangs
+    ///     Ok::<_, String>(())
+    /// })
+    /// .timeout(Duration::from_secs(1))
+    /// .circuit_breaker(&breaker);
+    /// assert!(call.run(()).await.unwrap_err().is_timeout());
+    /// assert!(call.run(()).await.unwrap_err().is_timeout());
+    /// assert_eq!(breaker.state(), CircuitState::Open); // two timeouts in a row
+    /// assert!(call.run(()).await.unwrap_err().is_rejected()); // at once, without calling f
+    /// # }
+    /// ```
     #[must_use]
     pub fn circuit_breaker(mut self, breaker: impl Into<CircuitBreaker>) -> Self {
         self.policy_mut().breaker = Some(breaker.into());
@@ -285,6 +335,21 @@ impl<F, R: Clone> Call<F, R> {
 
     /// Records every run into `stats`: outcomes, retries, timeouts, rejections, the time spent
     /// waiting on the rate limit, and the latency of each run (all attempts and waits included).
+    /// Several calls may record into clones of one handle.
+    ///
+    /// ```
+    /// use stagepipe::{Call, CallStats};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let stats = CallStats::new("parse");
+    /// let parse = Call::new(|s: &'static str| async move { s.parse::<u32>() }).stats(&stats);
+    /// assert!(parse.run("12").await.is_ok());
+    /// assert!(parse.run("x").await.is_err());
+    /// let s = stats.snapshot();
+    /// assert_eq!((s.calls, s.successes, s.failures), (2, 1, 1));
+    /// # }
+    /// ```
     #[must_use]
     pub fn stats(mut self, stats: impl Into<CallStats>) -> Self {
         self.policy_mut().stats = Some(stats.into());
