@@ -19,6 +19,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep, sleep_until};
 
 use crate::error::{ConfigError, nonzero, or_panic};
+use crate::retry::deadline_after;
 
 /// How many upstream items one call to `poll_next` may drop (duplicates, replaced values)
 /// before the stream yields to the runtime, waking itself first. Keeps a stream whose upstream
@@ -66,7 +67,7 @@ impl Deadline {
 
     /// When the current wait ends, starting it now if it has not started.
     pub(crate) fn at(&mut self) -> Instant {
-        *self.at.get_or_insert_with(|| Instant::now() + self.wait)
+        *self.at.get_or_insert_with(|| deadline_after(self.wait))
     }
 
     /// Whether the current wait's timer has fired (checked without polling it).

@@ -310,6 +310,42 @@ async fn endless_duplicates_on_a_ready_upstream_do_not_hold_the_task() {
     assert_ready_eq!(batches.poll_next(), Some(vec![1]));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_wait_too_long_for_the_clock_does_not_panic() {
+    let years = Duration::from_secs(10 * 365 * 86_400);
+    let (tx, rx) = mpsc::unbounded();
+    let mut batches = task::spawn(rx.batch(10, Duration::MAX));
+    tx.unbounded_send(1).unwrap();
+    assert_pending!(batches.poll_next());
+    advance(years).await;
+    assert!(!batches.is_woken());
+    assert_pending!(batches.poll_next());
+    drop(tx);
+    assert_ready_eq!(batches.poll_next(), Some(vec![1]));
+
+    let (tx, rx) = mpsc::unbounded();
+    let mut batches = task::spawn(rx.batch_dedupe(10, Duration::MAX, |x: &u32| *x));
+    tx.unbounded_send(1).unwrap();
+    tx.unbounded_send(1).unwrap();
+    assert_pending!(batches.poll_next());
+    advance(years).await;
+    assert_pending!(batches.poll_next());
+    drop(tx);
+    assert_ready_eq!(batches.poll_next(), Some(vec![1]));
+
+    // A long batch from a ready upstream, whose wait the stream looks at on the way.
+    let batches: Vec<Vec<u32>> = stream::iter(0..1000)
+        .batch(5000, Duration::MAX)
+        .collect()
+        .await;
+    assert_eq!(batches, [(0..1000).collect::<Vec<_>>()]);
+    let batches: Vec<Vec<u32>> = stream::iter(0..1000)
+        .batch_dedupe(5000, Duration::MAX, |x| *x % 500)
+        .collect()
+        .await;
+    assert_eq!(batches, [(0..500).collect::<Vec<_>>()]);
+}
+
 /// Counts how many of its values are alive.
 #[derive(Debug)]
 struct Tracked(#[allow(dead_code)] u32, Arc<AtomicUsize>);
