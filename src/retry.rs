@@ -271,7 +271,7 @@ fn from_nanos(nanos: u128) -> Duration {
 
 /// About 30 years: the longest wait tokio's `sleep` makes (it clamps longer ones to this, since
 /// some platforms' clocks cannot add much more).
-const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+pub(crate) const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
 
 /// When a wait of `delay` from now ends: at most [`FAR_FUTURE`] away, as with tokio's `sleep`,
 /// so that no `delay` overflows the clock (`Instant::now() + Duration::MAX` panics).
