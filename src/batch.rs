@@ -1,9 +1,11 @@
 //! [`Batch`] and [`BatchDedupe`]: size- and time-bounded batches, one core for both.
 //!
 //! The core collects items into a `Vec` and emits it when it holds `max` items, when `wait` has
-//! passed since its first item, or when the input ends. What differs between the two streams is
-//! only which items the core admits into the current batch, an [`Admit`] policy: every item
-//! ([`All`]) or the first item of each key ([`FirstOfKey`]).
+//! passed since its first item, or when the input ends. The wait starts at the first item; a
+//! timer keeps it while upstream is pending, and a look at the clock every [`CHECK_EVERY`]
+//! items while upstream stays ready. What differs between the two streams is only which items
+//! the core admits into the current batch, an [`Admit`] policy: every item ([`All`]) or the
+//! first item of each key ([`FirstOfKey`]).
 
 use std::fmt;
 use std::future::Future;
@@ -19,22 +21,28 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep, sleep_until};
 
 use crate::error::{ConfigError, nonzero, or_panic};
+use crate::retry::deadline_after;
 
 /// How many upstream items one call to `poll_next` may drop (duplicates, replaced values)
 /// before the stream yields to the runtime, waking itself first. Keeps a stream whose upstream
 /// is always ready but whose items are all dropped from holding its task forever.
 pub(crate) const POLL_BUDGET: u32 = 128;
 
+/// While upstream stays ready, how many items a batching stream pulls at most between two looks
+/// at the clock: a batch whose `wait` has passed meanwhile is emitted at the next look. (The
+/// rustdoc of `Batch` and `BatchDedupe` gives this number.)
+pub(crate) const CHECK_EVERY: u32 = 64;
+
 /// Room reserved up front for a batch; a larger `max` grows the batch as items arrive.
 const PREALLOC: usize = 1024;
 
 /// The timer of a wait that starts at an item (a batch's first, a debounced item).
 ///
-/// A wait starts when the stream first needs its end: when upstream is pending (or the stream
-/// yields) with the item still waiting, which is still the poll in which the item arrived.
-/// Items that arrive and leave within one poll (a batch filled by a ready upstream) never read
-/// the clock or touch the timer. The `Sleep` is boxed, allocated at the first wait and reset
-/// for every later one, so the streams that use it stay `Unpin` when their upstream is.
+/// A wait starts at [`start`](Self::start), or else when the stream first needs its end: when
+/// upstream is pending (or the stream yields) with the item still waiting. The timer is only
+/// armed then: items that arrive and leave within one poll (a batch filled by a ready
+/// upstream) never touch it. The `Sleep` is boxed, allocated at the first wait and reset for
+/// every later one, so the streams that use it stay `Unpin` when their upstream is.
 pub(crate) struct Deadline {
     sleep: Option<Pin<Box<Sleep>>>,
     wait: Duration,
@@ -64,9 +72,22 @@ impl Deadline {
         self.armed = false;
     }
 
+    /// Starts a new wait now.
+    pub(crate) fn start(&mut self) {
+        self.at = Some(deadline_after(self.wait));
+        self.armed = false;
+    }
+
     /// When the current wait ends, starting it now if it has not started.
     pub(crate) fn at(&mut self) -> Instant {
-        *self.at.get_or_insert_with(|| Instant::now() + self.wait)
+        *self.at.get_or_insert_with(|| deadline_after(self.wait))
+    }
+
+    /// Whether the current wait has ended, by the clock (starting it now if it has not
+    /// started).
+    #[cold]
+    pub(crate) fn is_due(&mut self) -> bool {
+        Instant::now() >= self.at()
     }
 
     /// Whether the current wait's timer has fired (checked without polling it).
@@ -88,6 +109,13 @@ impl Deadline {
         self.armed = true;
         sleep.as_mut().poll(cx).is_ready()
     }
+}
+
+/// The batch length at which a batch of `len` items (fewer than `max`) is next looked at: full,
+/// or `CHECK_EVERY` items on.
+#[inline]
+fn next_look(len: usize, max: usize) -> usize {
+    max.min(len.saturating_add(CHECK_EVERY as usize))
 }
 
 /// Checks a `wait`-like duration parameter.
@@ -374,30 +402,53 @@ impl<S: Stream, A: Admit<S::Item, State = State>, State: Default> Core<S, A, Sta
             return Poll::Ready(None);
         }
 
+        let max = *this.max;
         let mut budget = POLL_BUDGET;
+        // The batch's length at which to look at the clock next, or to emit it if it is full:
+        // an upstream that stays ready may take its time, so the stream looks at the clock
+        // every `CHECK_EVERY` items pulled, an item refused bringing the next look one closer.
+        let mut look_at = next_look(pulled.batch.len(), max);
         loop {
             match this.stream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(item)) => {
                     if this.admit.admit(&mut pulled.state, &item, &pulled.batch) {
                         if pulled.batch.len() == pulled.batch.capacity() {
-                            pulled.batch = with_room(std::mem::take(&mut pulled.batch), *this.max);
+                            // Every batch's first item comes here, as an emitted or taken
+                            // batch leaves an unallocated `Vec` behind: its wait starts now.
+                            // (Were it not so, the wait would start at the first look.)
+                            if pulled.batch.is_empty() {
+                                this.deadline.start();
+                            }
+                            pulled.batch = with_room(std::mem::take(&mut pulled.batch), max);
                         }
                         // `with_room` left room, so `push` does not grow the batch (which
                         // would take its address).
                         assert!(pulled.batch.len() < pulled.batch.capacity());
                         pulled.batch.push(item);
-                        if pulled.batch.len() >= *this.max {
-                            emit!();
+                        if pulled.batch.len() >= look_at {
+                            if pulled.batch.len() >= max || this.deadline.is_due() {
+                                emit!();
+                            }
+                            look_at = next_look(pulled.batch.len(), max);
                         }
                     } else {
                         // Refused items make no progress towards a full batch: bound them.
                         budget -= 1;
                         if budget == 0 {
-                            if Instant::now() >= this.deadline.at() {
+                            if this.deadline.is_due() {
                                 emit!();
                             }
                             cx.waker().wake_by_ref();
                             return Poll::Pending;
+                        }
+                        // The batch holds an item (the first one is always admitted), and
+                        // `look_at` stays above its length until this item.
+                        look_at -= 1;
+                        if pulled.batch.len() >= look_at {
+                            if this.deadline.is_due() {
+                                emit!();
+                            }
+                            look_at = next_look(pulled.batch.len(), max);
                         }
                     }
                 }
@@ -484,6 +535,15 @@ pin_project! {
     ///
     /// Dropping it drops the batch it has not emitted yet; take that batch first with
     /// [`take_partial`](Batch::take_partial) or [`into_inner`](Batch::into_inner) to keep it.
+    ///
+    /// # Time and a ready upstream
+    ///
+    /// A batch's `wait` starts when its first item arrives. While upstream is pending, a timer
+    /// emits the batch once its `wait` has passed. While upstream stays ready, the stream looks
+    /// at the clock at least once every 64 items it pulls: once `wait` has passed since a
+    /// batch's first item, the batch is emitted after at most 64 more items have been pulled,
+    /// even if upstream never returns `Pending`. The time those items take is upstream's own: an
+    /// upstream that computes or blocks inside `poll_next` holds the stream's task meanwhile.
     #[must_use = "streams do nothing unless polled"]
     pub struct Batch<S: Stream> {
         #[pin]
@@ -544,6 +604,16 @@ pin_project! {
     /// Dropping it drops the batch it has not emitted yet; take that batch first with
     /// [`take_partial`](BatchDedupe::take_partial) or [`into_inner`](BatchDedupe::into_inner)
     /// to keep it.
+    ///
+    /// # Time and a ready upstream
+    ///
+    /// A batch's `wait` starts when its first item arrives. While upstream is pending, a timer
+    /// emits the batch once its `wait` has passed. While upstream stays ready, the stream looks
+    /// at the clock at least once every 64 items it pulls, dropped duplicates included: once
+    /// `wait` has passed since a batch's first item, the batch is emitted after at most 64 more
+    /// items have been pulled, even if upstream never returns `Pending`. The time those items
+    /// take is upstream's own: an upstream that computes or blocks inside `poll_next` holds the
+    /// stream's task meanwhile.
     #[must_use = "streams do nothing unless polled"]
     pub struct BatchDedupe<S: Stream, K, F> {
         #[pin]

@@ -5,7 +5,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -84,10 +84,47 @@ impl<T: fmt::Debug, E: Error> Error for BreakerError<T, E> {
     }
 }
 
-const CLOSED: u8 = 0;
-const OPEN: u8 = 1;
+// The state word: the state in its low 2 bits, the consecutive-failure count in the next 32 and
+// the period in the top 30. Every state change starts a new period, and a permit remembers the
+// period it was issued in: an outcome of a period that is over is ignored. The period, the
+// state and the count change together, with one compare-and-swap, so no outcome can slip into
+// a later period between a check and an update. (Periods wrap after 2^30 state changes; a call
+// would have to span exactly a multiple of that many to be mistaken for a current one.)
+const CLOSED: u64 = 0;
+const OPEN: u64 = 1;
 /// Half-open, with its one trial call running.
-const TRIAL: u8 = 2;
+const TRIAL: u64 = 2;
+/// Just opened by a failure while closed: its caller is recording `opened_at`. Rejects calls
+/// like `OPEN`, and only that caller leaves it (for `OPEN`, in the same period).
+const OPENING: u64 = 3;
+
+const STATE: u64 = 0b11;
+const FAILURES_SHIFT: u32 = 2;
+const PERIOD_SHIFT: u32 = 34;
+const PERIOD: u64 = u64::MAX << PERIOD_SHIFT;
+
+fn state_of(word: u64) -> u64 {
+    word & STATE
+}
+
+fn failures_of(word: u64) -> u32 {
+    // Truncating to the 32 bits of the count is intended.
+    (word >> FAILURES_SHIFT) as u32
+}
+
+/// `word`'s period with `state` and `failures`.
+fn with(word: u64, state: u64, failures: u32) -> u64 {
+    (word & PERIOD) | (u64::from(failures) << FAILURES_SHIFT) | state
+}
+
+/// The period after `word`'s, in `state`, with `failures`.
+fn next_period(word: u64, state: u64, failures: u32) -> u64 {
+    with(
+        (word & PERIOD).wrapping_add(1 << PERIOD_SHIFT),
+        state,
+        failures,
+    )
+}
 
 /// A circuit breaker shared by every clone: after `failure_threshold` consecutive failures it
 /// opens and rejects calls without running them; after `open_for` it lets one trial call
@@ -104,10 +141,15 @@ const TRIAL: u8 = 2;
 ///   for `open_for`. A trial call that is dropped unfinished leaves the breaker half-open for
 ///   the next call.
 ///
-/// Outcomes of calls that started while the breaker was closed but finish after it opened are
-/// ignored. The state lives in a few atomics (no lock); the success path costs two atomic
-/// loads. Every state change emits a `tracing` event (target `stagepipe::circuit_breaker`:
-/// `warn` when it opens, `info` when it half-opens or closes).
+/// An outcome counts only while the breaker is still in the state its call started in: each
+/// time the breaker opens, half-opens or closes, the outcomes of calls started before are
+/// ignored when they come. A call that started while closed and fails after the breaker opened
+/// does not extend or re-open it, even once it has closed again; its success does not reset the
+/// new count of failures. While half-open, only the trial call's outcome counts.
+///
+/// The state lives in two atomics (no lock); the success path costs two atomic loads. Every
+/// state change emits a `tracing` event (target `stagepipe::circuit_breaker`: `warn` when it
+/// opens, `info` when it half-opens or closes).
 ///
 /// ```
 /// use std::time::Duration;
@@ -139,18 +181,20 @@ struct Shared {
     failure_threshold: u32,
     open_for: u64,
     base: Instant,
-    state: AtomicU8,
-    failures: AtomicU32,
-    /// When the breaker last opened, in nanoseconds since `base`. Written before `state`
-    /// becomes `OPEN` (release), read after `state` is seen `OPEN` (acquire).
+    /// The period, the state and the consecutive-failure count (see `CLOSED`).
+    word: AtomicU64,
+    /// When the breaker last opened, in nanoseconds since `base`. Written only by the caller
+    /// that holds the breaker in `OPENING` or `TRIAL`, before the word becomes `OPEN`
+    /// (release); read after the word is seen `OPEN` (acquire).
     opened_at: AtomicU64,
 }
 
-/// What a caller was let through as.
+/// What a caller was let through as, and in which period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Permit {
-    Normal,
-    Trial,
+struct Permit {
+    trial: bool,
+    /// The period bits of the state word when the permit was issued.
+    period: u64,
 }
 
 impl Shared {
@@ -165,82 +209,138 @@ impl Shared {
 
     #[inline]
     fn acquire(&self) -> Option<Permit> {
-        match self.state.load(Ordering::Acquire) {
-            CLOSED => Some(Permit::Normal),
+        let word = self.word.load(Ordering::Acquire);
+        match state_of(word) {
+            CLOSED => Some(Permit {
+                trial: false,
+                period: word & PERIOD,
+            }),
             OPEN => {
                 let opened_at = self.opened_at.load(Ordering::Acquire);
                 if self.now() < opened_at.saturating_add(self.open_for) {
                     return None;
                 }
-                self.state
-                    .compare_exchange(OPEN, TRIAL, Ordering::AcqRel, Ordering::Acquire)
+                let trial = next_period(word, TRIAL, failures_of(word));
+                self.word
+                    .compare_exchange(word, trial, Ordering::AcqRel, Ordering::Acquire)
                     .ok()?;
                 tracing::info!(target: "stagepipe::circuit_breaker", "circuit breaker half-open: trial call");
-                Some(Permit::Trial)
+                Some(Permit {
+                    trial: true,
+                    period: trial & PERIOD,
+                })
             }
             _ => None,
         }
     }
 
+    /// The state word, if it is still in `permit`'s period.
+    #[inline]
+    fn current(&self, permit: Permit) -> Option<u64> {
+        let word = self.word.load(Ordering::Acquire);
+        (word & PERIOD == permit.period).then_some(word)
+    }
+
     #[inline]
     fn succeeded(&self, permit: Permit) {
-        match permit {
-            Permit::Normal => {
-                if self.failures.load(Ordering::Relaxed) != 0 {
-                    self.failures.store(0, Ordering::Relaxed);
-                }
-            }
-            Permit::Trial => {
-                self.failures.store(0, Ordering::Relaxed);
-                self.state.store(CLOSED, Ordering::Release);
+        let Some(mut word) = self.current(permit) else {
+            return;
+        };
+        if permit.trial {
+            // Only the trial's caller leaves `TRIAL`.
+            let closed = next_period(word, CLOSED, 0);
+            if self
+                .word
+                .compare_exchange(word, closed, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
                 tracing::info!(target: "stagepipe::circuit_breaker", "circuit breaker closed: trial call succeeded");
+            }
+            return;
+        }
+        // Closed, in the permit's period: reset the count if there is one.
+        while failures_of(word) != 0 {
+            match self.word.compare_exchange_weak(
+                word,
+                with(word, CLOSED, 0),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return,
+                Err(actual) if actual & PERIOD == permit.period => word = actual,
+                Err(_) => return,
             }
         }
     }
 
     fn failed(&self, permit: Permit) {
-        match permit {
-            Permit::Normal => {
-                if self.state.load(Ordering::Acquire) != CLOSED {
-                    return;
-                }
-                let failures = self
-                    .failures
-                    .fetch_add(1, Ordering::AcqRel)
-                    .saturating_add(1);
-                if failures >= self.failure_threshold {
-                    self.opened_at.store(self.now(), Ordering::Release);
-                    if self
-                        .state
-                        .compare_exchange(CLOSED, OPEN, Ordering::AcqRel, Ordering::Relaxed)
-                        .is_ok()
-                    {
-                        tracing::warn!(
-                            target: "stagepipe::circuit_breaker",
-                            failures,
-                            open_for = ?Duration::from_nanos(self.open_for),
-                            "circuit breaker opened"
-                        );
-                    }
-                }
-            }
-            Permit::Trial => {
-                self.opened_at.store(self.now(), Ordering::Release);
-                self.state.store(OPEN, Ordering::Release);
+        let Some(mut word) = self.current(permit) else {
+            return;
+        };
+        if permit.trial {
+            // Only the trial's caller leaves `TRIAL`, so `opened_at` is its to write.
+            self.opened_at.store(self.now(), Ordering::Release);
+            let open = next_period(word, OPEN, failures_of(word));
+            if self
+                .word
+                .compare_exchange(word, open, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
                 tracing::warn!(
                     target: "stagepipe::circuit_breaker",
                     open_for = ?Duration::from_nanos(self.open_for),
                     "circuit breaker opened again: trial call failed"
                 );
             }
+            return;
+        }
+        // Closed, in the permit's period: count the failure, opening at the threshold.
+        let mut now = None;
+        loop {
+            let failures = failures_of(word).saturating_add(1);
+            let new = if failures >= self.failure_threshold {
+                // Read the clock before opening, so that nothing can stop the opener between
+                // `OPENING` and `OPEN`.
+                now.get_or_insert_with(|| self.now());
+                next_period(word, OPENING, failures)
+            } else {
+                with(word, CLOSED, failures)
+            };
+            match self
+                .word
+                .compare_exchange_weak(word, new, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) if state_of(new) == OPENING => {
+                    self.opened_at
+                        .store(now.unwrap_or_default(), Ordering::Release);
+                    self.word
+                        .store(with(new, OPEN, failures), Ordering::Release);
+                    tracing::warn!(
+                        target: "stagepipe::circuit_breaker",
+                        failures,
+                        open_for = ?Duration::from_nanos(self.open_for),
+                        "circuit breaker opened"
+                    );
+                    return;
+                }
+                Ok(_) => return,
+                Err(actual) if actual & PERIOD == permit.period => word = actual,
+                Err(_) => return,
+            }
         }
     }
 
     /// A call let through as `permit` ended without an outcome (dropped, or panicked).
     fn abandoned(&self, permit: Permit) {
-        if permit == Permit::Trial {
+        if !permit.trial {
+            return;
+        }
+        if let Some(word) = self.current(permit) {
             // Back to open with the old (expired) opening time: the next call is the trial.
-            self.state.store(OPEN, Ordering::Release);
+            let open = next_period(word, OPEN, failures_of(word));
+            let _ = self
+                .word
+                .compare_exchange(word, open, Ordering::AcqRel, Ordering::Acquire);
         }
     }
 }
@@ -270,8 +370,7 @@ impl CircuitBreaker {
                 failure_threshold,
                 open_for: u64::try_from(open_for.as_nanos()).unwrap_or(u64::MAX),
                 base: Instant::now(),
-                state: AtomicU8::new(CLOSED),
-                failures: AtomicU32::new(0),
+                word: AtomicU64::new(CLOSED),
                 opened_at: AtomicU64::new(0),
             }),
         })
@@ -281,8 +380,9 @@ impl CircuitBreaker {
     /// a call arrives.
     pub fn state(&self) -> CircuitState {
         let shared = &self.shared;
-        match shared.state.load(Ordering::Acquire) {
+        match state_of(shared.word.load(Ordering::Acquire)) {
             CLOSED => CircuitState::Closed,
+            OPENING => CircuitState::Open,
             OPEN => {
                 let opened_at = shared.opened_at.load(Ordering::Acquire);
                 if shared.now() < opened_at.saturating_add(shared.open_for) {
@@ -295,9 +395,10 @@ impl CircuitBreaker {
         }
     }
 
-    /// The number of consecutive failures counted while closed.
+    /// The number of consecutive failures counted while closed (while open or half-open, the
+    /// count that opened the breaker).
     pub fn consecutive_failures(&self) -> u32 {
-        self.shared.failures.load(Ordering::Relaxed)
+        failures_of(self.shared.word.load(Ordering::Relaxed))
     }
 
     /// The number of consecutive failures that opens the breaker.

@@ -39,7 +39,9 @@ impl<K: Hash + Eq + Clone> Window<K> {
         if self.order.len() == self.capacity {
             self.forget_oldest();
         }
-        self.order.push_back((now + self.window, key.clone()));
+        // A window too long for the clock lasts as long as tokio's longest sleep.
+        let expiry = now + self.window.min(crate::retry::FAR_FUTURE);
+        self.order.push_back((expiry, key.clone()));
         self.live.insert(key);
         true
     }

@@ -34,9 +34,15 @@ pub trait PipelineExt: Stream {
     /// full, so one slow item holds back at most a window of results. Set it with
     /// [`FanOutOrdered::window`]; the default is four times the workers, at least 512.
     ///
-    /// A future that panics re-raises its panic in the consumer at that item's place, after
-    /// every earlier item; the pool and other streams keep running. Dropping the stream drops
-    /// its queued and running futures at once.
+    /// Items behind a slow one are computed without waiting for it (while the window has room):
+    /// a worker whose item has to wait hands the items it has not started to idle workers. They
+    /// are still yielded in input order.
+    ///
+    /// A future that panics, while polled or while dropped after it finished, re-raises its
+    /// panic in the consumer at that item's place, after every earlier item; the pool and other
+    /// streams keep running. Dropping the stream drops its queued and running futures at once
+    /// (a panic in such a drop is swallowed). A future on the pool may itself fan out on the
+    /// same pool: see [`WorkerPool`]'s "Nested use".
     ///
     /// Needs a tokio runtime (multi-threaded for parallelism).
     ///
@@ -76,7 +82,8 @@ pub trait PipelineExt: Stream {
     ///
     /// The same as [`fan_out_ordered`](PipelineExt::fan_out_ordered) (window, panics,
     /// cancellation), except that a result is yielded as soon as it is ready, so a slow item
-    /// never holds back the others.
+    /// never holds back the others: items that are ready, and have a free worker, finish and are
+    /// yielded while it waits.
     ///
     /// # Panics
     ///
@@ -210,8 +217,11 @@ pub trait PipelineExt: Stream {
     /// Each item is pulled from upstream, then held until its slot on the quota's timeline (GCRA:
     /// one per [`interval`](crate::RateLimiter::interval), up to the burst at once after an idle
     /// spell) and passed on unchanged, in order. At most one item is held; upstream is not pulled
-    /// meanwhile. Waiting uses tokio's timer; slots are absolute deadlines, so the rate stays
-    /// exact at rates far above the timer's resolution (see [`RateLimiter`](crate::RateLimiter)).
+    /// meanwhile. Waiting uses tokio's timer. Slots are absolute deadlines, and the stream makes
+    /// up at most one tick (1 ms) of its own timer's lateness, so the quota is never exceeded:
+    /// in any window of length `T`, at most `burst + (T + 1 ms) / interval` items pass, whatever
+    /// the consumers' delays (see [`RateLimiter`](crate::RateLimiter) for the accuracy at rates
+    /// above the timer's resolution).
     /// `limiter` is a [`RateLimiter`](crate::RateLimiter) or `&RateLimiter` (a shared quota).
     ///
     /// Dropping the stream while it holds an item gives that item's slot back when no later slot
@@ -395,7 +405,9 @@ pub trait PipelineExt: Stream {
     /// A failed call yields [`BreakerError::Failed`](crate::BreakerError::Failed). When
     /// half-open, exactly one trial call runs across all holders; the others are rejected as
     /// `Open` while it runs. Dropping the stream drops the call in progress (a dropped trial
-    /// leaves the breaker half-open for the next call).
+    /// leaves the breaker half-open for the next call). An outcome counts only if the breaker
+    /// has not changed state since its call started (see
+    /// [`CircuitBreaker`](crate::CircuitBreaker)).
     ///
     /// # Panics
     ///
@@ -450,7 +462,10 @@ pub trait PipelineExt: Stream {
     /// `wait` starts at the batch's first item and is not extended by later items, so a steady
     /// trickle still flushes every `wait`; a quiet stream emits nothing. An item arriving at the
     /// very instant a batch is due starts the next batch. When the input ends, the partial
-    /// batch is emitted before the stream ends.
+    /// batch is emitted before the stream ends. While upstream stays ready, the stream checks
+    /// the clock at least once every 64 items it pulls (dropped duplicates included), so a batch
+    /// whose `wait` has passed is emitted after at most 64 more items even if upstream never
+    /// returns `Pending`.
     ///
     /// Keys are not stored. A table of the batch's positions, reused from batch to batch,
     /// finds an earlier item whose key may be equal, and `key` is called again on that item to
@@ -514,9 +529,10 @@ pub trait PipelineExt: Stream {
     /// The same as [`batch_dedupe`](PipelineExt::batch_dedupe) without dropping anything: every
     /// item is in exactly one batch, in input order, and a batch is never empty. A batch is
     /// emitted as soon as it holds `max` items, even while upstream is pending; the `wait`
-    /// starts at the batch's first item and is not extended by later items; an item arriving at
-    /// the very instant a batch is due starts the next batch; the partial batch is emitted when
-    /// the input ends. This is the queue consumer's pattern: write by size or by time, and
+    /// starts at the batch's first item and is not extended by later items (while upstream
+    /// stays ready, the clock is checked at least once every 64 items, so a batch whose `wait`
+    /// has passed is emitted after at most 64 more items); an item arriving at the very instant
+    /// a batch is due starts the next batch; the partial batch is emitted when the input ends. This is the queue consumer's pattern: write by size or by time, and
     /// close the input on shutdown to flush the tail.
     ///
     /// Dropping the stream drops the partial batch it has not emitted;

@@ -509,8 +509,7 @@ const DEFAULT_MIN_WINDOW: usize = 512;
 
 async fn worker(shared: Arc<Shared>, index: usize) {
     let mut charge = None;
-    while let Some((source, mut job)) =
-        poll_fn(|cx| shared.poll_job(index, &mut charge, cx)).await
+    while let Some((source, mut job)) = poll_fn(|cx| shared.poll_job(index, &mut charge, cx)).await
     {
         let started = std::time::Instant::now();
         shared.busy.fetch_add(1, Ordering::Relaxed);

@@ -18,7 +18,8 @@ use tokio::time::{Instant, Sleep, sleep, sleep_until};
 /// [`max_attempts`](Self::max_attempts) (default 3, the first attempt included),
 /// [`max_delay`](Self::max_delay) and [`jitter`](Self::jitter). A `Backoff` is a plain value:
 /// use it for the [`retry`](crate::PipelineExt::retry) operator or around any async call with
-/// [`retry`](Self::retry). Waiting uses tokio's timer.
+/// [`retry`](Self::retry). Waiting uses tokio's timer; like tokio's `sleep`, a wait lasts at
+/// most about 30 years, so any delay up to `Duration::MAX` is safe to wait.
 ///
 /// ```
 /// use std::time::Duration;
@@ -111,12 +112,23 @@ impl Backoff {
     }
 
     /// The wait after the `attempt`-th failed attempt (counted from 1), before jitter.
+    ///
+    /// An exponential wait doubles exactly after each failed attempt up to `Duration::MAX`,
+    /// where it stays; [`max_delay`](Self::max_delay) caps it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use stagepipe::Backoff;
+    ///
+    /// let backoff = Backoff::exponential(Duration::from_nanos(1));
+    /// assert_eq!(backoff.nominal_delay_after(33), Duration::from_nanos(1 << 32));
+    /// assert_eq!(backoff.nominal_delay_after(200), Duration::MAX);
+    /// let capped = backoff.max_delay(Duration::from_secs(1));
+    /// assert_eq!(capped.nominal_delay_after(200), Duration::from_secs(1));
+    /// ```
     pub fn nominal_delay_after(&self, attempt: u32) -> Duration {
         let delay = if self.exponential {
-            let doublings = attempt.saturating_sub(1);
-            2u32.checked_pow(doublings)
-                .and_then(|factor| self.delay.checked_mul(factor))
-                .unwrap_or(Duration::MAX)
+            doubled(self.delay, attempt.saturating_sub(1))
         } else {
             self.delay
         };
@@ -131,8 +143,7 @@ impl Backoff {
     pub fn delay_after(&self, attempt: u32) -> Duration {
         let nominal = self.nominal_delay_after(attempt);
         if self.jitter && !nominal.is_zero() {
-            let nanos = u64::try_from(nominal.as_nanos()).unwrap_or(u64::MAX);
-            Duration::from_nanos(fastrand::u64(0..=nanos))
+            from_nanos(fastrand::u128(0..=nominal.as_nanos()))
         } else {
             nominal
         }
@@ -232,6 +243,40 @@ impl Backoff {
             }
         }
     }
+}
+
+/// `delay` doubled `doublings` times, saturating at `Duration::MAX`.
+fn doubled(delay: Duration, doublings: u32) -> Duration {
+    let nanos = delay.as_nanos();
+    // `Duration::MAX` is below 2^94 ns, so a `u128` holds every doubling that can fit: one
+    // that would shift a bit out is far beyond it.
+    if nanos == 0 {
+        Duration::ZERO
+    } else if doublings < nanos.leading_zeros() {
+        from_nanos(nanos << doublings)
+    } else {
+        Duration::MAX
+    }
+}
+
+/// `nanos` nanoseconds, saturating at `Duration::MAX`.
+fn from_nanos(nanos: u128) -> Duration {
+    const NANOS_PER_SEC: u128 = 1_000_000_000;
+    match u64::try_from(nanos / NANOS_PER_SEC) {
+        // The remainder is below 10^9: it fits.
+        Ok(secs) => Duration::new(secs, (nanos % NANOS_PER_SEC) as u32),
+        Err(_) => Duration::MAX,
+    }
+}
+
+/// About 30 years: the longest wait tokio's `sleep` makes (it clamps longer ones to this, since
+/// some platforms' clocks cannot add much more).
+pub(crate) const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
+
+/// When a wait of `delay` from now ends: at most [`FAR_FUTURE`] away, as with tokio's `sleep`,
+/// so that no `delay` overflows the clock (`Instant::now() + Duration::MAX` panics).
+pub(crate) fn deadline_after(delay: Duration) -> Instant {
+    Instant::now() + delay.min(FAR_FUTURE)
 }
 
 /// An item whose retries were exhausted (or whose error was not retryable): the item back, the
@@ -401,7 +446,7 @@ where
                                 let fut = (this.f)(item.clone());
                                 this.state.set(State::Calling { fut });
                             } else {
-                                let sleep = sleep_until(Instant::now() + delay);
+                                let sleep = sleep_until(deadline_after(delay));
                                 this.state.set(State::Waiting { sleep });
                             }
                         }

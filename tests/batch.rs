@@ -310,6 +310,161 @@ async fn endless_duplicates_on_a_ready_upstream_do_not_hold_the_task() {
     assert_ready_eq!(batches.poll_next(), Some(vec![1]));
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_wait_too_long_for_the_clock_does_not_panic() {
+    let years = Duration::from_secs(10 * 365 * 86_400);
+    let (tx, rx) = mpsc::unbounded();
+    let mut batches = task::spawn(rx.batch(10, Duration::MAX));
+    tx.unbounded_send(1).unwrap();
+    assert_pending!(batches.poll_next());
+    advance(years).await;
+    assert!(!batches.is_woken());
+    assert_pending!(batches.poll_next());
+    drop(tx);
+    assert_ready_eq!(batches.poll_next(), Some(vec![1]));
+
+    let (tx, rx) = mpsc::unbounded();
+    let mut batches = task::spawn(rx.batch_dedupe(10, Duration::MAX, |x: &u32| *x));
+    tx.unbounded_send(1).unwrap();
+    tx.unbounded_send(1).unwrap();
+    assert_pending!(batches.poll_next());
+    advance(years).await;
+    assert_pending!(batches.poll_next());
+    drop(tx);
+    assert_ready_eq!(batches.poll_next(), Some(vec![1]));
+
+    // A long batch from a ready upstream, whose wait the stream looks at on the way.
+    let batches: Vec<Vec<u32>> = stream::iter(0..1000)
+        .batch(5000, Duration::MAX)
+        .collect()
+        .await;
+    assert_eq!(batches, [(0..1000).collect::<Vec<_>>()]);
+    let batches: Vec<Vec<u32>> = stream::iter(0..1000)
+        .batch_dedupe(5000, Duration::MAX, |x| *x % 500)
+        .collect()
+        .await;
+    assert_eq!(batches, [(0..500).collect::<Vec<_>>()]);
+}
+
+/// An upstream that is always ready and spends `cost` producing each item, as CPU work or a
+/// blocking call inside `poll_next` would: it moves tokio's paused clock itself. (The first
+/// poll of `advance` moves the clock at once, checked below; the rest of that future, a yield,
+/// is dropped.) Item `i` is ready at `(i + 1) * cost` after the start.
+struct Busy {
+    next: u64,
+    n: u64,
+    cost: Duration,
+}
+
+impl Stream for Busy {
+    type Item = u64;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<u64>> {
+        if self.next == self.n {
+            return std::task::Poll::Ready(None);
+        }
+        let before = Instant::now();
+        let _ = task::spawn(advance(self.cost)).poll();
+        assert_eq!(
+            before.elapsed(),
+            self.cost,
+            "the clock moved inside poll_next"
+        );
+        self.next += 1;
+        std::task::Poll::Ready(Some(self.next - 1))
+    }
+}
+
+/// The most upstream items a batching stream pulls, while upstream stays ready, between two
+/// looks at the clock (documented on `Batch` and `BatchDedupe`).
+const CHECK_EVERY: u32 = 64;
+
+/// Runs `Busy` through `batches` (built from it), checking that every batch but the last was
+/// emitted once `wait` had passed since its first item, and no more than `CHECK_EVERY` items
+/// later; returns the batches.
+async fn busy_batches<B>(
+    wait: Duration,
+    cost: Duration,
+    make: impl FnOnce(Busy) -> B,
+) -> Vec<Vec<u64>>
+where
+    B: Stream<Item = Vec<u64>>,
+{
+    let t0 = Instant::now();
+    let mut batches = Box::pin(make(Busy {
+        next: 0,
+        n: 1000,
+        cost,
+    }));
+    let mut out = Vec::new();
+    let mut emitted = Vec::new();
+    while let Some(batch) = batches.next().await {
+        emitted.push(t0.elapsed());
+        out.push(batch);
+    }
+    assert!(out.len() > 1, "one batch of {} items", out[0].len());
+    for (batch, at) in out.iter().zip(&emitted).take(out.len() - 1) {
+        let first = cost * (batch[0] as u32 + 1);
+        assert!(
+            *at >= first + wait && *at <= first + wait + cost * CHECK_EVERY,
+            "batch from {} emitted at {at:?}, first item at {first:?}",
+            batch[0],
+        );
+    }
+    out
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ready_upstream_cannot_hold_a_batch_past_its_wait() {
+    // 1 ms per item and `wait` 10 ms: a batch of 1000 would come after a second.
+    let out = busy_batches(ms(10), ms(1), |busy| busy.batch(1000, ms(10))).await;
+    let items: Vec<u64> = out.into_iter().flatten().collect();
+    assert_eq!(items, (0..1000).collect::<Vec<_>>());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ready_upstream_cannot_hold_a_dedupe_batch_past_its_wait() {
+    // Every other item is a duplicate: dropped, yet it takes its time.
+    let out = busy_batches(ms(10), ms(1), |busy| {
+        busy.batch_dedupe(1000, ms(10), |x: &u64| *x / 2)
+    })
+    .await;
+    for batch in &out {
+        assert!(
+            batch.iter().all(|x| x % 2 == 0 || *x == batch[0]),
+            "{batch:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_wait_starts_at_the_first_item_not_when_upstream_pauses() {
+    // Five items, 1 ms apiece, then nothing: the batch is due 100 ms after its first item
+    // (at 1 ms), not 100 ms after upstream first returned `Pending` (at 5 ms).
+    for dedupe in [false, true] {
+        let t0 = Instant::now();
+        let busy = Busy {
+            next: 0,
+            n: 5,
+            cost: ms(1),
+        }
+        .chain(stream::pending());
+        let first = if dedupe {
+            busy.batch_dedupe(10, ms(100), |x: &u64| *x)
+                .boxed()
+                .next()
+                .await
+        } else {
+            busy.batch(10, ms(100)).boxed().next().await
+        };
+        assert_eq!(first, Some(vec![0, 1, 2, 3, 4]));
+        assert_eq!(t0.elapsed(), ms(101), "dedupe: {dedupe}");
+    }
+}
+
 /// Counts how many of its values are alive.
 #[derive(Debug)]
 struct Tracked(#[allow(dead_code)] u32, Arc<AtomicUsize>);

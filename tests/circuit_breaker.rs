@@ -1,5 +1,6 @@
 //! `circuit_breaker` and `CircuitBreaker` on a paused clock.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -189,6 +190,131 @@ async fn late_outcomes_of_calls_started_while_closed_are_ignored() {
     advance(ms(10)).await;
     assert_ready_eq!(slow.poll(), Ok(0));
     assert_eq!(breaker.state(), CircuitState::Open); // the late success did not close it
+}
+
+/// A call that started at once and ends with `result` after `after` (paused clock).
+fn slow<'a>(
+    breaker: &'a CircuitBreaker,
+    after: Duration,
+    result: Result<u32, &'static str>,
+) -> task::Spawn<impl Future<Output = Result<u32, BreakerError<(), &'static str>>> + 'a> {
+    let mut call = task::spawn(breaker.call(async move {
+        sleep(after).await;
+        result
+    }));
+    assert_pending!(call.poll()); // the permit is taken now
+    call
+}
+
+/// Opens `breaker` (closed, threshold `n`) with `n` failures, waits `open_for`, and closes it
+/// again with a successful trial: a new closed period.
+async fn open_and_close_again(breaker: &CircuitBreaker) {
+    let calls = AtomicU32::new(0);
+    for _ in 0..breaker.failure_threshold() {
+        breaker.call(fail(&calls)).await.unwrap_err();
+    }
+    assert_eq!(breaker.state(), CircuitState::Open);
+    advance(breaker.open_for()).await;
+    assert!(breaker.call(succeed(&calls)).await.is_ok()); // the trial
+    assert_eq!(breaker.state(), CircuitState::Closed);
+    assert_eq!(breaker.consecutive_failures(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failure_from_an_earlier_closed_period_does_not_reopen_the_breaker() {
+    let breaker = CircuitBreaker::new(1, ms(100));
+    let mut stale = slow(&breaker, ms(500), Err("late"));
+    open_and_close_again(&breaker).await;
+
+    advance(ms(500)).await;
+    assert_ready_eq!(stale.poll(), Err(BreakerError::Failed("late")));
+    // The call started before the breaker opened: its failure is not this period's.
+    assert_eq!(breaker.state(), CircuitState::Closed);
+    assert_eq!(breaker.consecutive_failures(), 0);
+    let calls = AtomicU32::new(0);
+    assert!(breaker.call(succeed(&calls)).await.is_ok());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_success_from_an_earlier_closed_period_does_not_reset_the_count() {
+    let breaker = CircuitBreaker::new(3, ms(100));
+    let mut stale = slow(&breaker, ms(500), Ok(7));
+    open_and_close_again(&breaker).await;
+
+    let calls = AtomicU32::new(0);
+    for _ in 0..2 {
+        breaker.call(fail(&calls)).await.unwrap_err();
+    }
+    advance(ms(500)).await;
+    assert_ready_eq!(stale.poll(), Ok(7));
+    assert_eq!(breaker.consecutive_failures(), 2); // not reset by the stale success
+    breaker.call(fail(&calls)).await.unwrap_err();
+    // `failure_threshold` failures of this period: open.
+    assert_eq!(breaker.state(), CircuitState::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn while_half_open_only_the_trials_outcome_counts() {
+    let breaker = CircuitBreaker::new(1, ms(100));
+    let mut stale_ok = slow(&breaker, ms(300), Ok(1));
+    let mut stale_err = slow(&breaker, ms(300), Err("late"));
+    let calls = AtomicU32::new(0);
+    breaker.call(fail(&calls)).await.unwrap_err();
+    advance(ms(100)).await;
+    let mut trial = slow(&breaker, ms(400), Err("trial"));
+    assert_eq!(breaker.state(), CircuitState::HalfOpen);
+
+    advance(ms(200)).await; // 300 ms: the stale calls end, the trial runs on
+    assert_ready_eq!(stale_ok.poll(), Ok(1));
+    assert_eq!(breaker.state(), CircuitState::HalfOpen); // not closed by the stale success
+    assert_eq!(breaker.consecutive_failures(), 1); // nor its count reset
+    assert_ready_eq!(stale_err.poll(), Err(BreakerError::Failed("late")));
+    assert_eq!(breaker.state(), CircuitState::HalfOpen); // not opened by the stale failure
+    assert_eq!(
+        breaker.call(succeed(&calls)).await,
+        Err(BreakerError::Open(()))
+    );
+
+    advance(ms(200)).await; // 500 ms: the trial fails, open for 100 ms from now
+    assert_ready_eq!(trial.poll(), Err(BreakerError::Failed("trial")));
+    assert_eq!(breaker.state(), CircuitState::Open);
+    advance(ms(99)).await;
+    assert_eq!(breaker.state(), CircuitState::Open);
+    advance(ms(1)).await;
+    assert_eq!(breaker.state(), CircuitState::HalfOpen);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_stream_ignores_outcomes_from_an_earlier_closed_period() {
+    // A failure: the breaker, closed again meanwhile, stays closed.
+    let breaker = CircuitBreaker::new(1, ms(100));
+    let mut s = task::spawn(stream::iter([1u32]).circuit_breaker(&breaker, |_| async {
+        sleep(ms(500)).await;
+        Err::<u32, _>("late")
+    }));
+    assert_pending!(s.poll_next());
+    open_and_close_again(&breaker).await;
+    advance(ms(500)).await;
+    assert_ready_eq!(s.poll_next(), Some(Err(BreakerError::Failed("late"))));
+    assert_eq!(breaker.state(), CircuitState::Closed);
+    assert_eq!(breaker.consecutive_failures(), 0);
+
+    // A success: the new period's failures still count.
+    let breaker = CircuitBreaker::new(2, ms(100));
+    let mut s = task::spawn(
+        stream::iter([1u32]).circuit_breaker(&breaker, |x| async move {
+            sleep(ms(500)).await;
+            Ok::<_, &str>(x)
+        }),
+    );
+    assert_pending!(s.poll_next());
+    open_and_close_again(&breaker).await;
+    let calls = AtomicU32::new(0);
+    breaker.call(fail(&calls)).await.unwrap_err();
+    advance(ms(500)).await;
+    assert_ready_eq!(s.poll_next(), Some(Ok(1)));
+    breaker.call(fail(&calls)).await.unwrap_err();
+    assert_eq!(breaker.state(), CircuitState::Open);
 }
 
 #[tokio::test(start_paused = true)]

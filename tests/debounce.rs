@@ -147,3 +147,12 @@ fn size_hint_and_debug() {
 fn zero_quiet_panics() {
     let _ = stream::iter(0..3).debounce(Duration::ZERO);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_quiet_time_too_long_for_the_clock_does_not_panic() {
+    let last: Vec<u32> = futures::stream::iter(0..5u32)
+        .debounce(std::time::Duration::MAX)
+        .collect()
+        .await;
+    assert_eq!(last, [4]);
+}

@@ -159,3 +159,12 @@ fn zero_window_panics() {
 fn zero_capacity_panics() {
     let _ = stream::iter(0..3).dedupe_by(ms(10), 0, |x| *x);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_window_too_long_for_the_clock_does_not_panic() {
+    let once: Vec<u32> = futures::stream::iter([1, 2, 1, 3, 2])
+        .dedupe_by(std::time::Duration::MAX, 16, |k| *k)
+        .collect()
+        .await;
+    assert_eq!(once, [1, 2, 3]);
+}

@@ -296,6 +296,143 @@ fn delays_saturate_instead_of_overflowing() {
     assert_eq!(Backoff::fixed(ms(10)).nominal_delay_after(1000), ms(10));
 }
 
+/// `n` nanoseconds, for `n` beyond `u64`.
+fn nanos(n: u128) -> Duration {
+    let secs = u64::try_from(n / 1_000_000_000).unwrap();
+    Duration::new(secs, (n % 1_000_000_000) as u32)
+}
+
+#[test]
+fn exponential_delays_double_exactly_past_32_doublings_then_saturate() {
+    let backoff = Backoff::exponential(Duration::from_nanos(1)).max_attempts(u32::MAX);
+    for n in 1..=70u32 {
+        assert_eq!(
+            backoff.nominal_delay_after(n),
+            nanos(1 << (n - 1)),
+            "attempt {n}"
+        );
+    }
+    // Doubling goes on up to the largest `Duration`, then stays there.
+    let max_nanos = Duration::MAX.as_nanos();
+    let mut previous = Duration::ZERO;
+    for n in 1..=300u32 {
+        let delay = backoff.nominal_delay_after(n);
+        assert!(delay >= previous, "attempt {n}: {delay:?} < {previous:?}");
+        let doubled = 1u128.checked_shl(n - 1).filter(|d| *d <= max_nanos);
+        assert_eq!(delay, doubled.map_or(Duration::MAX, nanos), "attempt {n}");
+        previous = delay;
+    }
+    assert_eq!(backoff.nominal_delay_after(95), Duration::MAX);
+    assert_eq!(backoff.nominal_delay_after(94), nanos(1 << 93));
+    assert_eq!(backoff.nominal_delay_after(u32::MAX), Duration::MAX);
+
+    // Any initial delay, not only powers of two.
+    let backoff = Backoff::exponential(ms(300)).max_attempts(u32::MAX);
+    assert_eq!(
+        backoff.nominal_delay_after(40),
+        ms(300) * (1 << 20) * (1 << 19)
+    );
+
+    // `max_delay` still caps, whatever the attempt.
+    let capped = Backoff::exponential(Duration::from_nanos(1)).max_delay(Duration::from_secs(1));
+    assert_eq!(capped.nominal_delay_after(30), nanos(1 << 29));
+    for n in [31, 33, 64, 70, 95, 1000, u32::MAX] {
+        assert_eq!(
+            capped.nominal_delay_after(n),
+            Duration::from_secs(1),
+            "attempt {n}"
+        );
+    }
+}
+
+#[test]
+fn jitter_draws_from_the_whole_nominal_delay() {
+    // Beyond `u64::MAX` nanoseconds (584 years) too.
+    let backoff = Backoff::fixed(Duration::MAX).jitter();
+    let draws: Vec<Duration> = (0..20).map(|_| backoff.delay_after(1)).collect();
+    let u64_nanos = Duration::from_nanos(u64::MAX);
+    assert!(draws.iter().any(|d| *d > u64_nanos), "{draws:?}");
+}
+
+/// An operation that always fails.
+fn always_fails(log: &Log) -> impl FnMut(u32) -> futures::future::Ready<Result<u32, String>> {
+    flaky(log, u32::MAX)
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_stream_waits_out_exponential_delays_past_32_doublings() {
+    // 40 attempts from 1 ns: the 33rd to 39th waits are 2^32 to 2^38 ns (4.3 to 275 s).
+    let log = Log::new();
+    let out: Vec<_> = stream::iter([1u32])
+        .retry(
+            Backoff::exponential(Duration::from_nanos(1)).max_attempts(40),
+            always_fails(&log),
+        )
+        .collect()
+        .await;
+    assert_eq!(out[0].as_ref().unwrap_err().attempts, 40);
+    let times = log.times(1);
+    assert_eq!(times.len(), 40);
+    for (n, pair) in (1u32..).zip(times.windows(2)) {
+        let gap = pair[1] - pair[0];
+        let nominal = nanos(1 << (n - 1));
+        // tokio's timer has millisecond resolution: a wait ends within 1 ms after it is due.
+        assert!(
+            gap >= nominal && gap <= nominal + ms(1),
+            "wait {n}: {gap:?}"
+        );
+    }
+}
+
+const YEAR: Duration = Duration::from_secs(365 * 86_400);
+
+#[tokio::test(start_paused = true)]
+async fn a_wait_too_long_for_the_clock_waits_without_panicking() {
+    // The stream: the item waits (no `Instant` is `Duration::MAX` away), then goes with the
+    // stream.
+    let log = Log::new();
+    let mut s =
+        task::spawn(stream::iter([1u32]).retry(Backoff::fixed(Duration::MAX), always_fails(&log)));
+    assert_pending!(s.poll_next());
+    advance(10 * YEAR).await;
+    assert!(!s.is_woken());
+    assert_pending!(s.poll_next());
+    assert_eq!(log.times(1).len(), 1);
+    drop(s);
+
+    // The same policy around one call.
+    let log = Log::new();
+    let mut op = always_fails(&log);
+    let mut call = task::spawn(Backoff::fixed(Duration::MAX).retry(|| op(2)));
+    assert_pending!(call.poll());
+    advance(10 * YEAR).await;
+    assert_pending!(call.poll());
+    assert_eq!(log.times(2).len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn saturated_waits_are_clamped_as_tokio_clamps_a_sleep() {
+    // From the 61st failure on, the nominal wait (2^60 ns and up, then `Duration::MAX`) is
+    // beyond the 30 years tokio's `sleep` waits at most: the stream waits 30 years too.
+    let log = Log::new();
+    let out: Vec<_> = stream::iter([1u32])
+        .retry(
+            Backoff::exponential(Duration::from_nanos(1)).max_attempts(100),
+            always_fails(&log),
+        )
+        .collect()
+        .await;
+    assert_eq!(out[0].as_ref().unwrap_err().attempts, 100);
+    let times = log.times(1);
+    assert_eq!(times.len(), 100);
+    let longest = 30 * YEAR;
+    for (n, pair) in (1u32..).zip(times.windows(2)) {
+        let gap = pair[1] - pair[0];
+        let due = nanos((1 << (n - 1)).min(longest.as_nanos()));
+        assert!(gap >= due && gap <= due + ms(1), "wait {n}: {gap:?}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn backoff_retry_wraps_any_async_call() {
     let log = Log::new();
