@@ -183,6 +183,8 @@ struct Shared {
     base: Instant,
     /// The period, the state and the consecutive-failure count (see `CLOSED`).
     word: AtomicU64,
+    /// The name its `tracing` events carry, if it was given one.
+    name: Option<Box<str>>,
     /// When the breaker last opened, in nanoseconds since `base`. Written only by the caller
     /// that holds the breaker in `OPENING` or `TRIAL`, before the word becomes `OPEN`
     /// (release); read after the word is seen `OPEN` (acquire).
@@ -224,7 +226,7 @@ impl Shared {
                 self.word
                     .compare_exchange(word, trial, Ordering::AcqRel, Ordering::Acquire)
                     .ok()?;
-                tracing::info!(target: "stagepipe::circuit_breaker", "circuit breaker half-open: trial call");
+                tracing::info!(target: "stagepipe::circuit_breaker", name = self.name.as_deref(), "circuit breaker half-open: trial call");
                 Some(Permit {
                     trial: true,
                     period: trial & PERIOD,
@@ -254,7 +256,7 @@ impl Shared {
                 .compare_exchange(word, closed, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
             {
-                tracing::info!(target: "stagepipe::circuit_breaker", "circuit breaker closed: trial call succeeded");
+                tracing::info!(target: "stagepipe::circuit_breaker", name = self.name.as_deref(), "circuit breaker closed: trial call succeeded");
             }
             return;
         }
@@ -288,6 +290,7 @@ impl Shared {
             {
                 tracing::warn!(
                     target: "stagepipe::circuit_breaker",
+                    name = self.name.as_deref(),
                     open_for = ?Duration::from_nanos(self.open_for),
                     "circuit breaker opened again: trial call failed"
                 );
@@ -317,6 +320,7 @@ impl Shared {
                         .store(with(new, OPEN, failures), Ordering::Release);
                     tracing::warn!(
                         target: "stagepipe::circuit_breaker",
+                        name = self.name.as_deref(),
                         failures,
                         open_for = ?Duration::from_nanos(self.open_for),
                         "circuit breaker opened"
@@ -371,9 +375,43 @@ impl CircuitBreaker {
                 open_for: u64::try_from(open_for.as_nanos()).unwrap_or(u64::MAX),
                 base: Instant::now(),
                 word: AtomicU64::new(CLOSED),
+                name: None,
                 opened_at: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// Gives the breaker a name, carried by its `tracing` events (field `name`) and its `Debug`
+    /// output, to tell the breakers of several services apart.
+    ///
+    /// This builds a new, closed breaker with the same configuration: call it before sharing
+    /// the handle (clones taken earlier keep the old breaker and its state).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use stagepipe::CircuitBreaker;
+    ///
+    /// let breaker = CircuitBreaker::new(5, Duration::from_secs(10)).named("payments");
+    /// assert_eq!(breaker.name(), Some("payments"));
+    /// ```
+    #[must_use]
+    pub fn named(self, name: impl Into<String>) -> Self {
+        let shared = &self.shared;
+        Self {
+            shared: Arc::new(Shared {
+                failure_threshold: shared.failure_threshold,
+                open_for: shared.open_for,
+                base: Instant::now(),
+                word: AtomicU64::new(CLOSED),
+                name: Some(name.into().into_boxed_str()),
+                opened_at: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// The name given with [`named`](Self::named), if any.
+    pub fn name(&self) -> Option<&str> {
+        self.shared.name.as_deref()
     }
 
     /// The current state. `Open` turns into `HalfOpen` once `open_for` has passed, even before
@@ -501,6 +539,7 @@ impl From<&CircuitBreaker> for CircuitBreaker {
 impl fmt::Debug for CircuitBreaker {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreaker")
+            .field("name", &self.name())
             .field("state", &self.state())
             .field("consecutive_failures", &self.consecutive_failures())
             .field("failure_threshold", &self.shared.failure_threshold)
