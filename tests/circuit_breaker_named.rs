@@ -10,8 +10,11 @@ use std::time::Duration;
 use stagepipe::prelude::*;
 use tokio::time::advance;
 
-/// A subscriber that records the `name` field and the message of every event.
-struct Recorder(Arc<Mutex<Vec<(Option<String>, String)>>>);
+/// The `name` field and the message of an event.
+type Event = (Option<String>, String);
+
+/// A subscriber that records every event.
+struct Recorder(Arc<Mutex<Vec<Event>>>);
 
 #[derive(Default)]
 struct Fields {
