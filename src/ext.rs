@@ -9,6 +9,7 @@ use futures::Stream;
 
 use crate::fan_out::{FanOut, FanOutOrdered};
 use crate::in_flight::{InFlight, InFlightLimit};
+use crate::in_flight_ordered::InFlightOrdered;
 use crate::pool::WorkerPool;
 use crate::staged::{Pipeline, StateMachine, Through};
 use crate::stats::{Stats, WithStats};
@@ -157,6 +158,54 @@ pub trait PipelineExt: Stream {
         Fut: Future,
     {
         InFlight::new(self, limit.into(), f)
+    }
+
+    /// Runs `f(item)` concurrently **inside this stream's task**, at most `limit` at once
+    /// across every stream sharing the limit, and yields results **in input order**.
+    ///
+    /// Like [`in_flight`](PipelineExt::in_flight) (no spawn, futures may borrow, a permit held
+    /// only while a future runs), with a reorder buffer like
+    /// [`StreamExt::buffered`](futures::StreamExt::buffered)'s: the stream holds at most the
+    /// limit's [`limit`](InFlightLimit::limit) items at once, running or finished behind an
+    /// earlier one, and pulls no more from upstream meanwhile. A finished future gives its
+    /// permit back at once, so a slow item holds back this stream's results, never another
+    /// stream's permits.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `limit` is the number zero.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let db = InFlightLimit::new(8);
+    /// let start = tokio::time::Instant::now();
+    /// let rows: Vec<u64> = stream::iter([30u64, 10, 20])
+    ///     .in_flight_ordered(&db, |ms| async move {
+    ///         tokio::time::sleep(Duration::from_millis(ms)).await;
+    ///         ms
+    ///     })
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(rows, [30, 10, 20]); // input order
+    /// assert_eq!(start.elapsed(), Duration::from_millis(30)); // ran concurrently
+    /// # }
+    /// ```
+    #[track_caller]
+    fn in_flight_ordered<L, F, Fut>(self, limit: L, f: F) -> InFlightOrdered<Self, F, Fut>
+    where
+        Self: Sized,
+        L: Into<InFlightLimit>,
+        F: FnMut(Self::Item) -> Fut,
+        Fut: Future,
+    {
+        InFlightOrdered::new(self, limit.into(), f)
     }
 
     /// Passes items through unchanged, recording into `stats`: the item count, the elapsed

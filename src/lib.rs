@@ -39,10 +39,12 @@ mod ext;
 // -- core: pool, fan_out, in_flight, stats --
 mod fan_out;
 mod in_flight;
+mod in_flight_ordered;
 mod pool;
 mod stats;
 pub use fan_out::{FanOut, FanOutOrdered};
 pub use in_flight::{InFlight, InFlightLimit};
+pub use in_flight_ordered::InFlightOrdered;
 pub use pool::WorkerPool;
 pub use stats::{Stats, StatsSnapshot, WithStats};
 
