@@ -7,6 +7,7 @@ use std::future::Future;
 
 use futures::Stream;
 
+use crate::by_key::FanOutByKey;
 use crate::fan_out::{FanOut, FanOutOrdered};
 use crate::in_flight::{InFlight, InFlightLimit};
 use crate::in_flight_ordered::InFlightOrdered;
@@ -206,6 +207,63 @@ pub trait PipelineExt: Stream {
         Fut: Future,
     {
         InFlightOrdered::new(self, limit.into(), f)
+    }
+
+    /// Runs `f(item)` on a [`WorkerPool`] where items with equal keys run **one after
+    /// another, in input order**, and items with different keys in parallel; yields the
+    /// results **in input order** (Akka's `mapAsyncPartitioned`).
+    ///
+    /// `key(&item)` is called once per item, in the consumer's task. An item whose key has an
+    /// item in the pool waits in the consumer (it holds no worker, so workers never wait on
+    /// each other) and goes to the pool when that item has finished. Everything the stream
+    /// holds (waiting items, items in the pool, finished results behind an earlier item) is
+    /// bounded by its window ([`FanOutByKey::window`], default four times the workers, at
+    /// least 512); upstream is not pulled while it is full. Keys of finished items are
+    /// forgotten, so memory stays bounded by the window however many keys pass.
+    ///
+    /// A future that panics re-raises its panic in the consumer when it finishes. Dropping the
+    /// stream drops its waiting items and its queued and running futures.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `pool` is the number zero (parameter `workers`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    ///
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() {
+    /// // (account, amount): each account's updates apply in order, accounts in parallel.
+    /// let updates = stream::iter([("a", 5), ("b", 1), ("a", -2), ("c", 7), ("b", 3)]);
+    /// let applied: Vec<(&str, i32)> = updates
+    ///     .fan_out_by_key(2, |(account, _)| *account, |(account, amount)| async move {
+    ///         (account, amount * 10)
+    ///     })
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(applied, [("a", 50), ("b", 10), ("a", -20), ("c", 70), ("b", 30)]);
+    /// # }
+    /// ```
+    #[track_caller]
+    fn fan_out_by_key<P, K, KF, F, Fut>(
+        self,
+        pool: P,
+        key: KF,
+        f: F,
+    ) -> FanOutByKey<Self, K, KF, F, Fut::Output>
+    where
+        Self: Sized,
+        P: Into<WorkerPool>,
+        K: std::hash::Hash + Eq,
+        KF: FnMut(&Self::Item) -> K,
+        F: FnMut(Self::Item) -> Fut,
+        Fut: Future + Send + 'static,
+        Fut::Output: Send + 'static,
+    {
+        FanOutByKey::new(self, pool.into(), key, f)
     }
 
     /// Passes items through unchanged, recording into `stats`: the item count, the elapsed

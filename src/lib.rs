@@ -37,11 +37,13 @@ mod error;
 mod ext;
 
 // -- core: pool, fan_out, in_flight, stats --
+mod by_key;
 mod fan_out;
 mod in_flight;
 mod in_flight_ordered;
 mod pool;
 mod stats;
+pub use by_key::FanOutByKey;
 pub use fan_out::{FanOut, FanOutOrdered};
 pub use in_flight::{InFlight, InFlightLimit};
 pub use in_flight_ordered::InFlightOrdered;
