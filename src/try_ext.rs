@@ -65,11 +65,7 @@ pub trait TryPipelineExt: TryStream {
     /// # }
     /// ```
     #[track_caller]
-    fn try_fan_out_ordered<P, F, Fut>(
-        self,
-        pool: P,
-        f: F,
-    ) -> TryFanOutOrdered<Self, F, Fut::Ok>
+    fn try_fan_out_ordered<P, F, Fut>(self, pool: P, f: F) -> TryFanOutOrdered<Self, F, Fut::Ok>
     where
         Self: Sized,
         Self::Error: Send + 'static,
@@ -198,11 +194,7 @@ pub trait TryPipelineExt: TryStream {
     /// # }
     /// ```
     #[track_caller]
-    fn try_in_flight_ordered<L, F, Fut>(
-        self,
-        limit: L,
-        f: F,
-    ) -> TryInFlightOrdered<Self, F, Fut>
+    fn try_in_flight_ordered<L, F, Fut>(self, limit: L, f: F) -> TryInFlightOrdered<Self, F, Fut>
     where
         Self: Sized,
         L: Into<InFlightLimit>,

@@ -26,8 +26,9 @@ async fn equal_keys_run_serially_in_input_order_and_output_keeps_input_order() {
         let keys = 1 + rng.below(6);
         let workers = 1 + rng.below(6) as usize;
         let window = 1 + rng.below(30) as usize;
-        let items: Vec<(usize, u64, u64)> =
-            (0..n).map(|i| (i, rng.below(keys), rng.below(20))).collect();
+        let items: Vec<(usize, u64, u64)> = (0..n)
+            .map(|i| (i, rng.below(keys), rng.below(20)))
+            .collect();
         let gauges: Arc<Vec<Gauge>> = Arc::new((0..keys).map(|_| Gauge::default()).collect());
         let all = Gauge::default();
         let started: Arc<Mutex<HashMap<u64, Vec<usize>>>> = Arc::default();
@@ -51,12 +52,19 @@ async fn equal_keys_run_serially_in_input_order_and_output_keeps_input_order() {
         let what = format!("seed {seed}: n {n}, keys {keys}, workers {workers}, window {window}");
         assert_eq!(out, (0..n).collect::<Vec<_>>(), "{what}");
         for (key, gauge) in gauges.iter().enumerate() {
-            assert!(gauge.max() <= 1, "{what}: key {key} ran {} at once", gauge.max());
+            assert!(
+                gauge.max() <= 1,
+                "{what}: key {key} ran {} at once",
+                gauge.max()
+            );
         }
         let started = started.lock().unwrap();
         for (key, order) in started.iter() {
-            let want: Vec<usize> =
-                items.iter().filter(|(_, k, _)| k == key).map(|(i, _, _)| *i).collect();
+            let want: Vec<usize> = items
+                .iter()
+                .filter(|(_, k, _)| k == key)
+                .map(|(i, _, _)| *i)
+                .collect();
             assert_eq!(order, &want, "{what}: key {key} started out of order");
         }
         assert_eq!(all.live(), 0);
@@ -84,7 +92,11 @@ async fn different_keys_overlap_and_one_key_does_not() {
         .await;
     assert_eq!(out, (0..10).collect::<Vec<_>>());
     assert_eq!(running.max(), 2, "two keys at the same instant");
-    assert_eq!(start.elapsed(), ms(50), "five items per key, one after another");
+    assert_eq!(
+        start.elapsed(),
+        ms(50),
+        "five items per key, one after another"
+    );
 
     let running = Gauge::default();
     let start = Instant::now();
@@ -120,7 +132,11 @@ async fn a_waiting_item_holds_no_worker() {
         .await;
     assert_eq!(out, [0, 1, 2, 3]);
     let done_at = done_at.lock().unwrap();
-    assert_eq!(done_at[&3], ms(20), "b runs right after a's first item, before a's second");
+    assert_eq!(
+        done_at[&3],
+        ms(20),
+        "b runs right after a's first item, before a's second"
+    );
     assert_eq!(done_at[&2], ms(40));
 }
 
@@ -136,11 +152,15 @@ async fn the_window_bounds_what_the_stream_holds() {
     });
     let mut s = Box::pin(
         source
-            .fan_out_by_key(4, |i| i % 3, |i| async move {
-                // Key 0 is slow, so its items park and finished items of other keys wait.
-                sleep(ms(if i % 3 == 0 { 30 } else { 1 })).await;
-                i
-            })
+            .fan_out_by_key(
+                4,
+                |i| i % 3,
+                |i| async move {
+                    // Key 0 is slow, so its items park and finished items of other keys wait.
+                    sleep(ms(if i % 3 == 0 { 30 } else { 1 })).await;
+                    i
+                },
+            )
             .window(window),
     );
     let mut out = Vec::new();
@@ -167,18 +187,26 @@ async fn dropping_the_stream_drops_parked_queued_and_running_items() {
                 let live = live.clone();
                 move |i| (i, live.enter())
             })
-            .fan_out_by_key(&pool, |(i, _)| i % 4, |(i, guard)| async move {
-                let _guard = guard;
-                sleep(Duration::from_secs(3600)).await;
-                i
-            })
+            .fan_out_by_key(
+                &pool,
+                |(i, _)| i % 4,
+                |(i, guard)| async move {
+                    let _guard = guard;
+                    sleep(Duration::from_secs(3600)).await;
+                    i
+                },
+            )
             .window(10),
     );
     assert!(futures::poll!(s.next()).is_pending());
     for _ in 0..10 {
         tokio::task::yield_now().await;
     }
-    assert_eq!(live.live(), 10, "a window of ten: four keys in the pool, six parked");
+    assert_eq!(
+        live.live(),
+        10,
+        "a window of ten: four keys in the pool, six parked"
+    );
     drop(s);
     for _ in 0..10 {
         tokio::task::yield_now().await;

@@ -139,12 +139,17 @@ async fn in_flight_ordered_keeps_order_under_a_shared_limit() {
                 }
             }
         };
-        let a = stream::iter(0..150usize).in_flight_ordered(&limit, job(running.clone(), delays.clone()));
+        let a = stream::iter(0..150usize)
+            .in_flight_ordered(&limit, job(running.clone(), delays.clone()));
         let b = stream::iter(150..300usize).in_flight_ordered(&limit, job(running.clone(), delays));
         let (a, b): (Vec<usize>, Vec<usize>) = tokio::join!(a.collect(), b.collect());
         assert_eq!(a, (0..150).collect::<Vec<_>>(), "seed {seed}");
         assert_eq!(b, (150..300).collect::<Vec<_>>(), "seed {seed}");
-        assert!(running.max() <= limit.limit(), "seed {seed}: {} running", running.max());
+        assert!(
+            running.max() <= limit.limit(),
+            "seed {seed}: {} running",
+            running.max()
+        );
         if limit.limit() > 1 {
             assert!(running.max() > 1, "seed {seed}: never concurrent");
         }
@@ -175,7 +180,11 @@ async fn in_flight_ordered_buffers_at_most_the_limit_behind_a_slow_item() {
     assert!(futures::poll!(s.next()).is_pending());
     tokio::time::advance(ms(50)).await;
     assert!(futures::poll!(s.next()).is_pending());
-    assert_eq!(pulled.load(Ordering::SeqCst), 4, "a buffer of four, no more pulled");
+    assert_eq!(
+        pulled.load(Ordering::SeqCst),
+        4,
+        "a buffer of four, no more pulled"
+    );
     assert_eq!(limit.in_use(), 1, "only the slow item holds a permit");
     assert_eq!(s.next().await, Some(0));
     assert_eq!(start.elapsed(), ms(100));

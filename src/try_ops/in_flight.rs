@@ -9,7 +9,9 @@ use std::task::{Context, Poll};
 
 use futures::TryStreamExt;
 use futures::future::TryFuture;
-use futures::stream::{FusedStream, FuturesOrdered, FuturesUnordered, IntoStream, Stream, TryStream};
+use futures::stream::{
+    FusedStream, FuturesOrdered, FuturesUnordered, IntoStream, Stream, TryStream,
+};
 use pin_project_lite::pin_project;
 
 use crate::in_flight::{Core, InFlightLimit, Start, WithPermit};

@@ -11,7 +11,10 @@ pub(crate) mod stats;
 
 /// `Instant::now() + wait`, or a far-future instant (about 30 years on, as tokio's own far
 /// deadlines) when that would overflow, so that no duration panics.
-pub(crate) fn deadline_after(now: tokio::time::Instant, wait: std::time::Duration) -> tokio::time::Instant {
+pub(crate) fn deadline_after(
+    now: tokio::time::Instant,
+    wait: std::time::Duration,
+) -> tokio::time::Instant {
     const FAR: std::time::Duration = std::time::Duration::from_secs(86_400 * 365 * 30);
     now.checked_add(wait)
         .or_else(|| now.checked_add(FAR))
