@@ -52,6 +52,15 @@ fn fan_out(c: &mut Criterion) {
                 .fold(0, sum)
         })
     });
+    // The same items with a `Result` output, to tell the cost of the wider output from the
+    // cost of the error handling.
+    group.bench_function(BenchmarkId::new("fan_out_ordered_result_output", n), |b| {
+        b.to_async(&rt).iter(|| {
+            stream::iter(0..n)
+                .fan_out_ordered(&pool, |x| async move { Ok::<u64, u64>(black_box(x) + 1) })
+                .fold(0, try_sum)
+        })
+    });
     group.bench_function(BenchmarkId::new("try_fan_out_ordered", n), |b| {
         b.to_async(&rt).iter(|| {
             stream::iter((0..n).map(Ok::<u64, u64>))
