@@ -7,8 +7,10 @@ use std::future::Future;
 
 use futures::Stream;
 
+use crate::by_key::FanOutByKey;
 use crate::fan_out::{FanOut, FanOutOrdered};
 use crate::in_flight::{InFlight, InFlightLimit};
+use crate::in_flight_ordered::InFlightOrdered;
 use crate::pool::WorkerPool;
 use crate::staged::{Pipeline, StateMachine, Through};
 use crate::stats::{Stats, WithStats};
@@ -164,6 +166,111 @@ pub trait PipelineExt: Stream {
         Fut: Future,
     {
         InFlight::new(self, limit.into(), f)
+    }
+
+    /// Runs `f(item)` concurrently **inside this stream's task**, at most `limit` at once
+    /// across every stream sharing the limit, and yields results **in input order**.
+    ///
+    /// Like [`in_flight`](PipelineExt::in_flight) (no spawn, futures may borrow, a permit held
+    /// only while a future runs), with a reorder buffer like
+    /// [`StreamExt::buffered`](futures::StreamExt::buffered)'s: the stream holds at most the
+    /// limit's [`limit`](InFlightLimit::limit) items at once, running or finished behind an
+    /// earlier one, and pulls no more from upstream meanwhile. A finished future gives its
+    /// permit back at once, so a slow item holds back this stream's results, never another
+    /// stream's permits.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `limit` is the number zero.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let db = InFlightLimit::new(8);
+    /// let start = tokio::time::Instant::now();
+    /// let rows: Vec<u64> = stream::iter([30u64, 10, 20])
+    ///     .in_flight_ordered(&db, |ms| async move {
+    ///         tokio::time::sleep(Duration::from_millis(ms)).await;
+    ///         ms
+    ///     })
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(rows, [30, 10, 20]); // input order
+    /// assert_eq!(start.elapsed(), Duration::from_millis(30)); // ran concurrently
+    /// # }
+    /// ```
+    #[track_caller]
+    fn in_flight_ordered<L, F, Fut>(self, limit: L, f: F) -> InFlightOrdered<Self, F, Fut>
+    where
+        Self: Sized,
+        L: Into<InFlightLimit>,
+        F: FnMut(Self::Item) -> Fut,
+        Fut: Future,
+    {
+        InFlightOrdered::new(self, limit.into(), f)
+    }
+
+    /// Runs `f(item)` on a [`WorkerPool`] where items with equal keys run **one after
+    /// another, in input order**, and items with different keys in parallel; yields the
+    /// results **in input order** (Akka's `mapAsyncPartitioned`).
+    ///
+    /// `key(&item)` is called once per item, in the consumer's task. An item whose key has an
+    /// item in the pool waits in the consumer (it holds no worker, so workers never wait on
+    /// each other) and goes to the pool when that item has finished. Everything the stream
+    /// holds (waiting items, items in the pool, finished results behind an earlier item) is
+    /// bounded by its window ([`FanOutByKey::window`], default four times the workers, at
+    /// least 512); upstream is not pulled while it is full. Keys of finished items are
+    /// forgotten, so memory stays bounded by the window however many keys pass.
+    ///
+    /// A future that panics re-raises its panic in the consumer when it finishes. Dropping the
+    /// stream drops its waiting items and its queued and running futures.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `pool` is the number zero (parameter `workers`).
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    ///
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() {
+    /// // (account, amount): each account's updates apply in order, accounts in parallel.
+    /// let updates = stream::iter([("a", 5), ("b", 1), ("a", -2), ("c", 7), ("b", 3)]);
+    /// let applied: Vec<(&str, i32)> = updates
+    ///     .fan_out_by_key(2, |(account, _)| *account, |(account, amount)| async move {
+    ///         (account, amount * 10)
+    ///     })
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(applied, [("a", 50), ("b", 10), ("a", -20), ("c", 70), ("b", 30)]);
+    /// # }
+    /// ```
+    #[track_caller]
+    fn fan_out_by_key<P, K, KF, F, Fut>(
+        self,
+        pool: P,
+        key: KF,
+        f: F,
+    ) -> FanOutByKey<Self, K, KF, F, Fut::Output>
+    where
+        Self: Sized,
+        P: Into<WorkerPool>,
+        K: std::hash::Hash + Eq,
+        KF: FnMut(&Self::Item) -> K,
+        F: FnMut(Self::Item) -> Fut,
+        Fut: Future + Send + 'static,
+        Fut::Output: Send + 'static,
+    {
+        FanOutByKey::new(self, pool.into(), key, f)
     }
 
     /// Passes items through unchanged, recording into `stats`: the item count, the elapsed

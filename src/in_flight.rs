@@ -4,6 +4,11 @@
 //! Each one holds a permit of the [`InFlightLimit`]'s semaphore while it runs; an item is pulled
 //! from upstream first and then waits for a permit, so a stream whose upstream is idle holds no
 //! permit that another stream could use.
+//!
+//! The engine ([`Core`]) is shared by the whole family: it is generic over the queue of running
+//! futures ([`Queue`]: completion order or input order) and over how an upstream item starts
+//! ([`Start`]: a plain item always runs under a permit; a fallible stream's `Err` passes through
+//! as a finished future that holds none).
 
 use std::fmt;
 use std::future::Future;
@@ -11,7 +16,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures::stream::{FusedStream, FuturesUnordered, Stream};
+use futures::stream::{FusedStream, FuturesOrdered, FuturesUnordered, Stream};
 use pin_project_lite::pin_project;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 
@@ -155,8 +160,8 @@ impl fmt::Debug for InFlightLimit {
 }
 
 pin_project! {
-    /// A future that holds a permit of the limit until it completes.
-    struct WithPermit<Fut> {
+    /// A future that holds a permit of the limit (if it was given one) until it completes.
+    pub(crate) struct WithPermit<Fut> {
         #[pin]
         fut: Fut,
         permit: Option<OwnedSemaphorePermit>,
@@ -174,17 +179,88 @@ impl<Fut: Future> Future for WithPermit<Fut> {
     }
 }
 
+/// How an upstream item starts.
+pub(crate) trait Start<I> {
+    /// The future an item becomes.
+    type Fut: Future;
+    /// Whether `item` runs under a permit. One that does not is started at once, holding none.
+    fn needs_permit(&self, item: &I) -> bool;
+    /// Makes the item's future.
+    fn start(&mut self, item: I) -> Self::Fut;
+}
+
+/// Every item runs `f(item)` under a permit.
+pub(crate) struct Plain<F>(pub(crate) F);
+
+impl<I, F, Fut> Start<I> for Plain<F>
+where
+    F: FnMut(I) -> Fut,
+    Fut: Future,
+{
+    type Fut = Fut;
+
+    #[inline]
+    fn needs_permit(&self, _: &I) -> bool {
+        true
+    }
+
+    #[inline]
+    fn start(&mut self, item: I) -> Fut {
+        (self.0)(item)
+    }
+}
+
+/// The queue of a stream's running (and, in input order, finished but held back) futures.
+pub(crate) trait Queue: Stream + Unpin + Default {
+    /// The queued future.
+    type Fut;
+    /// Whether a finished future waits here for earlier ones: then the queue's length is the
+    /// reorder buffer, and it is bounded by the limit.
+    const ORDERED: bool;
+    fn push(&mut self, fut: Self::Fut);
+    fn len(&self) -> usize;
+}
+
+impl<Fut: Future> Queue for FuturesUnordered<Fut> {
+    type Fut = Fut;
+    const ORDERED: bool = false;
+
+    #[inline]
+    fn push(&mut self, fut: Fut) {
+        FuturesUnordered::push(self, fut);
+    }
+
+    #[inline]
+    fn len(&self) -> usize {
+        FuturesUnordered::len(self)
+    }
+}
+
+impl<Fut: Future> Queue for FuturesOrdered<Fut> {
+    type Fut = Fut;
+    const ORDERED: bool = true;
+
+    #[inline]
+    fn push(&mut self, fut: Fut) {
+        self.push_back(fut);
+    }
+
+    #[inline]
+    fn len(&self) -> usize {
+        FuturesOrdered::len(self)
+    }
+}
+
 type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
 
 pin_project! {
-    /// Stream for the [`in_flight`](crate::PipelineExt::in_flight) method.
-    #[must_use = "streams do nothing unless polled"]
-    pub struct InFlight<S: Stream, F, Fut> {
+    /// The engine of the `in_flight` family.
+    pub(crate) struct Core<S: Stream, C, Q> {
         #[pin]
         stream: S,
-        f: F,
+        start: C,
         limit: InFlightLimit,
-        running: FuturesUnordered<WithPermit<Fut>>,
+        running: Q,
         // An item pulled from upstream, waiting for a permit.
         waiting: Option<S::Item>,
         acquire: Option<Acquire>,
@@ -192,58 +268,98 @@ pin_project! {
     }
 }
 
-impl<S: Stream, F, Fut> InFlight<S, F, Fut> {
-    pub(crate) fn new(stream: S, limit: InFlightLimit, f: F) -> Self {
+impl<S: Stream, C, Q: Queue> Core<S, C, Q> {
+    pub(crate) fn new(stream: S, limit: InFlightLimit, start: C) -> Self {
         Self {
             stream,
-            f,
+            start,
             limit,
-            running: FuturesUnordered::new(),
+            running: Q::default(),
             waiting: None,
             acquire: None,
             upstream_done: false,
         }
     }
 
-    /// The limit this stream runs under.
-    pub fn limit(&self) -> &InFlightLimit {
+    pub(crate) fn limit(&self) -> &InFlightLimit {
         &self.limit
     }
 
-    /// A reference to the upstream stream.
-    pub fn get_ref(&self) -> &S {
+    pub(crate) fn get_ref(&self) -> &S {
         &self.stream
     }
 
-    /// A mutable reference to the upstream stream.
-    pub fn get_mut(&mut self) -> &mut S {
+    pub(crate) fn get_mut(&mut self) -> &mut S {
         &mut self.stream
     }
 
-    /// A pinned mutable reference to the upstream stream.
-    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
+    pub(crate) fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
         self.project().stream
+    }
+
+    /// Items pulled and not yet yielded.
+    pub(crate) fn queued(&self) -> usize {
+        self.running.len() + usize::from(self.waiting.is_some())
+    }
+
+    pub(crate) fn size_hint(&self) -> (usize, Option<usize>) {
+        let queued = self.queued();
+        if self.upstream_done {
+            return (queued, Some(queued));
+        }
+        let (lower, upper) = self.stream.size_hint();
+        (
+            lower.saturating_add(queued),
+            upper.and_then(|u| u.checked_add(queued)),
+        )
+    }
+
+    pub(crate) fn is_terminated(&self) -> bool {
+        self.upstream_done && self.waiting.is_none() && self.running.len() == 0
+    }
+
+    pub(crate) fn fmt_fields(&self, name: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result
+    where
+        S: fmt::Debug,
+    {
+        f.debug_struct(name)
+            .field("stream", &self.stream)
+            .field("limit", &self.limit)
+            .field("queued", &self.queued())
+            .field("upstream_done", &self.upstream_done)
+            .finish_non_exhaustive()
     }
 }
 
-impl<S, F, Fut> Stream for InFlight<S, F, Fut>
+impl<S, C, Q> Core<S, C, Q>
 where
     S: Stream,
-    F: FnMut(S::Item) -> Fut,
-    Fut: Future,
+    C: Start<S::Item>,
+    Q: Queue<Fut = WithPermit<C::Fut>> + Stream<Item = <C::Fut as Future>::Output>,
 {
-    type Item = Fut::Output;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+    pub(crate) fn poll_next(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<<C::Fut as Future>::Output>> {
         let mut this = self.project();
-        // Start as many futures as upstream and the limit allow.
+        // Start as many futures as upstream and the limit allow; in input order, no more than
+        // the limit may be queued (running, or finished behind an earlier item).
         loop {
             if this.waiting.is_none() {
-                if *this.upstream_done {
+                if *this.upstream_done || (Q::ORDERED && this.running.len() >= this.limit.limit) {
                     break;
                 }
                 match this.stream.as_mut().poll_next(cx) {
-                    Poll::Ready(Some(item)) => *this.waiting = Some(item),
+                    Poll::Ready(Some(item)) => {
+                        if !this.start.needs_permit(&item) {
+                            this.running.push(WithPermit {
+                                fut: this.start.start(item),
+                                permit: None,
+                            });
+                            continue;
+                        }
+                        *this.waiting = Some(item);
+                    }
                     Poll::Ready(None) => {
                         *this.upstream_done = true;
                         break;
@@ -271,7 +387,7 @@ where
             };
             let item = this.waiting.take().expect("an item waits for the permit");
             this.running.push(WithPermit {
-                fut: (this.f)(item),
+                fut: this.start.start(item),
                 permit: Some(permit),
             });
         }
@@ -281,17 +397,67 @@ where
             _ => Poll::Pending,
         }
     }
+}
+
+pin_project! {
+    /// Stream for the [`in_flight`](crate::PipelineExt::in_flight) method.
+    #[must_use = "streams do nothing unless polled"]
+    pub struct InFlight<S: Stream, F, Fut> {
+        #[pin]
+        core: Core<S, Plain<F>, FuturesUnordered<WithPermit<Fut>>>,
+    }
+}
+
+/// The accessors of an `in_flight` stream, written once for the family.
+macro_rules! in_flight_accessors {
+    () => {
+        /// The limit this stream runs under.
+        pub fn limit(&self) -> &$crate::InFlightLimit {
+            self.core.limit()
+        }
+
+        /// A reference to the upstream stream.
+        pub fn get_ref(&self) -> &S {
+            self.core.get_ref()
+        }
+
+        /// A mutable reference to the upstream stream.
+        pub fn get_mut(&mut self) -> &mut S {
+            self.core.get_mut()
+        }
+
+        /// A pinned mutable reference to the upstream stream.
+        pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
+            self.project().core.get_pin_mut()
+        }
+    };
+}
+pub(crate) use in_flight_accessors;
+
+impl<S: Stream, F, Fut: Future> InFlight<S, F, Fut> {
+    pub(crate) fn new(stream: S, limit: InFlightLimit, f: F) -> Self {
+        Self {
+            core: Core::new(stream, limit, Plain(f)),
+        }
+    }
+
+    in_flight_accessors!();
+}
+
+impl<S, F, Fut> Stream for InFlight<S, F, Fut>
+where
+    S: Stream,
+    F: FnMut(S::Item) -> Fut,
+    Fut: Future,
+{
+    type Item = Fut::Output;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.project().core.poll_next(cx)
+    }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let queued = self.running.len() + usize::from(self.waiting.is_some());
-        if self.upstream_done {
-            return (queued, Some(queued));
-        }
-        let (lower, upper) = self.stream.size_hint();
-        (
-            lower.saturating_add(queued),
-            upper.and_then(|u| u.checked_add(queued)),
-        )
+        self.core.size_hint()
     }
 }
 
@@ -302,17 +468,12 @@ where
     Fut: Future,
 {
     fn is_terminated(&self) -> bool {
-        self.upstream_done && self.waiting.is_none() && self.running.is_empty()
+        self.core.is_terminated()
     }
 }
 
-impl<S: Stream + fmt::Debug, F, Fut> fmt::Debug for InFlight<S, F, Fut> {
+impl<S: Stream + fmt::Debug, F, Fut: Future> fmt::Debug for InFlight<S, F, Fut> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("InFlight")
-            .field("stream", &self.stream)
-            .field("limit", &self.limit)
-            .field("running", &self.running.len())
-            .field("upstream_done", &self.upstream_done)
-            .finish_non_exhaustive()
+        self.core.fmt_fields("InFlight", f)
     }
 }

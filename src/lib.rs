@@ -48,14 +48,19 @@
 
 mod error;
 mod ext;
+mod try_ext;
 
 // -- core: pool, fan_out, in_flight, stats --
+mod by_key;
 mod fan_out;
 mod in_flight;
+mod in_flight_ordered;
 mod pool;
 mod stats;
+pub use by_key::FanOutByKey;
 pub use fan_out::{FanOut, FanOutOrdered};
 pub use in_flight::{InFlight, InFlightLimit};
+pub use in_flight_ordered::InFlightOrdered;
 pub use pool::WorkerPool;
 pub use stats::{Stats, StatsSnapshot, WithStats};
 
@@ -99,13 +104,23 @@ pub use staged::{
     StageError, StageStats, StateMachine, Submitter, Through,
 };
 
+// -- fallible streams: try_fan_out_ordered, try_fan_out, try_in_flight(_ordered), try_batch,
+// try_with_stats --
+mod try_ops;
+pub use try_ops::batch::TryBatch;
+pub use try_ops::fan_out::{TryFanOut, TryFanOutOrdered};
+pub use try_ops::in_flight::{TryInFlight, TryInFlightOrdered};
+pub use try_ops::stats::TryWithStats;
+
 pub use error::ConfigError;
 pub use ext::PipelineExt;
+pub use try_ext::TryPipelineExt;
 
 /// Everything a pipeline needs, in one import: `use stagepipe::prelude::*;`.
 pub mod prelude {
     pub use crate::ConfigError;
     pub use crate::PipelineExt;
+    pub use crate::TryPipelineExt;
     // -- core --
     pub use crate::{InFlightLimit, Stats, StatsSnapshot, WorkerPool};
 

@@ -90,7 +90,9 @@ pub struct StatsSnapshot {
     pub downstream_wait: Duration,
     /// Timed runs recorded (staged pipelines record one per stage run).
     pub runs: u64,
-    /// Timed runs that failed.
+    /// Failures: timed runs that failed, plus the `Err` items that passed a
+    /// [`try_with_stats`](crate::TryPipelineExt::try_with_stats) point (its `Ok` items are
+    /// counted in [`items`](Self::items)).
     pub errors: u64,
     /// Total time spent in timed runs.
     pub busy: Duration,
@@ -142,6 +144,9 @@ impl fmt::Display for StatsSnapshot {
             self.downstream_wait.as_secs_f64(),
             self.share(self.downstream_wait),
         )?;
+        if self.runs == 0 && self.errors > 0 {
+            write!(f, "; {} errors", self.errors)?;
+        }
         if self.runs > 0 {
             write!(
                 f,
@@ -318,10 +323,15 @@ impl<S> WithStats<S> {
     }
 }
 
-impl<S: Stream> Stream for WithStats<S> {
-    type Item = S::Item;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+impl<S: Stream> WithStats<S> {
+    /// Polls upstream, recording; an item for which `is_error` holds counts as an error
+    /// rather than an item.
+    #[inline]
+    pub(crate) fn poll_point(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        is_error: impl FnOnce(&S::Item) -> bool,
+    ) -> Poll<Option<S::Item>> {
         let this = self.project();
         let inner = &this.stats.inner;
         match *this.phase {
@@ -351,8 +361,13 @@ impl<S: Stream> Stream for WithStats<S> {
                         Ordering::Relaxed,
                     );
                 }
-                if item.is_some() {
-                    inner.items.fetch_add(1, Ordering::Relaxed);
+                if let Some(item) = &item {
+                    let counter = if is_error(item) {
+                        &inner.errors
+                    } else {
+                        &inner.items
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
                     *this.yielded_at = Some(now);
                 } else {
                     *this.phase = Phase::Ended;
@@ -362,6 +377,7 @@ impl<S: Stream> Stream for WithStats<S> {
                             target: "stagepipe::stats",
                             name = %s.name,
                             items = s.items,
+                            errors = s.errors,
                             elapsed_ms = s.elapsed.as_millis() as u64,
                             items_per_sec = s.items_per_sec(),
                             upstream_wait_ms = s.upstream_wait.as_millis() as u64,
@@ -373,6 +389,15 @@ impl<S: Stream> Stream for WithStats<S> {
                 Poll::Ready(item)
             }
         }
+    }
+}
+
+impl<S: Stream> Stream for WithStats<S> {
+    type Item = S::Item;
+
+    #[inline]
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        self.poll_point(cx, |_| false)
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {

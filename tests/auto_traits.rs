@@ -58,3 +58,22 @@ async fn streams_from_send_parts_are_send() {
     send(&tx.submit(String::new()));
     send_static_stream(&results);
 }
+
+#[tokio::test]
+async fn new_operator_streams_from_send_parts_are_send() {
+    let pool = WorkerPool::new(1);
+    let ok = || stream::iter([Ok::<u32, String>(1), Err(String::from("e"))]);
+    let f = |x: u32| async move { Ok::<u32, String>(x) };
+    send_static_stream(&ok().try_fan_out_ordered(&pool, f));
+    send_static_stream(&ok().try_fan_out(&pool, f));
+    send_static_stream(&ok().try_in_flight(2, f));
+    send_static_stream(&ok().try_in_flight_ordered(2, f));
+    send_static_stream(&ok().try_batch(2, std::time::Duration::from_millis(1)));
+    send_static_stream(&ok().try_with_stats(Stats::new("s")));
+    send_static_stream(&stream::iter(0..3u32).in_flight_ordered(2, |x| async move { x }));
+    send_static_stream(&stream::iter(0..3u32).fan_out_by_key(
+        &pool,
+        |x| x % 2,
+        |x| async move { x },
+    ));
+}

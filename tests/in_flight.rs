@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use common::{Gauge, panic_message};
@@ -114,4 +116,87 @@ fn zero_limit_is_refused_naming_the_parameter() {
         std::panic::catch_unwind(|| stream::iter(0..1u32).in_flight(0, |i| async move { i }))
             .unwrap_err();
     assert!(panic_message(&*panic).contains("limit"));
+}
+
+// -- in_flight_ordered --
+
+/// Random delays and limits: input order kept, nothing lost or duplicated, and two streams
+/// sharing one limit never run more than it together.
+#[tokio::test(start_paused = true)]
+async fn in_flight_ordered_keeps_order_under_a_shared_limit() {
+    for seed in 0..32 {
+        let mut rng = common::Rng::new(seed);
+        let limit = InFlightLimit::new(1 + rng.below(8) as usize);
+        let running = Gauge::default();
+        let delays: Vec<u64> = (0..300).map(|_| rng.below(25)).collect();
+        let job = |running: Gauge, delays: Vec<u64>| {
+            move |i: usize| {
+                let (running, d) = (running.clone(), delays[i % delays.len()]);
+                async move {
+                    let _guard = running.enter();
+                    sleep(ms(d)).await;
+                    i
+                }
+            }
+        };
+        let a = stream::iter(0..150usize)
+            .in_flight_ordered(&limit, job(running.clone(), delays.clone()));
+        let b = stream::iter(150..300usize).in_flight_ordered(&limit, job(running.clone(), delays));
+        let (a, b): (Vec<usize>, Vec<usize>) = tokio::join!(a.collect(), b.collect());
+        assert_eq!(a, (0..150).collect::<Vec<_>>(), "seed {seed}");
+        assert_eq!(b, (150..300).collect::<Vec<_>>(), "seed {seed}");
+        assert!(
+            running.max() <= limit.limit(),
+            "seed {seed}: {} running",
+            running.max()
+        );
+        if limit.limit() > 1 {
+            assert!(running.max() > 1, "seed {seed}: never concurrent");
+        }
+        assert_eq!(limit.in_use(), 0, "seed {seed}");
+    }
+}
+
+/// Behind a slow first item, the stream holds at most `limit` items (running or finished) and
+/// pulls no further; finished items gave their permits back.
+#[tokio::test(start_paused = true)]
+async fn in_flight_ordered_buffers_at_most_the_limit_behind_a_slow_item() {
+    let limit = InFlightLimit::new(4);
+    let pulled = Arc::new(AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut s = Box::pin(
+        stream::iter(0..20u64)
+            .inspect({
+                let pulled = pulled.clone();
+                move |_| {
+                    pulled.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+            .in_flight_ordered(&limit, |i| async move {
+                sleep(ms(if i == 0 { 100 } else { 10 })).await;
+                i
+            }),
+    );
+    assert!(futures::poll!(s.next()).is_pending());
+    tokio::time::advance(ms(50)).await;
+    assert!(futures::poll!(s.next()).is_pending());
+    assert_eq!(
+        pulled.load(Ordering::SeqCst),
+        4,
+        "a buffer of four, no more pulled"
+    );
+    assert_eq!(limit.in_use(), 1, "only the slow item holds a permit");
+    assert_eq!(s.next().await, Some(0));
+    assert_eq!(start.elapsed(), ms(100));
+    let rest: Vec<u64> = s.collect().await;
+    assert_eq!(rest, (1..20).collect::<Vec<_>>());
+}
+
+#[test]
+fn in_flight_ordered_refuses_a_zero_limit() {
+    let panic = std::panic::catch_unwind(|| {
+        stream::iter(0..1u32).in_flight_ordered(0, |i| async move { i })
+    })
+    .unwrap_err();
+    assert!(panic_message(&*panic).contains("`limit`"));
 }

@@ -1,0 +1,154 @@
+//! `try_in_flight` and `try_in_flight_ordered`: the `in_flight` engine over a fallible stream.
+//!
+//! An `Ok` item runs `f(value)` under a permit of the shared limit; an `Err` item becomes a
+//! finished future that holds no permit and never calls `f`, queued at its place.
+
+use std::fmt;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::TryStreamExt;
+use futures::future::TryFuture;
+use futures::stream::{
+    FusedStream, FuturesOrdered, FuturesUnordered, IntoStream, Stream, TryStream,
+};
+use pin_project_lite::pin_project;
+
+use crate::in_flight::{Core, InFlightLimit, Start, WithPermit};
+
+pin_project! {
+    /// An item's future: the user's call for an `Ok`, or the upstream `Err`, ready at once.
+    #[project = TryFutProj]
+    pub(crate) enum TryFut<Fut: TryFuture> {
+        Call { #[pin] fut: Fut },
+        Passed { out: Option<Result<Fut::Ok, Fut::Error>> },
+    }
+}
+
+impl<Fut: TryFuture> std::future::Future for TryFut<Fut> {
+    type Output = Result<Fut::Ok, Fut::Error>;
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            TryFutProj::Call { fut } => fut.try_poll(cx),
+            TryFutProj::Passed { out } => {
+                Poll::Ready(out.take().expect("TryFut polled after completion"))
+            }
+        }
+    }
+}
+
+/// `Ok(value)` runs `f(value)` under a permit; `Err(e)` passes through without one.
+pub(crate) struct TryStart<F>(F);
+
+impl<T, E, F, Fut> Start<Result<T, E>> for TryStart<F>
+where
+    F: FnMut(T) -> Fut,
+    Fut: TryFuture<Error = E>,
+{
+    type Fut = TryFut<Fut>;
+
+    #[inline]
+    fn needs_permit(&self, item: &Result<T, E>) -> bool {
+        item.is_ok()
+    }
+
+    #[inline]
+    fn start(&mut self, item: Result<T, E>) -> TryFut<Fut> {
+        match item {
+            Ok(value) => TryFut::Call {
+                fut: (self.0)(value),
+            },
+            Err(e) => TryFut::Passed { out: Some(Err(e)) },
+        }
+    }
+}
+
+macro_rules! try_in_flight_stream {
+    ($(#[$doc:meta])* $name:ident, $queue:ident) => {
+        pin_project! {
+            $(#[$doc])*
+            #[must_use = "streams do nothing unless polled"]
+            pub struct $name<S: TryStream, F, Fut: TryFuture> {
+                #[pin]
+                core: Core<IntoStream<S>, TryStart<F>, $queue<WithPermit<TryFut<Fut>>>>,
+            }
+        }
+
+        impl<S: TryStream, F, Fut: TryFuture> $name<S, F, Fut> {
+            pub(crate) fn new(stream: S, limit: InFlightLimit, f: F) -> Self {
+                Self {
+                    core: Core::new(stream.into_stream(), limit, TryStart(f)),
+                }
+            }
+
+            /// The limit this stream runs under.
+            pub fn limit(&self) -> &InFlightLimit {
+                self.core.limit()
+            }
+
+            /// A reference to the upstream stream.
+            pub fn get_ref(&self) -> &S {
+                self.core.get_ref().get_ref()
+            }
+
+            /// A mutable reference to the upstream stream.
+            pub fn get_mut(&mut self) -> &mut S {
+                self.core.get_mut().get_mut()
+            }
+
+            /// A pinned mutable reference to the upstream stream.
+            pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
+                self.project().core.get_pin_mut().get_pin_mut()
+            }
+        }
+
+        impl<S, F, Fut> Stream for $name<S, F, Fut>
+        where
+            S: TryStream,
+            F: FnMut(S::Ok) -> Fut,
+            Fut: TryFuture<Error = S::Error>,
+        {
+            type Item = Result<Fut::Ok, S::Error>;
+
+            fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+                self.project().core.poll_next(cx)
+            }
+
+            fn size_hint(&self) -> (usize, Option<usize>) {
+                self.core.size_hint()
+            }
+        }
+
+        impl<S, F, Fut> FusedStream for $name<S, F, Fut>
+        where
+            S: TryStream,
+            F: FnMut(S::Ok) -> Fut,
+            Fut: TryFuture<Error = S::Error>,
+        {
+            fn is_terminated(&self) -> bool {
+                self.core.is_terminated()
+            }
+        }
+
+        impl<S: TryStream + fmt::Debug, F, Fut: TryFuture> fmt::Debug for $name<S, F, Fut> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.core.fmt_fields(stringify!($name), f)
+            }
+        }
+    };
+}
+
+try_in_flight_stream!(
+    /// Stream for the [`try_in_flight`](crate::TryPipelineExt::try_in_flight) method.
+    TryInFlight,
+    FuturesUnordered
+);
+
+try_in_flight_stream!(
+    /// Stream for the [`try_in_flight_ordered`](crate::TryPipelineExt::try_in_flight_ordered)
+    /// method.
+    TryInFlightOrdered,
+    FuturesOrdered
+);
