@@ -1,10 +1,13 @@
 //! Staged pipelines: three trivial stages, 1M requests, the three shapes of the Go stagedpipe
-//! benchmark (one unordered group, 100 groups, one ordered group). Run the Go anchor in the
-//! same session to compare items/s.
+//! benchmark (one unordered group, 100 groups, one ordered group), and the same requests over
+//! 1 to 10,000 concurrent ordered groups (items/s and resident memory should stay flat). Run
+//! the Go anchor in the same session to compare items/s.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use futures::StreamExt;
 use stagepipe::prelude::*;
 
@@ -56,6 +59,37 @@ async fn one_group(pipeline: &Pipeline<Plus>, ordered: bool, ids: std::ops::Rang
         .await;
     feeder.await.unwrap();
     assert_eq!(count, n);
+    sum
+}
+
+async fn one_ordered_group(pipeline: Pipeline<Plus>, ids: std::ops::Range<u64>) -> u64 {
+    let (tx, results) = pipeline.group().ordered().open();
+    let n = ids.end - ids.start;
+    let feeder = tokio::spawn(async move {
+        for id in ids {
+            tx.submit(id).await.unwrap();
+        }
+    });
+    let (count, sum) = results
+        .fold(
+            (0u64, 0u64),
+            |(c, s), r| async move { (c + 1, s + r.unwrap()) },
+        )
+        .await;
+    feeder.await.unwrap();
+    assert_eq!(count, n);
+    sum
+}
+
+async fn groups(pipeline: &Pipeline<Plus>, g: u64) -> u64 {
+    let per = REQUESTS / g;
+    let tasks: Vec<_> = (0..g)
+        .map(|i| tokio::spawn(one_ordered_group(pipeline.clone(), i * per..(i + 1) * per)))
+        .collect();
+    let mut sum = 0u64;
+    for t in tasks {
+        sum += t.await.unwrap();
+    }
     sum
 }
 
@@ -116,5 +150,45 @@ fn benches(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(staged, benches);
+/// Request groups at scale: 1M requests spread over G concurrent ordered groups, each fed as
+/// fast as it accepts. Prints the peak growth of resident memory seen during each G's runs.
+fn group_scaling(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_time()
+        .build()
+        .unwrap();
+    let pipeline = rt.block_on(async { Pipeline::builder(Plus).workers(2).build() });
+    let mut group = c.benchmark_group("ordered_groups_3_stages");
+    group
+        .throughput(Throughput::Elements(REQUESTS))
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5));
+    for g in [1u64, 10, 100, 1_000, 10_000] {
+        let peak = Arc::new(AtomicU64::new(0));
+        let before = rss_kib();
+        let sampler = {
+            let peak = peak.clone();
+            rt.spawn(async move {
+                loop {
+                    peak.fetch_max(rss_kib(), Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        };
+        group.bench_function(BenchmarkId::new("groups", g), |b| {
+            b.to_async(&rt).iter(|| groups(&pipeline, g))
+        });
+        sampler.abort();
+        let grew = peak.load(Ordering::Relaxed).saturating_sub(before);
+        eprintln!(
+            "{g} groups: resident memory {before} KiB before, peak growth {grew} KiB ({} KiB per group)",
+            grew / g
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(staged, benches, group_scaling);
 criterion_main!(staged);
