@@ -438,7 +438,12 @@ impl<U: Send + 'static> Core<U> {
         let size = if item_nanos < LIGHT_NANOS {
             n.min(MAX_LIGHT_CHUNK_ITEMS)
         } else {
-            let by_time = CHUNK_NANOS / item_nanos.max(1);
+            // Before the first chunk is measured, share the items out between the workers
+            // (a chunk whose item has to wait splits off the rest anyway).
+            let by_time = match item_nanos {
+                u64::MAX => u64::MAX,
+                nanos => CHUNK_NANOS / nanos.max(1),
+            };
             let by_share = n / (4 * self.pool.workers());
             usize::try_from(by_time)
                 .unwrap_or(usize::MAX)
