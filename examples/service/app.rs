@@ -16,7 +16,6 @@
 
 use std::fmt::Write as _;
 use std::future::{Future, IntoFuture};
-use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,30 +33,28 @@ use stagepipe::prelude::*;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
-/// How the service is set up.
+/// How the service is set up. The limits toward the upstream are shared by every caller.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Base URL of the upstream API (`http://host:port`); `None` computes the upstream's answer
-    /// locally (a trivial stage, for benchmarks).
+    /// Base URL of the upstream (`http://host:port`); `None` answers locally (for benchmarks).
     pub upstream: Option<String>,
-    /// Workers of the shared pipeline: how many items are in a stage at once, across every
-    /// caller. The upstream stage is I/O-bound, so this is well above the in-flight limit.
+    /// Workers of the shared pipeline (stage runs at once); well above the in-flight limit,
+    /// since the upstream stage is I/O-bound.
     pub workers: usize,
-    /// The most upstream calls in flight at once, across every caller.
+    /// The most upstream attempts in flight at once.
     pub upstream_in_flight: usize,
     /// Timeout of one upstream attempt.
     pub upstream_timeout: Duration,
-    /// The most upstream attempts per second, across every caller (retries included).
+    /// The most upstream attempts per second (retries included), and the burst after a lull.
     pub rate_per_second: u32,
-    /// How many upstream calls may go at once after an idle spell.
     pub burst: u32,
-    /// Consecutive failed attempts (timeouts included) that open the circuit breaker.
+    /// Consecutive failed attempts (timeouts included) that open the circuit breaker, and how
+    /// long it stays open before a trial call.
     pub breaker_threshold: u32,
-    /// How long the breaker stays open before a trial call.
     pub breaker_open_for: Duration,
-    /// Attempts per upstream call, the first included (exponential backoff between them).
+    /// Attempts per item, the first included, and the first backoff delay (doubling, with
+    /// full jitter, at most 100 ms).
     pub retry_attempts: u32,
-    /// The first backoff delay (doubling, with full jitter, at most 100 ms).
     pub retry_initial: Duration,
     /// On shutdown, how long open responses may keep going before they are ended.
     pub shutdown_deadline: Duration,
@@ -171,13 +168,11 @@ async fn fetch(client: reqwest::Client, base: Option<String>, x: i64) -> Result<
     let Some(base) = base else {
         return Ok(x.wrapping_mul(2));
     };
+    let unreachable = |e: reqwest::Error| format!("upstream unreachable: {e}");
     let response = client.get(format!("{base}/work?x={x}")).send().await;
-    let response = response.map_err(|e| format!("upstream unreachable: {e}"))?;
+    let response = response.map_err(unreachable)?;
     let status = response.status();
-    let text = response
-        .text()
-        .await
-        .map_err(|e| format!("upstream body: {e}"))?;
+    let text = response.text().await.map_err(unreachable)?;
     if !status.is_success() {
         return Err(format!("upstream answered {status}: {text}"));
     }
@@ -217,27 +212,22 @@ impl StateMachine for Jobs {
     }
 }
 
-/// One NDJSON line of a `POST /jobs` response.
-///
-/// A result: `{"index":0,"input":1,"output":3}`; an error:
-/// `{"index":1,"input":-2,"error":"..."}`; a response ended by the server's shutdown deadline
-/// closes with `{"error":"...","abandoned":N}` (`N` inputs without a line).
+/// One NDJSON line of a `POST /jobs` response: the input's position, the input, and its result
+/// (`2 * input + 1`) or why there is none: `{"index":0,"input":1,"output":3}`,
+/// `{"index":1,"input":-2,"error":"..."}`. A response ended by the shutdown deadline closes
+/// with `{"error":"...","abandoned":N}`, `N` inputs left without a line.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Line {
-    /// Position of the input in the request.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub index: Option<usize>,
-    /// The input.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub input: Option<i64>,
-    /// The result (`2 * input + 1`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub output: Option<i64>,
-    /// Why there is no result.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// On the closing line of a response ended by shutdown: inputs left without a line.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub abandoned: Option<usize>,
 }
 
@@ -249,24 +239,20 @@ pub struct StatsReport {
     pub server: ServerReport,
 }
 
-/// The pipeline's part of `/stats`.
+/// The pipeline's part of `/stats`: its pool, its request groups (jobs) opened and still open,
+/// its requests (items) finished and failed, stage runs occupying a worker now, and per stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PipelineReport {
-    /// Workers of the shared pool.
     pub workers: usize,
-    /// Request groups (jobs) opened so far, and those whose results are still alive.
     pub groups_opened: u64,
     pub groups_open: u64,
-    /// Items finished (value or error), and those finished with an error.
     pub requests_done: u64,
     pub requests_failed: u64,
-    /// Stage runs occupying a pool worker now.
     pub stage_runs_running: usize,
-    /// Per stage: runs (failed ones included), failed runs, mean and longest run in µs.
     pub stages: Vec<StageReport>,
 }
 
-/// One stage in `/stats`.
+/// One stage in `/stats`: runs (failed ones included), failed runs, mean and longest run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageReport {
     pub stage: String,
@@ -276,47 +262,42 @@ pub struct StageReport {
     pub max_us: u64,
 }
 
-/// The upstream part of `/stats`, from the call's `CallStats` and its shared handles.
+/// The upstream part of `/stats`, from the `Call`'s `CallStats` and its shared handles.
+///
+/// `calls` counts attempts made (past the breaker; each took a cell of the rate limit, so
+/// `rate_taken` is the same figure), `failures` those that failed or timed out, `retries` the
+/// attempts after an item's first; `breaker_rejected` counts attempts refused at once by the
+/// open breaker (not retried: each ends its item). Latencies are of an item's whole call.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UpstreamLimits {
-    /// Attempts in flight now, and the in-flight limit.
     pub in_flight: usize,
     pub in_flight_limit: usize,
-    /// Attempts made (past the breaker: each took a cell of the rate limit).
     pub calls: u64,
-    /// Attempts that failed or timed out.
     pub failures: u64,
-    /// Attempts after the first of their item, and attempts that timed out.
     pub retries: u64,
     pub timeouts: u64,
-    /// The rate limit (calls per second) and its burst.
     pub rate_per_second: f64,
     pub burst: u32,
-    /// Cells taken from the rate limiter (one per attempt made).
     pub rate_taken: u64,
-    /// Total time attempts waited for the rate limiter, ms.
     pub rate_waited_ms: u64,
-    /// The circuit breaker: `closed`, `open` or `half-open`.
+    /// `closed`, `open` or `half-open`.
     pub breaker: String,
-    /// Attempts refused at once by the open breaker (each ends its item: not retried).
     pub breaker_rejected: u64,
-    /// Latency of an item's whole call (attempts and waits included), µs.
     pub p50_us: u64,
     pub p99_us: u64,
 }
 
-/// The HTTP side of `/stats`.
+/// The HTTP side of `/stats`: jobs accepted (each opens one group), responses still streaming,
+/// result lines and error lines written.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServerReport {
-    /// `POST /jobs` requests accepted (each opens one group).
     pub jobs: u64,
-    /// Responses still streaming.
     pub responses_open: usize,
-    /// Result lines and error lines written.
     pub lines_ok: u64,
     pub lines_error: u64,
 }
 
+#[derive(Debug)]
 struct AppState {
     pipeline: Pipeline<Jobs>,
     /// The lines written: results as items, errors as errors.
@@ -327,106 +308,75 @@ struct AppState {
 }
 
 /// The service: one shared pipeline behind an HTTP API. Cheap to clone.
-#[derive(Clone)]
-pub struct Service {
-    state: Arc<AppState>,
-}
-
-impl std::fmt::Debug for Service {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Service")
-            .field("pipeline", &self.state.pipeline)
-            .finish_non_exhaustive()
-    }
-}
+#[derive(Debug, Clone)]
+pub struct Service(Arc<AppState>);
 
 impl Service {
     /// A service for `config`.
     pub fn new(config: &Config) -> Self {
-        let pipeline = Pipeline::builder(Jobs::new(config))
-            .workers(config.workers)
-            .dag()
-            .build();
-        Self {
-            state: Arc::new(AppState {
-                pipeline,
-                lines: Stats::new("lines"),
-                abort: watch::Sender::new(false),
-                shutdown_deadline: config.shutdown_deadline,
-            }),
-        }
-    }
-
-    /// The state machine (shared with the pipeline).
-    pub fn jobs(&self) -> &Jobs {
-        self.state.pipeline.machine()
+        let pipeline = Pipeline::builder(Jobs::new(config)).workers(config.workers);
+        Self(Arc::new(AppState {
+            pipeline: pipeline.dag().build(),
+            lines: Stats::new("lines"),
+            abort: watch::Sender::new(false),
+            shutdown_deadline: config.shutdown_deadline,
+        }))
     }
 
     /// The axum router.
     pub fn router(&self) -> Router {
+        let stats = |State(app): State<Arc<AppState>>| async move { Json(stats_report(&app)) };
         Router::new()
             .route("/jobs", post(post_jobs))
-            .route(
-                "/stats",
-                get(|State(app): State<Arc<AppState>>| async move { Json(stats_report(&app)) }),
-            )
+            .route("/stats", get(stats))
             .route("/metrics", get(get_metrics))
-            .with_state(self.state.clone())
+            .with_state(self.0.clone())
     }
 
     /// The figures served at `/stats`.
     pub fn stats(&self) -> StatsReport {
-        stats_report(&self.state)
+        stats_report(&self.0)
     }
 
-    /// Serves on `listener` until `shutdown` completes, then shuts down gracefully: stops
-    /// accepting connections and lets open responses finish; responses still open after the
-    /// shutdown deadline are ended with a closing line (which cancels their groups). Returns
-    /// once every connection is closed.
+    /// Serves on `listener` until `shutdown` completes, then shuts down gracefully: no new
+    /// connections, open responses go on until the shutdown deadline and are then ended with a
+    /// closing line (which cancels their groups); a client that still does not read its
+    /// response 2 s later is dropped. Returns once every connection is closed.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let (began, shutting_down) = oneshot::channel::<()>();
-        let server = axum::serve(listener, self.router())
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                let _ = began.send(());
-            })
-            .into_future();
-        let mut server = pin!(server);
+        let (give_up, gave_up) = oneshot::channel::<()>();
+        let app = self.0.clone();
+        let server = axum::serve(listener, self.router()).with_graceful_shutdown(async move {
+            shutdown.await;
+            tokio::spawn(async move {
+                tokio::time::sleep(app.shutdown_deadline).await;
+                app.abort.send_replace(true);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let _ = give_up.send(());
+            });
+        });
         tokio::select! {
-            result = &mut server => return result,
-            Ok(()) = shutting_down => {}
+            result = server.into_future() => result,
+            Ok(()) = gave_up => Ok(()),
         }
-        // Draining: no new connections; open responses go on until the deadline.
-        if let Ok(result) = tokio::time::timeout(self.state.shutdown_deadline, &mut server).await {
-            return result;
-        }
-        // Deadline: every open response writes its closing line and ends; a client that does
-        // not read its response within 2 s more is dropped.
-        self.state.abort.send_replace(true);
-        tokio::time::timeout(Duration::from_secs(2), &mut server)
-            .await
-            .unwrap_or(Ok(()))
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum OnError {
-    /// End the job at its first error (in submission order).
-    Cancel,
-    /// Report errors and carry on.
-    #[default]
-    Continue,
+/// `?on_error=cancel` ends a job at its first error (in submission order); `continue` (the
+/// default) reports errors and carries on.
+#[derive(Deserialize)]
+struct JobsQuery {
+    on_error: Option<OnError>,
 }
 
-#[derive(Debug, Deserialize)]
-struct JobsQuery {
-    #[serde(default)]
-    on_error: OnError,
+#[derive(Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum OnError {
+    Cancel,
+    Continue,
 }
 
 async fn post_jobs(
@@ -436,8 +386,8 @@ async fn post_jobs(
 ) -> Response {
     let group = app.pipeline.group().ordered();
     let (tx, results) = match query.on_error {
-        OnError::Cancel => group.cancel_on_error().open(),
-        OnError::Continue => group.open(),
+        Some(OnError::Cancel) => group.cancel_on_error().open(),
+        _ => group.open(),
     };
     let total = inputs.len();
     // Submit in the background, waiting while the group's window is full; stop if it ends.
@@ -462,12 +412,13 @@ async fn post_jobs(
                 Err(other) => (None, None, Some(format!("{other:?}"))),
             };
             let index = Some(index);
+            let abandoned = None;
             Line {
                 index,
                 input,
                 output,
                 error,
-                abandoned: None,
+                abandoned,
             }
         });
     // The body owns the group's results: a client that goes away drops them, which cancels
@@ -566,11 +517,7 @@ async fn get_metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
         ("breaker_rejected_total", u.breaker_rejected),
         ("responses_open", server.responses_open as u64),
     ] {
-        let kind = if name.ends_with("_total") {
-            "counter"
-        } else {
-            "gauge"
-        };
+        let kind = ["gauge", "counter"][usize::from(name.ends_with("_total"))];
         let _ = writeln!(
             out,
             "# TYPE stagepipe_{name} {kind}\nstagepipe_{name} {value}"
@@ -578,10 +525,10 @@ async fn get_metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
     }
     let _ = writeln!(out, "# TYPE stagepipe_stage_runs_total counter");
     for st in &p.stages {
-        let (stage, runs) = (&st.stage, st.runs);
         let _ = writeln!(
             out,
-            "stagepipe_stage_runs_total{{stage=\"{stage}\"}} {runs}"
+            "stagepipe_stage_runs_total{{stage={:?}}} {}",
+            st.stage, st.runs
         );
     }
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
