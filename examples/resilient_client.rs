@@ -1,166 +1,126 @@
-//! A resilient client: fetch pages from a flaky API and store them in a flaky database.
+//! A resilient client as one chain: read lines → parse them in parallel, in order → call a
+//! flaky upstream through one `Call` (rate limit, timeout, circuit breaker, retries, stats), 20
+//! at once, in order → batches of 100 → write them → print the call's stats.
 //!
-//! * `rate_limit` paces the requests to the API (one shared quota for the whole client);
-//! * `in_flight` makes up to 8 first attempts at once;
-//! * `retry_if` retries the transient failures one at a time with exponential backoff, pausing
-//!   the stream meanwhile, and gives the request id back when it gives up (or at once on a
-//!   permanent error);
-//! * `circuit_breaker` protects the database: after 3 failed writes in a row it stops writing
-//!   for a while, hands the pages back, and lets one trial write through later;
-//! * `with_stats` counts what came out and where the time went.
+//! ```text
+//! cargo run --example resilient_client                    # embedded sample, simulated upstream
+//! cargo run --example resilient_client -- numbers.txt --out doubled.txt --upstream http://127.0.0.1:PORT
+//! ```
 //!
-//! Run with `cargo run --example resilient_client`.
+//! `--upstream` takes the flaky upstream the `service` example starts (it prints its URL):
+//! `GET URL/work?x=N` answers `2 * N`, or 503. Without it, a simulated upstream in this process
+//! answers the same way: one attempt in 8 fails, one in 60 hangs past the timeout.
 
+use std::error::Error;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Cursor, Write};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::{StreamExt, stream};
+use futures::{StreamExt, TryFutureExt, TryStreamExt, stream};
 use stagepipe::prelude::*;
-use tokio::time::{Instant, sleep};
-
-#[derive(Debug, Clone, PartialEq)]
-enum FetchError {
-    /// Worth another try.
-    Unavailable,
-    /// Will never succeed.
-    NotFound,
-}
-
-#[derive(Debug, Clone)]
-struct Page {
-    id: u32,
-    body: String,
-}
-
-/// The flaky API: every third request fails the first time, id 13 does not exist.
-struct Api {
-    attempts: std::sync::Mutex<std::collections::HashMap<u32, u32>>,
-}
-
-impl Api {
-    async fn fetch(&self, id: u32) -> Result<Page, FetchError> {
-        sleep(Duration::from_millis(2)).await;
-        let attempt = {
-            let mut attempts = self.attempts.lock().unwrap();
-            let n = attempts.entry(id).or_default();
-            *n += 1;
-            *n
-        };
-        match id {
-            13 => Err(FetchError::NotFound),
-            _ if id % 3 == 0 && attempt == 1 => Err(FetchError::Unavailable),
-            _ => Ok(Page {
-                id,
-                body: format!("page {id}"),
-            }),
-        }
-    }
-}
-
-/// The flaky database: down for writes 6 to 9, then back.
-async fn store(writes: &AtomicU32, page: &Page) -> Result<(), String> {
-    sleep(Duration::from_millis(1)).await;
-    let n = writes.fetch_add(1, Ordering::SeqCst);
-    if (6..=9).contains(&n) {
-        Err(format!("database down (write {n})"))
-    } else {
-        let _ = &page.body;
-        Ok(())
-    }
-}
 
 #[tokio::main]
-async fn main() {
-    let api = Arc::new(Api {
-        attempts: Default::default(),
-    });
-    let writes = Arc::new(AtomicU32::new(0));
-
-    // Shared handles: every stream of this client would draw on the same quota and breaker.
-    let limiter = RateLimiter::per_second(200).burst(5);
-    let backoff = Backoff::exponential(Duration::from_millis(5)).max_attempts(4);
-    let breaker = CircuitBreaker::new(3, Duration::from_millis(20));
-
-    let start = Instant::now();
-    let stats = Stats::new("client");
-    let results: Vec<_> = stream::iter(1..=30u32)
-        .rate_limit(&limiter)
-        // First attempts, up to 8 at once; a failure carries its id on to the retry step.
-        .in_flight(8, |id| {
-            let api = api.clone();
-            async move { api.fetch(id).await.map_err(|e| (id, e)) }
-        })
-        // Transient failures are fetched again, one at a time, with backoff.
-        .retry_if(
-            backoff,
-            {
-                let api = api.clone();
-                move |first: Result<Page, (u32, FetchError)>| {
-                    let api = api.clone();
-                    async move {
-                        match first {
-                            Ok(page) => Ok(page),
-                            Err((id, _)) => api.fetch(id).await,
-                        }
-                    }
-                }
-            },
-            |e: &FetchError| *e == FetchError::Unavailable,
-        )
-        .circuit_breaker(&breaker, {
-            let writes = writes.clone();
-            move |fetched| {
-                let writes = writes.clone();
-                async move {
-                    match fetched {
-                        // Fetched: write it; a write error counts against the breaker.
-                        Ok(page) => store(&writes, &page).await.map(|()| Ok(page.id)),
-                        // Not fetched: nothing to write, pass the fetch error on.
-                        Err(gave_up) => Ok(Err(gave_up)),
-                    }
-                }
-            }
-        })
-        .with_stats(&stats)
-        .collect()
-        .await;
-
-    let (mut stored, mut not_fetched, mut write_failed, mut rejected) = (0, 0, 0, 0);
-    for result in &results {
-        match result {
-            Ok(Ok(_id)) => stored += 1,
-            Ok(Err(gave_up)) => {
-                not_fetched += 1;
-                println!(
-                    "request {:?} not fetched: {:?} after {} more attempt(s)",
-                    gave_up.item, gave_up.error, gave_up.attempts
-                );
-            }
-            Err(BreakerError::Failed(e)) => {
-                write_failed += 1;
-                println!("write failed: {e}");
-            }
-            Err(BreakerError::Open(fetched)) => {
-                rejected += 1;
-                match fetched {
-                    Ok(page) => println!("page {} not written: breaker open", page.id),
-                    Err(gave_up) => {
-                        println!(
-                            "request {:?} not fetched: {:?}",
-                            gave_up.item, gave_up.error
-                        )
-                    }
-                }
-            }
+async fn main() -> Result<(), Box<dyn Error>> {
+    let (mut path, mut out, mut upstream) = (None, None, None);
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--out" => out = args.next(),
+            "--upstream" => upstream = args.next(),
+            _ if !arg.starts_with("--") => path = Some(arg),
+            _ => return Err("usage: resilient_client [FILE] [--out FILE] [--upstream URL]".into()),
         }
     }
-    println!(
-        "{} requests in {:?}: {stored} stored, {not_fetched} not fetched, {write_failed} writes failed, \
-         {rejected} rejected by the breaker (now {})",
-        results.len(),
-        start.elapsed(),
-        breaker.state(),
-    );
-    println!("{}", stats.snapshot());
+    let input: Box<dyn BufRead + Send> = match &path {
+        Some(path) => Box::new(BufReader::new(File::open(path)?)),
+        None => Box::new(Cursor::new(sample())),
+    };
+    let mut output: Box<dyn Write> = match &out {
+        Some(path) => Box::new(OpenOptions::new().create(true).append(true).open(path)?),
+        None => Box::new(std::io::stdout()),
+    };
+
+    let (client, attempts) = (reqwest::Client::new(), Arc::new(AtomicU64::new(0)));
+    let stats = CallStats::new("upstream");
+    let call = Call::new(move |x: i64| {
+        let (client, url) = (client.clone(), upstream.clone());
+        let attempt = attempts.fetch_add(1, Ordering::Relaxed);
+        async move {
+            match url {
+                Some(url) => fetch(&client, &url, x).await,
+                None => simulated(attempt, x).await,
+            }
+        }
+    })
+    .timeout(Duration::from_millis(250))
+    .rate_limit(RateLimiter::per_second(1000).burst(20))
+    .circuit_breaker(CircuitBreaker::new(10, Duration::from_millis(500)))
+    .retry(
+        Backoff::exponential(Duration::from_millis(5))
+            .max_attempts(4)
+            .jitter(),
+    )
+    .stats(&stats);
+
+    let mut batches = stream::iter(input.lines())
+        .map_err(|e| e.to_string())
+        .try_fan_out_ordered(2, |line| async move {
+            line.trim()
+                .parse::<i64>()
+                .map_err(|e| format!("line {line:?}: {e}"))
+        })
+        .try_in_flight_ordered(20, move |x| call.run(x).map_err(move |e| why(x, e)))
+        .try_batch(100, Duration::from_millis(50));
+    while let Some(batch) = batches.next().await {
+        match batch {
+            Ok(values) => values.iter().try_for_each(|y| writeln!(output, "{y}"))?,
+            Err(e) => eprintln!("skipped: {e}"),
+        }
+    }
+    output.flush()?;
+    eprintln!("{}", stats.snapshot());
+    Ok(())
+}
+
+/// Why the call for `x` gave up, with the upstream's own error if it answered one.
+fn why(x: i64, e: CallError<String>) -> String {
+    match e.inner() {
+        Some(inner) => format!("{x}: {e}: {inner}"),
+        None => format!("{x}: {e}"),
+    }
+}
+
+/// `GET {url}/work?x=N` on the service example's upstream: `2 * N`, or an error.
+async fn fetch(client: &reqwest::Client, url: &str, x: i64) -> Result<i64, String> {
+    let response = client.get(format!("{url}/work?x={x}")).send().await;
+    let response = response.map_err(|e| e.to_string())?;
+    let status = response.status();
+    let text = response.text().await.map_err(|e| e.to_string())?;
+    if !status.is_success() {
+        return Err(format!("upstream answered {status}: {text}"));
+    }
+    text.trim()
+        .parse()
+        .map_err(|e| format!("upstream answered {text:?}: {e}"))
+}
+
+/// The same upstream, simulated: 2 ms per attempt; attempt 3 of every 8 fails, attempt 50 of
+/// every 60 hangs for 10 s (the timeout cuts it short).
+async fn simulated(attempt: u64, x: i64) -> Result<i64, String> {
+    let hang = attempt % 60 == 50;
+    tokio::time::sleep(Duration::from_millis(if hang { 10_000 } else { 2 })).await;
+    match attempt % 8 {
+        3 => Err("upstream answered 503 Service Unavailable".to_string()),
+        _ => Ok(x * 2),
+    }
+}
+
+/// The embedded input: the numbers 1 to 250, and two lines that are not numbers.
+fn sample() -> String {
+    let mut lines: Vec<String> = (1..=250).map(|n| n.to_string()).collect();
+    lines.insert(41, "forty-two".to_string());
+    lines.insert(170, String::new());
+    lines.join("\n")
 }

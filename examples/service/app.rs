@@ -3,23 +3,20 @@
 //! * `POST /jobs?on_error=cancel|continue` with a JSON array of integers opens a request group
 //!   for that caller and streams its results back as NDJSON, one line per input in submission
 //!   order, each line written as soon as it and every earlier one are done.
-//! * `GET /stats`: the pipeline's, the upstream limits' and the server's figures as JSON;
+//! * `GET /stats`: the pipeline's, the upstream call's and the server's figures as JSON;
 //!   `GET /metrics`: the same as a Prometheus text exposition.
 //!
-//! Every caller shares one set of workers (the pipeline's pool) and one set of limits toward the
-//! upstream, all applied in [`Jobs::call_upstream`], the one place the upstream is called.
-//! A caller that disconnects drops its response body, which drops its group's results and so
-//! cancels its unfinished requests.
+//! Every caller shares one set of workers (the pipeline's pool) and one `Call` toward the
+//! upstream: its timeout, rate limit, in-flight limit, circuit breaker, retries and stats are
+//! shared by all callers. A caller that disconnects drops its response body, which drops its
+//! group's results and so cancels its unfinished requests.
 
 // Shared with the service tests and benchmark, which use parts the example itself does not.
 #![allow(dead_code)]
 
-use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::future::{Future, IntoFuture};
-use std::pin::pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -28,37 +25,36 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use futures::future::BoxFuture;
 use futures::{StreamExt, stream};
 use serde::{Deserialize, Serialize};
+use stagepipe::Retrying;
 use stagepipe::prelude::*;
-use stagepipe::{GroupResults, Submitter};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 
-/// How the service is set up.
+/// How the service is set up. The limits toward the upstream are shared by every caller.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Base URL of the upstream API (`http://host:port`); `None` computes the upstream's answer
-    /// locally (a trivial stage, for benchmarks).
+    /// Base URL of the upstream (`http://host:port`); `None` answers locally (for benchmarks).
     pub upstream: Option<String>,
-    /// Workers of the shared pipeline: how many items are in a stage at once, across every
-    /// caller. The upstream stage is I/O-bound, so this is well above the in-flight limit.
+    /// Workers of the shared pipeline (stage runs at once); well above the in-flight limit,
+    /// since the upstream stage is I/O-bound.
     pub workers: usize,
-    /// The most upstream calls in flight at once, across every caller.
+    /// The most upstream attempts in flight at once.
     pub upstream_in_flight: usize,
-    /// Timeout of one upstream call.
+    /// Timeout of one upstream attempt.
     pub upstream_timeout: Duration,
-    /// The most upstream calls per second, across every caller (retries included).
+    /// The most upstream attempts per second (retries included), and the burst after a lull.
     pub rate_per_second: u32,
-    /// How many upstream calls may go at once after an idle spell.
     pub burst: u32,
-    /// Consecutive upstream failures that open the circuit breaker.
+    /// Consecutive failed attempts (timeouts included) that open the circuit breaker, and how
+    /// long it stays open before a trial call.
     pub breaker_threshold: u32,
-    /// How long the breaker stays open before a trial call.
     pub breaker_open_for: Duration,
-    /// Attempts per upstream call, the first included (exponential backoff between them).
+    /// Attempts per item, the first included, and the first backoff delay (doubling, with
+    /// full jitter, at most 100 ms).
     pub retry_attempts: u32,
-    /// The first backoff delay (doubling, with full jitter, at most 100 ms).
     pub retry_initial: Duration,
     /// On shutdown, how long open responses may keep going before they are ended.
     pub shutdown_deadline: Duration,
@@ -82,9 +78,6 @@ impl Default for Config {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// The pipeline
-
 /// The stages of a job item.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub enum Stage {
@@ -103,6 +96,15 @@ pub struct Item {
     value: i64,
 }
 
+impl From<i64> for Item {
+    fn from(input: i64) -> Self {
+        Self {
+            input,
+            value: input,
+        }
+    }
+}
+
 /// Why an item failed: its input, and a message.
 #[derive(Debug)]
 pub struct ItemError {
@@ -110,131 +112,50 @@ pub struct ItemError {
     message: String,
 }
 
-/// The state machine of the service; also holds everything shared toward the upstream.
+/// One upstream request, without any policy.
+type Fetch = Box<dyn Fn(i64) -> BoxFuture<'static, Result<i64, String>> + Send + Sync>;
+/// The upstream call: `Fetch` behind every policy, shared by all callers.
+type UpstreamCall = Call<Fetch, Retrying<fn(&CallError<String>) -> bool>>;
+
+/// The state machine of the service; also holds the one `Call` toward the upstream.
 #[derive(Debug)]
 pub struct Jobs {
-    client: reqwest::Client,
-    upstream: Option<String>,
-    in_flight: InFlightLimit,
-    limiter: RateLimiter,
-    breaker: CircuitBreaker,
-    backoff: Backoff,
-    /// Cells taken from the limiter, and the time spent waiting for them (µs).
-    rate_taken: AtomicU64,
-    rate_waited_us: AtomicU64,
-    /// Calls refused at once by the open breaker.
-    breaker_rejected: AtomicU64,
-    /// Stage runs occupying a pool worker now.
-    running: AtomicUsize,
-    upstream_calls: AtomicU64,
-    upstream_failures: AtomicU64,
+    upstream: UpstreamCall,
 }
 
 impl Jobs {
     /// The machine for `config`.
     pub fn new(config: &Config) -> Self {
-        let client = reqwest::Client::builder()
+        let client = reqwest::Client::builder().tcp_nodelay(true).build();
+        let client = client.expect("an HTTP client without TLS always builds");
+        let base = config.upstream.clone();
+        let fetch: Fetch = Box::new(move |x| Box::pin(fetch(client.clone(), base.clone(), x)));
+        let backoff = Backoff::exponential(config.retry_initial)
+            .max_attempts(config.retry_attempts)
+            .max_delay(Duration::from_millis(100))
+            .jitter();
+        // Retry failures and timeouts, not rejections: an open breaker fails fast.
+        let retryable: fn(&CallError<String>) -> bool = |e| !e.is_rejected();
+        let upstream = Call::new(fetch)
             .timeout(config.upstream_timeout)
-            .tcp_nodelay(true)
-            .build()
-            .expect("an HTTP client without TLS always builds");
-        Self {
-            client,
-            upstream: config.upstream.clone(),
-            in_flight: InFlightLimit::new(config.upstream_in_flight),
-            limiter: RateLimiter::per_second(config.rate_per_second).burst(config.burst),
-            breaker: CircuitBreaker::new(config.breaker_threshold, config.breaker_open_for),
-            backoff: Backoff::exponential(config.retry_initial)
-                .max_attempts(config.retry_attempts)
-                .max_delay(Duration::from_millis(100))
-                .jitter(),
-            rate_taken: AtomicU64::new(0),
-            rate_waited_us: AtomicU64::new(0),
-            breaker_rejected: AtomicU64::new(0),
-            running: AtomicUsize::new(0),
-            upstream_calls: AtomicU64::new(0),
-            upstream_failures: AtomicU64::new(0),
-        }
-    }
-
-    /// The one place the service calls the upstream: every limit toward it wraps this call,
-    /// and every limit is shared by all callers.
-    ///
-    /// From the outside in: a retry with exponential backoff (not retrying calls the breaker
-    /// refused: an open breaker fails fast); the circuit breaker; a permit of the in-flight
-    /// limit; a cell of the rate limiter, taken last so that a call goes out the moment its
-    /// cell is granted (calls released together by the in-flight limit never bunch up).
-    async fn call_upstream(&self, x: i64) -> Result<i64, String> {
-        let attempt = || {
-            self.breaker.call(holding(&self.in_flight, async {
-                let waiting = tokio::time::Instant::now();
-                self.limiter.until_ready().await;
-                let waited = waiting.elapsed().as_micros() as u64;
-                self.rate_waited_us.fetch_add(waited, Ordering::Relaxed);
-                self.rate_taken.fetch_add(1, Ordering::Relaxed);
-                self.attempt(x).await
-            }))
-        };
-        match self
-            .backoff
-            .retry_if(attempt, |e: &BreakerError<(), String>| !e.is_open())
-            .await
-        {
-            Ok(value) => Ok(value),
-            Err(BreakerError::Failed(e)) => Err(e),
-            Err(BreakerError::Open(())) => {
-                self.breaker_rejected.fetch_add(1, Ordering::Relaxed);
-                Err("circuit open: the upstream is failing".to_string())
-            }
-        }
-    }
-
-    /// One upstream call, without any limit.
-    async fn attempt(&self, x: i64) -> Result<i64, String> {
-        let Some(base) = &self.upstream else {
-            return Ok(x.wrapping_mul(2));
-        };
-        self.upstream_calls.fetch_add(1, Ordering::Relaxed);
-        let result = async {
-            let response = self
-                .client
-                .get(format!("{base}/work?x={x}"))
-                .send()
-                .await
-                .map_err(|e| format!("upstream unreachable: {e}"))?;
-            let status = response.status();
-            let text = response
-                .text()
-                .await
-                .map_err(|e| format!("upstream body: {e}"))?;
-            if !status.is_success() {
-                return Err(format!("upstream answered {status}: {text}"));
-            }
-            text.trim()
-                .parse::<i64>()
-                .map_err(|e| format!("upstream answered {text:?}: {e}"))
-        }
-        .await;
-        if result.is_err() {
-            self.upstream_failures.fetch_add(1, Ordering::Relaxed);
-        }
-        result
+            .rate_limit(RateLimiter::per_second(config.rate_per_second).burst(config.burst))
+            .in_flight(config.upstream_in_flight)
+            .circuit_breaker(CircuitBreaker::new(
+                config.breaker_threshold,
+                config.breaker_open_for,
+            ))
+            .retry_if(backoff, retryable)
+            .stats(CallStats::new("upstream"));
+        Self { upstream }
     }
 
     /// Runs one input through every stage inline, without a pipeline (the baseline of the
     /// benchmark: the same work, a task per item).
     pub async fn process(&self, input: i64) -> Result<i64, String> {
-        let mut stage = self.start();
-        let mut item = Item {
-            input,
-            value: input,
-        };
+        let (mut stage, mut item) = (self.start(), Item::from(input));
         loop {
             match self.run(stage, item).await {
-                Ok(Next::Stage(next, i)) => {
-                    stage = next;
-                    item = i;
-                }
+                Ok(Next::Stage(next, i)) => (stage, item) = (next, i),
                 Ok(Next::Done(i)) => return Ok(i.value),
                 Err(e) => return Err(e.message),
             }
@@ -242,30 +163,22 @@ impl Jobs {
     }
 }
 
-/// Runs `fut` while holding a permit of `limit` (waiting for one first).
-async fn holding<F: Future>(limit: &InFlightLimit, fut: F) -> F::Output {
-    let mut fut = Some(fut);
-    let once = stream::once(async {}).in_flight(limit, move |()| {
-        fut.take().expect("`once` yields a single item")
-    });
-    let mut once = pin!(once);
-    once.next().await.expect("`once` yields a single item")
-}
-
-/// Counts a stage run as running while it lives (a cancelled run is dropped, and uncounted).
-struct Running<'a>(&'a AtomicUsize);
-
-impl<'a> Running<'a> {
-    fn enter(gauge: &'a AtomicUsize) -> Self {
-        gauge.fetch_add(1, Ordering::Relaxed);
-        Self(gauge)
+/// One upstream request: `GET {base}/work?x=N` answers `2 * N` (computed here without a base).
+async fn fetch(client: reqwest::Client, base: Option<String>, x: i64) -> Result<i64, String> {
+    let Some(base) = base else {
+        return Ok(x.wrapping_mul(2));
+    };
+    let unreachable = |e: reqwest::Error| format!("upstream unreachable: {e}");
+    let response = client.get(format!("{base}/work?x={x}")).send().await;
+    let response = response.map_err(unreachable)?;
+    let status = response.status();
+    let text = response.text().await.map_err(unreachable)?;
+    if !status.is_success() {
+        return Err(format!("upstream answered {status}: {text}"));
     }
-}
-
-impl Drop for Running<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
+    text.trim()
+        .parse()
+        .map_err(|e| format!("upstream answered {text:?}: {e}"))
 }
 
 impl StateMachine for Jobs {
@@ -278,16 +191,19 @@ impl StateMachine for Jobs {
     }
 
     async fn run(&self, stage: Stage, mut item: Item) -> Result<Next<Stage, Item>, ItemError> {
-        let _running = Running::enter(&self.running);
         let input = item.input;
-        let fail = |message: String| ItemError { input, message };
+        let fail = move |message| ItemError { input, message };
         match stage {
             Stage::Parse if item.input < 0 => Err(fail("negative input".to_string())),
             Stage::Parse => Ok(Next::Stage(Stage::Call, item)),
-            Stage::Call => {
-                item.value = self.call_upstream(item.value).await.map_err(fail)?;
-                Ok(Next::Stage(Stage::Finish, item))
-            }
+            Stage::Call => match self.upstream.run(item.value).await {
+                Ok(value) => Ok(Next::Stage(Stage::Finish, Item { value, ..item })),
+                Err(CallError::Failed { error, .. }) => Err(fail(error)),
+                Err(e) if e.is_rejected() => {
+                    Err(fail("circuit open: the upstream is failing".into()))
+                }
+                Err(e) => Err(fail(format!("upstream: {e}"))),
+            },
             Stage::Finish => {
                 item.value += 1;
                 Ok(Next::Done(item))
@@ -296,232 +212,171 @@ impl StateMachine for Jobs {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Wire formats
-
-/// One NDJSON line of a `POST /jobs` response.
-///
-/// A result: `{"index":0,"input":1,"output":3}`; an error:
-/// `{"index":1,"input":-2,"error":"..."}`; a response ended by the server's shutdown deadline
-/// closes with `{"error":"...","abandoned":N}` (`N` inputs without a line).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One NDJSON line of a `POST /jobs` response: the input's position, the input, and its result
+/// (`2 * input + 1`) or why there is none: `{"index":0,"input":1,"output":3}`,
+/// `{"index":1,"input":-2,"error":"..."}`. A response ended by the shutdown deadline closes
+/// with `{"error":"...","abandoned":N}`, `N` inputs left without a line.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Line {
-    /// Position of the input in the request.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub index: Option<usize>,
-    /// The input.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub input: Option<i64>,
-    /// The result (`2 * input + 1`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub output: Option<i64>,
-    /// Why there is no result.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
-    /// On the closing line of a response ended by shutdown: inputs left without a line.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub abandoned: Option<usize>,
 }
 
-/// `GET /stats`.
+/// `GET /stats`: the shared pipeline, the calls toward the upstream, and the HTTP side.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatsReport {
-    /// The shared pipeline.
     pub pipeline: PipelineReport,
-    /// Calls toward the upstream.
     pub upstream: UpstreamLimits,
-    /// The HTTP side.
     pub server: ServerReport,
 }
 
-/// The pipeline's part of `/stats`.
+/// The pipeline's part of `/stats`: its pool, its request groups (jobs) opened and still open,
+/// its requests (items) finished and failed, stage runs occupying a worker now, and per stage.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PipelineReport {
-    /// Workers of the shared pool.
     pub workers: usize,
-    /// Request groups (jobs) opened so far.
     pub groups_opened: u64,
-    /// Request groups whose results are still alive.
     pub groups_open: u64,
-    /// Items finished (value or error).
     pub requests_done: u64,
-    /// Items finished with an error.
     pub requests_failed: u64,
-    /// Stage runs occupying a pool worker now.
     pub stage_runs_running: usize,
-    /// Per stage.
     pub stages: Vec<StageReport>,
 }
 
-/// One stage in `/stats`.
+/// One stage in `/stats`: runs (failed ones included), failed runs, mean and longest run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StageReport {
-    /// The stage's name.
     pub stage: String,
-    /// Runs, failed ones included.
     pub runs: u64,
-    /// Failed runs.
     pub errors: u64,
-    /// Mean run time, µs.
     pub mean_us: u64,
-    /// Longest run, µs.
     pub max_us: u64,
 }
 
-/// The upstream limits' part of `/stats`.
+/// The upstream part of `/stats`, from the `Call`'s `CallStats` and its shared handles.
+///
+/// `calls` counts attempts made (past the breaker; each took a cell of the rate limit, so
+/// `rate_taken` is the same figure), `failures` those that failed or timed out, `retries` the
+/// attempts after an item's first; `breaker_rejected` counts attempts refused at once by the
+/// open breaker (not retried: each ends its item). Latencies are of an item's whole call.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UpstreamLimits {
-    /// Calls in flight now.
     pub in_flight: usize,
-    /// The in-flight limit.
     pub in_flight_limit: usize,
-    /// Attempts made.
     pub calls: u64,
-    /// Attempts that failed.
     pub failures: u64,
-    /// The rate limit, calls per second.
+    pub retries: u64,
+    pub timeouts: u64,
     pub rate_per_second: f64,
-    /// The rate limit's burst.
     pub burst: u32,
-    /// Cells taken from the rate limiter.
     pub rate_taken: u64,
-    /// Total time calls waited for the rate limiter, ms.
     pub rate_waited_ms: u64,
-    /// The circuit breaker: `closed`, `open` or `half-open`.
+    /// `closed`, `open` or `half-open`.
     pub breaker: String,
-    /// Calls refused at once by the open breaker.
     pub breaker_rejected: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
 }
 
-/// The HTTP side of `/stats`.
+/// The HTTP side of `/stats`: jobs accepted (each opens one group), responses still streaming,
+/// result lines and error lines written.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServerReport {
-    /// `POST /jobs` requests received.
     pub jobs: u64,
-    /// Responses still streaming.
     pub responses_open: usize,
-    /// Result lines written.
     pub lines_ok: u64,
-    /// Error lines written.
     pub lines_error: u64,
 }
 
-// ---------------------------------------------------------------------------------------------
-// The HTTP app
-
+#[derive(Debug)]
 struct AppState {
     pipeline: Pipeline<Jobs>,
-    jobs: AtomicU64,
-    responses_open: AtomicUsize,
-    lines_ok: AtomicU64,
-    lines_error: AtomicU64,
+    /// The lines written: results as items, errors as errors.
+    lines: Stats,
     /// Set when the shutdown deadline has passed: open responses end at once.
     abort: watch::Sender<bool>,
     shutdown_deadline: Duration,
 }
 
 /// The service: one shared pipeline behind an HTTP API. Cheap to clone.
-#[derive(Clone)]
-pub struct Service {
-    state: Arc<AppState>,
-}
-
-impl std::fmt::Debug for Service {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Service")
-            .field("pipeline", &self.state.pipeline)
-            .finish_non_exhaustive()
-    }
-}
+#[derive(Debug, Clone)]
+pub struct Service(Arc<AppState>);
 
 impl Service {
     /// A service for `config`.
     pub fn new(config: &Config) -> Self {
-        let pipeline = Pipeline::builder(Jobs::new(config))
-            .workers(config.workers)
-            .dag()
-            .build();
-        Self {
-            state: Arc::new(AppState {
-                pipeline,
-                jobs: AtomicU64::new(0),
-                responses_open: AtomicUsize::new(0),
-                lines_ok: AtomicU64::new(0),
-                lines_error: AtomicU64::new(0),
-                abort: watch::Sender::new(false),
-                shutdown_deadline: config.shutdown_deadline,
-            }),
-        }
-    }
-
-    /// The state machine (shared with the pipeline).
-    pub fn jobs(&self) -> &Jobs {
-        self.state.pipeline.machine()
+        let pipeline = Pipeline::builder(Jobs::new(config)).workers(config.workers);
+        Self(Arc::new(AppState {
+            pipeline: pipeline.dag().build(),
+            lines: Stats::new("lines"),
+            abort: watch::Sender::new(false),
+            shutdown_deadline: config.shutdown_deadline,
+        }))
     }
 
     /// The axum router.
     pub fn router(&self) -> Router {
+        let stats = |State(app): State<Arc<AppState>>| async move { Json(stats_report(&app)) };
         Router::new()
             .route("/jobs", post(post_jobs))
-            .route("/stats", get(get_stats))
+            .route("/stats", get(stats))
             .route("/metrics", get(get_metrics))
-            .with_state(self.state.clone())
+            .with_state(self.0.clone())
     }
 
     /// The figures served at `/stats`.
     pub fn stats(&self) -> StatsReport {
-        stats_report(&self.state)
+        stats_report(&self.0)
     }
 
-    /// Serves on `listener` until `shutdown` completes, then shuts down gracefully: stops
-    /// accepting connections and lets open responses finish; responses still open after the
-    /// shutdown deadline are ended with a closing line (which cancels their groups). Returns
-    /// once every connection is closed.
+    /// Serves on `listener` until `shutdown` completes, then shuts down gracefully: no new
+    /// connections, open responses go on until the shutdown deadline and are then ended with a
+    /// closing line (which cancels their groups); a client that still does not read its
+    /// response 2 s later is dropped. Returns once every connection is closed.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
-        let (began, shutting_down) = oneshot::channel::<()>();
-        let server = axum::serve(listener, self.router())
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                let _ = began.send(());
-            })
-            .into_future();
-        let mut server = pin!(server);
+        let (give_up, gave_up) = oneshot::channel::<()>();
+        let app = self.0.clone();
+        let server = axum::serve(listener, self.router()).with_graceful_shutdown(async move {
+            shutdown.await;
+            tokio::spawn(async move {
+                tokio::time::sleep(app.shutdown_deadline).await;
+                app.abort.send_replace(true);
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let _ = give_up.send(());
+            });
+        });
         tokio::select! {
-            result = &mut server => return result,
-            Ok(()) = shutting_down => {}
-        }
-        // Draining: no new connections; open responses go on until the deadline.
-        if let Ok(result) = tokio::time::timeout(self.state.shutdown_deadline, &mut server).await {
-            return result;
-        }
-        // Deadline: every open response writes its closing line and ends.
-        self.state.abort.send_replace(true);
-        match tokio::time::timeout(Duration::from_secs(2), &mut server).await {
-            Ok(result) => result,
-            // A client that does not read its response: drop the connection.
-            Err(_) => Ok(()),
+            result = server.into_future() => result,
+            Ok(()) = gave_up => Ok(()),
         }
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-enum OnError {
-    /// End the job at its first error (in submission order).
-    Cancel,
-    /// Report errors and carry on.
-    #[default]
-    Continue,
+/// `?on_error=cancel` ends a job at its first error (in submission order); `continue` (the
+/// default) reports errors and carries on.
+#[derive(Deserialize)]
+struct JobsQuery {
+    on_error: Option<OnError>,
 }
 
-#[derive(Debug, Deserialize)]
-struct JobsQuery {
-    #[serde(default)]
-    on_error: OnError,
+#[derive(Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum OnError {
+    Cancel,
+    Continue,
 }
 
 async fn post_jobs(
@@ -529,141 +384,83 @@ async fn post_jobs(
     Query(query): Query<JobsQuery>,
     Json(inputs): Json<Vec<i64>>,
 ) -> Response {
-    app.jobs.fetch_add(1, Ordering::Relaxed);
     let group = app.pipeline.group().ordered();
-    let group = match query.on_error {
-        OnError::Cancel => group.cancel_on_error(),
-        OnError::Continue => group,
+    let (tx, results) = match query.on_error {
+        Some(OnError::Cancel) => group.cancel_on_error().open(),
+        _ => group.open(),
     };
-    let (tx, results) = group.open();
     let total = inputs.len();
-    tokio::spawn(submit_all(tx, inputs));
-    let lines = Lines {
-        results,
-        index: 0,
-        total,
-        abort: app.abort.subscribe(),
-        open: ResponseOpen::enter(app.clone()),
-        ended: false,
-    };
-    let body = stream::unfold(lines, Lines::next_line);
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/x-ndjson")],
-        Body::from_stream(body),
-    )
-        .into_response()
-}
-
-/// Submits a job's inputs, waiting while its window is full; stops if the job is cancelled.
-async fn submit_all(tx: Submitter<Jobs>, inputs: Vec<i64>) {
-    for input in inputs {
-        if tx
-            .submit(Item {
+    // Submit in the background, waiting while the group's window is full; stop if it ends.
+    tokio::spawn(async move {
+        for input in inputs {
+            if tx.submit(input.into()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let lines = results
+        .try_with_stats(&app.lines)
+        .enumerate()
+        .map(|(index, result)| {
+            let (input, output, error) = match result {
+                Ok(item) => (Some(item.input), Some(item.value), None),
+                Err(StageError::Failed { stage, error: e }) => (
+                    Some(e.input),
+                    None,
+                    Some(format!("{stage:?}: {}", e.message)),
+                ),
+                Err(other) => (None, None, Some(format!("{other:?}"))),
+            };
+            let index = Some(index);
+            let abandoned = None;
+            Line {
+                index,
                 input,
-                value: input,
-            })
-            .await
-            .is_err()
-        {
-            break;
-        }
-    }
-}
-
-/// Counts a response as open while it lives.
-struct ResponseOpen(Arc<AppState>);
-
-impl ResponseOpen {
-    fn enter(app: Arc<AppState>) -> Self {
-        app.responses_open.fetch_add(1, Ordering::Relaxed);
-        Self(app)
-    }
-}
-
-impl Drop for ResponseOpen {
-    fn drop(&mut self) {
-        self.0.responses_open.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// The state of one streaming response.
-struct Lines {
-    results: GroupResults<Jobs>,
-    index: usize,
-    total: usize,
-    abort: watch::Receiver<bool>,
-    open: ResponseOpen,
-    ended: bool,
-}
-
-impl Lines {
-    async fn next_line(mut self) -> Option<(Result<Bytes, Infallible>, Self)> {
-        if self.ended {
-            return None;
-        }
+                output,
+                error,
+                abandoned,
+            }
+        });
+    // The body owns the group's results: a client that goes away drops them, which cancels
+    // the group. At the shutdown deadline, a closing line ends the body.
+    let state = (Box::pin(lines), 0, app.abort.subscribe());
+    let body = stream::unfold(Some(state), move |state| async move {
+        let (mut lines, written, mut abort) = state?;
         let line = tokio::select! {
             biased;
-            result = self.results.next() => {
-                let index = self.index;
-                self.index += 1;
-                let app = &self.open.0;
-                match result? {
-                    Ok(item) => {
-                        app.lines_ok.fetch_add(1, Ordering::Relaxed);
-                        Line {
-                            index: Some(index),
-                            input: Some(item.input),
-                            output: Some(item.value),
-                            error: None,
-                            abandoned: None,
-                        }
-                    }
-                    Err(error) => {
-                        app.lines_error.fetch_add(1, Ordering::Relaxed);
-                        let input = match &error {
-                            StageError::Failed { error, .. } => Some(error.input),
-                            _ => None,
-                        };
-                        let message = match error {
-                            StageError::Failed { stage, error } => {
-                                format!("{stage:?}: {}", error.message)
-                            }
-                            StageError::Panicked { stage, message } => {
-                                format!("{stage:?} panicked: {message}")
-                            }
-                            other => format!("{:?}", other.stage()),
-                        };
-                        Line {
-                            index: Some(index),
-                            input,
-                            output: None,
-                            error: Some(message),
-                            abandoned: None,
-                        }
-                    }
-                }
-            }
-            _ = self.abort.wait_for(|abort| *abort) => {
-                self.ended = true;
-                Line {
-                    index: None,
-                    input: None,
-                    output: None,
-                    error: Some("the server shut down before this job finished".to_string()),
-                    abandoned: Some(self.total - self.index),
-                }
+            line = lines.next() => line?,
+            _ = abort.wait_for(|abort| *abort) => {
+                let error = Some("the server shut down before this job finished".to_string());
+                let abandoned = Some(total - written);
+                return Some((ndjson(&Line { error, abandoned, ..Line::default() }), None));
             }
         };
-        let mut bytes = serde_json::to_vec(&line).expect("a line always serializes");
-        bytes.push(b'\n');
-        Some((Ok(Bytes::from(bytes)), self))
-    }
+        Some((ndjson(&line), Some((lines, written + 1, abort))))
+    });
+    let ndjson_type = [(header::CONTENT_TYPE, "application/x-ndjson")];
+    (StatusCode::OK, ndjson_type, Body::from_stream(body)).into_response()
+}
+
+fn ndjson(line: &Line) -> Result<Bytes, std::convert::Infallible> {
+    let mut bytes = serde_json::to_vec(line).expect("a line always serializes");
+    bytes.push(b'\n');
+    Ok(Bytes::from(bytes))
 }
 
 fn stats_report(app: &AppState) -> StatsReport {
-    let stats = app.pipeline.stats();
-    let jobs = app.pipeline.machine();
+    let (stats, call) = (app.pipeline.stats(), &app.pipeline.machine().upstream);
+    let limit = call.get_in_flight().expect("set in `Jobs::new`");
+    let limiter = call.get_rate_limit().expect("set in `Jobs::new`");
+    let c = call.get_stats().unwrap().snapshot();
+    let attempts = (c.calls + c.retries).saturating_sub(c.rejected);
+    let lines = app.lines.snapshot();
+    let stages = stats.stages.iter().map(|(stage, s)| StageReport {
+        stage: format!("{stage:?}"),
+        runs: s.runs,
+        errors: s.errors,
+        mean_us: s.mean.as_micros() as u64,
+        max_us: s.max.as_micros() as u64,
+    });
     StatsReport {
         pipeline: PipelineReport {
             workers: app.pipeline.pool().workers(),
@@ -671,109 +468,66 @@ fn stats_report(app: &AppState) -> StatsReport {
             groups_open: stats.groups_open,
             requests_done: stats.requests_done,
             requests_failed: stats.requests_failed,
-            stage_runs_running: jobs.running.load(Ordering::Relaxed),
-            stages: stats
-                .stages
-                .iter()
-                .map(|(stage, s)| StageReport {
-                    stage: format!("{stage:?}"),
-                    runs: s.runs,
-                    errors: s.errors,
-                    mean_us: s.mean.as_micros() as u64,
-                    max_us: s.max.as_micros() as u64,
-                })
-                .collect(),
+            stage_runs_running: app.pipeline.pool().busy(),
+            stages: stages.collect(),
         },
         upstream: UpstreamLimits {
-            in_flight: jobs.in_flight.in_use(),
-            in_flight_limit: jobs.in_flight.limit(),
-            calls: jobs.upstream_calls.load(Ordering::Relaxed),
-            failures: jobs.upstream_failures.load(Ordering::Relaxed),
-            rate_per_second: 1.0 / jobs.limiter.interval().as_secs_f64(),
-            burst: jobs.limiter.burst_size(),
-            rate_taken: jobs.rate_taken.load(Ordering::Relaxed),
-            rate_waited_ms: jobs.rate_waited_us.load(Ordering::Relaxed) / 1000,
-            breaker: jobs.breaker.state().to_string(),
-            breaker_rejected: jobs.breaker_rejected.load(Ordering::Relaxed),
+            in_flight: limit.in_use(),
+            in_flight_limit: limit.limit(),
+            calls: attempts,
+            // Every attempt made ends as a success, a failure or a timeout, or is cancelled.
+            failures: attempts.saturating_sub(c.successes + c.cancelled),
+            retries: c.retries,
+            timeouts: c.timeouts,
+            rate_per_second: 1.0 / limiter.interval().as_secs_f64(),
+            burst: limiter.burst_size(),
+            rate_taken: attempts,
+            rate_waited_ms: c.limiter_wait.as_millis() as u64,
+            breaker: call.get_circuit_breaker().unwrap().state().to_string(),
+            breaker_rejected: c.rejected,
+            p50_us: c.p50.as_micros() as u64,
+            p99_us: c.p99.as_micros() as u64,
         },
         server: ServerReport {
-            jobs: app.jobs.load(Ordering::Relaxed),
-            responses_open: app.responses_open.load(Ordering::Relaxed),
-            lines_ok: app.lines_ok.load(Ordering::Relaxed),
-            lines_error: app.lines_error.load(Ordering::Relaxed),
+            jobs: stats.groups_opened,
+            // A response's body owns its group's results: it is open while the group is.
+            responses_open: stats.groups_open as usize,
+            lines_ok: lines.items,
+            lines_error: lines.errors,
         },
     }
 }
 
-async fn get_stats(State(app): State<Arc<AppState>>) -> Json<StatsReport> {
-    Json(stats_report(&app))
-}
-
 async fn get_metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
     let s = stats_report(&app);
+    let (p, u, server) = (s.pipeline, s.upstream, s.server);
     let mut out = String::new();
-    let mut metric = |name: &str, kind: &str, value: String| {
+    for (name, value) in [
+        ("groups_opened_total", p.groups_opened),
+        ("groups_open", p.groups_open),
+        ("requests_done_total", p.requests_done),
+        ("requests_failed_total", p.requests_failed),
+        ("upstream_in_flight", u.in_flight as u64),
+        ("upstream_calls_total", u.calls),
+        ("upstream_failures_total", u.failures),
+        ("upstream_retries_total", u.retries),
+        ("upstream_timeouts_total", u.timeouts),
+        ("upstream_rate_waited_ms_total", u.rate_waited_ms),
+        ("breaker_open", u64::from(u.breaker != "closed")),
+        ("breaker_rejected_total", u.breaker_rejected),
+        ("responses_open", server.responses_open as u64),
+    ] {
+        let kind = ["gauge", "counter"][usize::from(name.ends_with("_total"))];
         let _ = writeln!(
             out,
             "# TYPE stagepipe_{name} {kind}\nstagepipe_{name} {value}"
         );
-    };
-    metric(
-        "groups_opened_total",
-        "counter",
-        s.pipeline.groups_opened.to_string(),
-    );
-    metric("groups_open", "gauge", s.pipeline.groups_open.to_string());
-    metric(
-        "requests_done_total",
-        "counter",
-        s.pipeline.requests_done.to_string(),
-    );
-    metric(
-        "requests_failed_total",
-        "counter",
-        s.pipeline.requests_failed.to_string(),
-    );
-    metric(
-        "upstream_in_flight",
-        "gauge",
-        s.upstream.in_flight.to_string(),
-    );
-    metric(
-        "upstream_calls_total",
-        "counter",
-        s.upstream.calls.to_string(),
-    );
-    metric(
-        "upstream_failures_total",
-        "counter",
-        s.upstream.failures.to_string(),
-    );
-    metric(
-        "responses_open",
-        "gauge",
-        s.server.responses_open.to_string(),
-    );
-    metric(
-        "upstream_rate_waited_ms_total",
-        "counter",
-        s.upstream.rate_waited_ms.to_string(),
-    );
-    metric(
-        "breaker_open",
-        "gauge",
-        u8::from(s.upstream.breaker != "closed").to_string(),
-    );
-    metric(
-        "breaker_rejected_total",
-        "counter",
-        s.upstream.breaker_rejected.to_string(),
-    );
+    }
     let _ = writeln!(out, "# TYPE stagepipe_stage_runs_total counter");
-    for st in &s.pipeline.stages {
+    for st in &p.stages {
         let _ = writeln!(
             out,
-            "stagepipe_stage_runs_total{{stage=\"{}\"}} {}",
+            "stagepipe_stage_runs_total{{stage={:?}}} {}",
             st.stage, st.runs
         );
     }
