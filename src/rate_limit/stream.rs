@@ -11,7 +11,7 @@ use futures::stream::FusedStream;
 use pin_project_lite::pin_project;
 use tokio::time::{Sleep, sleep_until};
 
-use super::gcra::{Credit, Timeline};
+use super::gcra::{Credit, TICK, Timeline};
 use super::keyed::{KeyedRateLimiter, Shared as KeyedShared};
 use super::{RateLimiter, Shared};
 
@@ -75,11 +75,69 @@ impl<T, R: Refund> Drop for Held<T, R> {
     }
 }
 
-/// Sleeps until `at`, reusing the stream's timer.
-fn arm(sleep: &mut Option<Pin<Box<Sleep>>>, at: tokio::time::Instant) {
-    match sleep {
-        Some(sleep) => sleep.as_mut().reset(at),
-        None => *sleep = Some(Box::pin(sleep_until(at))),
+/// A waiter's timer, armed early by the lateness it has learnt to expect.
+///
+/// tokio's timer rounds a deadline up to its next millisecond tick and then sleeps whole ticks,
+/// so on a real clock a wake-up usually comes a little more than one tick after its deadline:
+/// more than the one tick of lateness a waiter may make up (see `Credit`). The timer therefore
+/// learns how late its own wake-ups are (a moving average; zero on a paused clock, where timers
+/// are exact) and arms that much early, at most one tick. A wake-up before the instant it is
+/// meant for never releases anything: the timer is armed again for the instant itself. So
+/// instants on a paused clock are exact, and on a real clock wake-ups land just after their
+/// deadlines.
+#[derive(Default)]
+struct Timer {
+    sleep: Option<Pin<Box<Sleep>>>,
+    /// The instant (on the limiter's timeline) the timer was last armed for.
+    armed: u64,
+    /// The instant it is meant to wake for (`armed` plus the lead).
+    target: u64,
+    /// Whether the timer was armed for a future instant (a real sleep, whose lateness is
+    /// learnt), not for one already past.
+    sleeping: bool,
+    /// Expected lateness of a wake-up, in nanoseconds (an exponential moving average).
+    late: u64,
+}
+
+impl Timer {
+    /// Arms the timer for `target`, early by most of the expected lateness.
+    fn arm(&mut self, clock: &Timeline, target: u64) {
+        let lead = (self.late / 4 * 3).min(TICK);
+        self.arm_at(clock, target, target.saturating_sub(lead));
+    }
+
+    fn arm_at(&mut self, clock: &Timeline, target: u64, at: u64) {
+        self.target = target;
+        self.armed = at;
+        self.sleeping = at > clock.now();
+        let at = clock.instant(at);
+        match &mut self.sleep {
+            Some(sleep) => sleep.as_mut().reset(at),
+            None => self.sleep = Some(Box::pin(sleep_until(at))),
+        }
+    }
+
+    /// Waits until the timer fires: `Ready(now)`.
+    fn poll(&mut self, clock: &Timeline, cx: &mut Context<'_>) -> Poll<u64> {
+        if let Some(sleep) = self.sleep.as_mut() {
+            ready!(sleep.as_mut().poll(cx));
+        }
+        let now = clock.now();
+        if std::mem::take(&mut self.sleeping) {
+            // A consumer that polls late is not the timer's lateness: cap what one sample adds.
+            let observed = now.saturating_sub(self.armed).min(2 * TICK);
+            self.late = self.late - self.late / 8 + observed / 8;
+        }
+        Poll::Ready(now)
+    }
+}
+
+impl fmt::Debug for Timer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Timer")
+            .field("target", &self.target)
+            .field("late", &self.late)
+            .finish_non_exhaustive()
     }
 }
 
@@ -87,16 +145,19 @@ fn arm(sleep: &mut Option<Pin<Box<Sleep>>>, at: tokio::time::Instant) {
 /// (`release` returns when it may, if not now), and releases it: `Ready(now)`.
 fn poll_release(
     deadline: u64,
-    sleep: &mut Option<Pin<Box<Sleep>>>,
+    timer: &mut Timer,
     clock: &Timeline,
     cx: &mut Context<'_>,
     release: impl Fn(u64) -> Result<(), u64>,
 ) -> Poll<u64> {
     loop {
-        if let Some(sleep) = sleep.as_mut() {
-            ready!(sleep.as_mut().poll(cx));
+        let now = ready!(timer.poll(clock, cx));
+        if now < timer.target {
+            // Woken early: wait for the instant itself; nothing is released before it.
+            let target = timer.target;
+            timer.arm_at(clock, target, target);
+            continue;
         }
-        let now = clock.now();
         let wake_at = if now < deadline {
             deadline
         } else {
@@ -105,7 +166,7 @@ fn poll_release(
                 Err(at) => at,
             }
         };
-        arm(sleep, clock.instant(wake_at));
+        timer.arm(clock, wake_at);
     }
 }
 
@@ -117,7 +178,7 @@ pin_project! {
         stream: S,
         limiter: RateLimiter,
         held: Option<Held<S::Item, Arc<Shared>>>,
-        sleep: Option<Pin<Box<Sleep>>>,
+        timer: Timer,
         // This stream's own credit for its timer's lateness.
         credit: Credit,
         done: bool,
@@ -130,7 +191,7 @@ impl<S: Stream> RateLimit<S> {
             stream,
             limiter,
             held: None,
-            sleep: None,
+            timer: Timer::default(),
             credit: Credit::default(),
             done: false,
         }
@@ -188,13 +249,13 @@ impl<S: Stream> Stream for RateLimit<S> {
                         Err(at) => at,
                     }
                 };
-                arm(this.sleep, shared.clock.instant(wake_at));
+                this.timer.arm(&shared.clock, wake_at);
                 this.held.insert(Held::new(item, slot, Arc::clone(shared)))
             }
         };
         let now = ready!(poll_release(
             held.deadline,
-            this.sleep,
+            this.timer,
             &shared.clock,
             cx,
             |now| shared.release(now),
@@ -242,7 +303,7 @@ pin_project! {
         limiter: KeyedRateLimiter<K>,
         key: F,
         held: Option<Held<S::Item, KeyRefund<K>>>,
-        sleep: Option<Pin<Box<Sleep>>>,
+        timer: Timer,
         // This stream's own credit for its timer's lateness, and the key it was earned on.
         credit: Option<(K, Credit)>,
         done: bool,
@@ -261,7 +322,7 @@ where
             limiter,
             key,
             held: None,
-            sleep: None,
+            timer: Timer::default(),
             credit: None,
             done: false,
         }
@@ -331,7 +392,7 @@ where
                         Err(at) => at,
                     }
                 };
-                arm(this.sleep, shared.clock.instant(wake_at));
+                this.timer.arm(&shared.clock, wake_at);
                 let refund = KeyRefund {
                     shared: Arc::clone(shared),
                     key,
@@ -347,7 +408,7 @@ where
             .key;
         let now = ready!(poll_release(
             held.deadline,
-            this.sleep,
+            this.timer,
             &shared.clock,
             cx,
             |now| shared.release(key, now),
