@@ -94,6 +94,8 @@ pub struct TopRow {
 pub struct Faults {
     fail_call: Option<u64>,
     calls: Arc<AtomicU64>,
+    /// Whether the database itself reported the injected failure (the dropped connection).
+    surfaced: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Faults {
@@ -106,13 +108,19 @@ impl Faults {
     pub fn fail_call(n: u64) -> Self {
         Faults {
             fail_call: Some(n),
-            calls: Arc::default(),
+            ..Faults::default()
         }
     }
 
     /// Insert calls made so far (retries included).
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Whether the injected failure came from the database (on Postgres: the `COPY` failed on
+    /// the terminated connection), not from the fallback error.
+    pub fn surfaced(&self) -> bool {
+        self.surfaced.load(Ordering::SeqCst)
     }
 
     fn fire(&self) -> bool {
@@ -510,11 +518,18 @@ impl Db {
                             .bind(pid)
                             .execute(p)
                             .await?;
-                        copy.send(&data[half..]).await?;
+                        let rest = async {
+                            copy.send(&data[half..]).await?;
+                            copy.finish().await
+                        };
+                        if let Err(e) = rest.await {
+                            faults.surfaced.store(true, Ordering::SeqCst);
+                            return Err(e);
+                        }
                     } else {
                         copy.send(data.as_slice()).await?;
+                        copy.finish().await?;
                     }
-                    copy.finish().await?;
                     w.inserted = sqlx::query(&format!(
                         "INSERT INTO violations ({COLUMNS}) SELECT {COLUMNS} FROM violations_stage \
                          ON CONFLICT (licenseno, violdttm, violation) DO NOTHING"
