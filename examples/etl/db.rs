@@ -25,10 +25,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::SqliteArguments;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Executor, Postgres, QueryBuilder, Sqlite};
+use sqlx::{Arguments, Executor, Postgres, QueryBuilder, Sqlite};
 
 use crate::model::{Inspection, Reject};
 
@@ -60,6 +61,73 @@ impl Wal {
             self.peak.fetch_max(len, Ordering::Relaxed);
         }
     }
+}
+
+/// A batch's rows made ready for the database ahead of their turn to be written: the bound
+/// values of each SQLite statement, or the `COPY` text for Postgres. Built while the previous
+/// batch is being written, so that the writer only writes.
+#[derive(Debug, Default)]
+pub struct Ready {
+    /// SQLite: the statements' sizes and values, taken by the first attempt (a retry binds
+    /// again from the rows).
+    statements: Mutex<Option<Vec<(usize, SqliteArguments<'static>)>>>,
+    /// Postgres: the rows in `COPY`'s text format.
+    copy: Vec<u8>,
+}
+
+/// The values of `rows` for [`sqlite_insert`], in the order of [`COLUMNS`].
+fn sqlite_values(rows: &[Inspection]) -> SqliteArguments<'static> {
+    let mut a = SqliteArguments::default();
+    a.reserve(rows.len() * 22, 0);
+    let ts = |t: &Option<crate::model::Timestamp>| t.map(|t| t.to_string());
+    for r in rows {
+        let mut add = |v: Option<String>| a.add(v).expect("text always encodes");
+        add(Some(r.licenseno.clone()));
+        add(ts(&r.violdttm));
+        add(Some(r.violation.clone()));
+        a.add(i32::from(r.level.unwrap_or(0)))
+            .expect("an integer always encodes");
+        let mut add = |v: Option<String>| a.add(v).expect("text always encodes");
+        for s in [
+            &r.businessname,
+            &r.dbaname,
+            &r.legalowner,
+            &r.licensecat,
+            &r.descript,
+            &r.result,
+        ] {
+            add(Some(s.clone()));
+        }
+        add(ts(&r.resultdttm));
+        add(Some(r.violdesc.clone()));
+        add(Some(r.violstatus.clone()));
+        add(ts(&r.statusdate));
+        for s in [
+            &r.comments,
+            &r.address,
+            &r.city,
+            &r.state,
+            &r.zip,
+            &r.property_id,
+            &r.location,
+        ] {
+            add(Some(s.clone()));
+        }
+        a.add(r.line as i64).expect("an integer always encodes");
+    }
+    a
+}
+
+/// The statements of `rows` for SQLite: (rows, values) per statement.
+fn sqlite_statements(rows: &[Inspection]) -> Vec<(usize, SqliteArguments<'static>)> {
+    let mut rest = rows;
+    statement_sizes(rows.len())
+        .map(|n| {
+            let (chunk, tail) = rest.split_at(n);
+            rest = tail;
+            (n, sqlite_values(chunk))
+        })
+        .collect()
 }
 
 /// What one batch did.
@@ -401,6 +469,24 @@ impl Db {
         }
     }
 
+    /// Makes `rows` ready to be written by [`write_batch`](Self::write_batch).
+    pub fn ready(&self, rows: &[Inspection]) -> Ready {
+        match self {
+            Db::Sqlite(..) => Ready {
+                statements: Mutex::new(Some(sqlite_statements(rows))),
+                copy: Vec::new(),
+            },
+            Db::Postgres(_) => {
+                let mut copy = Vec::with_capacity(rows.len() * 320);
+                copy_text(rows, &mut copy);
+                Ready {
+                    statements: Mutex::default(),
+                    copy,
+                }
+            }
+        }
+    }
+
     /// `"sqlite"` or `"postgres"`.
     pub fn backend(&self) -> &'static str {
         match self {
@@ -426,12 +512,14 @@ impl Db {
         Ok(())
     }
 
-    /// Writes one batch, its violation rows and its rejects, in one transaction.
+    /// Writes one batch, its violation rows and its rejects, in one transaction; `ready` is
+    /// what [`ready`](Self::ready) made of `rows` (`None`: made here).
     pub async fn write_batch(
         &self,
         source: &str,
         rows: &[Inspection],
         rejects: &[Reject],
+        ready: Option<&Ready>,
         faults: &Faults,
     ) -> Result<Written, sqlx::Error> {
         let fail = faults.fire();
@@ -440,38 +528,19 @@ impl Db {
             Db::Sqlite(p, wal) => {
                 // Take the write lock at once: a second writer waits here, not halfway through.
                 let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
-                let mut rest = rows;
-                for n in statement_sizes(rows.len()) {
-                    let (chunk, tail) = rest.split_at(n);
-                    rest = tail;
-                    let mut q = sqlx::query(sqlite_insert(n));
-                    for r in chunk {
-                        let ts = |t: &Option<crate::model::Timestamp>| t.map(|t| t.to_string());
-                        q = q
-                            .bind(r.licenseno.as_str())
-                            .bind(ts(&r.violdttm))
-                            .bind(r.violation.as_str())
-                            .bind(i32::from(r.level.unwrap_or(0)))
-                            .bind(r.businessname.as_str())
-                            .bind(r.dbaname.as_str())
-                            .bind(r.legalowner.as_str())
-                            .bind(r.licensecat.as_str())
-                            .bind(r.descript.as_str())
-                            .bind(r.result.as_str())
-                            .bind(ts(&r.resultdttm))
-                            .bind(r.violdesc.as_str())
-                            .bind(r.violstatus.as_str())
-                            .bind(ts(&r.statusdate))
-                            .bind(r.comments.as_str())
-                            .bind(r.address.as_str())
-                            .bind(r.city.as_str())
-                            .bind(r.state.as_str())
-                            .bind(r.zip.as_str())
-                            .bind(r.property_id.as_str())
-                            .bind(r.location.as_str())
-                            .bind(r.line as i64);
-                    }
-                    w.inserted += q.execute(&mut *tx).await?.rows_affected();
+                let statements = ready
+                    .and_then(|r| {
+                        r.statements
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .take()
+                    })
+                    .unwrap_or_else(|| sqlite_statements(rows));
+                for (n, values) in statements {
+                    w.inserted += sqlx::query_with(sqlite_insert(n), values)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
                 }
                 for chunk in rejects.chunks(ROWS_PER_STATEMENT) {
                     let mut qb = QueryBuilder::<Sqlite>::new(
@@ -495,8 +564,14 @@ impl Db {
             Db::Postgres(p) => {
                 let mut tx = p.begin().await?;
                 if !rows.is_empty() {
-                    let mut data = Vec::with_capacity(rows.len() * 320);
-                    copy_text(rows, &mut data);
+                    let mut made = Vec::new();
+                    let data = match ready {
+                        Some(r) if !r.copy.is_empty() => &r.copy,
+                        _ => {
+                            copy_text(rows, &mut made);
+                            &made
+                        }
+                    };
                     let pid: Option<i32> = if fail {
                         Some(
                             sqlx::query_scalar("SELECT pg_backend_pid()")

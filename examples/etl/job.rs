@@ -415,13 +415,19 @@ where
         })
         .with_stats(&routed)
         .batch(config.batch_max, config.batch_wait)
+        // Bind or encode the next batch while the previous one is being written.
+        .map(|batch| {
+            let batch: Vec<Outcome> = batch.into_iter().collect::<Result<_, _>>()?;
+            let records = batch.len() as u64;
+            let (rows, rejects) = split(batch);
+            let ready = db.ready(&rows);
+            Ok::<_, BoxError>((records, rows, rejects, ready))
+        })
         .in_flight(&limit, |batch| {
             let source = source.as_str();
             let faults = &config.faults;
             async move {
-                let batch: Vec<Outcome> = batch.into_iter().collect::<Result<_, _>>()?;
-                let records = batch.len() as u64;
-                let (rows, rejects) = split(batch);
+                let (records, rows, rejects, ready) = batch?;
                 let mut attempts = 0;
                 let written = config
                     .retry
@@ -436,7 +442,7 @@ where
                                     "retrying a batch after a transient database error"
                                 );
                             }
-                            db.write_batch(source, &rows, &rejects, faults)
+                            db.write_batch(source, &rows, &rejects, Some(&ready), faults)
                         },
                         is_transient,
                     )
@@ -527,7 +533,9 @@ pub async fn run_sequential(input: &Path, db: &Db, batch_max: usize) -> Result<T
         }
         if batch.len() == batch_max || (!more && !batch.is_empty()) {
             let (rows, rejects) = split(std::mem::take(&mut batch));
-            let w = db.write_batch(&source, &rows, &rejects, &faults).await?;
+            let w = db
+                .write_batch(&source, &rows, &rejects, None, &faults)
+                .await?;
             totals.loaded += w.inserted;
             totals.duplicates += w.duplicates;
             totals.rejected += rejects.len() as u64;
