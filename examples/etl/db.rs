@@ -63,16 +63,31 @@ impl Wal {
     }
 }
 
-/// A batch's rows made ready for the database ahead of their turn to be written: the bound
-/// values of each SQLite statement, or the `COPY` text for Postgres. Built while the previous
-/// batch is being written, so that the writer only writes.
+/// A batch's violation rows made ready for the database ahead of their turn to be written:
+/// the bound values of each SQLite statement, or the `COPY` text for Postgres. Built while the
+/// previous batch is being written, so that the writer only writes.
 #[derive(Debug, Default)]
 pub struct Ready {
-    /// SQLite: the statements' sizes and values, taken by the first attempt (a retry binds
-    /// again from the rows).
+    /// The rows: kept for SQLite (a retry binds them again), dropped once encoded for Postgres.
+    rows: Vec<Inspection>,
+    /// How many rows.
+    len: usize,
+    /// SQLite: the statements' sizes and values, taken by the first attempt.
     statements: Mutex<Option<Vec<(usize, SqliteArguments<'static>)>>>,
-    /// Postgres: the rows in `COPY`'s text format.
+    /// Postgres: the rows in `COPY`'s text format (sent again by a retry).
     copy: Vec<u8>,
+}
+
+impl Ready {
+    /// The number of violation rows.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no violation rows.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 /// The values of `rows` for [`sqlite_insert`], in the order of [`COLUMNS`].
@@ -470,18 +485,22 @@ impl Db {
     }
 
     /// Makes `rows` ready to be written by [`write_batch`](Self::write_batch).
-    pub fn ready(&self, rows: &[Inspection]) -> Ready {
+    pub fn ready(&self, rows: Vec<Inspection>) -> Ready {
+        let len = rows.len();
         match self {
             Db::Sqlite(..) => Ready {
-                statements: Mutex::new(Some(sqlite_statements(rows))),
+                statements: Mutex::new(Some(sqlite_statements(&rows))),
+                rows,
+                len,
                 copy: Vec::new(),
             },
             Db::Postgres(_) => {
-                let mut copy = Vec::with_capacity(rows.len() * 320);
-                copy_text(rows, &mut copy);
+                let mut copy = Vec::with_capacity(len * 320);
+                copy_text(&rows, &mut copy);
                 Ready {
-                    statements: Mutex::default(),
+                    len,
                     copy,
+                    ..Ready::default()
                 }
             }
         }
@@ -512,14 +531,13 @@ impl Db {
         Ok(())
     }
 
-    /// Writes one batch, its violation rows and its rejects, in one transaction; `ready` is
-    /// what [`ready`](Self::ready) made of `rows` (`None`: made here).
+    /// Writes one batch, its violation rows (made [`ready`](Self::ready)) and its rejects, in
+    /// one transaction.
     pub async fn write_batch(
         &self,
         source: &str,
-        rows: &[Inspection],
+        rows: &Ready,
         rejects: &[Reject],
-        ready: Option<&Ready>,
         faults: &Faults,
     ) -> Result<Written, sqlx::Error> {
         let fail = faults.fire();
@@ -528,14 +546,12 @@ impl Db {
             Db::Sqlite(p, wal) => {
                 // Take the write lock at once: a second writer waits here, not halfway through.
                 let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
-                let statements = ready
-                    .and_then(|r| {
-                        r.statements
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .take()
-                    })
-                    .unwrap_or_else(|| sqlite_statements(rows));
+                let statements = rows
+                    .statements
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                    .unwrap_or_else(|| sqlite_statements(&rows.rows));
                 for (n, values) in statements {
                     w.inserted += sqlx::query_with(sqlite_insert(n), values)
                         .execute(&mut *tx)
@@ -564,14 +580,7 @@ impl Db {
             Db::Postgres(p) => {
                 let mut tx = p.begin().await?;
                 if !rows.is_empty() {
-                    let mut made = Vec::new();
-                    let data = match ready {
-                        Some(r) if !r.copy.is_empty() => &r.copy,
-                        _ => {
-                            copy_text(rows, &mut made);
-                            &made
-                        }
-                    };
+                    let data = &rows.copy;
                     let pid: Option<i32> = if fail {
                         Some(
                             sqlx::query_scalar("SELECT pg_backend_pid()")

@@ -420,14 +420,13 @@ where
             let batch: Vec<Outcome> = batch.into_iter().collect::<Result<_, _>>()?;
             let records = batch.len() as u64;
             let (rows, rejects) = split(batch);
-            let ready = db.ready(&rows);
-            Ok::<_, BoxError>((records, rows, rejects, ready))
+            Ok::<_, BoxError>((records, db.ready(rows), rejects))
         })
         .in_flight(&limit, |batch| {
             let source = source.as_str();
             let faults = &config.faults;
             async move {
-                let (records, rows, rejects, ready) = batch?;
+                let (records, rows, rejects) = batch?;
                 let mut attempts = 0;
                 let written = config
                     .retry
@@ -442,7 +441,7 @@ where
                                     "retrying a batch after a transient database error"
                                 );
                             }
-                            db.write_batch(source, &rows, &rejects, Some(&ready), faults)
+                            db.write_batch(source, &rows, &rejects, faults)
                         },
                         is_transient,
                     )
@@ -534,7 +533,7 @@ pub async fn run_sequential(input: &Path, db: &Db, batch_max: usize) -> Result<T
         if batch.len() == batch_max || (!more && !batch.is_empty()) {
             let (rows, rejects) = split(std::mem::take(&mut batch));
             let w = db
-                .write_batch(&source, &rows, &rejects, None, &faults)
+                .write_batch(&source, &db.ready(rows), &rejects, &faults)
                 .await?;
             totals.loaded += w.inserted;
             totals.duplicates += w.duplicates;
