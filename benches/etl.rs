@@ -2,7 +2,9 @@
 //! rows into a fresh SQLite file, rows/s.
 //!
 //! Both load the same file with the same parse/validate/transform code and the same batched,
-//! transactional inserts of 500 rows; they differ only in how the work is staged.
+//! transactional inserts (the job's SQLite batch size, one writer); they differ only in how the
+//! work is staged: one step after another, or parse and transform on the pool while the
+//! previous batch is written.
 
 #[path = "../examples/etl/db.rs"]
 #[allow(dead_code)]
@@ -71,7 +73,9 @@ async fn job_once(files: &Files, csv: &Path) -> (Duration, job::Totals, String) 
 async fn sequential_once(files: &Files, csv: &Path) -> Duration {
     let (db, _) = files.fresh_db(1).await;
     let start = Instant::now();
-    let totals = job::run_sequential(csv, &db, 500).await.unwrap();
+    let totals = job::run_sequential(csv, &db, job::SQLITE_BATCH)
+        .await
+        .unwrap();
     let took = start.elapsed();
     assert_eq!(totals.read, ROWS as u64);
     db.close().await;

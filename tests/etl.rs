@@ -5,6 +5,9 @@
 //! through `scripts/with-postgres`, which starts a throwaway one and sets
 //! `STAGEPIPE_TEST_POSTGRES`; without it they fail and say so.
 
+#[path = "../examples/etl/cli.rs"]
+#[allow(dead_code)]
+mod cli;
 #[path = "../examples/etl/db.rs"]
 #[allow(dead_code)]
 mod db;
@@ -129,6 +132,11 @@ fn normal_time(s: &str) -> String {
 }
 
 fn expected(path: &Path) -> Expected {
+    expected_first(path, u64::MAX)
+}
+
+/// [`expected`] over the first `limit` records.
+fn expected_first(path: &Path, limit: u64) -> Expected {
     let mut reader = csv::ReaderBuilder::new()
         .flexible(true)
         .from_path(path)
@@ -137,7 +145,10 @@ fn expected(path: &Path) -> Expected {
     let mut e = Expected::default();
     // key -> (businessname, level)
     let mut table: HashMap<(String, String, String), (String, i64)> = HashMap::new();
-    for rec in reader.records() {
+    for rec in reader
+        .records()
+        .take(limit.try_into().unwrap_or(usize::MAX))
+    {
         let rec = rec.unwrap();
         e.read += 1;
         let line = rec.position().unwrap().line() as i64;
@@ -278,7 +289,8 @@ async fn rejects_every_kind(url: &str, csv: &Path) {
     db.close().await;
 }
 
-/// A batch whose transaction fails mid-way is retried: nothing lost, nothing doubled.
+/// A batch whose transaction fails mid-way is retried: nothing lost, nothing doubled. On
+/// Postgres the connection is dropped by the server in the middle of the batch's `COPY`.
 async fn fault_is_retried(url: &str, csv: &Path) {
     let want = expected(csv);
     let mut config = Config::new(csv, url);
@@ -287,6 +299,12 @@ async fn fault_is_retried(url: &str, csv: &Path) {
     let report = job::run(&config).await.unwrap();
     let t = report.totals;
     assert_eq!(t.retries, 1, "the injected fault was retried once");
+    if url.starts_with("postgres") {
+        assert!(
+            config.faults.surfaced(),
+            "the COPY itself failed on the dropped connection"
+        );
+    }
     assert_eq!(config.faults.calls(), t.batches + 1);
     assert!(t.batches > 3);
     assert_eq!(t.loaded, want.loaded);
@@ -306,6 +324,131 @@ async fn persistent_fault_is_reported(url: &str, csv: &Path) {
     config.faults = Faults::fail_call(1);
     let err = job::run(&config).await.unwrap_err().to_string();
     assert!(err.contains("failed after 1 attempts"), "{err}");
+}
+
+/// Every stored row as one string, all 22 columns, in key order: the same text on both
+/// databases for the same rows.
+async fn table_rows(db: &Db) -> Vec<String> {
+    const SQL: &str = "SELECT licenseno || '|' || CAST(violdttm AS TEXT) || '|' || violation \
+        || '|' || CAST(viol_level AS TEXT) || '|' || businessname || '|' || dbaname || '|' \
+        || legalowner || '|' || licensecat || '|' || descript || '|' || result || '|' \
+        || COALESCE(CAST(resultdttm AS TEXT), '-') || '|' || violdesc || '|' || violstatus \
+        || '|' || COALESCE(CAST(statusdate AS TEXT), '-') || '|' || comments || '|' || address \
+        || '|' || city || '|' || state || '|' || zip || '|' || property_id || '|' || location \
+        || '|' || CAST(source_line AS TEXT) FROM violations ORDER BY licenseno, violdttm, violation";
+    match db {
+        Db::Sqlite(p, _) => sqlx::query_scalar(SQL).fetch_all(p).await.unwrap(),
+        Db::Postgres(p) => sqlx::query_scalar(SQL).fetch_all(p).await.unwrap(),
+    }
+}
+
+/// Rewrites `csv` with the level column named `viollevel` (as in the file the Go ETLs read) and
+/// the columns in reverse order: the same records, found by name.
+fn renamed_and_reversed(csv: &Path, out: &Path) {
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .has_headers(false)
+        .from_path(csv)
+        .unwrap();
+    let mut writer = csv::WriterBuilder::new()
+        .flexible(true)
+        .from_path(out)
+        .unwrap();
+    for (i, rec) in reader.records().enumerate() {
+        let rec = rec.unwrap();
+        let mut fields: Vec<String> = rec.iter().map(String::from).collect();
+        if i == 0 {
+            for f in &mut fields {
+                if f == "viol_level" {
+                    *f = "viollevel".into();
+                }
+            }
+        }
+        // A record of the wrong width stays of the wrong width.
+        fields.reverse();
+        writer.write_record(&fields).unwrap();
+    }
+    writer.flush().unwrap();
+}
+
+/// Both spellings of the level column, in any column order, load the same rows.
+async fn both_header_spellings(url_a: &str, url_b: &str, csv: &Path, scratch: &Path) {
+    let other = scratch.join("viollevel-reversed.csv");
+    renamed_and_reversed(csv, &other);
+    let head = std::fs::read_to_string(&other).unwrap();
+    assert!(head.lines().next().unwrap().contains(",viollevel,"));
+    let want = expected(csv);
+    let a = job::run(&Config::new(csv, url_a)).await.unwrap().totals;
+    let b = job::run(&Config::new(&other, url_b)).await.unwrap().totals;
+    assert_eq!(a.loaded, want.loaded);
+    assert_eq!(
+        (b.read, b.loaded, b.skipped, b.rejected, b.duplicates),
+        (a.read, a.loaded, a.skipped, a.rejected, a.duplicates)
+    );
+    let (da, db) = (
+        Db::connect(url_a, 1).await.unwrap(),
+        Db::connect(url_b, 1).await.unwrap(),
+    );
+    let rows = table_rows(&da).await;
+    assert_eq!(rows.len() as u64, want.loaded);
+    assert_eq!(rows, table_rows(&db).await);
+    let levels: HashSet<&str> = rows.iter().map(|r| r.split('|').nth(3).unwrap()).collect();
+    assert_eq!(levels, HashSet::from(["1", "2", "3"]));
+    let kinds = |r: Vec<(i64, String, String)>| -> Vec<(i64, String)> {
+        r.into_iter().map(|(l, k, _)| (l, k)).collect()
+    };
+    assert_eq!(
+        kinds(da.rejects(&job::source_name(csv)).await.unwrap()),
+        kinds(db.rejects(&job::source_name(&other)).await.unwrap())
+    );
+    da.close().await;
+    db.close().await;
+}
+
+/// Writes `csv` without the column `drop`.
+fn without_column(csv: &Path, drop: &str, out: &Path) {
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_path(csv)
+        .unwrap();
+    let at = reader
+        .headers()
+        .unwrap()
+        .iter()
+        .position(|h| h == drop)
+        .unwrap();
+    let mut writer = csv::WriterBuilder::new()
+        .flexible(true)
+        .from_path(out)
+        .unwrap();
+    let strip = |r: &csv::StringRecord| -> Vec<String> {
+        r.iter()
+            .enumerate()
+            .filter(|(i, _)| *i != at)
+            .map(|(_, f)| f.to_string())
+            .collect()
+    };
+    writer
+        .write_record(strip(&reader.headers().unwrap().clone()))
+        .unwrap();
+    for rec in reader.records() {
+        writer.write_record(strip(&rec.unwrap())).unwrap();
+    }
+    writer.flush().unwrap();
+}
+
+/// A header without a required column is refused with an error naming it, before the
+/// database is touched.
+async fn missing_column_is_refused(url: &str, csv: &Path, scratch: &Path) -> String {
+    let bad = scratch.join("no-violdttm.csv");
+    without_column(csv, "violdttm", &bad);
+    let err = job::run(&Config::new(&bad, url))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no column `violdttm`"), "{err}");
+    assert!(err.contains("no-violdttm.csv"), "{err}");
+    err
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -356,6 +499,173 @@ async fn sequential_baseline_agrees_with_the_job() {
     );
     assert_eq!(as_tuples(&db.top_severe(10).await.unwrap()), want.top);
     db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_both_header_spellings_load_the_same_rows() {
+    let s = Scratch::new("sqlite-headers");
+    let b = format!("sqlite://{}", s.0.join("b.sqlite").display());
+    both_header_spellings(&s.sqlite_url(), &b, &s.csv(ROWS, 16), &s.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_missing_column_is_refused_before_the_database_is_created() {
+    let s = Scratch::new("sqlite-missing-column");
+    let csv = s.csv(300, 17);
+    missing_column_is_refused(&s.sqlite_url(), &csv, &s.0).await;
+    assert!(
+        !s.0.join("etl.sqlite").exists(),
+        "no database file was created"
+    );
+}
+
+/// Runs the command line with `args`: (exit code, stdout, stderr).
+async fn cli(args: &[&str]) -> (u8, String, String) {
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let argv = std::iter::once("etl").chain(args.iter().copied());
+    let code = cli::run(argv, &mut out, &mut err).await;
+    (
+        code,
+        String::from_utf8(out).unwrap(),
+        String::from_utf8(err).unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_help_exits_0_on_stdout_with_the_defaults() {
+    let (code, out, err) = cli(&["--help"]).await;
+    assert_eq!(code, 0);
+    assert_eq!(err, "");
+    for s in [
+        "Usage: etl [OPTIONS] [FILE]",
+        "DATABASE_URL",
+        "[default: sqlite://etl.sqlite]",
+        "--batch",
+        "--workers",
+        "--writers",
+        "--limit",
+        "--json",
+        "--generate",
+    ] {
+        assert!(out.contains(s), "{s} missing from:\n{out}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_limit_and_json_load_the_first_records_and_report_them() {
+    let s = Scratch::new("cli-limit");
+    let csv = s.csv(ROWS, 18);
+    let url = s.sqlite_url();
+    let want = expected_first(&csv, 1000);
+    let (code, out, err) = cli(&[
+        csv.to_str().unwrap(),
+        "--db",
+        &url,
+        "--limit",
+        "1000",
+        "--batch",
+        "300",
+        "--json",
+        "--quiet",
+    ])
+    .await;
+    assert_eq!((code, err.as_str()), (0, ""));
+    assert_eq!(out.lines().count(), 1, "one JSON object on one line: {out}");
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(j["read"], 1000);
+    assert_eq!(j["loaded"], want.loaded);
+    assert_eq!(j["skipped"], want.skipped);
+    assert_eq!(j["rejected"], want.rejects.len() as u64);
+    assert_eq!(j["duplicates"], want.violation_rows - want.loaded);
+    assert_eq!(j["batch"], 300);
+    assert_eq!(j["writers"], 1);
+    assert_eq!(j["backend"], "sqlite");
+    assert_eq!(j["limit"], 1000);
+    assert!(j["wal_peak_bytes"].as_u64().unwrap() > 0);
+    let top: Vec<(String, String, i64)> = j["top"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["businessname"].as_str().unwrap().to_string(),
+                t["licenseno"].as_str().unwrap().to_string(),
+                t["severe"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(top, want.top);
+    let db = Db::connect(&url, 1).await.unwrap();
+    assert_eq!(db.count_violations().await.unwrap(), want.loaded as i64);
+    let lines = db.rejects(&job::source_name(&csv)).await.unwrap();
+    assert_eq!(
+        lines
+            .iter()
+            .map(|(l, k, _)| (*l, k.clone()))
+            .collect::<Vec<_>>(),
+        want.rejects
+    );
+    db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_without_a_file_loads_the_built_in_sample() {
+    let s = Scratch::new("cli-sample");
+    let url = s.sqlite_url();
+    let (code, out, err) = cli(&["--db", &url, "--json", "--quiet"]).await;
+    assert_eq!((code, err.as_str()), (0, ""));
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let want = expected(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/data/violations-sample.csv"
+    )));
+    assert_eq!(j["input"], "violations-sample.csv (built in)");
+    assert_eq!(j["read"], want.read);
+    assert_eq!(j["loaded"], want.loaded);
+    assert_eq!(j["rejected"], want.rejects.len() as u64);
+    assert_eq!(cli::SAMPLE.len() as u64, {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/data/violations-sample.csv");
+        std::fs::metadata(path).unwrap().len()
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_errors_are_one_line_and_non_zero() {
+    let s = Scratch::new("cli-errors");
+    let url = s.sqlite_url();
+    let missing = s.0.join("no-such-file.csv");
+    let (code, out, err) = cli(&[missing.to_str().unwrap(), "--db", &url]).await;
+    assert_eq!(code, 1);
+    assert_eq!(out, "");
+    assert_eq!(
+        err.lines().count(),
+        2,
+        "the loading line and one error: {err}"
+    );
+    let last = err.lines().last().unwrap();
+    assert!(last.starts_with("error: cannot open"), "{err}");
+    assert!(last.contains("no-such-file.csv"), "{err}");
+    assert!(
+        !s.0.join("etl.sqlite").exists(),
+        "checked before connecting"
+    );
+
+    let (code, out, err) = cli(&["--batch", "0"]).await;
+    assert_eq!((code, out.as_str()), (2, ""));
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--batch"), "{err}");
+    let (code, _, err) = cli(&["--bogus"]).await;
+    assert_eq!(code, 2);
+    assert_eq!(err.lines().count(), 1, "{err}");
+
+    let csv = s.csv(200, 19);
+    let (code, _, err) = cli(&[csv.to_str().unwrap(), "--db", "mysql://x", "--quiet"]).await;
+    assert_eq!(code, 1);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("error: ") && err.contains("unsupported database URL"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -467,4 +777,55 @@ async fn postgres_persistent_fault_is_reported() {
     let url = pg_database("fault_reported").await;
     let s = Scratch::new("pg-fault-reported");
     persistent_fault_is_reported(&url, &s.csv(600, 24)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_both_header_spellings_load_the_same_rows() {
+    let a = pg_database("headers_a").await;
+    let b = pg_database("headers_b").await;
+    let s = Scratch::new("pg-headers");
+    both_header_spellings(&a, &b, &s.csv(ROWS, 25), &s.0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_missing_column_is_refused_before_any_table_is_created() {
+    let url = pg_database("missing_column").await;
+    let s = Scratch::new("pg-missing-column");
+    missing_column_is_refused(&url, &s.csv(300, 26), &s.0).await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = 'public'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(tables, 0);
+    pool.close().await;
+}
+
+/// Small batches, several writers: every batch through its own `COPY`, in parallel, and a
+/// re-run adds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_copy_with_several_writers_then_rerun_adds_nothing() {
+    let url = pg_database("writers").await;
+    let s = Scratch::new("pg-writers");
+    let csv = s.csv(ROWS, 27);
+    let want = expected(&csv);
+    let mut config = Config::new(&csv, &url);
+    config.batch_max = 100;
+    config.in_flight = 4;
+    let first = job::run(&config).await.unwrap().totals;
+    assert!(first.batches > 10);
+    assert_eq!(first.loaded, want.loaded);
+    assert_eq!(first.duplicates, want.violation_rows - want.loaded);
+    let second = job::run(&config).await.unwrap().totals;
+    assert_eq!((second.loaded, second.duplicates), (0, want.violation_rows));
+    let db = Db::connect(&url, 1).await.unwrap();
+    assert_eq!(db.count_violations().await.unwrap(), want.loaded as i64);
+    assert_eq!(db.count_rejects().await.unwrap(), want.rejects.len() as i64);
+    db.close().await;
 }

@@ -8,17 +8,28 @@
 //!   (`source`, `line`) so that re-runs do not repeat them either.
 //! * A batch (its rows and its rejects) is written in one transaction: it lands whole or not
 //!   at all, so retrying a failed batch neither loses nor doubles a row.
+//! * SQLite: WAL with `synchronous=NORMAL`; rows go in through multi-row `INSERT`s of a few
+//!   fixed sizes, so each is prepared once per connection and reused by every batch. With one
+//!   writer (the default) the WAL is checkpointed after every commit and stays bounded by
+//!   about one batch; its peak size is measured ([`Db::wal_peak`]).
+//! * Postgres: a batch is `COPY`ed into a temporary staging table (one per connection,
+//!   emptied at each commit), then moved with `INSERT ... SELECT ... ON CONFLICT DO NOTHING`,
+//!   so keys and duplicates behave exactly as with plain inserts.
 
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::SqliteArguments;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Postgres, QueryBuilder, Sqlite};
+use sqlx::{Arguments, Executor, Postgres, QueryBuilder, Sqlite};
 
 use crate::model::{Inspection, Reject};
 
@@ -26,9 +37,112 @@ use crate::model::{Inspection, Reject};
 #[derive(Clone, Debug)]
 pub enum Db {
     /// An SQLite file.
-    Sqlite(SqlitePool),
+    Sqlite(SqlitePool, Wal),
     /// A Postgres server.
     Postgres(PgPool),
+}
+
+/// The write-ahead log of an SQLite database: where it is, and the largest size seen after a
+/// commit.
+#[derive(Clone, Debug, Default)]
+pub struct Wal {
+    path: Option<PathBuf>,
+    peak: Arc<AtomicU64>,
+}
+
+impl Wal {
+    fn observe(&self) {
+        if let Some(len) = self
+            .path
+            .as_ref()
+            .and_then(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+        {
+            self.peak.fetch_max(len, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A batch's violation rows made ready for the database ahead of their turn to be written:
+/// the bound values of each SQLite statement, or the `COPY` text for Postgres. Built while the
+/// previous batch is being written, so that the writer only writes.
+#[derive(Debug, Default)]
+pub struct Ready {
+    /// The rows: kept for SQLite (a retry binds them again), dropped once encoded for Postgres.
+    rows: Vec<Inspection>,
+    /// How many rows.
+    len: usize,
+    /// SQLite: the statements' sizes and values, taken by the first attempt.
+    statements: Mutex<Option<Vec<(usize, SqliteArguments<'static>)>>>,
+    /// Postgres: the rows in `COPY`'s text format (sent again by a retry).
+    copy: Vec<u8>,
+}
+
+impl Ready {
+    /// The number of violation rows.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no violation rows.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// The values of `rows` for [`sqlite_insert`], in the order of [`COLUMNS`].
+fn sqlite_values(rows: &[Inspection]) -> SqliteArguments<'static> {
+    let mut a = SqliteArguments::default();
+    a.reserve(rows.len() * 22, 0);
+    let ts = |t: &Option<crate::model::Timestamp>| t.map(|t| t.to_string());
+    for r in rows {
+        let mut add = |v: Option<String>| a.add(v).expect("text always encodes");
+        add(Some(r.licenseno.clone()));
+        add(ts(&r.violdttm));
+        add(Some(r.violation.clone()));
+        a.add(i32::from(r.level.unwrap_or(0)))
+            .expect("an integer always encodes");
+        let mut add = |v: Option<String>| a.add(v).expect("text always encodes");
+        for s in [
+            &r.businessname,
+            &r.dbaname,
+            &r.legalowner,
+            &r.licensecat,
+            &r.descript,
+            &r.result,
+        ] {
+            add(Some(s.clone()));
+        }
+        add(ts(&r.resultdttm));
+        add(Some(r.violdesc.clone()));
+        add(Some(r.violstatus.clone()));
+        add(ts(&r.statusdate));
+        for s in [
+            &r.comments,
+            &r.address,
+            &r.city,
+            &r.state,
+            &r.zip,
+            &r.property_id,
+            &r.location,
+        ] {
+            add(Some(s.clone()));
+        }
+        a.add(r.line as i64).expect("an integer always encodes");
+    }
+    a
+}
+
+/// The statements of `rows` for SQLite: (rows, values) per statement.
+fn sqlite_statements(rows: &[Inspection]) -> Vec<(usize, SqliteArguments<'static>)> {
+    let mut rest = rows;
+    statement_sizes(rows.len())
+        .map(|n| {
+            let (chunk, tail) = rest.split_at(n);
+            rest = tail;
+            (n, sqlite_values(chunk))
+        })
+        .collect()
 }
 
 /// What one batch did.
@@ -56,12 +170,15 @@ pub struct TopRow {
 /// Makes one chosen insert call fail after its statements ran (so its transaction is rolled
 /// back), to show that a failed batch is retried without loss or doubling.
 ///
-/// On Postgres the failure is real: the server is asked to terminate the connection in the
-/// middle of the transaction. On SQLite an I/O error is returned before the commit.
+/// On Postgres the failure is real: half of the batch's `COPY` data is sent, then the server is
+/// asked (from another connection) to terminate the copying connection, and the rest is sent
+/// into the dropped connection. On SQLite an I/O error is returned before the commit.
 #[derive(Clone, Debug, Default)]
 pub struct Faults {
     fail_call: Option<u64>,
     calls: Arc<AtomicU64>,
+    /// Whether the database itself reported the injected failure (the dropped connection).
+    surfaced: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Faults {
@@ -74,13 +191,19 @@ impl Faults {
     pub fn fail_call(n: u64) -> Self {
         Faults {
             fail_call: Some(n),
-            calls: Arc::default(),
+            ..Faults::default()
         }
     }
 
     /// Insert calls made so far (retries included).
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Whether the injected failure came from the database (on Postgres: the `COPY` failed on
+    /// the terminated connection), not from the fallback error.
+    pub fn surfaced(&self) -> bool {
+        self.surfaced.load(Ordering::SeqCst)
     }
 
     fn fire(&self) -> bool {
@@ -158,40 +281,134 @@ fn schema(ts: &str) -> [String; 3] {
     ]
 }
 
-/// Pushes the `VALUES` of `rows` and the conflict clause; `ts` is the cast after a timestamp
-/// parameter (`"::timestamp"` on Postgres, `""` on SQLite, which stores ISO text).
-macro_rules! push_rows {
-    ($qb:expr, $rows:expr, $ts:expr) => {{
-        let ts = |t: &Option<crate::model::Timestamp>| t.map(|t| t.to_string());
-        $qb.push_values($rows, |mut b, r: &Inspection| {
-            b.push_bind(r.licenseno.as_str())
-                .push_bind(ts(&r.violdttm))
-                .push_unseparated($ts)
-                .push_bind(r.violation.as_str())
-                .push_bind(i32::from(r.level.unwrap_or(0)))
-                .push_bind(r.businessname.as_str())
-                .push_bind(r.dbaname.as_str())
-                .push_bind(r.legalowner.as_str())
-                .push_bind(r.licensecat.as_str())
-                .push_bind(r.descript.as_str())
-                .push_bind(r.result.as_str())
-                .push_bind(ts(&r.resultdttm))
-                .push_unseparated($ts)
-                .push_bind(r.violdesc.as_str())
-                .push_bind(r.violstatus.as_str())
-                .push_bind(ts(&r.statusdate))
-                .push_unseparated($ts)
-                .push_bind(r.comments.as_str())
-                .push_bind(r.address.as_str())
-                .push_bind(r.city.as_str())
-                .push_bind(r.state.as_str())
-                .push_bind(r.zip.as_str())
-                .push_bind(r.property_id.as_str())
-                .push_bind(r.location.as_str())
-                .push_bind(r.line as i64);
-        });
-        $qb.push(" ON CONFLICT (licenseno, violdttm, violation) DO NOTHING");
-    }};
+/// The staging table of `COPY` on Postgres: temporary (one per connection), emptied at every
+/// commit, without keys.
+const STAGE: &str = "CREATE TEMP TABLE IF NOT EXISTS violations_stage (
+    licenseno TEXT, violdttm TIMESTAMP, violation TEXT, viol_level INTEGER, businessname TEXT,
+    dbaname TEXT, legalowner TEXT, licensecat TEXT, descript TEXT, result TEXT,
+    resultdttm TIMESTAMP, violdesc TEXT, violstatus TEXT, statusdate TIMESTAMP, comments TEXT,
+    address TEXT, city TEXT, state TEXT, zip TEXT, property_id TEXT, location TEXT,
+    source_line BIGINT
+) ON COMMIT DELETE ROWS";
+
+/// Appends `rows` to `out` in `COPY`'s text format, in the order of [`COLUMNS`].
+fn copy_text(rows: &[Inspection], out: &mut Vec<u8>) {
+    fn text(out: &mut Vec<u8>, s: &str) {
+        let b = s.as_bytes();
+        if !b.iter().any(|c| matches!(c, b'\\' | b'\t' | b'\n' | b'\r')) {
+            out.extend_from_slice(b);
+            return;
+        }
+        for &c in b {
+            match c {
+                b'\\' => out.extend_from_slice(b"\\\\"),
+                b'\t' => out.extend_from_slice(b"\\t"),
+                b'\n' => out.extend_from_slice(b"\\n"),
+                b'\r' => out.extend_from_slice(b"\\r"),
+                c => out.push(c),
+            }
+        }
+    }
+    fn ts(out: &mut Vec<u8>, t: &Option<crate::model::Timestamp>) {
+        match t {
+            Some(t) => {
+                let mut s = String::with_capacity(19);
+                let _ = write!(s, "{t}");
+                out.extend_from_slice(s.as_bytes());
+            }
+            None => out.extend_from_slice(b"\\N"),
+        }
+    }
+    for r in rows {
+        let tab = |out: &mut Vec<u8>| out.push(b'\t');
+        text(out, &r.licenseno);
+        tab(out);
+        ts(out, &r.violdttm);
+        tab(out);
+        text(out, &r.violation);
+        tab(out);
+        out.push(b'0' + r.level.unwrap_or(0));
+        for s in [
+            &r.businessname,
+            &r.dbaname,
+            &r.legalowner,
+            &r.licensecat,
+            &r.descript,
+            &r.result,
+        ] {
+            tab(out);
+            text(out, s);
+        }
+        tab(out);
+        ts(out, &r.resultdttm);
+        for s in [&r.violdesc, &r.violstatus] {
+            tab(out);
+            text(out, s);
+        }
+        tab(out);
+        ts(out, &r.statusdate);
+        for s in [
+            &r.comments,
+            &r.address,
+            &r.city,
+            &r.state,
+            &r.zip,
+            &r.property_id,
+            &r.location,
+        ] {
+            tab(out);
+            text(out, s);
+        }
+        tab(out);
+        let _ = write!(Adapter(out), "{}", r.line);
+        out.push(b'\n');
+    }
+}
+
+/// `fmt::Write` into a byte buffer.
+struct Adapter<'a>(&'a mut Vec<u8>);
+
+impl std::fmt::Write for Adapter<'_> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.extend_from_slice(s.as_bytes());
+        Ok(())
+    }
+}
+
+/// The multi-row `INSERT` of `n` rows into SQLite, built once and kept: the same text is the
+/// same prepared statement in every connection's statement cache.
+fn sqlite_insert(n: usize) -> &'static str {
+    static CACHE: OnceLock<Mutex<HashMap<usize, &'static str>>> = OnceLock::new();
+    let mut cache = CACHE
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    cache.entry(n).or_insert_with(|| {
+        let one = format!("({})", vec!["?"; 22].join(","));
+        let sql = format!(
+            "INSERT INTO violations ({COLUMNS}) VALUES {} \
+             ON CONFLICT (licenseno, violdttm, violation) DO NOTHING",
+            vec![one.as_str(); n].join(",")
+        );
+        Box::leak(sql.into_boxed_str())
+    })
+}
+
+/// Splits `len` rows into statements of [`ROWS_PER_STATEMENT`] rows, then of decreasing powers
+/// of two: a handful of distinct statements, each prepared once.
+fn statement_sizes(mut len: usize) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        if len == 0 {
+            return None;
+        }
+        let n = if len >= ROWS_PER_STATEMENT {
+            ROWS_PER_STATEMENT
+        } else {
+            1 << (usize::BITS - 1 - len.leading_zeros())
+        };
+        len -= n;
+        Some(n)
+    })
 }
 
 macro_rules! push_rejects {
@@ -207,9 +424,9 @@ macro_rules! push_rejects {
     }};
 }
 
-/// Rows per multi-row `INSERT` statement (keeps the bound parameters under every backend's
-/// limit).
-const ROWS_PER_STATEMENT: usize = 500;
+/// Rows per multi-row `INSERT` statement (keeps the bound parameters, 22 per row, under
+/// every backend's limit).
+const ROWS_PER_STATEMENT: usize = 1024;
 
 impl Db {
     /// Connects to `url` (`sqlite://path` creates the file if missing; `postgres://...`),
@@ -219,6 +436,12 @@ impl Db {
             let pool = PgPoolOptions::new()
                 .max_connections(connections)
                 .acquire_timeout(Duration::from_secs(30))
+                .after_connect(|conn, _| {
+                    Box::pin(async move {
+                        conn.execute(STAGE).await?;
+                        Ok(())
+                    })
+                })
                 .connect(url)
                 .await?;
             Ok(Db::Postgres(pool))
@@ -231,12 +454,20 @@ impl Db {
                 // Bulk loading: a larger page cache (64 MiB) and statement journals in memory
                 // instead of a temporary file per transaction.
                 .pragma("cache_size", "-65536")
-                .pragma("temp_store", "memory");
+                .pragma("temp_store", "memory")
+                // A WAL grown past 64 MiB (by a huge batch) is cut back after a checkpoint.
+                .pragma("journal_size_limit", "67108864");
+            let path = options.get_filename();
+            let wal = Wal {
+                path: (path != std::path::Path::new(":memory:"))
+                    .then(|| PathBuf::from(format!("{}-wal", path.display()))),
+                peak: Arc::default(),
+            };
             let pool = SqlitePoolOptions::new()
                 .max_connections(connections)
                 .connect_with(options)
                 .await?;
-            Ok(Db::Sqlite(pool))
+            Ok(Db::Sqlite(pool, wal))
         } else {
             Err(sqlx::Error::Configuration(
                 format!("unsupported database URL {url:?}: use sqlite://FILE or postgres://...")
@@ -245,10 +476,40 @@ impl Db {
         }
     }
 
+    /// The largest size the SQLite WAL file had after a commit (0 on Postgres).
+    pub fn wal_peak(&self) -> u64 {
+        match self {
+            Db::Sqlite(_, wal) => wal.peak.load(Ordering::Relaxed),
+            Db::Postgres(_) => 0,
+        }
+    }
+
+    /// Makes `rows` ready to be written by [`write_batch`](Self::write_batch).
+    pub fn ready(&self, rows: Vec<Inspection>) -> Ready {
+        let len = rows.len();
+        match self {
+            Db::Sqlite(..) => Ready {
+                statements: Mutex::new(Some(sqlite_statements(&rows))),
+                rows,
+                len,
+                copy: Vec::new(),
+            },
+            Db::Postgres(_) => {
+                let mut copy = Vec::with_capacity(len * 320);
+                copy_text(&rows, &mut copy);
+                Ready {
+                    len,
+                    copy,
+                    ..Ready::default()
+                }
+            }
+        }
+    }
+
     /// `"sqlite"` or `"postgres"`.
     pub fn backend(&self) -> &'static str {
         match self {
-            Db::Sqlite(_) => "sqlite",
+            Db::Sqlite(..) => "sqlite",
             Db::Postgres(_) => "postgres",
         }
     }
@@ -256,7 +517,7 @@ impl Db {
     /// Creates the tables and index if they are missing.
     pub async fn ensure_schema(&self) -> Result<(), sqlx::Error> {
         match self {
-            Db::Sqlite(p) => {
+            Db::Sqlite(p, _) => {
                 for stmt in schema("TEXT") {
                     sqlx::query(&stmt).execute(p).await?;
                 }
@@ -270,24 +531,32 @@ impl Db {
         Ok(())
     }
 
-    /// Writes one batch, its violation rows and its rejects, in one transaction.
+    /// Writes one batch, its violation rows (made [`ready`](Self::ready)) and its rejects, in
+    /// one transaction.
     pub async fn write_batch(
         &self,
         source: &str,
-        rows: &[Inspection],
+        rows: &Ready,
         rejects: &[Reject],
         faults: &Faults,
     ) -> Result<Written, sqlx::Error> {
         let fail = faults.fire();
         let mut w = Written::default();
         match self {
-            Db::Sqlite(p) => {
-                let mut tx = p.begin().await?;
-                for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                    let mut qb =
-                        QueryBuilder::<Sqlite>::new(format!("INSERT INTO violations ({COLUMNS}) "));
-                    push_rows!(qb, chunk, "");
-                    w.inserted += qb.build().execute(&mut *tx).await?.rows_affected();
+            Db::Sqlite(p, wal) => {
+                // Take the write lock at once: a second writer waits here, not halfway through.
+                let mut tx = p.begin_with("BEGIN IMMEDIATE").await?;
+                let statements = rows
+                    .statements
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .take()
+                    .unwrap_or_else(|| sqlite_statements(&rows.rows));
+                for (n, values) in statements {
+                    w.inserted += sqlx::query_with(sqlite_insert(n), values)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
                 }
                 for chunk in rejects.chunks(ROWS_PER_STATEMENT) {
                     let mut qb = QueryBuilder::<Sqlite>::new(
@@ -303,16 +572,55 @@ impl Db {
                         "injected fault: connection reset before commit",
                     )));
                 }
+                // With one writer, the commit also checkpoints the WAL (SQLite's automatic
+                // checkpoint at 1000 pages), which then starts over at the next batch.
                 tx.commit().await?;
+                wal.observe();
             }
             Db::Postgres(p) => {
                 let mut tx = p.begin().await?;
-                for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-                    let mut qb = QueryBuilder::<Postgres>::new(format!(
-                        "INSERT INTO violations ({COLUMNS}) "
-                    ));
-                    push_rows!(qb, chunk, "::timestamp");
-                    w.inserted += qb.build().execute(&mut *tx).await?.rows_affected();
+                if !rows.is_empty() {
+                    let data = &rows.copy;
+                    let pid: Option<i32> = if fail {
+                        Some(
+                            sqlx::query_scalar("SELECT pg_backend_pid()")
+                                .fetch_one(&mut *tx)
+                                .await?,
+                        )
+                    } else {
+                        None
+                    };
+                    let mut copy = tx
+                        .copy_in_raw(&format!("COPY violations_stage ({COLUMNS}) FROM STDIN"))
+                        .await?;
+                    if let Some(pid) = pid {
+                        // A real dropped connection in the middle of the COPY: half the data
+                        // is sent, the server terminates the backend, the rest is sent.
+                        let half = data.len() / 2;
+                        copy.send(&data[..half]).await?;
+                        sqlx::query("SELECT pg_terminate_backend($1, 10000)")
+                            .bind(pid)
+                            .execute(p)
+                            .await?;
+                        let rest = async {
+                            copy.send(&data[half..]).await?;
+                            copy.finish().await
+                        };
+                        if let Err(e) = rest.await {
+                            faults.surfaced.store(true, Ordering::SeqCst);
+                            return Err(e);
+                        }
+                    } else {
+                        copy.send(data.as_slice()).await?;
+                        copy.finish().await?;
+                    }
+                    w.inserted = sqlx::query(&format!(
+                        "INSERT INTO violations ({COLUMNS}) SELECT {COLUMNS} FROM violations_stage \
+                         ON CONFLICT (licenseno, violdttm, violation) DO NOTHING"
+                    ))
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
                 }
                 for chunk in rejects.chunks(ROWS_PER_STATEMENT) {
                     let mut qb = QueryBuilder::<Postgres>::new(
@@ -322,10 +630,6 @@ impl Db {
                     w.rejects += qb.build().execute(&mut *tx).await?.rows_affected();
                 }
                 if fail {
-                    // A real dropped connection in the middle of the transaction.
-                    sqlx::query("SELECT pg_terminate_backend(pg_backend_pid())")
-                        .execute(&mut *tx)
-                        .await?;
                     return Err(sqlx::Error::Io(std::io::Error::new(
                         std::io::ErrorKind::ConnectionReset,
                         "injected fault: the server did not drop the connection",
@@ -336,6 +640,18 @@ impl Db {
         }
         w.duplicates = rows.len() as u64 - w.inserted;
         Ok(w)
+    }
+
+    /// Ends a load: on SQLite, checkpoints the whole WAL into the database and truncates it, so
+    /// that the file is complete on its own when the job ends. Nothing on Postgres.
+    pub async fn checkpoint(&self) -> Result<(), sqlx::Error> {
+        if let Db::Sqlite(p, wal) = self {
+            wal.observe();
+            sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                .execute(p)
+                .await?;
+        }
+        Ok(())
     }
 
     /// Rows in `violations`.
@@ -350,7 +666,7 @@ impl Db {
 
     async fn scalar(&self, sql: &str) -> Result<i64, sqlx::Error> {
         match self {
-            Db::Sqlite(p) => sqlx::query_scalar(sql).fetch_one(p).await,
+            Db::Sqlite(p, _) => sqlx::query_scalar(sql).fetch_one(p).await,
             Db::Postgres(p) => sqlx::query_scalar(sql).fetch_one(p).await,
         }
     }
@@ -358,7 +674,7 @@ impl Db {
     /// Every reject of `source` as (line, kind, reason), by line.
     pub async fn rejects(&self, source: &str) -> Result<Vec<(i64, String, String)>, sqlx::Error> {
         match self {
-            Db::Sqlite(p) => {
+            Db::Sqlite(p, _) => {
                 sqlx::query_as(
                     "SELECT line, kind, reason FROM rejects WHERE source = ? ORDER BY line",
                 )
@@ -384,7 +700,7 @@ impl Db {
             WHERE viol_level = 3 GROUP BY licenseno, businessname \
             ORDER BY severe DESC, businessname, licenseno LIMIT ";
         let rows: Vec<(String, String, i64)> = match self {
-            Db::Sqlite(p) => {
+            Db::Sqlite(p, _) => {
                 sqlx::query_as(&format!("{SQL}?"))
                     .bind(n)
                     .fetch_all(p)
@@ -410,7 +726,7 @@ impl Db {
     /// Closes the pool (waits for connections to finish).
     pub async fn close(&self) {
         match self {
-            Db::Sqlite(p) => p.close().await,
+            Db::Sqlite(p, _) => p.close().await,
             Db::Postgres(p) => p.close().await,
         }
     }

@@ -1,7 +1,7 @@
 //! The job: stream the CSV through the staged pipeline into the database.
 
 use std::fs::File;
-use std::io::BufReader;
+use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,20 +19,58 @@ use crate::model::{
 /// Errors that stop the job (malformed rows never do: they are rejected and counted).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Where the CSV comes from.
+#[derive(Clone, Debug)]
+pub enum Input {
+    /// A file on disk.
+    Path(PathBuf),
+    /// Bytes compiled into the program (the shipped sample), under a name for `rejects`.
+    Bytes {
+        /// The name under which its rejects are stored.
+        name: String,
+        /// The CSV.
+        data: &'static [u8],
+    },
+}
+
+impl Input {
+    /// The name under which the rejects of this input are stored: the file name.
+    pub fn source_name(&self) -> String {
+        match self {
+            Input::Path(p) => source_name(p),
+            Input::Bytes { name, .. } => name.clone(),
+        }
+    }
+}
+
+impl std::fmt::Display for Input {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Input::Path(p) => write!(f, "{}", p.display()),
+            Input::Bytes { name, .. } => write!(f, "{name} (built in)"),
+        }
+    }
+}
+
 /// What to load, where, and how.
 #[derive(Clone, Debug)]
 pub struct Config {
-    /// The CSV file (the real file or a generated one).
-    pub input: PathBuf,
+    /// The CSV (the real file, a generated one, or the built-in sample).
+    pub input: Input,
     /// `sqlite://FILE` or `postgres://...`.
     pub db_url: String,
-    /// Rows per batched insert.
+    /// Rows per batch: one transaction each.
     pub batch_max: usize,
     /// How long a partial batch waits for more rows before it is written.
     pub batch_wait: Duration,
-    /// Batched inserts running at once.
+    /// Batches being written at once (writer connections).
     pub in_flight: usize,
-    /// The retry policy of a batched insert that failed with a transient database error.
+    /// Workers of the pool that runs parse/validate, transform and route (default: one per
+    /// core).
+    pub workers: Option<usize>,
+    /// Read at most this many records.
+    pub limit: Option<u64>,
+    /// The retry policy of a batch that failed with a transient database error.
     pub retry: Backoff,
     /// Faults to inject (tests).
     pub faults: Faults,
@@ -40,17 +78,39 @@ pub struct Config {
     pub progress: Arc<Progress>,
 }
 
+/// Rows per batch into SQLite: large transactions, since one writer does them all.
+pub const SQLITE_BATCH: usize = 5000;
+/// Batches in flight into SQLite: one (a single-writer database).
+pub const SQLITE_WRITERS: usize = 1;
+/// Rows per batch into Postgres (one `COPY` each).
+pub const POSTGRES_BATCH: usize = 2000;
+/// Batches in flight into Postgres.
+pub const POSTGRES_WRITERS: usize = 3;
+
 impl Config {
     /// The defaults for `input` into `db_url`.
     pub fn new(input: impl Into<PathBuf>, db_url: impl Into<String>) -> Self {
+        Self::with_input(Input::Path(input.into()), db_url)
+    }
+
+    /// The defaults for `input` (a file or bytes) into `db_url`: batches of
+    /// [`SQLITE_BATCH`] rows and [`SQLITE_WRITERS`] writer into SQLite, [`POSTGRES_BATCH`]
+    /// and [`POSTGRES_WRITERS`] into Postgres.
+    pub fn with_input(input: Input, db_url: impl Into<String>) -> Self {
         let db_url = db_url.into();
+        let sqlite = db_url.starts_with("sqlite:");
         Config {
-            input: input.into(),
-            // SQLite has one writer at a time; Postgres takes several.
-            in_flight: if db_url.starts_with("sqlite:") { 2 } else { 4 },
+            input,
+            in_flight: if sqlite {
+                SQLITE_WRITERS
+            } else {
+                POSTGRES_WRITERS
+            },
+            batch_max: if sqlite { SQLITE_BATCH } else { POSTGRES_BATCH },
             db_url,
-            batch_max: 500,
             batch_wait: Duration::from_millis(100),
+            workers: None,
+            limit: None,
             retry: Backoff::exponential(Duration::from_millis(20))
                 .max_attempts(5)
                 .max_delay(Duration::from_secs(2))
@@ -66,10 +126,28 @@ impl Config {
 pub struct Progress {
     /// Records read.
     pub rows: AtomicU64,
-    /// Bytes of the file read.
+    /// Records done: written (loaded, duplicate or rejected) or skipped.
+    pub done: AtomicU64,
+    /// Bytes of the input read.
     pub bytes: AtomicU64,
-    /// Bytes in the file.
+    /// Bytes in the input.
     pub total_bytes: AtomicU64,
+}
+
+impl Progress {
+    /// The bytes of the input whose records are done, estimated as the bytes read times the
+    /// share of the records read that are done: what a progress bar shows, so that it reaches
+    /// the end when the last batch is committed, not when the last record is read.
+    pub fn bytes_done(&self) -> u64 {
+        let rows = self.rows.load(Ordering::Relaxed);
+        let done = self.done.load(Ordering::Relaxed).min(rows);
+        let bytes = self.bytes.load(Ordering::Relaxed);
+        if rows == 0 {
+            0
+        } else {
+            (bytes as u128 * done as u128 / rows as u128) as u64
+        }
+    }
 }
 
 /// The totals of one run.
@@ -102,6 +180,10 @@ pub struct Report {
     pub top: Vec<TopRow>,
     /// Wall-clock time of the load.
     pub elapsed: Duration,
+    /// `"sqlite"` or `"postgres"`.
+    pub backend: &'static str,
+    /// The largest size of SQLite's WAL file seen after a commit (0 on Postgres).
+    pub wal_peak: u64,
 }
 
 /// The name under which rejects of `input` are stored.
@@ -112,12 +194,19 @@ pub fn source_name(input: &Path) -> String {
         .unwrap_or_else(|| input.display().to_string())
 }
 
-/// Runs the job end to end: connect, create the schema, load, answer.
+/// Runs the job end to end: open the input and check its header, then connect, create the
+/// schema, load, answer. A missing file or column fails before the database is touched.
 pub async fn run(config: &Config) -> Result<Report, BoxError> {
-    let db = Db::connect(&config.db_url, config.in_flight as u32 + 1).await?;
+    let (cols, rows) = read_csv(&config.input, config.limit, config.progress.clone())?;
+    // SQLite: the writers' connections also answer the query at the end (each connection has
+    // its own page cache; another one would fill a second cache). Postgres: one more, for the
+    // answer and, in the tests, for terminating a connection in the middle of a COPY.
+    let sqlite = config.db_url.starts_with("sqlite:");
+    let connections = config.in_flight as u32 + u32::from(!sqlite);
+    let db = Db::connect(&config.db_url, connections).await?;
     db.ensure_schema().await?;
     let started = Instant::now();
-    let (totals, stats) = load(&db, config).await?;
+    let (totals, stats) = run_pipeline(rows, cols, &db, config).await?;
     let elapsed = started.elapsed();
     let top = db.top_severe(10).await?;
     db.close().await;
@@ -126,19 +215,22 @@ pub async fn run(config: &Config) -> Result<Report, BoxError> {
         stats,
         top,
         elapsed,
+        backend: db.backend(),
+        wal_peak: db.wal_peak(),
     })
 }
 
 /// Loads `config.input` into `db` (whose schema exists): the totals and the stats table.
 pub async fn load(db: &Db, config: &Config) -> Result<(Totals, String), BoxError> {
-    let (cols, rows) = read_csv(&config.input, config.progress.clone())?;
+    let (cols, rows) = read_csv(&config.input, config.limit, config.progress.clone())?;
     run_pipeline(rows, cols, db, config).await
 }
 
-/// Opens `path` and streams its records from a blocking reader thread (bounded channel, so the
-/// file is never held in memory).
+/// Opens `input`, maps its header, and streams its first `limit` records from a blocking
+/// reader thread (bounded channel, so the file is never held in memory).
 pub fn read_csv(
-    path: &Path,
+    input: &Input,
+    limit: Option<u64>,
     progress: Arc<Progress>,
 ) -> Result<
     (
@@ -147,37 +239,54 @@ pub fn read_csv(
     ),
     BoxError,
 > {
-    let file = File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
-    progress
-        .total_bytes
-        .store(file.metadata()?.len(), Ordering::Relaxed);
-    let mut reader = csv_reader(file);
-    let cols = Columns::from_header(&csv::StringRecord::from_byte_record_lossy(
-        reader.byte_headers()?.clone(),
-    ))
-    .map_err(|e| format!("{}: {e}", path.display()))?;
+    let (source, size): (Box<dyn Read + Send>, u64) = match input {
+        Input::Path(path) => {
+            let file =
+                File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            let size = file.metadata()?.len();
+            (Box::new(file), size)
+        }
+        Input::Bytes { data, .. } => (Box::new(*data), data.len() as u64),
+    };
+    progress.total_bytes.store(size, Ordering::Relaxed);
+    let mut reader = csv_reader(source);
+    let header = reader
+        .byte_headers()
+        .map_err(|e| format!("{input}: cannot read the header: {e}"))?
+        .clone();
+    let cols = Columns::from_header(&csv::StringRecord::from_byte_record_lossy(header))
+        .map_err(|e| format!("{input}: {e}"))?;
+    let limit = limit.unwrap_or(u64::MAX);
     // Records travel in small chunks: one wake-up per chunk, not per record.
     const CHUNK: usize = 128;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Result<RawRow, csv::Error>>>(16);
     tokio::task::spawn_blocking(move || {
         let mut record = csv::ByteRecord::new();
         let mut chunk = Vec::with_capacity(CHUNK);
+        let mut read = 0;
         loop {
-            let (done, failed) = match reader.read_byte_record(&mut record) {
-                Ok(false) => (true, false),
-                Ok(true) => {
-                    let pos = record.position().expect("a read record has a position");
-                    progress.rows.fetch_add(1, Ordering::Relaxed);
-                    progress.bytes.store(pos.byte(), Ordering::Relaxed);
-                    chunk.push(Ok(RawRow {
-                        line: pos.line(),
-                        record: csv::StringRecord::from_byte_record_lossy(record.clone()),
-                    }));
-                    (false, false)
-                }
-                Err(e) => {
-                    chunk.push(Err(e));
-                    (true, true)
+            let (done, failed) = if read == limit {
+                (true, false)
+            } else {
+                match reader.read_byte_record(&mut record) {
+                    Ok(false) => (true, false),
+                    Ok(true) => {
+                        read += 1;
+                        let pos = record.position().expect("a read record has a position");
+                        progress.rows.fetch_add(1, Ordering::Relaxed);
+                        progress
+                            .bytes
+                            .store(reader.position().byte(), Ordering::Relaxed);
+                        chunk.push(Ok(RawRow {
+                            line: pos.line(),
+                            record: csv::StringRecord::from_byte_record_lossy(record.clone()),
+                        }));
+                        (false, false)
+                    }
+                    Err(e) => {
+                        chunk.push(Err(e));
+                        (true, true)
+                    }
                 }
             };
             if chunk.len() == CHUNK || (done && !chunk.is_empty()) {
@@ -196,7 +305,7 @@ pub fn read_csv(
     Ok((cols, rows))
 }
 
-fn csv_reader(file: File) -> csv::Reader<BufReader<File>> {
+fn csv_reader<R: Read>(file: R) -> csv::Reader<BufReader<R>> {
     csv::ReaderBuilder::new()
         .flexible(true)
         .from_reader(BufReader::with_capacity(1 << 16, file))
@@ -273,8 +382,13 @@ pub async fn run_pipeline<S>(
 where
     S: Stream<Item = Result<RawRow, csv::Error>> + Send,
 {
-    let source = source_name(&config.input);
-    let pipeline = Pipeline::builder(Etl { cols }).build();
+    let source = config.input.source_name();
+    let mut builder = Pipeline::builder(Etl { cols });
+    if let Some(n) = config.workers {
+        builder = builder.workers(n.max(1));
+    }
+    let pipeline = builder.build();
+    let progress = &config.progress;
     let read = Stats::new("read");
     let routed = Stats::new("to load");
     let written = Stats::new("written");
@@ -293,6 +407,7 @@ where
             let outcome = match result {
                 Ok(Row::Routed(Outcome::Skip)) => {
                     skipped.fetch_add(1, Ordering::Relaxed);
+                    progress.done.fetch_add(1, Ordering::Relaxed);
                     None
                 }
                 Ok(Row::Routed(o)) => Some(Ok(o)),
@@ -305,18 +420,32 @@ where
         })
         .with_stats(&routed)
         .batch(config.batch_max, config.batch_wait)
+        // Bind or encode the next batch while the previous one is being written.
+        .map(|batch| {
+            let batch: Vec<Outcome> = batch.into_iter().collect::<Result<_, _>>()?;
+            let records = batch.len() as u64;
+            let (rows, rejects) = split(batch);
+            Ok::<_, BoxError>((records, db.ready(rows), rejects))
+        })
         .in_flight(&limit, |batch| {
             let source = source.as_str();
             let faults = &config.faults;
             async move {
-                let batch: Vec<Outcome> = batch.into_iter().collect::<Result<_, _>>()?;
-                let (rows, rejects) = split(batch);
+                let (records, rows, rejects) = batch?;
                 let mut attempts = 0;
                 let written = config
                     .retry
                     .retry_if(
                         || {
                             attempts += 1;
+                            if attempts > 1 {
+                                tracing::warn!(
+                                    target: "etl",
+                                    rows = rows.len(),
+                                    attempt = attempts,
+                                    "retrying a batch after a transient database error"
+                                );
+                            }
                             db.write_batch(source, &rows, &rejects, faults)
                         },
                         is_transient,
@@ -328,6 +457,16 @@ where
                             rows.len()
                         )
                     })?;
+                progress.done.fetch_add(records, Ordering::Relaxed);
+                tracing::debug!(
+                    target: "etl",
+                    rows = rows.len(),
+                    rejects = rejects.len(),
+                    inserted = written.inserted,
+                    duplicates = written.duplicates,
+                    attempts,
+                    "batch committed"
+                );
                 Ok::<_, BoxError>((rejects.len() as u64, written, attempts - 1))
             }
         })
@@ -342,6 +481,7 @@ where
         })
         .await;
     result?;
+    db.checkpoint().await?;
     totals.skipped = skipped.load(Ordering::Relaxed);
     totals.read = read.snapshot().items;
     let stats = format!(
@@ -397,7 +537,9 @@ pub async fn run_sequential(input: &Path, db: &Db, batch_max: usize) -> Result<T
         }
         if batch.len() == batch_max || (!more && !batch.is_empty()) {
             let (rows, rejects) = split(std::mem::take(&mut batch));
-            let w = db.write_batch(&source, &rows, &rejects, &faults).await?;
+            let w = db
+                .write_batch(&source, &db.ready(rows), &rejects, &faults)
+                .await?;
             totals.loaded += w.inserted;
             totals.duplicates += w.duplicates;
             totals.rejected += rejects.len() as u64;

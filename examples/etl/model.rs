@@ -80,7 +80,18 @@ const DATE_COLS: [Col; 5] = [
     Col::StatusDate,
 ];
 
-/// Where each column of [`HEADER`] sits in the file (the real file's order may differ).
+/// Other names of a column, as older or newer exports of the real file spell them: the 2021
+/// file (and the Go ETLs written for it) calls the level column `viollevel`.
+const ALIASES: &[(Col, &str)] = &[(Col::ViolLevel, "viollevel")];
+
+/// Columns the job never reads: a file without them loads all the same.
+const UNUSED: [Col; 3] = [Col::NameLast, Col::NameFirst, Col::LicStatus];
+
+/// A column absent from the header.
+const ABSENT: usize = usize::MAX;
+
+/// Where each column of [`HEADER`] sits in the file: columns are found by name, in any order,
+/// among any others.
 #[derive(Clone, Debug)]
 pub struct Columns {
     at: [usize; 26],
@@ -88,23 +99,49 @@ pub struct Columns {
 }
 
 impl Columns {
-    /// Maps the file's header onto [`HEADER`]; names are matched trimmed and case-insensitively.
+    /// Maps the file's header onto [`HEADER`]; names are matched trimmed (a byte-order mark
+    /// too) and case-insensitively, and a column may go by one of its [aliases](ALIASES).
+    ///
+    /// Fails naming every column the job needs that the header lacks.
     pub fn from_header(header: &StringRecord) -> Result<Self, String> {
-        let mut at = [0; 26];
+        let names: Vec<String> = header
+            .iter()
+            .map(|h| h.trim().trim_start_matches('\u{feff}').to_ascii_lowercase())
+            .collect();
+        let find = |name: &str| names.iter().position(|h| h == name);
+        let mut at = [ABSENT; 26];
+        let mut missing = Vec::new();
         for (i, name) in HEADER.iter().enumerate() {
-            at[i] = header
-                .iter()
-                .position(|h| {
-                    h.trim()
-                        .trim_start_matches('\u{feff}')
-                        .eq_ignore_ascii_case(name)
-                })
-                .ok_or_else(|| format!("the header has no column `{name}`"))?;
+            let aliases = ALIASES.iter().filter(|(c, _)| *c as usize == i);
+            match find(name).or_else(|| aliases.clone().find_map(|(_, a)| find(a))) {
+                Some(p) => at[i] = p,
+                None if UNUSED.iter().any(|c| *c as usize == i) => {}
+                None => missing.push(
+                    std::iter::once(format!("`{name}`"))
+                        .chain(aliases.map(|(_, a)| format!("`{a}`")))
+                        .collect::<Vec<_>>()
+                        .join(" or "),
+                ),
+            }
+        }
+        if !missing.is_empty() {
+            let s = if missing.len() == 1 { "" } else { "s" };
+            return Err(format!(
+                "the header has no column{s} {} (it has {} columns: {})",
+                missing.join(", "),
+                names.len(),
+                names.join(",")
+            ));
         }
         Ok(Columns {
             at,
             width: header.len(),
         })
+    }
+
+    /// The number of fields of the header (every record must have as many).
+    pub fn width(&self) -> usize {
+        self.width
     }
 
     fn get<'r>(&self, record: &'r StringRecord, col: Col) -> &'r str {
@@ -189,10 +226,15 @@ pub struct Timestamp {
 }
 
 impl Timestamp {
-    /// Parses `YYYY-MM-DD`, `YYYY-MM-DD HH:MM:SS` or `YYYY-MM-DDTHH:MM:SS`, with optional
-    /// fractional seconds (dropped) and an optional trailing `Z`.
+    /// Parses the forms the real file and its exports use:
+    ///
+    /// * `YYYY-MM-DD`, `YYYY-MM-DD HH:MM:SS` or `YYYY-MM-DDTHH:MM:SS`, with optional fractional
+    ///   seconds (dropped) and an optional zone, `Z`, `+HH`, `+HH:MM` or `+HHMM` (dropped: the
+    ///   times are Boston's wall clock, stored as written);
+    /// * `MM/DD/YYYY` or `MM/DD/YYYY HH:MM:SS`, optionally followed by `AM`/`PM` (older
+    ///   exports of the open-data portal).
     pub fn parse(s: &str) -> Option<Self> {
-        let s = s.trim().trim_end_matches('Z');
+        let s = s.trim();
         let b = s.as_bytes();
         let num = |r: std::ops::Range<usize>| -> Option<u32> {
             let part = b.get(r)?;
@@ -202,17 +244,52 @@ impl Timestamp {
                 None
             }
         };
-        if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
+        // The date, and where the rest begins.
+        let (year, month, day, rest) = if b.len() >= 10 && b[4] == b'-' && b[7] == b'-' {
+            (num(0..4)?, num(5..7)?, num(8..10)?, 10)
+        } else if b.len() >= 10 && b[2] == b'/' && b[5] == b'/' {
+            (num(6..10)?, num(0..2)?, num(3..5)?, 10)
+        } else {
             return None;
-        }
-        let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+        };
+        let us = b[4] != b'-';
         let (mut hour, mut minute, mut second) = (0, 0, 0);
-        if b.len() > 10 {
-            if !(b[10] == b' ' || b[10] == b'T') || b.len() < 19 || b[13] != b':' || b[16] != b':' {
+        if b.len() > rest {
+            let t = rest + 1;
+            if !(b[rest] == b' ' || (!us && b[rest] == b'T'))
+                || b.len() < t + 8
+                || b[t + 2] != b':'
+                || b[t + 5] != b':'
+            {
                 return None;
             }
-            (hour, minute, second) = (num(11..13)?, num(14..16)?, num(17..19)?);
-            if b.len() > 19 && (b[19] != b'.' || !b[20..].iter().all(u8::is_ascii_digit)) {
+            (hour, minute, second) = (num(t..t + 2)?, num(t + 3..t + 5)?, num(t + 6..t + 8)?);
+            let mut i = t + 8;
+            if b.get(i) == Some(&b'.') {
+                i += 1;
+                let digits = b[i..].iter().take_while(|c| c.is_ascii_digit()).count();
+                if digits == 0 {
+                    return None;
+                }
+                i += digits;
+            }
+            let tail = &s[i..];
+            if us {
+                // 12-hour clock when AM/PM follows.
+                match tail.trim_start() {
+                    "" => {}
+                    m @ ("AM" | "PM" | "am" | "pm") if tail.len() > m.len() => {
+                        if !(1..=12).contains(&hour) {
+                            return None;
+                        }
+                        hour %= 12;
+                        if m.eq_ignore_ascii_case("PM") {
+                            hour += 12;
+                        }
+                    }
+                    _ => return None,
+                }
+            } else if !(tail.is_empty() || tail == "Z" || is_offset(tail)) {
                 return None;
             }
         }
@@ -242,6 +319,19 @@ impl Timestamp {
             second: second as u8,
         })
     }
+}
+
+/// `+HH`, `+HH:MM` or `+HHMM` (or with `-`).
+fn is_offset(s: &str) -> bool {
+    let b = s.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
+    matches!(b.first(), Some(b'+' | b'-'))
+        && match b.len() {
+            3 => digits(1..3),
+            5 => digits(1..5),
+            6 => digits(1..3) && b[3] == b':' && digits(4..6),
+            _ => false,
+        }
 }
 
 impl fmt::Display for Timestamp {
@@ -501,6 +591,16 @@ mod tests {
             "2016-02-29 00:00:00"
         );
         assert!(Timestamp::parse("2016-02-29T01:02:03.123Z").is_some());
+        for (form, want) in [
+            ("2016-02-29 23:59:59+00", "2016-02-29 23:59:59"),
+            ("2016-02-29T23:59:59-05:00", "2016-02-29 23:59:59"),
+            ("02/29/2016 11:59:59 PM", "2016-02-29 23:59:59"),
+            ("02/29/2016 12:00:01 AM", "2016-02-29 00:00:01"),
+            ("02/29/2016 13:00:00", "2016-02-29 13:00:00"),
+            ("02/29/2016", "2016-02-29 00:00:00"),
+        ] {
+            assert_eq!(Timestamp::parse(form).unwrap().to_string(), want, "{form}");
+        }
         for bad in [
             "2015-02-29 00:00:00",
             "2015-13-01 00:00:00",
@@ -509,6 +609,11 @@ mod tests {
             "last tuesday",
             "2015-01-01 10:00",
             "2015-01-01 10:00:00.x",
+            "2015-01-01 10:00:00+5",
+            "02/29/2015 10:00:00",
+            "02/01/2015 13:00:00 PM",
+            "02/01/2015T10:00:00",
+            "2015-01-01 10:00:00 PM",
         ] {
             assert_eq!(Timestamp::parse(bad), None, "{bad}");
         }
@@ -571,6 +676,27 @@ mod tests {
             Columns::from_header(&missing)
                 .unwrap_err()
                 .contains("dbaname")
+        );
+    }
+
+    #[test]
+    fn level_column_by_either_name_and_unused_columns_optional() {
+        let names: Vec<&str> = HEADER
+            .iter()
+            .map(|h| if *h == "viol_level" { "VIOLLEVEL" } else { h })
+            .filter(|h| !["namelast", "namefirst", "licstatus"].contains(h))
+            .collect();
+        let cols = Columns::from_header(&StringRecord::from(names.clone())).unwrap();
+        assert_eq!(cols.width(), 23);
+        assert_eq!(cols.at[Col::ViolLevel as usize], 11);
+        let without: Vec<&str> = names
+            .into_iter()
+            .filter(|h| *h != "VIOLLEVEL" && *h != "violdttm")
+            .collect();
+        let err = Columns::from_header(&StringRecord::from(without)).unwrap_err();
+        assert!(
+            err.starts_with("the header has no columns `viol_level` or `viollevel`, `violdttm`"),
+            "{err}"
         );
     }
 }
