@@ -436,7 +436,8 @@ impl<U: Send + 'static> Core<U> {
         }
         let item_nanos = self.chan.item_nanos.load(Ordering::Relaxed);
         let size = if item_nanos < LIGHT_NANOS {
-            n.min(MAX_LIGHT_CHUNK_ITEMS)
+            // Still at least two chunks per worker, so that every worker gets a share.
+            (n / (2 * self.pool.workers())).clamp(1, MAX_LIGHT_CHUNK_ITEMS)
         } else {
             // Before the first chunk is measured, share the items out between the workers
             // (a chunk whose item has to wait splits off the rest anyway).
