@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 use futures::stream::{FusedStream, Stream};
 use pin_project_lite::pin_project;
 
-use crate::error::{ConfigError, nonzero, or_panic};
+use crate::error::{ConfigError, or_panic};
 use crate::fan_out::Core;
 use crate::pool::WorkerPool;
 
@@ -227,8 +227,7 @@ where
 
     /// Sets the window, or returns an error naming `window` if it is zero.
     pub fn try_window(mut self, window: usize) -> Result<Self, ConfigError> {
-        nonzero("window", window as u64)?;
-        self.core.set_window(window);
+        self.core.try_set_window(window)?;
         self.gate.window = window;
         Ok(self)
     }

@@ -60,6 +60,19 @@ pub(crate) fn nonzero(parameter: &'static str, value: u64) -> Result<(), ConfigE
     }
 }
 
+/// The largest window any stream or group accepts: far beyond what memory allows, and well
+/// inside what tokio's channels and semaphores can count.
+pub(crate) const MAX_WINDOW: usize = 1 << 30;
+
+/// `Err` naming `window` if it is zero or above [`MAX_WINDOW`].
+pub(crate) fn window_size(window: usize) -> Result<(), ConfigError> {
+    nonzero("window", window as u64)?;
+    if window > MAX_WINDOW {
+        return Err(ConfigError::new("window", "must be at most 2^30"));
+    }
+    Ok(())
+}
+
 /// Unwraps a constructor result, panicking at the caller with the error's message.
 #[track_caller]
 pub(crate) fn or_panic<T>(result: Result<T, ConfigError>) -> T {

@@ -23,6 +23,7 @@ use futures::stream::{FusedStream, Stream};
 use futures::task::AtomicWaker;
 use pin_project_lite::pin_project;
 
+use crate::error::{ConfigError, or_panic, window_size};
 use crate::pool::{self, Job, SourceId, WorkerPool};
 
 /// What a job produced: its value, or the payload of its panic.
@@ -345,8 +346,13 @@ impl<U: Send + 'static> Core<U> {
 
     #[track_caller]
     pub(crate) fn set_window(&mut self, window: usize) {
-        assert!(window > 0, "invalid `window`: must be greater than zero");
+        or_panic(self.try_set_window(window));
+    }
+
+    pub(crate) fn try_set_window(&mut self, window: usize) -> Result<(), ConfigError> {
+        window_size(window)?;
         self.window = window;
+        Ok(())
     }
 
     /// Pulls upstream while the window has room, submits the futures, then yields a result.
@@ -567,11 +573,19 @@ macro_rules! fan_out_stream {
             ///
             /// # Panics
             ///
-            /// Panics if `window` is zero.
+            /// Panics if `window` is zero or above 2^30; [`try_window`](Self::try_window)
+            /// returns the error instead.
             #[track_caller]
             pub fn window(mut self, window: usize) -> Self {
                 self.core.set_window(window);
                 self
+            }
+
+            /// [`window`](Self::window), returning a [`ConfigError`] naming `window` if it is
+            /// zero or above 2^30.
+            pub fn try_window(mut self, window: usize) -> Result<Self, ConfigError> {
+                self.core.try_set_window(window)?;
+                Ok(self)
             }
 
             /// How many of this stream's items are in the pool now.

@@ -1,5 +1,6 @@
 //! [`Backoff`], [`RetryError`] and the [`Retry`] / [`RetryIf`] streams.
 
+use crate::error::{ConfigError, nonzero, or_panic};
 use std::error::Error;
 use std::fmt;
 use std::future::Future;
@@ -59,32 +60,44 @@ impl Backoff {
     ///
     /// # Panics
     ///
-    /// If `initial` is zero (it would never grow).
+    /// If `initial` is zero (it would never grow). [`try_exponential`](Self::try_exponential)
+    /// returns the error instead.
     #[track_caller]
     pub fn exponential(initial: Duration) -> Self {
-        assert!(
-            !initial.is_zero(),
-            "invalid `initial`: must be greater than zero"
-        );
-        Self {
+        or_panic(Self::try_exponential(initial))
+    }
+
+    /// [`exponential`](Self::exponential), returning a [`ConfigError`] naming `initial` if it
+    /// is zero.
+    pub fn try_exponential(initial: Duration) -> Result<Self, ConfigError> {
+        if initial.is_zero() {
+            return Err(ConfigError::new("initial", "must be greater than zero"));
+        }
+        Ok(Self {
             exponential: true,
             ..Self::fixed(initial)
-        }
+        })
     }
 
     /// Makes at most `n` attempts in total, the first one included (default 3).
     ///
     /// # Panics
     ///
-    /// If `n` is zero.
+    /// If `n` is zero. [`try_max_attempts`](Self::try_max_attempts) returns the error instead.
     #[track_caller]
     #[must_use]
     pub fn max_attempts(self, n: u32) -> Self {
-        assert!(n > 0, "invalid `n`: must be greater than zero");
-        Self {
+        or_panic(self.try_max_attempts(n))
+    }
+
+    /// [`max_attempts`](Self::max_attempts), returning a [`ConfigError`] naming `n` if it is
+    /// zero.
+    pub fn try_max_attempts(self, n: u32) -> Result<Self, ConfigError> {
+        nonzero("n", u64::from(n))?;
+        Ok(Self {
             max_attempts: n,
             ..self
-        }
+        })
     }
 
     /// Caps every wait at `d` (before jitter).

@@ -155,12 +155,17 @@ impl RateLimiter {
     ///
     /// # Panics
     ///
-    /// If `b` is zero.
+    /// If `b` is zero. [`try_burst`](Self::try_burst) returns the error instead.
     #[track_caller]
     #[must_use]
     pub fn burst(self, b: u32) -> Self {
-        or_panic(nonzero("b", u64::from(b)));
-        Self::from_gcra(self.shared.gcra.with_burst(b))
+        or_panic(self.try_burst(b))
+    }
+
+    /// [`burst`](Self::burst), returning a [`ConfigError`] naming `b` if it is zero.
+    pub fn try_burst(self, b: u32) -> Result<Self, ConfigError> {
+        nonzero("b", u64::from(b))?;
+        Ok(Self::from_gcra(self.shared.gcra.with_burst(b)))
     }
 
     fn from_gcra(gcra: Gcra) -> Self {

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::pipeline::{Inner, Pipeline};
 use super::{GroupClosed, StageError, StateMachine};
-use crate::error::{nonzero, or_panic};
+use crate::error::{ConfigError, or_panic, window_size};
 use crate::fan_out::Core;
 
 type Outcome<M> = Result<<M as StateMachine>::Data, StageError<M>>;
@@ -73,12 +73,19 @@ impl<M: StateMachine> GroupBuilder<M> {
     ///
     /// # Panics
     ///
-    /// Panics if `window` is zero.
+    /// Panics if `window` is zero or above 2^30; [`try_window`](Self::try_window) returns the
+    /// error instead.
     #[track_caller]
-    pub fn window(mut self, window: usize) -> Self {
-        or_panic(nonzero("window", window as u64));
+    pub fn window(self, window: usize) -> Self {
+        or_panic(self.try_window(window))
+    }
+
+    /// [`window`](Self::window), returning a [`ConfigError`] naming `window` if it is zero or
+    /// above 2^30.
+    pub fn try_window(mut self, window: usize) -> Result<Self, ConfigError> {
+        window_size(window)?;
         self.window = window;
-        self
+        Ok(self)
     }
 
     /// Keyed ordering: requests with equal keys run one at a time, in submission order;

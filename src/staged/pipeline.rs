@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::group::GroupBuilder;
 use super::{Next, StageError, StateMachine};
-use crate::error::{ConfigError, nonzero, or_panic};
+use crate::error::{ConfigError, nonzero, or_panic, window_size};
 use crate::{Stats, WorkerPool};
 
 /// A staged pipeline: a [`StateMachine`] run on a shared [`WorkerPool`] for many request groups.
@@ -123,12 +123,18 @@ impl<M: StateMachine> PipelineBuilder<M> {
     ///
     /// # Panics
     ///
-    /// Panics if `workers` is zero.
+    /// Panics if `workers` is zero; [`try_workers`](Self::try_workers) returns the error
+    /// instead.
     #[track_caller]
-    pub fn workers(mut self, workers: usize) -> Self {
-        or_panic(nonzero("workers", workers as u64));
+    pub fn workers(self, workers: usize) -> Self {
+        or_panic(self.try_workers(workers))
+    }
+
+    /// [`workers`](Self::workers), returning a [`ConfigError`] naming `workers` if it is zero.
+    pub fn try_workers(mut self, workers: usize) -> Result<Self, ConfigError> {
+        nonzero("workers", workers as u64)?;
         self.workers = Some(workers);
-        self
+        Ok(self)
     }
 
     /// Runs the pipeline on an existing shared pool instead of a new one, so that the pipeline
@@ -144,12 +150,19 @@ impl<M: StateMachine> PipelineBuilder<M> {
     ///
     /// # Panics
     ///
-    /// Panics if `window` is zero.
+    /// Panics if `window` is zero or above 2^30; [`try_window`](Self::try_window) returns the
+    /// error instead.
     #[track_caller]
-    pub fn window(mut self, window: usize) -> Self {
-        or_panic(nonzero("window", window as u64));
+    pub fn window(self, window: usize) -> Self {
+        or_panic(self.try_window(window))
+    }
+
+    /// [`window`](Self::window), returning a [`ConfigError`] naming `window` if it is zero or
+    /// above 2^30.
+    pub fn try_window(mut self, window: usize) -> Result<Self, ConfigError> {
+        window_size(window)?;
         self.window = Some(window);
-        self
+        Ok(self)
     }
 
     /// DAG mode: a request routed back to a stage it already visited fails with

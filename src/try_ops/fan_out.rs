@@ -17,7 +17,7 @@ use futures::future::TryFuture;
 use futures::stream::{FusedStream, Stream, TryStream};
 use pin_project_lite::pin_project;
 
-use crate::error::{ConfigError, nonzero};
+use crate::error::ConfigError;
 use crate::fan_out::Core;
 use crate::pool::WorkerPool;
 
@@ -112,8 +112,7 @@ macro_rules! try_fan_out_stream {
 
             /// Sets the window, or returns an error naming `window` if it is zero.
             pub fn try_window(mut self, window: usize) -> Result<Self, ConfigError> {
-                nonzero("window", window as u64)?;
-                self.core.set_window(window);
+                self.core.try_set_window(window)?;
                 self.window = window;
                 Ok(self)
             }

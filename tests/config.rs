@@ -1,0 +1,116 @@
+//! Invalid configuration is refused where it is given, naming the parameter: every refusable
+//! value has a `try_` twin returning `ConfigError`, and its panicking form says the same.
+
+mod common;
+
+use std::time::Duration;
+
+use common::panic_message;
+use futures::stream;
+use stagepipe::prelude::*;
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+struct Only;
+
+struct Echo;
+
+impl StateMachine for Echo {
+    type Stage = Only;
+    type Data = u32;
+    type Error = String;
+
+    fn start(&self) -> Only {
+        Only
+    }
+
+    async fn run(&self, _: Only, n: u32) -> Result<Next<Only, u32>, String> {
+        Ok(Next::Done(n))
+    }
+}
+
+fn named<T: std::fmt::Debug>(result: Result<T, ConfigError>, parameter: &str) {
+    let err = result.expect_err("refused");
+    assert_eq!(err.parameter(), parameter);
+    assert!(err.to_string().contains(parameter), "{err}");
+}
+
+fn panics_naming<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe, parameter: &str) {
+    let payload = std::panic::catch_unwind(f).err().expect("panics");
+    let message = panic_message(&*payload);
+    assert!(message.contains(parameter), "{message}");
+}
+
+#[test]
+fn backoff_twins_name_their_parameter() {
+    named(Backoff::try_exponential(Duration::ZERO), "initial");
+    named(
+        Backoff::fixed(Duration::from_millis(1)).try_max_attempts(0),
+        "n",
+    );
+    assert!(Backoff::try_exponential(Duration::from_millis(1)).is_ok());
+    panics_naming(|| Backoff::exponential(Duration::ZERO), "initial");
+    panics_naming(|| Backoff::fixed(Duration::ZERO).max_attempts(0), "n");
+}
+
+#[test]
+fn limiter_burst_twins_name_their_parameter() {
+    named(RateLimiter::per_second(10).try_burst(0), "b");
+    named(KeyedRateLimiter::<u32>::per_second(10).try_burst(0), "b");
+    assert_eq!(
+        RateLimiter::per_second(10)
+            .try_burst(3)
+            .unwrap()
+            .burst_size(),
+        3
+    );
+    panics_naming(|| RateLimiter::per_second(10).burst(0), "b");
+}
+
+#[test]
+fn pipeline_builder_twins_name_their_parameter() {
+    named(
+        Pipeline::builder(Echo).try_workers(0).map(|_| ()),
+        "workers",
+    );
+    named(Pipeline::builder(Echo).try_window(0).map(|_| ()), "window");
+    named(
+        Pipeline::builder(Echo).try_window(1 << 62).map(|_| ()),
+        "window",
+    );
+    panics_naming(|| Pipeline::builder(Echo).window(1 << 62), "window");
+}
+
+#[tokio::test]
+async fn a_huge_group_window_is_refused_at_the_builder_not_at_open() {
+    let pipeline = Pipeline::builder(Echo).workers(1).build();
+    named(pipeline.group().try_window(1 << 62).map(|_| ()), "window");
+    named(pipeline.group().try_window(0).map(|_| ()), "window");
+    // The largest accepted window opens a group that works.
+    let (tx, results) = pipeline.group().try_window(1 << 30).unwrap().open();
+    tx.submit(7).await.unwrap();
+    drop(tx);
+    let out: Vec<_> = futures::StreamExt::collect::<Vec<_>>(results).await;
+    let values: Vec<u32> = out
+        .into_iter()
+        .map(|r| r.expect("no stage fails"))
+        .collect();
+    assert_eq!(values, [7]);
+}
+
+#[tokio::test]
+async fn fan_out_window_twins_name_their_parameter() {
+    named(
+        stream::iter(0..3u32)
+            .fan_out_ordered(1, |x| async move { x })
+            .try_window(0)
+            .map(|_| ()),
+        "window",
+    );
+    named(
+        stream::iter(0..3u32)
+            .fan_out(1, |x| async move { x })
+            .try_window(1 << 62)
+            .map(|_| ()),
+        "window",
+    );
+}
