@@ -868,3 +868,35 @@ async fn many_stages_keep_their_figures_in_order() {
     }
     assert_eq!(stats.to_string().lines().count(), 42, "{stats}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submitter_clones_feed_one_group_which_ends_when_every_clone_is_gone() {
+    let pipeline = Pipeline::builder(Machine::default()).workers(2).build();
+    let (tx, mut results) = pipeline.group().ordered().open();
+    let mut other = tx.clone();
+    tx.submit(1).await.unwrap();
+    other.submit(2).await.unwrap();
+    drop(tx);
+    // One clone is still open: the stream yields both results, then waits for more.
+    let mut got = Vec::new();
+    for _ in 0..2 {
+        got.push(
+            results
+                .next()
+                .await
+                .expect("a result")
+                .expect("no stage fails"),
+        );
+    }
+    assert_eq!(got, [1, 2]);
+    assert!(futures::poll!(results.next()).is_pending());
+    other.submit(3).await.unwrap();
+    other.close();
+    assert!(other.submit(4).await.is_err(), "a closed clone refuses");
+    let rest: Vec<u64> = results.map(|r| r.expect("no stage fails")).collect().await;
+    assert_eq!(
+        rest,
+        [3],
+        "the stream ends once every clone is closed or dropped"
+    );
+}

@@ -141,11 +141,21 @@ struct GroupShared {
 
 /// Submits requests to one request group; from [`GroupBuilder::open`].
 ///
-/// Dropping it (or [`close`](Self::close)) ends the group's result stream after the last
-/// result.
+/// Clones submit to the same group (several tasks feeding one caller's results). The group's
+/// result stream ends after the last result once every clone is dropped or
+/// [`close`](Self::close)d.
 pub struct Submitter<M: StateMachine> {
     tx: Option<mpsc::Sender<M::Data>>,
     shared: Arc<GroupShared>,
+}
+
+impl<M: StateMachine> Clone for Submitter<M> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            shared: Arc::clone(&self.shared),
+        }
+    }
 }
 
 impl<M: StateMachine> fmt::Debug for Submitter<M> {
@@ -182,8 +192,8 @@ impl<M: StateMachine> Submitter<M> {
         }
     }
 
-    /// Closes the group for submissions: the result stream ends after the results of the
-    /// requests already submitted.
+    /// Closes this handle for submissions: once every clone is closed or dropped, the result
+    /// stream ends after the results of the requests already submitted.
     pub fn close(&mut self) {
         self.tx = None;
     }
