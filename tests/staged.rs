@@ -900,3 +900,54 @@ async fn submitter_clones_feed_one_group_which_ends_when_every_clone_is_gone() {
         "the stream ends once every clone is closed or dropped"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn drain_refuses_new_work_ends_open_groups_and_waits_for_them() {
+    let machine = Machine {
+        delay_ms: Some(|_| 10),
+        ..Machine::default()
+    };
+    let pipeline = Pipeline::builder(machine).workers(2).build();
+    let (tx, results) = pipeline.group().ordered().open();
+    let (idle_tx, idle_results) = pipeline.group().open(); // open, never used
+    for id in 1..=3 {
+        tx.submit(id).await.unwrap();
+    }
+    let reader = tokio::spawn(
+        results
+            .map(|r| r.expect("no stage fails"))
+            .collect::<Vec<u64>>(),
+    );
+    let idle_reader = tokio::spawn(idle_results.collect::<Vec<_>>());
+    let start = tokio::time::Instant::now();
+    pipeline.drain().await;
+    // The submitted requests finished (two workers, 10 ms each) and both groups ended, though
+    // neither submitter was dropped.
+    assert_eq!(start.elapsed(), Duration::from_millis(20));
+    assert_eq!(reader.await.unwrap(), [1, 2, 3]);
+    assert!(idle_reader.await.unwrap().is_empty());
+    assert!(matches!(tx.submit(4).await, Err(GroupClosed(4))));
+    assert!(matches!(idle_tx.submit(5).await, Err(GroupClosed(5))));
+    // A group opened after the drain is closed at once.
+    let (late_tx, late_results) = pipeline.group().open();
+    assert!(matches!(late_tx.submit(6).await, Err(GroupClosed(6))));
+    assert!(late_results.collect::<Vec<_>>().await.is_empty());
+    let stats = pipeline.stats();
+    assert_eq!((stats.groups_opened, stats.groups_open), (3, 0));
+}
+
+#[tokio::test(start_paused = true)]
+async fn drain_waits_for_a_group_until_its_results_are_read() {
+    let pipeline = Pipeline::builder(Machine::default()).workers(1).build();
+    let (tx, mut results) = pipeline.group().open();
+    tx.submit(1).await.unwrap();
+    let mut drain = tokio_test::task::spawn(pipeline.drain());
+    tokio_test::assert_pending!(drain.poll());
+    assert_eq!(results.next().await.map(|r| r.unwrap()), Some(1));
+    assert!(
+        results.next().await.is_none(),
+        "the drain ended the group's input"
+    );
+    assert!(drain.is_woken());
+    tokio_test::assert_ready!(drain.poll());
+}

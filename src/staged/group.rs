@@ -9,10 +9,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use futures::stream::{FusedStream, Stream};
+use futures::task::AtomicWaker;
 use pin_project_lite::pin_project;
 use tokio::sync::mpsc;
 
-use super::pipeline::{Inner, Pipeline};
+use super::pipeline::{Drain, Inner, Pipeline};
 use super::{GroupClosed, StageError, StateMachine};
 use crate::error::{ConfigError, or_panic, window_size};
 use crate::fan_out::Core;
@@ -113,18 +114,26 @@ impl<M: StateMachine> GroupBuilder<M> {
     /// the group's unfinished requests.
     pub fn open(self) -> (Submitter<M>, GroupResults<M>) {
         let (tx, rx) = mpsc::channel(self.window);
+        let inner = self.pipeline.inner;
         let shared = Arc::new(GroupShared {
             closed: AtomicBool::new(false),
+            drain: Arc::clone(&inner.drain),
         });
-        let inner = self.pipeline.inner;
+        let drain_waker = Arc::new(AtomicWaker::new());
+        inner.drain.register(&drain_waker);
         let gate = self.key.map(|key| KeyGate::new(key, self.window));
-        let results = GroupResults {
+        let mut results = GroupResults {
             rx: Some(rx),
             gate,
             run: Run::new(inner, self.ordered, self.window),
             shared: shared.clone(),
             cancel_on_error: self.cancel_on_error,
+            drain_waker,
         };
+        if results.shared.drain.is_draining() {
+            // Opened while the pipeline drains: closed at once.
+            results.cancel();
+        }
         (
             Submitter {
                 tx: Some(tx),
@@ -137,6 +146,8 @@ impl<M: StateMachine> GroupBuilder<M> {
 
 struct GroupShared {
     closed: AtomicBool,
+    /// The pipeline's drain.
+    drain: Arc<Drain>,
 }
 
 /// Submits requests to one request group; from [`GroupBuilder::open`].
@@ -147,6 +158,13 @@ struct GroupShared {
 pub struct Submitter<M: StateMachine> {
     tx: Option<mpsc::Sender<M::Data>>,
     shared: Arc<GroupShared>,
+}
+
+impl GroupShared {
+    /// Whether submissions are refused: the group closed, or the pipeline is draining.
+    fn refuses(&self) -> bool {
+        self.closed.load(Ordering::Acquire) || self.drain.is_draining()
+    }
 }
 
 impl<M: StateMachine> Clone for Submitter<M> {
@@ -180,11 +198,11 @@ impl<M: StateMachine> Submitter<M> {
         let Some(tx) = &self.tx else {
             return Err(GroupClosed(data));
         };
-        if self.shared.closed.load(Ordering::Acquire) {
+        if self.shared.refuses() {
             return Err(GroupClosed(data));
         }
         match tx.reserve().await {
-            Ok(permit) if !self.shared.closed.load(Ordering::Acquire) => {
+            Ok(permit) if !self.shared.refuses() => {
                 permit.send(data);
                 Ok(())
             }
@@ -200,8 +218,7 @@ impl<M: StateMachine> Submitter<M> {
 
     /// Whether submissions are refused now.
     pub fn is_closed(&self) -> bool {
-        self.shared.closed.load(Ordering::Acquire)
-            || self.tx.as_ref().is_none_or(mpsc::Sender::is_closed)
+        self.shared.refuses() || self.tx.as_ref().is_none_or(mpsc::Sender::is_closed)
     }
 }
 
@@ -254,7 +271,8 @@ impl<M: StateMachine> Run<M> {
     /// Abandons unfinished requests (the core's drop cancels them).
     fn finish(&mut self) {
         if self.core.take().is_some() {
-            self.inner.groups_closed.fetch_add(1, Ordering::Relaxed);
+            self.inner.groups_closed.fetch_add(1, Ordering::AcqRel);
+            self.inner.drain.group_closed();
         }
     }
 
@@ -367,6 +385,8 @@ pub struct GroupResults<M: StateMachine> {
     run: Run<M>,
     shared: Arc<GroupShared>,
     cancel_on_error: bool,
+    /// Woken when the pipeline starts draining.
+    drain_waker: Arc<AtomicWaker>,
 }
 
 // Nothing in a group's result stream is pinned structurally: its buffers hold plain values.
@@ -390,6 +410,12 @@ impl<M: StateMachine> Stream for GroupResults<M> {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Outcome<M>>> {
         let this = self.get_mut();
+        if this.shared.drain.is_draining() {
+            // No more submissions: the stream ends after the requests already submitted.
+            if let Some(rx) = &mut this.rx {
+                rx.close();
+            }
+        }
         let feed = Feed {
             rx: this.rx.as_mut(),
             gate: this.gate.as_mut(),
@@ -409,7 +435,16 @@ impl<M: StateMachine> Stream for GroupResults<M> {
                 this.cancel();
                 Poll::Ready(None)
             }
-            Poll::Pending => Poll::Pending,
+            Poll::Pending => {
+                // Woken when the pipeline starts draining, to end the group's input.
+                this.drain_waker.register(cx.waker());
+                if this.shared.drain.is_draining()
+                    && this.rx.as_ref().is_some_and(|rx| !rx.is_closed())
+                {
+                    cx.waker().wake_by_ref();
+                }
+                Poll::Pending
+            }
         }
     }
 }

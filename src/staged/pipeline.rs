@@ -3,11 +3,13 @@
 use std::any::Any;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
 use futures::FutureExt;
+use futures::task::AtomicWaker;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::group::GroupBuilder;
@@ -77,6 +79,38 @@ pub(super) struct Inner<M: StateMachine> {
     pub(super) groups_closed: AtomicU64,
     pub(super) requests_done: AtomicU64,
     pub(super) requests_failed: AtomicU64,
+    pub(super) drain: Arc<Drain>,
+}
+
+/// A pipeline's drain: whether it is draining, the open groups to tell, and a signal when a
+/// group closes.
+#[derive(Default)]
+pub(super) struct Drain {
+    draining: AtomicBool,
+    /// The open groups (and some closed ones, pruned as the list grows).
+    groups: Mutex<Vec<Weak<AtomicWaker>>>,
+    /// Signalled whenever a group closes.
+    closed: Notify,
+}
+
+impl Drain {
+    pub(super) fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Registers a new group's waker slot, woken when draining starts.
+    pub(super) fn register(&self, waker: &Arc<AtomicWaker>) {
+        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
+        if groups.len() >= 64 && groups.len().is_power_of_two() {
+            groups.retain(|g| g.strong_count() > 0);
+        }
+        groups.push(Arc::downgrade(waker));
+    }
+
+    /// A group has closed.
+    pub(super) fn group_closed(&self) {
+        self.closed.notify_waiters();
+    }
 }
 
 impl<M: StateMachine> Clone for Pipeline<M> {
@@ -196,6 +230,7 @@ impl<M: StateMachine> PipelineBuilder<M> {
                 groups_closed: AtomicU64::new(0),
                 requests_done: AtomicU64::new(0),
                 requests_failed: AtomicU64::new(0),
+                drain: Arc::default(),
             }),
         }
     }
@@ -225,6 +260,58 @@ impl<M: StateMachine> Pipeline<M> {
     /// errors.
     pub fn group(&self) -> GroupBuilder<M> {
         GroupBuilder::new(self.clone())
+    }
+
+    /// Drains the pipeline for a graceful shutdown: no new groups or submissions are accepted
+    /// from now on (`submit` returns [`GroupClosed`](super::GroupClosed), a group opened now is
+    /// closed at once), every open group's result stream ends after the requests already
+    /// submitted, and this resolves once every group has closed (its results read to the end,
+    /// or its stream dropped). A group whose results nobody reads keeps the drain waiting:
+    /// bound it with [`tokio::time::timeout`].
+    ///
+    /// ```
+    /// use futures::StreamExt;
+    /// use stagepipe::prelude::*;
+    ///
+    /// # #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)] struct S;
+    /// # struct Echo;
+    /// # impl StateMachine for Echo {
+    /// #     type Stage = S; type Data = u32; type Error = String;
+    /// #     fn start(&self) -> S { S }
+    /// #     async fn run(&self, _: S, n: u32) -> Result<Next<S, u32>, String> { Ok(Next::Done(n)) }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let pipeline = Pipeline::builder(Echo).workers(2).build();
+    /// let (tx, results) = pipeline.group().ordered().open();
+    /// tx.submit(1).await.unwrap();
+    /// let reader = tokio::spawn(results.collect::<Vec<_>>());
+    /// pipeline.drain().await; // `tx` is still held: the drain ends the group anyway
+    /// assert!(tx.submit(2).await.is_err());
+    /// assert_eq!(reader.await.unwrap().len(), 1);
+    /// # }
+    /// ```
+    pub async fn drain(&self) {
+        let drain = &self.inner.drain;
+        drain.draining.store(true, Ordering::Release);
+        let groups: Vec<Weak<AtomicWaker>> = drain
+            .groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for group in groups.iter().filter_map(Weak::upgrade) {
+            group.wake();
+        }
+        loop {
+            let closed = drain.closed.notified();
+            let mut closed = std::pin::pin!(closed);
+            closed.as_mut().enable();
+            let i = &self.inner;
+            if i.groups_closed.load(Ordering::Acquire) >= i.groups_opened.load(Ordering::Acquire) {
+                return;
+            }
+            closed.await;
+        }
     }
 
     /// The state machine.
