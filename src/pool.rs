@@ -302,9 +302,17 @@ impl WorkerPool {
         {
             let mut state = shared.lock();
             if !state.started {
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    drop(state);
+                    panic!(
+                        "a stagepipe WorkerPool was used outside a tokio runtime: its workers are \
+                         spawned on the runtime that polls its first stream, so poll the stream \
+                         (or open the group) inside one"
+                    );
+                };
                 state.started = true;
                 for index in 0..shared.workers {
-                    tokio::spawn(worker(shared.clone(), index));
+                    runtime.spawn(worker(shared.clone(), index));
                 }
             }
             let n = jobs.len();

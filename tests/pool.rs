@@ -361,3 +361,32 @@ async fn nested_work_run_inline_keeps_the_pools_cap_on_running_futures() {
     );
     assert_eq!(running.live(), 0);
 }
+
+#[test]
+fn polling_outside_a_runtime_says_so_and_leaves_the_pool_usable() {
+    let pool = WorkerPool::new(1);
+    let p = pool.clone();
+    let payload = std::panic::catch_unwind(AssertUnwindSafe(move || {
+        let mut s = stream::iter(0..3u32).fan_out_ordered(&p, |i| async move { i });
+        let waker = futures::task::noop_waker();
+        let mut cx = std::task::Context::from_waker(&waker);
+        let _ = futures::Stream::poll_next(std::pin::Pin::new(&mut s), &mut cx);
+    }))
+    .expect_err("polling outside a runtime panics");
+    let message = panic_message(&*payload);
+    assert!(message.contains("outside a tokio runtime"), "{message}");
+
+    // The pool was not marked as started: used inside a runtime afterwards, it works.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let out: Vec<u32> = rt.block_on(guard(
+        "the pool after a use outside a runtime",
+        stream::iter(0..3u32)
+            .fan_out_ordered(&pool, |i| async move { i * 2 })
+            .collect(),
+    ));
+    assert_eq!(out, [0, 2, 4]);
+}
