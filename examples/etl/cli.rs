@@ -289,7 +289,6 @@ fn print_report(out: &mut dyn Write, r: &Report) -> std::io::Result<()> {
 
 /// A progress bar on stderr while the returned guard lives: records done (committed or
 /// skipped), rows/s, and the ETA from the share of the input done, or of `limit` records.
-#[cfg(feature = "progress")]
 fn progress(p: Arc<Progress>, limit: Option<u64>, quiet: bool) -> Option<impl Drop> {
     use std::sync::atomic::Ordering;
     use std::time::Duration;
@@ -337,19 +336,4 @@ fn progress(p: Arc<Progress>, limit: Option<u64>, quiet: bool) -> Option<impl Dr
         }
     }
     Some(Guard(bar, ticker))
-}
-
-/// Without the `progress` feature: no bar.
-#[cfg(not(feature = "progress"))]
-fn progress(_: Arc<Progress>, _: Option<u64>, _: bool) -> Option<NoBar> {
-    None
-}
-
-/// The guard of the absent progress bar.
-#[cfg(not(feature = "progress"))]
-struct NoBar;
-
-#[cfg(not(feature = "progress"))]
-impl Drop for NoBar {
-    fn drop(&mut self) {}
 }
