@@ -62,29 +62,13 @@ async fn one_group(pipeline: &Pipeline<Plus>, ordered: bool, ids: std::ops::Rang
     sum
 }
 
-async fn one_ordered_group(pipeline: Pipeline<Plus>, ids: std::ops::Range<u64>) -> u64 {
-    let (tx, results) = pipeline.group().ordered().open();
-    let n = ids.end - ids.start;
-    let feeder = tokio::spawn(async move {
-        for id in ids {
-            tx.submit(id).await.unwrap();
-        }
-    });
-    let (count, sum) = results
-        .fold(
-            (0u64, 0u64),
-            |(c, s), r| async move { (c + 1, s + r.unwrap()) },
-        )
-        .await;
-    feeder.await.unwrap();
-    assert_eq!(count, n);
-    sum
-}
-
 async fn groups(pipeline: &Pipeline<Plus>, g: u64) -> u64 {
     let per = REQUESTS / g;
     let tasks: Vec<_> = (0..g)
-        .map(|i| tokio::spawn(one_ordered_group(pipeline.clone(), i * per..(i + 1) * per)))
+        .map(|i| {
+            let p = pipeline.clone();
+            tokio::spawn(async move { one_group(&p, true, i * per..(i + 1) * per).await })
+        })
         .collect();
     let mut sum = 0u64;
     for t in tasks {

@@ -101,15 +101,15 @@ struct Timer {
 
 impl Timer {
     /// Arms the timer for `target`, early by most of the expected lateness.
-    fn arm(&mut self, clock: &Timeline, target: u64) {
+    fn arm(&mut self, clock: &Timeline, target: u64, now: u64) {
         let lead = (self.late / 4 * 3).min(TICK);
-        self.arm_at(clock, target, target.saturating_sub(lead));
+        self.arm_at(clock, target, target.saturating_sub(lead), now);
     }
 
-    fn arm_at(&mut self, clock: &Timeline, target: u64, at: u64) {
+    fn arm_at(&mut self, clock: &Timeline, target: u64, at: u64, now: u64) {
         self.target = target;
         self.armed = at;
-        self.sleeping = at > clock.now();
+        self.sleeping = at > now;
         let at = clock.instant(at);
         match &mut self.sleep {
             Some(sleep) => sleep.as_mut().reset(at),
@@ -155,7 +155,7 @@ fn poll_release(
         if now < timer.target {
             // Woken early: wait for the instant itself; nothing is released before it.
             let target = timer.target;
-            timer.arm_at(clock, target, target);
+            timer.arm_at(clock, target, target, now);
             continue;
         }
         let wake_at = if now < deadline {
@@ -166,7 +166,7 @@ fn poll_release(
                 Err(at) => at,
             }
         };
-        timer.arm(clock, wake_at);
+        timer.arm(clock, wake_at, now);
     }
 }
 
@@ -249,7 +249,7 @@ impl<S: Stream> Stream for RateLimit<S> {
                         Err(at) => at,
                     }
                 };
-                this.timer.arm(&shared.clock, wake_at);
+                this.timer.arm(&shared.clock, wake_at, now);
                 this.held.insert(Held::new(item, slot, Arc::clone(shared)))
             }
         };
@@ -392,7 +392,7 @@ where
                         Err(at) => at,
                     }
                 };
-                this.timer.arm(&shared.clock, wake_at);
+                this.timer.arm(&shared.clock, wake_at, now);
                 let refund = KeyRefund {
                     shared: Arc::clone(shared),
                     key,
