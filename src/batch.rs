@@ -21,7 +21,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep, sleep_until};
 
 use crate::error::{ConfigError, nonzero, or_panic};
-use crate::retry::deadline_after;
+use crate::time;
 
 /// How many upstream items one call to `poll_next` may drop (duplicates, replaced values)
 /// before the stream yields to the runtime, waking itself first. Keeps a stream whose upstream
@@ -74,13 +74,15 @@ impl Deadline {
 
     /// Starts a new wait now.
     pub(crate) fn start(&mut self) {
-        self.at = Some(deadline_after(self.wait));
+        self.at = Some(time::deadline(Instant::now(), self.wait));
         self.armed = false;
     }
 
     /// When the current wait ends, starting it now if it has not started.
     pub(crate) fn at(&mut self) -> Instant {
-        *self.at.get_or_insert_with(|| deadline_after(self.wait))
+        *self
+            .at
+            .get_or_insert_with(|| time::deadline(Instant::now(), self.wait))
     }
 
     /// Whether the current wait has ended, by the clock (starting it now if it has not

@@ -9,12 +9,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use futures::stream::FusedStream;
-use futures::{Stream, TryFuture};
+use futures::stream::{Fuse, FusedStream};
+use futures::{Stream, StreamExt, TryFuture};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
 use crate::error::{ConfigError, nonzero, or_panic};
+use crate::macros::size_hint_plus;
+use crate::time;
 
 /// The state of a [`CircuitBreaker`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -179,7 +181,7 @@ pub struct CircuitBreaker {
 
 struct Shared {
     failure_threshold: u32,
-    open_for: u64,
+    open_for: Duration,
     base: Instant,
     /// The period, the state and the consecutive-failure count (see `CLOSED`).
     word: AtomicU64,
@@ -200,13 +202,26 @@ struct Permit {
 }
 
 impl Shared {
+    fn new(failure_threshold: u32, open_for: Duration, name: Option<Box<str>>) -> Arc<Self> {
+        Arc::new(Self {
+            failure_threshold,
+            open_for,
+            base: Instant::now(),
+            word: AtomicU64::new(CLOSED),
+            name,
+            opened_at: AtomicU64::new(0),
+        })
+    }
+
     fn now(&self) -> u64 {
-        u64::try_from(
-            Instant::now()
-                .saturating_duration_since(self.base)
-                .as_nanos(),
-        )
-        .unwrap_or(u64::MAX)
+        time::nanos(Instant::now().saturating_duration_since(self.base))
+    }
+
+    /// Whether `open_for` has not passed yet since the breaker last opened (a period too long
+    /// for the clock never passes).
+    fn still_open(&self) -> bool {
+        let opened_at = self.opened_at.load(Ordering::Acquire);
+        self.now() < opened_at.saturating_add(time::nanos(self.open_for))
     }
 
     #[inline]
@@ -218,8 +233,7 @@ impl Shared {
                 period: word & PERIOD,
             }),
             OPEN => {
-                let opened_at = self.opened_at.load(Ordering::Acquire);
-                if self.now() < opened_at.saturating_add(self.open_for) {
+                if self.still_open() {
                     return None;
                 }
                 let trial = next_period(word, TRIAL, failures_of(word));
@@ -291,7 +305,7 @@ impl Shared {
                 tracing::warn!(
                     target: "stagepipe::circuit_breaker",
                     name = self.name.as_deref(),
-                    open_for = ?Duration::from_nanos(self.open_for),
+                    open_for = ?self.open_for,
                     "circuit breaker opened again: trial call failed"
                 );
             }
@@ -322,7 +336,7 @@ impl Shared {
                         target: "stagepipe::circuit_breaker",
                         name = self.name.as_deref(),
                         failures,
-                        open_for = ?Duration::from_nanos(self.open_for),
+                        open_for = ?self.open_for,
                         "circuit breaker opened"
                     );
                     return;
@@ -370,14 +384,7 @@ impl CircuitBreaker {
             return Err(ConfigError::new("open_for", "must be greater than zero"));
         }
         Ok(Self {
-            shared: Arc::new(Shared {
-                failure_threshold,
-                open_for: u64::try_from(open_for.as_nanos()).unwrap_or(u64::MAX),
-                base: Instant::now(),
-                word: AtomicU64::new(CLOSED),
-                name: None,
-                opened_at: AtomicU64::new(0),
-            }),
+            shared: Shared::new(failure_threshold, open_for, None),
         })
     }
 
@@ -396,16 +403,9 @@ impl CircuitBreaker {
     /// ```
     #[must_use]
     pub fn named(self, name: impl Into<String>) -> Self {
-        let shared = &self.shared;
+        let name = Some(name.into().into_boxed_str());
         Self {
-            shared: Arc::new(Shared {
-                failure_threshold: shared.failure_threshold,
-                open_for: shared.open_for,
-                base: Instant::now(),
-                word: AtomicU64::new(CLOSED),
-                name: Some(name.into().into_boxed_str()),
-                opened_at: AtomicU64::new(0),
-            }),
+            shared: Shared::new(self.shared.failure_threshold, self.shared.open_for, name),
         }
     }
 
@@ -421,14 +421,7 @@ impl CircuitBreaker {
         match state_of(shared.word.load(Ordering::Acquire)) {
             CLOSED => CircuitState::Closed,
             OPENING => CircuitState::Open,
-            OPEN => {
-                let opened_at = shared.opened_at.load(Ordering::Acquire);
-                if shared.now() < opened_at.saturating_add(shared.open_for) {
-                    CircuitState::Open
-                } else {
-                    CircuitState::HalfOpen
-                }
-            }
+            OPEN if shared.still_open() => CircuitState::Open,
             _ => CircuitState::HalfOpen,
         }
     }
@@ -446,7 +439,7 @@ impl CircuitBreaker {
 
     /// How long the breaker stays open before a trial call.
     pub fn open_for(&self) -> Duration {
-        Duration::from_nanos(self.shared.open_for)
+        self.shared.open_for
     }
 
     /// Runs `fut` if the breaker lets it through and records its outcome; rejects it at once,
@@ -529,37 +522,27 @@ where
     }
 }
 
-impl From<&CircuitBreaker> for CircuitBreaker {
-    /// A clone of the handle: the state is shared.
-    fn from(breaker: &CircuitBreaker) -> Self {
-        breaker.clone()
-    }
-}
+from_ref_handle!(impl[] CircuitBreaker, "the state");
 
-impl fmt::Debug for CircuitBreaker {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CircuitBreaker")
-            .field("name", &self.name())
-            .field("state", &self.state())
-            .field("consecutive_failures", &self.consecutive_failures())
-            .field("failure_threshold", &self.shared.failure_threshold)
-            .field("open_for", &self.open_for())
-            .finish()
-    }
-}
+impl_debug!(impl[] CircuitBreaker => "CircuitBreaker" |this| {
+    name: &this.name(),
+    state: &this.state(),
+    consecutive_failures: &this.consecutive_failures(),
+    failure_threshold: &this.failure_threshold(),
+    open_for: &this.open_for(),
+});
 
 pin_project! {
     /// Stream for the [`circuit_breaker`](crate::PipelineExt::circuit_breaker) method.
     #[must_use = "streams do nothing unless polled"]
     pub struct Breaker<S, F, Fut> {
         #[pin]
-        stream: S,
+        stream: Fuse<S>,
         breaker: CircuitBreaker,
         f: F,
         #[pin]
         call: Option<Fut>,
         permit: Option<Permit>,
-        done: bool,
     }
 
     impl<S, F, Fut> PinnedDrop for Breaker<S, F, Fut> {
@@ -580,12 +563,11 @@ where
 {
     pub(crate) fn new(stream: S, breaker: CircuitBreaker, f: F) -> Self {
         Self {
-            stream,
+            stream: stream.fuse(),
             breaker,
             f,
             call: None,
             permit: None,
-            done: false,
         }
     }
 }
@@ -596,20 +578,7 @@ impl<S, F, Fut> Breaker<S, F, Fut> {
         &self.breaker
     }
 
-    /// The upstream stream.
-    pub fn get_ref(&self) -> &S {
-        &self.stream
-    }
-
-    /// The upstream stream, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.stream
-    }
-
-    /// The upstream stream, pinned.
-    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
-        self.project().stream
-    }
+    delegate_access_inner!(pub stream, S, (.));
 }
 
 impl<S, F, Fut> Stream for Breaker<S, F, Fut>
@@ -623,11 +592,7 @@ where
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let mut this = self.project();
         if this.call.is_none() {
-            if *this.done {
-                return Poll::Ready(None);
-            }
             let Some(item) = ready!(this.stream.poll_next(cx)) else {
-                *this.done = true;
                 return Poll::Ready(None);
             };
             let Some(permit) = this.breaker.shared.acquire() else {
@@ -654,35 +619,22 @@ where
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let running = usize::from(self.call.is_some());
-        if self.done {
-            return (running, Some(running));
-        }
-        let (lower, upper) = self.stream.size_hint();
-        (
-            lower.saturating_add(running),
-            upper.and_then(|u| u.checked_add(running)),
-        )
+        size_hint_plus(usize::from(self.call.is_some()), self.stream.size_hint())
     }
 }
 
 impl<S, F, Fut> FusedStream for Breaker<S, F, Fut>
 where
+    Self: Stream,
     S: Stream,
-    F: FnMut(S::Item) -> Fut,
-    Fut: TryFuture,
 {
     fn is_terminated(&self) -> bool {
-        self.done && self.call.is_none()
+        self.stream.is_terminated() && self.call.is_none()
     }
 }
 
-impl<S: fmt::Debug, F, Fut> fmt::Debug for Breaker<S, F, Fut> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Breaker")
-            .field("stream", &self.stream)
-            .field("breaker", &self.breaker)
-            .field("running", &self.call.is_some())
-            .finish_non_exhaustive()
-    }
-}
+impl_debug!(impl[S: fmt::Debug, F, Fut] Breaker<S, F, Fut> => "Breaker" |this| {
+    stream: this.stream.get_ref(),
+    breaker: &this.breaker,
+    running: &this.call.is_some(),
+} ..);

@@ -39,8 +39,7 @@ impl<K: Hash + Eq + Clone> Window<K> {
         if self.order.len() == self.capacity {
             self.forget_oldest();
         }
-        // A window too long for the clock lasts as long as tokio's longest sleep.
-        let expiry = now + self.window.min(crate::retry::FAR_FUTURE);
+        let expiry = crate::time::deadline(now, self.window);
         self.order.push_back((expiry, key.clone()));
         self.live.insert(key);
         true

@@ -46,8 +46,13 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+// First: the shared macros are visible to every module declared after it.
+#[macro_use]
+mod macros;
+
 mod error;
 mod ext;
+mod time;
 mod try_ext;
 
 // -- core: pool, fan_out, in_flight, stats --

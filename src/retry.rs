@@ -8,10 +8,13 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use futures::stream::FusedStream;
-use futures::{Stream, TryFuture};
+use futures::stream::{Fuse, FusedStream};
+use futures::{Stream, StreamExt, TryFuture};
 use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep, sleep, sleep_until};
+use tokio::time::{Instant, Sleep, sleep_until};
+
+use crate::macros::size_hint_plus;
+use crate::time;
 
 /// A retry policy: how many attempts, and how long to wait between them.
 ///
@@ -19,8 +22,8 @@ use tokio::time::{Instant, Sleep, sleep, sleep_until};
 /// [`max_attempts`](Self::max_attempts) (default 3, the first attempt included),
 /// [`max_delay`](Self::max_delay) and [`jitter`](Self::jitter). A `Backoff` is a plain value:
 /// use it for the [`retry`](crate::PipelineExt::retry) operator or around any async call with
-/// [`retry`](Self::retry). Waiting uses tokio's timer; like tokio's `sleep`, a wait lasts at
-/// most about 30 years, so any delay up to `Duration::MAX` is safe to wait.
+/// [`retry`](Self::retry). Waiting uses tokio's timer; a wait lasts at most about 30 years, so
+/// any delay up to `Duration::MAX` is safe to wait.
 ///
 /// ```
 /// use std::time::Duration;
@@ -246,10 +249,7 @@ impl Backoff {
                         if attempts >= policy.max_attempts || !retryable(&error) {
                             return Err(error);
                         }
-                        let delay = policy.delay_after(attempts);
-                        if !delay.is_zero() {
-                            sleep(delay).await;
-                        }
+                        time::sleep(policy.delay_after(attempts)).await;
                         attempts += 1;
                     }
                 }
@@ -280,16 +280,6 @@ fn from_nanos(nanos: u128) -> Duration {
         Ok(secs) => Duration::new(secs, (nanos % NANOS_PER_SEC) as u32),
         Err(_) => Duration::MAX,
     }
-}
-
-/// About 30 years: the longest wait tokio's `sleep` makes (it clamps longer ones to this, since
-/// some platforms' clocks cannot add much more).
-pub(crate) const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
-
-/// When a wait of `delay` from now ends: at most [`FAR_FUTURE`] away, as with tokio's `sleep`,
-/// so that no `delay` overflows the clock (`Instant::now() + Duration::MAX` panics).
-pub(crate) fn deadline_after(delay: Duration) -> Instant {
-    Instant::now() + delay.min(FAR_FUTURE)
 }
 
 /// An item whose retries were exhausted (or whose error was not retryable): the item back, the
@@ -358,10 +348,11 @@ pin_project! {
 }
 
 pin_project! {
-    /// The engine behind [`Retry`] and [`RetryIf`]: one item at a time.
+    /// The engine behind [`Retry`] and [`RetryIf`]: one item at a time, its errors classified
+    /// by `C`.
     struct Core<S: Stream, F, Fut, C> {
         #[pin]
-        stream: S,
+        stream: Fuse<S>,
         f: F,
         classify: C,
         backoff: Backoff,
@@ -369,38 +360,41 @@ pin_project! {
         attempts: u32,
         #[pin]
         state: State<Fut>,
-        done: bool,
     }
 }
 
 impl<S: Stream, F, Fut, C> Core<S, F, Fut, C> {
     fn new(stream: S, backoff: Backoff, f: F, classify: C) -> Self {
         Self {
-            stream,
+            stream: stream.fuse(),
             f,
             classify,
             backoff,
             item: None,
             attempts: 0,
             state: State::Idle,
-            done: false,
         }
     }
 
+    delegate_access_inner!(stream, Fuse<S>, ());
+
     fn is_terminated(&self) -> bool {
-        self.done && self.item.is_none()
+        self.stream.is_terminated() && self.item.is_none()
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let current = usize::from(self.item.is_some());
-        if self.done {
-            return (current, Some(current));
-        }
-        let (lower, upper) = self.stream.size_hint();
-        (
-            lower.saturating_add(current),
-            upper.and_then(|u| u.checked_add(current)),
-        )
+        size_hint_plus(usize::from(self.item.is_some()), self.stream.size_hint())
+    }
+
+    fn fmt_as(&self, name: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result
+    where
+        S: fmt::Debug,
+    {
+        f.debug_struct(name)
+            .field("stream", self.stream.get_ref())
+            .field("backoff", &self.backoff)
+            .field("attempts", &self.attempts)
+            .finish_non_exhaustive()
     }
 }
 
@@ -419,11 +413,7 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Idle => {
-                    if *this.done {
-                        return Poll::Ready(None);
-                    }
                     let Some(item) = ready!(this.stream.as_mut().poll_next(cx)) else {
-                        *this.done = true;
                         return Poll::Ready(None);
                     };
                     *this.attempts = 1;
@@ -459,7 +449,7 @@ where
                                 let fut = (this.f)(item.clone());
                                 this.state.set(State::Calling { fut });
                             } else {
-                                let sleep = sleep_until(deadline_after(delay));
+                                let sleep = sleep_until(time::deadline(Instant::now(), delay));
                                 this.state.set(State::Waiting { sleep });
                             }
                         }
@@ -485,78 +475,30 @@ pin_project! {
     }
 }
 
-impl<S: Stream, F, Fut> Retry<S, F, Fut>
-where
-    S::Item: Clone,
-    F: FnMut(S::Item) -> Fut,
-    Fut: TryFuture,
-{
+impl<S: Stream, F, Fut> Retry<S, F, Fut> {
     pub(crate) fn new(stream: S, backoff: Backoff, f: F) -> Self {
         Self {
             core: Core::new(stream, backoff, f, Always),
         }
     }
-}
 
-impl<S: Stream, F, Fut> Retry<S, F, Fut> {
     /// The retry policy.
     pub fn backoff(&self) -> &Backoff {
         &self.core.backoff
     }
 
-    /// The upstream stream.
-    pub fn get_ref(&self) -> &S {
-        &self.core.stream
-    }
-
-    /// The upstream stream, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.core.stream
-    }
-
-    /// The upstream stream, pinned.
-    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
-        self.project().core.project().stream
-    }
+    delegate_access_inner!(pub core, S, (. .));
 }
 
-impl<S, F, Fut> Stream for Retry<S, F, Fut>
-where
-    S: Stream,
-    S::Item: Clone,
-    F: FnMut(S::Item) -> Fut,
-    Fut: TryFuture,
-{
-    type Item = Output<S::Item, Fut>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.project().core.poll_next(cx)
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        self.core.size_hint()
-    }
-}
-
-impl<S, F, Fut> FusedStream for Retry<S, F, Fut>
-where
-    S: Stream,
-    S::Item: Clone,
-    F: FnMut(S::Item) -> Fut,
-    Fut: TryFuture,
-{
-    fn is_terminated(&self) -> bool {
-        self.core.is_terminated()
-    }
-}
+delegate_stream!(
+    impl[S, F, Fut] Retry<S, F, Fut>
+    where [S: Stream, S::Item: Clone, F: FnMut(S::Item) -> Fut, Fut: TryFuture]
+    => Output<S::Item, Fut>
+);
 
 impl<S: Stream + fmt::Debug, F, Fut> fmt::Debug for Retry<S, F, Fut> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Retry")
-            .field("stream", &self.core.stream)
-            .field("backoff", &self.core.backoff)
-            .field("attempts", &self.core.attempts)
-            .finish_non_exhaustive()
+        self.core.fmt_as("Retry", f)
     }
 }
 
@@ -569,80 +511,35 @@ pin_project! {
     }
 }
 
-impl<S: Stream, F, Fut, P> RetryIf<S, F, Fut, P>
-where
-    S::Item: Clone,
-    F: FnMut(S::Item) -> Fut,
-    Fut: TryFuture,
-    P: FnMut(&Fut::Error) -> bool,
-{
+impl<S: Stream, F, Fut, P> RetryIf<S, F, Fut, P> {
     pub(crate) fn new(stream: S, backoff: Backoff, f: F, retryable: P) -> Self {
         Self {
             core: Core::new(stream, backoff, f, When(retryable)),
         }
     }
-}
 
-impl<S: Stream, F, Fut, P> RetryIf<S, F, Fut, P> {
     /// The retry policy.
     pub fn backoff(&self) -> &Backoff {
         &self.core.backoff
     }
 
-    /// The upstream stream.
-    pub fn get_ref(&self) -> &S {
-        &self.core.stream
-    }
-
-    /// The upstream stream, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.core.stream
-    }
-
-    /// The upstream stream, pinned.
-    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
-        self.project().core.project().stream
-    }
+    delegate_access_inner!(pub core, S, (. .));
 }
 
-impl<S, F, Fut, P> Stream for RetryIf<S, F, Fut, P>
-where
-    S: Stream,
-    S::Item: Clone,
-    F: FnMut(S::Item) -> Fut,
-    Fut: TryFuture,
-    P: FnMut(&Fut::Error) -> bool,
-{
-    type Item = Output<S::Item, Fut>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.project().core.poll_next(cx)
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        self.core.size_hint()
-    }
-}
-
-impl<S, F, Fut, P> FusedStream for RetryIf<S, F, Fut, P>
-where
-    S: Stream,
-    S::Item: Clone,
-    F: FnMut(S::Item) -> Fut,
-    Fut: TryFuture,
-    P: FnMut(&Fut::Error) -> bool,
-{
-    fn is_terminated(&self) -> bool {
-        self.core.is_terminated()
-    }
-}
+delegate_stream!(
+    impl[S, F, Fut, P] RetryIf<S, F, Fut, P>
+    where [
+        S: Stream,
+        S::Item: Clone,
+        F: FnMut(S::Item) -> Fut,
+        Fut: TryFuture,
+        P: FnMut(&Fut::Error) -> bool,
+    ]
+    => Output<S::Item, Fut>
+);
 
 impl<S: Stream + fmt::Debug, F, Fut, P> fmt::Debug for RetryIf<S, F, Fut, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RetryIf")
-            .field("stream", &self.core.stream)
-            .field("backoff", &self.core.backoff)
-            .field("attempts", &self.core.attempts)
-            .finish_non_exhaustive()
+        self.core.fmt_as("RetryIf", f)
     }
 }

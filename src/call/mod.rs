@@ -29,7 +29,6 @@ use crate::{Backoff, BreakerError, CircuitBreaker, InFlightLimit, RateLimiter};
 pub use error::CallError;
 pub use retry::{CallRetry, NoRetry, RetryAll, Retrying};
 pub use stats::{CallStats, CallStatsSnapshot};
-pub(crate) use timeout::sleep_for;
 use timeout::{Elapsed, Timeout};
 
 /// One policy stack around an async function: a timeout, a rate limit, an in-flight cap, a
@@ -217,8 +216,8 @@ impl<F, R: Clone> Call<F, R> {
     /// rate-limit cell; the wait for an in-flight unit is included). A timed-out attempt is a
     /// failure for the breaker and ends as [`CallError::Timeout`] unless it is retried.
     ///
-    /// Any duration is accepted, `Duration::MAX` included: a deadline too far to represent
-    /// becomes "about 30 years from now", as tokio's `sleep` does.
+    /// Any duration is accepted, `Duration::MAX` included: a timeout beyond about 30 years
+    /// times out after about 30 years (never, in practice).
     ///
     /// # Panics
     ///
@@ -513,7 +512,7 @@ impl<R> Policy<R> {
             };
             match next {
                 Some(next) if self.retry.retryable(&error) => {
-                    sleep_for(self.retry.delay_after(attempts)).await;
+                    crate::time::sleep(self.retry.delay_after(attempts)).await;
                     if let Some(stats) = &self.stats {
                         stats.retry();
                     }

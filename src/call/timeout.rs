@@ -1,4 +1,4 @@
-//! Deadlines that cannot overflow, and a timeout whose timer is armed only if it is needed.
+//! A timeout whose timer is armed only if it is needed.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -8,26 +8,7 @@ use std::time::Duration;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep, sleep_until};
 
-/// About 30 years: the deadline used when `now + d` does not fit in an `Instant` (tokio's
-/// `sleep` clamps the same way).
-const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365 * 30);
-
-/// `now + d`, saturated: a duration too large for an `Instant` gives a deadline about 30 years
-/// ahead, and `None` only if even that does not fit (no deadline at all).
-pub(crate) fn deadline_after(now: Instant, d: Duration) -> Option<Instant> {
-    now.checked_add(d).or_else(|| now.checked_add(FAR_FUTURE))
-}
-
-/// Sleeps for `d` on tokio's timer; never panics, however large `d` is.
-pub(crate) async fn sleep_for(d: Duration) {
-    if d.is_zero() {
-        return;
-    }
-    match deadline_after(Instant::now(), d) {
-        Some(deadline) => sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
+use crate::time;
 
 pin_project! {
     /// `fut`, or `Err(Elapsed)` once `deadline` has passed. The timer is registered on the first
@@ -35,7 +16,7 @@ pin_project! {
     pub(crate) struct Timeout<Fut> {
         #[pin]
         fut: Fut,
-        deadline: Option<Instant>,
+        deadline: Instant,
         #[pin]
         sleep: Option<Sleep>,
     }
@@ -46,11 +27,11 @@ pin_project! {
 pub(crate) struct Elapsed;
 
 impl<Fut> Timeout<Fut> {
-    /// Times `fut` out `d` after `now`.
+    /// Times `fut` out `d` after `now` (at most about 30 years: see [`time::deadline`]).
     pub(crate) fn new(fut: Fut, now: Instant, d: Duration) -> Self {
         Self {
             fut,
-            deadline: deadline_after(now, d),
+            deadline: time::deadline(now, d),
             sleep: None,
         }
     }
@@ -64,11 +45,8 @@ impl<Fut: Future> Future for Timeout<Fut> {
         if let Poll::Ready(out) = this.fut.poll(cx) {
             return Poll::Ready(Ok(out));
         }
-        let Some(deadline) = *this.deadline else {
-            return Poll::Pending;
-        };
         if this.sleep.is_none() {
-            this.sleep.set(Some(sleep_until(deadline)));
+            this.sleep.set(Some(sleep_until(*this.deadline)));
         }
         let sleep = this.sleep.as_pin_mut().expect("the timer was just armed");
         match sleep.poll(cx) {

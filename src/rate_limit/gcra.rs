@@ -15,6 +15,7 @@ use std::time::Duration;
 use governor::Quota;
 
 use crate::error::{ConfigError, nonzero};
+use crate::time;
 use tokio::time::Instant;
 
 /// The quota in the algorithm's own terms: the emission interval `t` and the burst tolerance
@@ -45,13 +46,17 @@ impl Gcra {
         Ok(Self::new(period, 1))
     }
 
+    /// The quota of `burst` cells at once and one per `interval`, which counts as at most
+    /// [`FAR_FUTURE`](time::FAR_FUTURE) (the crate's longest wait).
+    ///
+    /// The timeline's instants saturate at `u64::MAX` (584 years), so the burst tolerance is
+    /// capped at half of that: a theoretical arrival time pushed past the end of the timeline
+    /// stays far from conforming (it is one only once `tat - tol <= now`).
     pub(crate) fn new(interval: Duration, burst: u32) -> Self {
-        let t = u64::try_from(interval.as_nanos())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let t = time::nanos(interval.min(time::FAR_FUTURE)).max(1);
         Self {
             t,
-            tol: t.saturating_mul(u64::from(burst - 1)),
+            tol: t.saturating_mul(u64::from(burst - 1)).min(u64::MAX / 2),
             burst,
         }
     }
@@ -125,12 +130,17 @@ impl Timeline {
 
     #[inline]
     pub(crate) fn nanos(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX)
+        time::nanos(at.saturating_duration_since(self.base))
     }
 
+    /// The instant `at` on this timeline, for a timer armed at `now` (on it too), saturated as
+    /// every deadline (see [`time::deadline`]).
     #[inline]
-    pub(crate) fn instant(&self, nanos: u64) -> Instant {
-        self.base + Duration::from_nanos(nanos)
+    pub(crate) fn instant(&self, at: u64, now: u64) -> Instant {
+        time::deadline(
+            self.base + Duration::from_nanos(now),
+            Duration::from_nanos(at.saturating_sub(now)),
+        )
     }
 
     /// Now, on this timeline.

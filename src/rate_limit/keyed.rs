@@ -1,17 +1,13 @@
 //! [`KeyedRateLimiter`]: one quota per key.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
 
 use governor::Quota;
-use tokio::time::sleep_until;
 
 use super::gcra::{Credit, Gcra, Timeline};
-use super::quota_of;
-use crate::error::{ConfigError, nonzero, or_panic};
+use super::{Limiter, take};
 
 /// Below this many keys the map is never swept.
 const MIN_SWEEP: usize = 64;
@@ -79,11 +75,15 @@ impl<K> Shared<K> {
     }
 }
 
-impl<K: Hash + Eq + Clone> Shared<K> {
-    /// Reserves `key`'s next slot for a cell taken as of `arrival` (at most one tick before
-    /// `now`): `(deadline, tat before, tat after)`; the slot is due at once if
-    /// `deadline <= now`.
-    pub(super) fn reserve(&self, key: &K, arrival: u64, now: u64) -> (u64, u64, u64) {
+impl<K: Hash + Eq + Clone> Limiter for Shared<K> {
+    type Key = K;
+
+    #[inline]
+    fn clock(&self) -> &Timeline {
+        &self.clock
+    }
+
+    fn reserve(&self, key: &K, arrival: u64, now: u64) -> (u64, u64, u64) {
         let mut keys = self.lock();
         let state = keys.entry(&self.gcra, key, now);
         let before = state.tat;
@@ -92,16 +92,14 @@ impl<K: Hash + Eq + Clone> Shared<K> {
         (deadline, before, after)
     }
 
-    /// Releases a cell of `key` whose slot is due, at `now`; `Err(at)` if it must wait until
-    /// `at` so that no window holds more than `burst + (T + 1 ms) / interval` of the key's cells.
-    pub(super) fn release(&self, key: &K, now: u64) -> Result<(), u64> {
+    fn release(&self, key: &K, now: u64) -> Result<(), u64> {
         let mut keys = self.lock();
         let state = keys.entry(&self.gcra, key, now);
         state.released = self.gcra.release(state.released, now)?;
         Ok(())
     }
 
-    pub(super) fn refund(&self, key: &K, before: u64, after: u64) {
+    fn refund(&self, key: &K, before: u64, after: u64) {
         if let Some(state) = self.lock().states.get_mut(key) {
             if state.tat == after {
                 state.tat = before;
@@ -134,56 +132,8 @@ impl<K> Keys<K> {
     }
 }
 
-impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
-    /// At most `rate` cells per second for each key, burst 1 (change it with
-    /// [`burst`](Self::burst)).
-    ///
-    /// # Panics
-    ///
-    /// If `rate` is zero. [`try_per_second`](Self::try_per_second) returns the error instead.
-    #[track_caller]
-    pub fn per_second(rate: u32) -> Self {
-        or_panic(Self::try_per_second(rate))
-    }
-
-    /// [`per_second`](Self::per_second), returning a [`ConfigError`] naming `rate` if it is zero.
-    pub fn try_per_second(rate: u32) -> Result<Self, ConfigError> {
-        Gcra::try_per_second(rate).map(Self::from_gcra)
-    }
-
-    /// One cell per `period` for each key, burst 1 (change it with [`burst`](Self::burst)).
-    ///
-    /// # Panics
-    ///
-    /// If `period` is zero. [`try_per`](Self::try_per) returns the error instead.
-    #[track_caller]
-    pub fn per(period: Duration) -> Self {
-        or_panic(Self::try_per(period))
-    }
-
-    /// [`per`](Self::per), returning a [`ConfigError`] naming `period` if it is zero.
-    pub fn try_per(period: Duration) -> Result<Self, ConfigError> {
-        Gcra::try_per(period).map(Self::from_gcra)
-    }
-
-    /// Allows each key up to `b` cells at once after an idle spell.
-    ///
-    /// This builds a new limiter: call it before sharing the handle.
-    ///
-    /// # Panics
-    ///
-    /// If `b` is zero. [`try_burst`](Self::try_burst) returns the error instead.
-    #[track_caller]
-    #[must_use]
-    pub fn burst(self, b: u32) -> Self {
-        or_panic(self.try_burst(b))
-    }
-
-    /// [`burst`](Self::burst), returning a [`ConfigError`] naming `b` if it is zero.
-    pub fn try_burst(self, b: u32) -> Result<Self, ConfigError> {
-        nonzero("b", u64::from(b))?;
-        Ok(Self::from_gcra(self.shared.gcra.with_burst(b)))
-    }
+impl<K> KeyedRateLimiter<K> {
+    quota_methods!(" for each key");
 
     fn from_gcra(gcra: Gcra) -> Self {
         Self::from_shared(Arc::new(Shared {
@@ -196,6 +146,19 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
         }))
     }
 
+    fn from_shared(shared: Arc<Shared<K>>) -> Self {
+        Self {
+            shared,
+            credit: Mutex::new(None),
+        }
+    }
+
+    pub(super) fn shared(&self) -> &Arc<Shared<K>> {
+        &self.shared
+    }
+}
+
+impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
     /// Waits until one cell for `key` conforms to its quota and takes it.
     ///
     /// As with [`RateLimiter::until_ready`](crate::RateLimiter::until_ready), a call whose timer
@@ -214,25 +177,9 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
             Some((credited, credit)) if credited == key => credit.arrival(now),
             _ => now,
         };
-        let (deadline, before, after) = shared.reserve(key, arrival, now);
-        let wake_at = if deadline > now {
-            deadline
-        } else {
-            match shared.release(key, now) {
-                Ok(()) => return,
-                Err(at) => at,
-            }
-        };
-        let slot = KeySlot {
-            shared,
-            key,
-            deadline,
-            before,
-            after,
-            armed: true,
-        };
-        let credit = slot.wait(wake_at).await;
-        *self.lock_credit() = Some((key.clone(), credit));
+        if let Some(credit) = take(shared, key, arrival, now).await {
+            *self.lock_credit() = Some((key.clone(), credit));
+        }
     }
 
     fn lock_credit(&self) -> MutexGuard<'_, Option<(K, Credit)>> {
@@ -277,74 +224,6 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
     }
 }
 
-impl<K> KeyedRateLimiter<K> {
-    /// The average time between two cells of one key.
-    pub fn interval(&self) -> Duration {
-        self.shared.gcra.interval()
-    }
-
-    /// How many cells of one key may pass at once after an idle spell.
-    pub fn burst_size(&self) -> u32 {
-        self.shared.gcra.burst()
-    }
-
-    /// The per-key quota, as governor's [`Quota`].
-    pub fn quota(&self) -> Quota {
-        quota_of(&self.shared.gcra)
-    }
-
-    pub(super) fn shared(&self) -> &Arc<Shared<K>> {
-        &self.shared
-    }
-
-    fn from_shared(shared: Arc<Shared<K>>) -> Self {
-        Self {
-            shared,
-            credit: Mutex::new(None),
-        }
-    }
-}
-
-/// A reserved slot of one key whose deadline is still ahead: given back if dropped before it is
-/// released.
-struct KeySlot<'a, K: Hash + Eq + Clone> {
-    shared: &'a Shared<K>,
-    key: &'a K,
-    deadline: u64,
-    before: u64,
-    after: u64,
-    armed: bool,
-}
-
-impl<K: Hash + Eq + Clone> KeySlot<'_, K> {
-    /// Sleeps (first until `wake_at`) until the slot is due and its cell may be released, and
-    /// releases it; returns the waiter's credit.
-    async fn wait(mut self, mut wake_at: u64) -> Credit {
-        let now = loop {
-            sleep_until(self.shared.clock.instant(wake_at)).await;
-            let now = self.shared.clock.now();
-            if now < self.deadline {
-                wake_at = self.deadline;
-                continue;
-            }
-            match self.shared.release(self.key, now) {
-                Ok(()) => break now,
-                Err(at) => wake_at = at,
-            }
-        };
-        self.armed = false;
-        Credit::after_wait(self.deadline, now)
-    }
-}
-
-impl<K: Hash + Eq + Clone> Drop for KeySlot<'_, K> {
-    fn drop(&mut self) {
-        if self.armed {
-            self.shared.refund(self.key, self.before, self.after);
-        }
-    }
-}
-
 impl<K> Clone for KeyedRateLimiter<K> {
     /// Another handle on the same per-key state, with a credit of its own (see
     /// [`until_key_ready`](Self::until_key_ready)).
@@ -360,19 +239,10 @@ impl<K: Hash + Eq + Clone> From<Quota> for KeyedRateLimiter<K> {
     }
 }
 
-impl<K> From<&KeyedRateLimiter<K>> for KeyedRateLimiter<K> {
-    /// A clone of the handle: the per-key state is shared.
-    fn from(limiter: &KeyedRateLimiter<K>) -> Self {
-        limiter.clone()
-    }
-}
+from_ref_handle!(impl[K] KeyedRateLimiter<K>, "the per-key state");
 
-impl<K> fmt::Debug for KeyedRateLimiter<K> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeyedRateLimiter")
-            .field("interval", &self.interval())
-            .field("burst", &self.burst_size())
-            .field("keys", &self.shared.lock().states.len())
-            .finish_non_exhaustive()
-    }
-}
+impl_debug!(impl[K] KeyedRateLimiter<K> => "KeyedRateLimiter" |this| {
+    interval: &this.interval(),
+    burst: &this.burst_size(),
+    keys: &this.shared.lock().states.len(),
+} ..);

@@ -6,15 +6,12 @@ mod gcra;
 mod keyed;
 mod stream;
 
-use std::fmt;
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::time::Duration;
 
 use governor::Quota;
 use tokio::time::sleep_until;
 
-use crate::error::{ConfigError, nonzero, or_panic};
 use gcra::{Credit, Gcra, HandleCredit, Released, Tat, Timeline};
 
 pub use keyed::KeyedRateLimiter;
@@ -92,84 +89,142 @@ struct Shared {
     released: Released,
 }
 
-impl Shared {
-    fn new(gcra: Gcra) -> Self {
-        Self {
-            gcra,
-            clock: Timeline::new(),
-            tat: Tat::default(),
-            released: Released::default(),
-        }
+/// What taking a cell needs of a limiter's shared state: the same GCRA steps, on the one quota
+/// of a [`RateLimiter`] (`Key = ()`) or on one key's quota of a [`KeyedRateLimiter`].
+trait Limiter {
+    type Key;
+
+    fn clock(&self) -> &Timeline;
+
+    /// Reserves the key's next slot for a cell taken as of `arrival` (at most one tick before
+    /// `now`): `(deadline, tat before, tat after)`; the cell conforms at once if
+    /// `deadline <= now`.
+    fn reserve(&self, key: &Self::Key, arrival: u64, now: u64) -> (u64, u64, u64);
+
+    /// Releases a cell of the key whose slot is due, at `now`; `Err(at)` if it must wait until
+    /// `at` so that no window holds more than `burst + (T + 1 ms) / interval` of its cells.
+    fn release(&self, key: &Self::Key, now: u64) -> Result<(), u64>;
+
+    /// Gives a reserved slot back, if no later slot of the key was reserved since.
+    fn refund(&self, key: &Self::Key, before: u64, after: u64);
+}
+
+impl Limiter for Shared {
+    type Key = ();
+
+    #[inline]
+    fn clock(&self) -> &Timeline {
+        &self.clock
     }
 
-    /// Reserves the next slot for a cell taken as of `arrival` (at most one tick before now):
-    /// `(deadline, tat before, tat after)`; the cell conforms at once if `deadline <= now`.
     #[inline]
-    fn reserve(&self, arrival: u64) -> (u64, u64, u64) {
+    fn reserve(&self, (): &(), arrival: u64, _now: u64) -> (u64, u64, u64) {
         self.tat.reserve(&self.gcra, arrival)
     }
 
-    /// Releases a cell whose slot is due, at `now`; `Err(at)` if it must wait until `at` so
-    /// that no window holds more than `burst + (T + 1 ms) / interval` cells.
     #[inline]
-    fn release(&self, now: u64) -> Result<(), u64> {
+    fn release(&self, (): &(), now: u64) -> Result<(), u64> {
         self.released.release(&self.gcra, now)
+    }
+
+    fn refund(&self, (): &(), before: u64, after: u64) {
+        self.tat.refund(before, after);
+    }
+}
+
+/// A slot reserved for a cell that may not go out yet.
+#[derive(Debug, Clone, Copy)]
+struct Reserved {
+    deadline: u64,
+    before: u64,
+    after: u64,
+    /// When to look again: the deadline, or the instant the release schedule allows.
+    wake_at: u64,
+}
+
+/// Reserves the next slot of `key` for a cell taken as of `arrival` (at most one tick before
+/// `now`) and releases the cell if it may go out now: `Ok(())`, or the slot to wait for.
+#[inline]
+fn take_or_reserve<L: Limiter>(
+    shared: &L,
+    key: &L::Key,
+    arrival: u64,
+    now: u64,
+) -> Result<(), Reserved> {
+    let (deadline, before, after) = shared.reserve(key, arrival, now);
+    let wake_at = if deadline > now {
+        deadline
+    } else {
+        match shared.release(key, now) {
+            Ok(()) => return Ok(()),
+            Err(at) => at,
+        }
+    };
+    Err(Reserved {
+        deadline,
+        before,
+        after,
+        wake_at,
+    })
+}
+
+/// Takes a cell of `key` as of `arrival`, sleeping on tokio's timer until its slot is due and
+/// it may go out: `None` if it went out at once, else the waiter's credit (see [`Credit`]).
+/// Dropping the future before it completes gives the slot back if no later slot of the key was
+/// reserved since.
+async fn take<L: Limiter>(shared: &L, key: &L::Key, arrival: u64, now: u64) -> Option<Credit> {
+    let reserved = take_or_reserve(shared, key, arrival, now).err()?;
+    let mut slot = Slot {
+        shared,
+        key,
+        reserved,
+        armed: true,
+    };
+    let mut now = now;
+    let mut wake_at = reserved.wake_at;
+    loop {
+        sleep_until(shared.clock().instant(wake_at, now)).await;
+        now = shared.clock().now();
+        if now < reserved.deadline {
+            wake_at = reserved.deadline;
+            continue;
+        }
+        match shared.release(key, now) {
+            Ok(()) => break,
+            Err(at) => wake_at = at,
+        }
+    }
+    slot.armed = false;
+    Some(Credit::after_wait(reserved.deadline, now))
+}
+
+/// A slot being waited for, given back if the wait is dropped before its cell went out.
+struct Slot<'a, L: Limiter> {
+    shared: &'a L,
+    key: &'a L::Key,
+    reserved: Reserved,
+    armed: bool,
+}
+
+impl<L: Limiter> Drop for Slot<'_, L> {
+    fn drop(&mut self) {
+        if self.armed {
+            let Reserved { before, after, .. } = self.reserved;
+            self.shared.refund(self.key, before, after);
+        }
     }
 }
 
 impl RateLimiter {
-    /// At most `rate` cells per second, burst 1 (change it with [`burst`](Self::burst)).
-    ///
-    /// # Panics
-    ///
-    /// If `rate` is zero. [`try_per_second`](Self::try_per_second) returns the error instead.
-    #[track_caller]
-    pub fn per_second(rate: u32) -> Self {
-        or_panic(Self::try_per_second(rate))
-    }
-
-    /// [`per_second`](Self::per_second), returning a [`ConfigError`] naming `rate` if it is zero.
-    pub fn try_per_second(rate: u32) -> Result<Self, ConfigError> {
-        Gcra::try_per_second(rate).map(Self::from_gcra)
-    }
-
-    /// One cell per `period`, burst 1 (change it with [`burst`](Self::burst)).
-    ///
-    /// # Panics
-    ///
-    /// If `period` is zero. [`try_per`](Self::try_per) returns the error instead.
-    #[track_caller]
-    pub fn per(period: Duration) -> Self {
-        or_panic(Self::try_per(period))
-    }
-
-    /// [`per`](Self::per), returning a [`ConfigError`] naming `period` if it is zero.
-    pub fn try_per(period: Duration) -> Result<Self, ConfigError> {
-        Gcra::try_per(period).map(Self::from_gcra)
-    }
-
-    /// Allows up to `b` cells at once after an idle spell (the rate stays the same).
-    ///
-    /// This builds a new limiter: call it before sharing the handle (clones taken earlier keep
-    /// their own quota and state).
-    ///
-    /// # Panics
-    ///
-    /// If `b` is zero. [`try_burst`](Self::try_burst) returns the error instead.
-    #[track_caller]
-    #[must_use]
-    pub fn burst(self, b: u32) -> Self {
-        or_panic(self.try_burst(b))
-    }
-
-    /// [`burst`](Self::burst), returning a [`ConfigError`] naming `b` if it is zero.
-    pub fn try_burst(self, b: u32) -> Result<Self, ConfigError> {
-        nonzero("b", u64::from(b))?;
-        Ok(Self::from_gcra(self.shared.gcra.with_burst(b)))
-    }
+    quota_methods!("");
 
     fn from_gcra(gcra: Gcra) -> Self {
-        Self::from_shared(Arc::new(Shared::new(gcra)))
+        Self::from_shared(Arc::new(Shared {
+            gcra,
+            clock: Timeline::new(),
+            tat: Tat::default(),
+            released: Released::default(),
+        }))
     }
 
     fn from_shared(shared: Arc<Shared>) -> Self {
@@ -177,21 +232,6 @@ impl RateLimiter {
             shared,
             credit: HandleCredit::default(),
         }
-    }
-
-    /// The average time between two cells.
-    pub fn interval(&self) -> Duration {
-        self.shared.gcra.interval()
-    }
-
-    /// How many cells may pass at once after an idle spell.
-    pub fn burst_size(&self) -> u32 {
-        self.shared.gcra.burst()
-    }
-
-    /// The quota, as governor's [`Quota`].
-    pub fn quota(&self) -> Quota {
-        quota_of(&self.shared.gcra)
     }
 
     /// Takes one cell if it conforms now, without waiting: `true` if it was taken.
@@ -206,7 +246,7 @@ impl RateLimiter {
         let Some((before, after)) = shared.tat.try_take(&shared.gcra, now) else {
             return false;
         };
-        if shared.release(now).is_err() {
+        if shared.released.release(&shared.gcra, now).is_err() {
             // Another release got in between: give the slot back.
             shared.tat.refund(before, after);
             return false;
@@ -247,64 +287,8 @@ impl RateLimiter {
     pub async fn until_ready(&self) {
         let shared = &*self.shared;
         let now = shared.clock.now();
-        let (deadline, before, after) = shared.reserve(self.credit.get().arrival(now));
-        let wake_at = if deadline > now {
-            deadline
-        } else {
-            match shared.release(now) {
-                Ok(()) => return,
-                Err(at) => at,
-            }
-        };
-        let slot = Slot::new(shared, deadline, before, after);
-        self.credit.set(slot.wait(wake_at).await);
-    }
-}
-
-/// A reserved slot whose deadline is still ahead: given back if dropped before it is released.
-struct Slot<'a> {
-    shared: &'a Shared,
-    deadline: u64,
-    before: u64,
-    after: u64,
-    armed: bool,
-}
-
-impl<'a> Slot<'a> {
-    fn new(shared: &'a Shared, deadline: u64, before: u64, after: u64) -> Self {
-        Self {
-            shared,
-            deadline,
-            before,
-            after,
-            armed: true,
-        }
-    }
-
-    /// Sleeps (first until `wake_at`) until the slot is due and its cell may be released, and
-    /// releases it; returns the waiter's credit.
-    async fn wait(mut self, mut wake_at: u64) -> Credit {
-        let now = loop {
-            sleep_until(self.shared.clock.instant(wake_at)).await;
-            let now = self.shared.clock.now();
-            if now < self.deadline {
-                wake_at = self.deadline;
-                continue;
-            }
-            match self.shared.release(now) {
-                Ok(()) => break now,
-                Err(at) => wake_at = at,
-            }
-        };
-        self.armed = false;
-        Credit::after_wait(self.deadline, now)
-    }
-}
-
-impl Drop for Slot<'_> {
-    fn drop(&mut self) {
-        if self.armed {
-            self.shared.tat.refund(self.before, self.after);
+        if let Some(credit) = take(shared, &(), self.credit.get().arrival(now), now).await {
+            self.credit.set(credit);
         }
     }
 }
@@ -331,18 +315,9 @@ impl Clone for RateLimiter {
     }
 }
 
-impl From<&RateLimiter> for RateLimiter {
-    /// A clone of the handle: the quota is shared.
-    fn from(limiter: &RateLimiter) -> Self {
-        limiter.clone()
-    }
-}
+from_ref_handle!(impl[] RateLimiter, "the quota");
 
-impl fmt::Debug for RateLimiter {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RateLimiter")
-            .field("interval", &self.interval())
-            .field("burst", &self.burst_size())
-            .finish_non_exhaustive()
-    }
-}
+impl_debug!(impl[] RateLimiter => "RateLimiter" |this| {
+    interval: &this.interval(),
+    burst: &this.burst_size(),
+} ..);

@@ -1,4 +1,5 @@
-//! The [`RateLimit`] and [`RateLimitBy`] streams.
+//! The [`RateLimit`] and [`RateLimitBy`] streams: one engine over the direct and the keyed
+//! limiter.
 
 use std::fmt;
 use std::hash::Hash;
@@ -6,71 +7,95 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use futures::Stream;
-use futures::stream::FusedStream;
+use futures::stream::{Fuse, FusedStream};
+use futures::{Stream, StreamExt};
 use pin_project_lite::pin_project;
 use tokio::time::{Sleep, sleep_until};
 
 use super::gcra::{Credit, TICK, Timeline};
 use super::keyed::{KeyedRateLimiter, Shared as KeyedShared};
-use super::{RateLimiter, Shared};
+use super::{Limiter, RateLimiter, Reserved, Shared, take_or_reserve};
+use crate::macros::size_hint_plus;
 
-/// An item waiting for its slot, and the slot, given back if the stream is dropped first.
-struct Held<T, R: Refund> {
-    item: Option<T>,
-    deadline: u64,
-    refund: Option<R>,
-    before: u64,
-    after: u64,
+/// A limiter handle a stream draws on: its shared state and the keys of its quotas.
+trait Handle {
+    type Shared;
+    type Key;
+    fn shared(&self) -> &Arc<Self::Shared>;
 }
 
-trait Refund {
-    fn refund(&self, before: u64, after: u64);
-}
+impl Handle for RateLimiter {
+    type Shared = Shared;
+    type Key = ();
 
-impl Refund for Arc<Shared> {
-    fn refund(&self, before: u64, after: u64) {
-        self.tat.refund(before, after);
+    #[inline]
+    fn shared(&self) -> &Arc<Shared> {
+        &self.shared
     }
 }
 
-/// A keyed slot's refund; the function is chosen where `K`'s bounds are known, so that the
-/// stream type itself needs none.
-struct KeyRefund<K> {
-    shared: Arc<KeyedShared<K>>,
-    key: K,
-    refund: fn(&KeyedShared<K>, &K, u64, u64),
-}
+impl<K> Handle for KeyedRateLimiter<K> {
+    type Shared = KeyedShared<K>;
+    type Key = K;
 
-impl<K> Refund for KeyRefund<K> {
-    fn refund(&self, before: u64, after: u64) {
-        (self.refund)(&self.shared, &self.key, before, after);
+    #[inline]
+    fn shared(&self) -> &Arc<KeyedShared<K>> {
+        KeyedRateLimiter::shared(self)
     }
 }
 
-impl<T, R: Refund> Held<T, R> {
-    fn new(item: T, (deadline, before, after): (u64, u64, u64), refund: R) -> Self {
-        Self {
-            item: Some(item),
-            deadline,
-            refund: Some(refund),
-            before,
-            after,
-        }
-    }
+/// How a stream finds an item's key: none for a [`RateLimiter`] ([`Unkeyed`]), the user's
+/// function for a [`KeyedRateLimiter`].
+trait KeyFn<T> {
+    type Key;
+    fn key(&mut self, item: &T) -> Self::Key;
+}
 
-    /// The item, and what would have given its slot back.
-    fn release(mut self) -> (T, R) {
-        let item = self.item.take().expect("a held item is released once");
-        let refund = self.refund.take().expect("a held item is released once");
-        (item, refund)
+/// The key function of a stream on a direct limiter: one quota, no key.
+#[derive(Debug, Clone, Copy)]
+struct Unkeyed;
+
+impl<T> KeyFn<T> for Unkeyed {
+    type Key = ();
+
+    #[inline]
+    fn key(&mut self, _: &T) {}
+}
+
+impl<T, K, F: FnMut(&T) -> K> KeyFn<T> for F {
+    type Key = K;
+
+    #[inline]
+    fn key(&mut self, item: &T) -> K {
+        self(item)
     }
 }
 
-impl<T, R: Refund> Drop for Held<T, R> {
+/// An item waiting for its key's slot, and the slot, given back if the stream drops it first.
+struct Held<T, L, K> {
+    item: Option<(T, K)>,
+    shared: Arc<L>,
+    reserved: Reserved,
+    /// The limiter's refund, chosen where the key's bounds are known, so that the stream types
+    /// need none.
+    refund: fn(&L, &K, u64, u64),
+}
+
+impl<T, L, K> Held<T, L, K> {
+    fn key(&self) -> &K {
+        &self.item.as_ref().expect("a held item is released once").1
+    }
+
+    /// The item and its key; the slot is the item's for good.
+    fn release(mut self) -> (T, K) {
+        self.item.take().expect("a held item is released once")
+    }
+}
+
+impl<T, L, K> Drop for Held<T, L, K> {
     fn drop(&mut self) {
-        if let (Some(_), Some(refund)) = (&self.item, &self.refund) {
-            refund.refund(self.before, self.after);
+        if let Some((_, key)) = &self.item {
+            (self.refund)(&self.shared, key, self.reserved.before, self.reserved.after);
         }
     }
 }
@@ -110,7 +135,7 @@ impl Timer {
         self.target = target;
         self.armed = at;
         self.sleeping = at > now;
-        let at = clock.instant(at);
+        let at = clock.instant(at, now);
         match &mut self.sleep {
             Some(sleep) => sleep.as_mut().reset(at),
             None => self.sleep = Some(Box::pin(sleep_until(at))),
@@ -171,126 +196,138 @@ fn poll_release(
 }
 
 pin_project! {
+    /// The engine of [`RateLimit`] (on a [`RateLimiter`]) and [`RateLimitBy`] (on a
+    /// [`KeyedRateLimiter`]): at most one item held, waiting for its key's slot.
+    struct Core<S: Stream, H: Handle, KF> {
+        #[pin]
+        stream: Fuse<S>,
+        limiter: H,
+        key: KF,
+        held: Option<Held<S::Item, H::Shared, H::Key>>,
+        timer: Timer,
+        // This stream's own credit for its timer's lateness, and the key it was earned on.
+        credit: Option<(H::Key, Credit)>,
+    }
+}
+
+impl<S: Stream, H: Handle, KF> Core<S, H, KF> {
+    fn new(stream: S, limiter: H, key: KF) -> Self {
+        Self {
+            stream: stream.fuse(),
+            limiter,
+            key,
+            held: None,
+            timer: Timer::default(),
+            credit: None,
+        }
+    }
+
+    delegate_access_inner!(stream, Fuse<S>, ());
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        size_hint_plus(usize::from(self.held.is_some()), self.stream.size_hint())
+    }
+
+    fn is_terminated(&self) -> bool {
+        self.stream.is_terminated() && self.held.is_none()
+    }
+
+    fn fmt_as(&self, name: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result
+    where
+        S: fmt::Debug,
+        H: fmt::Debug,
+    {
+        f.debug_struct(name)
+            .field("stream", self.stream.get_ref())
+            .field("limiter", &self.limiter)
+            .field("waiting", &self.held.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, H, KF> Core<S, H, KF>
+where
+    S: Stream,
+    H: Handle,
+    H::Shared: Limiter<Key = H::Key>,
+    H::Key: PartialEq,
+    KF: KeyFn<S::Item, Key = H::Key>,
+{
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
+        let this = self.project();
+        let shared = this.limiter.shared();
+        let clock = shared.clock();
+        let held = match this.held {
+            Some(held) => held,
+            None => {
+                let Some(item) = ready!(this.stream.poll_next(cx)) else {
+                    return Poll::Ready(None);
+                };
+                let key = this.key.key(&item);
+                let now = clock.now();
+                let arrival = match this.credit {
+                    Some((credited, credit)) if *credited == key => credit.arrival(now),
+                    _ => now,
+                };
+                let reserved = match take_or_reserve(&**shared, &key, arrival, now) {
+                    Ok(()) => return Poll::Ready(Some(item)),
+                    Err(reserved) => reserved,
+                };
+                this.timer.arm(clock, reserved.wake_at, now);
+                this.held.insert(Held {
+                    item: Some((item, key)),
+                    shared: Arc::clone(shared),
+                    reserved,
+                    refund: <H::Shared as Limiter>::refund,
+                })
+            }
+        };
+        let deadline = held.reserved.deadline;
+        let key = held.key();
+        let now = ready!(poll_release(deadline, this.timer, clock, cx, |now| {
+            shared.release(key, now)
+        }));
+        let held = this.held.take().expect("an item is held");
+        let (item, key) = held.release();
+        *this.credit = Some((key, Credit::after_wait(deadline, now)));
+        Poll::Ready(Some(item))
+    }
+}
+
+pin_project! {
     /// Stream for the [`rate_limit`](crate::PipelineExt::rate_limit) method.
     #[must_use = "streams do nothing unless polled"]
     pub struct RateLimit<S: Stream> {
         #[pin]
-        stream: S,
-        limiter: RateLimiter,
-        held: Option<Held<S::Item, Arc<Shared>>>,
-        timer: Timer,
-        // This stream's own credit for its timer's lateness.
-        credit: Credit,
-        done: bool,
+        core: Core<S, RateLimiter, Unkeyed>,
     }
 }
 
 impl<S: Stream> RateLimit<S> {
     pub(crate) fn new(stream: S, limiter: RateLimiter) -> Self {
         Self {
-            stream,
-            limiter,
-            held: None,
-            timer: Timer::default(),
-            credit: Credit::default(),
-            done: false,
+            core: Core::new(stream, limiter, Unkeyed),
         }
     }
 
     /// The limiter this stream draws on.
     pub fn limiter(&self) -> &RateLimiter {
-        &self.limiter
+        &self.core.limiter
     }
 
-    /// The upstream stream.
-    pub fn get_ref(&self) -> &S {
-        &self.stream
-    }
-
-    /// The upstream stream, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.stream
-    }
-
-    /// The upstream stream, pinned.
-    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
-        self.project().stream
-    }
+    delegate_access_inner!(pub core, S, (. .));
 
     /// The upstream stream; an item waiting for its slot is dropped (and its slot given back).
     pub fn into_inner(self) -> S {
-        self.stream
+        self.core.stream.into_inner()
     }
 }
 
-impl<S: Stream> Stream for RateLimit<S> {
-    type Item = S::Item;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
-        let this = self.project();
-        let shared = &this.limiter.shared;
-        let held = match this.held {
-            Some(held) => held,
-            None => {
-                if *this.done {
-                    return Poll::Ready(None);
-                }
-                let Some(item) = ready!(this.stream.poll_next(cx)) else {
-                    *this.done = true;
-                    return Poll::Ready(None);
-                };
-                let now = shared.clock.now();
-                let slot = shared.reserve(this.credit.arrival(now));
-                let wake_at = if slot.0 > now {
-                    slot.0
-                } else {
-                    match shared.release(now) {
-                        Ok(()) => return Poll::Ready(Some(item)),
-                        Err(at) => at,
-                    }
-                };
-                this.timer.arm(&shared.clock, wake_at, now);
-                this.held.insert(Held::new(item, slot, Arc::clone(shared)))
-            }
-        };
-        let now = ready!(poll_release(
-            held.deadline,
-            this.timer,
-            &shared.clock,
-            cx,
-            |now| shared.release(now),
-        ));
-        let held = this.held.take().expect("an item is held");
-        *this.credit = Credit::after_wait(held.deadline, now);
-        Poll::Ready(Some(held.release().0))
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        let held = usize::from(self.held.is_some());
-        if self.done {
-            return (held, Some(held));
-        }
-        let (lower, upper) = self.stream.size_hint();
-        (
-            lower.saturating_add(held),
-            upper.and_then(|u| u.checked_add(held)),
-        )
-    }
-}
-
-impl<S: Stream> FusedStream for RateLimit<S> {
-    fn is_terminated(&self) -> bool {
-        self.done && self.held.is_none()
-    }
-}
+delegate_stream!(impl[S] RateLimit<S> where [S: Stream] => S::Item);
 
 impl<S: Stream + fmt::Debug> fmt::Debug for RateLimit<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RateLimit")
-            .field("stream", &self.stream)
-            .field("limiter", &self.limiter)
-            .field("waiting", &self.held.is_some())
-            .finish()
+        self.core.fmt_as("RateLimit", f)
     }
 }
 
@@ -299,157 +336,38 @@ pin_project! {
     #[must_use = "streams do nothing unless polled"]
     pub struct RateLimitBy<S: Stream, K, F> {
         #[pin]
-        stream: S,
-        limiter: KeyedRateLimiter<K>,
-        key: F,
-        held: Option<Held<S::Item, KeyRefund<K>>>,
-        timer: Timer,
-        // This stream's own credit for its timer's lateness, and the key it was earned on.
-        credit: Option<(K, Credit)>,
-        done: bool,
-    }
-}
-
-impl<S, K, F> RateLimitBy<S, K, F>
-where
-    S: Stream,
-    K: Hash + Eq + Clone,
-    F: FnMut(&S::Item) -> K,
-{
-    pub(crate) fn new(stream: S, limiter: KeyedRateLimiter<K>, key: F) -> Self {
-        Self {
-            stream,
-            limiter,
-            key,
-            held: None,
-            timer: Timer::default(),
-            credit: None,
-            done: false,
-        }
+        core: Core<S, KeyedRateLimiter<K>, F>,
     }
 }
 
 impl<S: Stream, K, F> RateLimitBy<S, K, F> {
+    pub(crate) fn new(stream: S, limiter: KeyedRateLimiter<K>, key: F) -> Self {
+        Self {
+            core: Core::new(stream, limiter, key),
+        }
+    }
+
     /// The keyed limiter this stream draws on.
     pub fn limiter(&self) -> &KeyedRateLimiter<K> {
-        &self.limiter
+        &self.core.limiter
     }
 
-    /// The upstream stream.
-    pub fn get_ref(&self) -> &S {
-        &self.stream
-    }
-
-    /// The upstream stream, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.stream
-    }
-
-    /// The upstream stream, pinned.
-    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
-        self.project().stream
-    }
+    delegate_access_inner!(pub core, S, (. .));
 
     /// The upstream stream; an item waiting for its slot is dropped (and its slot given back).
     pub fn into_inner(self) -> S {
-        self.stream
+        self.core.stream.into_inner()
     }
 }
 
-impl<S, K, F> Stream for RateLimitBy<S, K, F>
-where
-    S: Stream,
-    K: Hash + Eq + Clone,
-    F: FnMut(&S::Item) -> K,
-{
-    type Item = S::Item;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
-        let this = self.project();
-        let shared = this.limiter.shared();
-        let held = match this.held {
-            Some(held) => held,
-            None => {
-                if *this.done {
-                    return Poll::Ready(None);
-                }
-                let Some(item) = ready!(this.stream.poll_next(cx)) else {
-                    *this.done = true;
-                    return Poll::Ready(None);
-                };
-                let key = (this.key)(&item);
-                let now = shared.clock.now();
-                let arrival = match this.credit {
-                    Some((credited, credit)) if *credited == key => credit.arrival(now),
-                    _ => now,
-                };
-                let slot = shared.reserve(&key, arrival, now);
-                let wake_at = if slot.0 > now {
-                    slot.0
-                } else {
-                    match shared.release(&key, now) {
-                        Ok(()) => return Poll::Ready(Some(item)),
-                        Err(at) => at,
-                    }
-                };
-                this.timer.arm(&shared.clock, wake_at, now);
-                let refund = KeyRefund {
-                    shared: Arc::clone(shared),
-                    key,
-                    refund: KeyedShared::refund,
-                };
-                this.held.insert(Held::new(item, slot, refund))
-            }
-        };
-        let key = &held
-            .refund
-            .as_ref()
-            .expect("a held slot has its refund")
-            .key;
-        let now = ready!(poll_release(
-            held.deadline,
-            this.timer,
-            &shared.clock,
-            cx,
-            |now| shared.release(key, now),
-        ));
-        let held = this.held.take().expect("an item is held");
-        let credit = Credit::after_wait(held.deadline, now);
-        let (item, refund) = held.release();
-        *this.credit = Some((refund.key, credit));
-        Poll::Ready(Some(item))
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        let held = usize::from(self.held.is_some());
-        if self.done {
-            return (held, Some(held));
-        }
-        let (lower, upper) = self.stream.size_hint();
-        (
-            lower.saturating_add(held),
-            upper.and_then(|u| u.checked_add(held)),
-        )
-    }
-}
-
-impl<S, K, F> FusedStream for RateLimitBy<S, K, F>
-where
-    S: Stream,
-    K: Hash + Eq + Clone,
-    F: FnMut(&S::Item) -> K,
-{
-    fn is_terminated(&self) -> bool {
-        self.done && self.held.is_none()
-    }
-}
+delegate_stream!(
+    impl[S, K, F] RateLimitBy<S, K, F>
+    where [S: Stream, K: Hash + Eq + Clone, F: FnMut(&S::Item) -> K]
+    => S::Item
+);
 
 impl<S: Stream + fmt::Debug, K, F> fmt::Debug for RateLimitBy<S, K, F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RateLimitBy")
-            .field("stream", &self.stream)
-            .field("limiter", &self.limiter)
-            .field("waiting", &self.held.is_some())
-            .finish_non_exhaustive()
+        self.core.fmt_as("RateLimitBy", f)
     }
 }

@@ -1,0 +1,206 @@
+//! The parts every stream and handle type repeats, written once: accessors of the upstream
+//! stream, `Stream` impls that hand each call to a shared engine, `Debug` and `From<&Handle>`
+//! impls, and the size hint of a stream that holds items.
+//!
+//! Each macro expands to ordinary items at its call site; none hides any logic.
+
+/// `get_ref`, `get_mut` and `get_pin_mut` of a stream type, reaching its upstream stream (of
+/// type `$inner`) through field `$field` (pinned) and one more `get_ref()` (`get_mut()`,
+/// `get_pin_mut()`) per `.` in the parentheses, as futures-util's macro of the same name:
+/// `delegate_access_inner!(pub stream, S, ())` for a field that is the upstream itself,
+/// `delegate_access_inner!(pub core, S, (.))` through an engine that has these accessors.
+macro_rules! delegate_access_inner {
+    ($vis:vis $field:ident, $inner:ty, ($($ind:tt)*)) => {
+        /// A reference to the upstream stream.
+        $vis fn get_ref(&self) -> &$inner {
+            (&self.$field) $($ind get_ref())*
+        }
+
+        /// A mutable reference to the upstream stream. Items taken from it directly bypass
+        /// this stream.
+        $vis fn get_mut(&mut self) -> &mut $inner {
+            (&mut self.$field) $($ind get_mut())*
+        }
+
+        /// A pinned mutable reference to the upstream stream.
+        $vis fn get_pin_mut(self: ::std::pin::Pin<&mut Self>) -> ::std::pin::Pin<&mut $inner> {
+            self.project().$field $($ind get_pin_mut())*
+        }
+    };
+}
+
+/// `Stream` and `FusedStream` for a stream type that hands every call to its pinned field
+/// `core`: the engine it shares with the other streams of its family, whose inherent
+/// `poll_next`, `size_hint` and `is_terminated` do the work.
+///
+/// `delegate_stream!(impl[generics] Type where [bounds] => Item);`
+macro_rules! delegate_stream {
+    (impl[$($g:tt)*] $ty:ty where [$($bounds:tt)*] => $item:ty) => {
+        impl<$($g)*> ::futures::Stream for $ty
+        where
+            $($bounds)*
+        {
+            type Item = $item;
+
+            #[inline]
+            fn poll_next(
+                self: ::std::pin::Pin<&mut Self>,
+                cx: &mut ::std::task::Context<'_>,
+            ) -> ::std::task::Poll<Option<$item>> {
+                self.project().core.poll_next(cx)
+            }
+
+            fn size_hint(&self) -> (usize, Option<usize>) {
+                self.core.size_hint()
+            }
+        }
+
+        impl<$($g)*> ::futures::stream::FusedStream for $ty
+        where
+            $($bounds)*
+        {
+            fn is_terminated(&self) -> bool {
+                self.core.is_terminated()
+            }
+        }
+    };
+}
+
+/// `Debug` printing a struct named `$name` with the given fields, each an expression of
+/// `$this` (the value formatted); a trailing `..` marks that it shows only some of them
+/// (`finish_non_exhaustive`):
+///
+/// `impl_debug!(impl[S: Debug] Name<S> => "Name" |this| { stream: &this.stream } ..);`
+macro_rules! impl_debug {
+    (
+        impl[$($g:tt)*] $ty:ty $(where [$($b:tt)*])? => $name:literal
+        |$this:ident| { $($field:ident: $value:expr),* $(,)? }
+    ) => {
+        impl<$($g)*> ::std::fmt::Debug for $ty $(where $($b)*)? {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                let $this = self;
+                f.debug_struct($name)$(.field(stringify!($field), $value))*.finish()
+            }
+        }
+    };
+    (
+        impl[$($g:tt)*] $ty:ty $(where [$($b:tt)*])? => $name:literal
+        |$this:ident| { $($field:ident: $value:expr),* $(,)? } ..
+    ) => {
+        impl<$($g)*> ::std::fmt::Debug for $ty $(where $($b)*)? {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                let $this = self;
+                f.debug_struct($name)$(.field(stringify!($field), $value))*.finish_non_exhaustive()
+            }
+        }
+    };
+}
+
+/// `From<&Handle> for Handle`, a clone of a shared handle, so that everything taking a handle
+/// also takes `&handle`; `$shared` says what the clones share.
+macro_rules! from_ref_handle {
+    (impl[$($g:tt)*] $ty:ty, $shared:literal) => {
+        impl<$($g)*> From<&$ty> for $ty {
+            #[doc = concat!("A clone of the handle: ", $shared, " is shared.")]
+            fn from(handle: &$ty) -> Self {
+                handle.clone()
+            }
+        }
+    };
+}
+
+/// The size hint of a stream that holds `held` items besides what its upstream, whose hint is
+/// `upstream` (`(0, Some(0))` once it has ended), has still to yield.
+#[inline]
+pub(crate) fn size_hint_plus(
+    held: usize,
+    (lower, upper): (usize, Option<usize>),
+) -> (usize, Option<usize>) {
+    (
+        lower.saturating_add(held),
+        upper.and_then(|u| u.checked_add(held)),
+    )
+}
+
+/// The constructors and quota accessors of a GCRA limiter handle ([`RateLimiter`] and
+/// [`KeyedRateLimiter`]), written inside its `impl` block, which has `fn from_gcra(Gcra) ->
+/// Self` and the quota in `self.shared.gcra`. `$each` ends the phrases that name the quota
+/// (`""`, or `" for each key"`).
+///
+/// [`RateLimiter`]: crate::RateLimiter
+/// [`KeyedRateLimiter`]: crate::KeyedRateLimiter
+macro_rules! quota_methods {
+    ($each:literal) => {
+        #[doc = concat!("At most `rate` cells per second", $each, ", burst 1 (change it with")]
+        /// [`burst`](Self::burst)).
+        ///
+        /// # Panics
+        ///
+        /// If `rate` is zero. [`try_per_second`](Self::try_per_second) returns the error instead.
+        #[track_caller]
+        pub fn per_second(rate: u32) -> Self {
+            $crate::error::or_panic(Self::try_per_second(rate))
+        }
+
+        /// [`per_second`](Self::per_second), returning a [`ConfigError`](crate::ConfigError)
+        /// naming `rate` if it is zero.
+        pub fn try_per_second(rate: u32) -> Result<Self, $crate::ConfigError> {
+            $crate::rate_limit::gcra::Gcra::try_per_second(rate).map(Self::from_gcra)
+        }
+
+        #[doc = concat!("One cell per `period`", $each, ", burst 1 (change it with")]
+        /// [`burst`](Self::burst)). A period beyond about 30 years counts as 30 years: the
+        /// crate's longest wait (one cell, then in practice never another).
+        ///
+        /// # Panics
+        ///
+        /// If `period` is zero. [`try_per`](Self::try_per) returns the error instead.
+        #[track_caller]
+        pub fn per(period: ::std::time::Duration) -> Self {
+            $crate::error::or_panic(Self::try_per(period))
+        }
+
+        /// [`per`](Self::per), returning a [`ConfigError`](crate::ConfigError) naming `period`
+        /// if it is zero.
+        pub fn try_per(period: ::std::time::Duration) -> Result<Self, $crate::ConfigError> {
+            $crate::rate_limit::gcra::Gcra::try_per(period).map(Self::from_gcra)
+        }
+
+        #[doc = concat!("Allows up to `b` cells at once", $each, " after an idle spell (the rate")]
+        /// stays the same).
+        ///
+        /// This builds a new limiter: call it before sharing the handle (clones taken earlier
+        /// keep their own quota and state).
+        ///
+        /// # Panics
+        ///
+        /// If `b` is zero. [`try_burst`](Self::try_burst) returns the error instead.
+        #[track_caller]
+        #[must_use]
+        pub fn burst(self, b: u32) -> Self {
+            $crate::error::or_panic(self.try_burst(b))
+        }
+
+        /// [`burst`](Self::burst), returning a [`ConfigError`](crate::ConfigError) naming `b`
+        /// if it is zero.
+        pub fn try_burst(self, b: u32) -> Result<Self, $crate::ConfigError> {
+            $crate::error::nonzero("b", u64::from(b))?;
+            Ok(Self::from_gcra(self.shared.gcra.with_burst(b)))
+        }
+
+        #[doc = concat!("The average time between two cells", $each, ".")]
+        pub fn interval(&self) -> ::std::time::Duration {
+            self.shared.gcra.interval()
+        }
+
+        #[doc = concat!("How many cells may pass at once", $each, " after an idle spell.")]
+        pub fn burst_size(&self) -> u32 {
+            self.shared.gcra.burst()
+        }
+
+        #[doc = concat!("The quota", $each, ", as governor's [`Quota`](governor::Quota).")]
+        pub fn quota(&self) -> ::governor::Quota {
+            $crate::rate_limit::quota_of(&self.shared.gcra)
+        }
+    };
+}
