@@ -16,7 +16,6 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::Stream;
-use futures::stream::FusedStream;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep, sleep_until};
 
@@ -361,6 +360,23 @@ pin_project! {
     }
 }
 
+impl<S: Stream, A, State> Core<S, A, State> {
+    delegate_access_inner!(stream, S, ());
+
+    fn fmt_as(&self, name: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result
+    where
+        S: fmt::Debug,
+        S::Item: fmt::Debug,
+    {
+        f.debug_struct(name)
+            .field("stream", &self.stream)
+            .field("partial", &self.batch)
+            .field("max", &self.max)
+            .field("wait", &self.deadline.wait())
+            .finish_non_exhaustive()
+    }
+}
+
 impl<S: Stream, A: Admit<S::Item, State = State>, State: Default> Core<S, A, State> {
     fn try_new(stream: S, max: usize, wait: Duration, admit: A) -> Result<Self, ConfigError> {
         nonzero("max", max as u64)?;
@@ -494,22 +510,7 @@ impl<S: Stream, A: Admit<S::Item, State = State>, State: Default> Core<S, A, Sta
 /// Accessors shared by both streams, written once.
 macro_rules! accessors {
     () => {
-        /// A reference to the underlying stream.
-        pub fn get_ref(&self) -> &S {
-            &self.core.stream
-        }
-
-        /// A mutable reference to the underlying stream.
-        ///
-        /// Taking items from it directly bypasses the batches.
-        pub fn get_mut(&mut self) -> &mut S {
-            &mut self.core.stream
-        }
-
-        /// A pinned mutable reference to the underlying stream.
-        pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
-            self.project().core.project().stream
-        }
+        delegate_access_inner!(pub core, S, (.));
 
         /// The items collected so far into the batch that has not been emitted yet.
         pub fn partial(&self) -> &[S::Item] {
@@ -568,35 +569,14 @@ impl<S: Stream> Batch<S> {
     accessors!();
 }
 
-impl<S: Stream> Stream for Batch<S> {
-    type Item = Vec<S::Item>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.project().core.poll_next(cx)
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        self.core.size_hint()
-    }
-}
-
-impl<S: Stream> FusedStream for Batch<S> {
-    fn is_terminated(&self) -> bool {
-        self.core.is_terminated()
-    }
-}
+delegate_stream!(impl[S] Batch<S> where [S: Stream] => Vec<S::Item>);
 
 impl<S: Stream + fmt::Debug> fmt::Debug for Batch<S>
 where
     S::Item: fmt::Debug,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Batch")
-            .field("stream", &self.core.stream)
-            .field("partial", &self.core.batch)
-            .field("max", &self.core.max)
-            .field("wait", &self.core.deadline.wait())
-            .finish_non_exhaustive()
+        self.core.fmt_as("Batch", f)
     }
 }
 
@@ -660,45 +640,18 @@ where
     accessors!();
 }
 
-impl<S, K, F> Stream for BatchDedupe<S, K, F>
-where
-    S: Stream,
-    K: Hash + Eq,
-    F: FnMut(&S::Item) -> K,
-{
-    type Item = Vec<S::Item>;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.project().core.poll_next(cx)
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        self.core.size_hint()
-    }
-}
-
-impl<S, K, F> FusedStream for BatchDedupe<S, K, F>
-where
-    S: Stream,
-    K: Hash + Eq,
-    F: FnMut(&S::Item) -> K,
-{
-    fn is_terminated(&self) -> bool {
-        self.core.is_terminated()
-    }
-}
+delegate_stream!(
+    impl[S, K, F] BatchDedupe<S, K, F>
+    where [S: Stream, K: Hash + Eq, F: FnMut(&S::Item) -> K]
+    => Vec<S::Item>
+);
 
 impl<S: Stream + fmt::Debug, K, F> fmt::Debug for BatchDedupe<S, K, F>
 where
     S::Item: fmt::Debug,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BatchDedupe")
-            .field("stream", &self.core.stream)
-            .field("partial", &self.core.batch)
-            .field("max", &self.core.max)
-            .field("wait", &self.core.deadline.wait())
-            .finish_non_exhaustive()
+        self.core.fmt_as("BatchDedupe", f)
     }
 }
 

@@ -5,8 +5,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::Stream;
-use futures::stream::FusedStream;
+use futures::stream::{Fuse, FusedStream};
+use futures::{Stream, StreamExt};
 use pin_project_lite::pin_project;
 
 use crate::batch::{Deadline, POLL_BUDGET, nonzero_duration};
@@ -20,11 +20,10 @@ pin_project! {
     #[must_use = "streams do nothing unless polled"]
     pub struct Debounce<S: Stream> {
         #[pin]
-        stream: S,
+        stream: Fuse<S>,
         held: Option<S::Item>,
         // Due `quiet` after `held` arrived.
         deadline: Deadline,
-        done: bool,
     }
 }
 
@@ -37,27 +36,13 @@ impl<S: Stream> Debounce<S> {
     pub(crate) fn try_new(stream: S, quiet: Duration) -> Result<Self, ConfigError> {
         nonzero_duration("quiet", quiet)?;
         Ok(Self {
-            stream,
+            stream: stream.fuse(),
             held: None,
             deadline: Deadline::new(quiet),
-            done: false,
         })
     }
 
-    /// A reference to the underlying stream.
-    pub fn get_ref(&self) -> &S {
-        &self.stream
-    }
-
-    /// A mutable reference to the underlying stream.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.stream
-    }
-
-    /// A pinned mutable reference to the underlying stream.
-    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
-        self.project().stream
-    }
+    delegate_access_inner!(pub stream, S, (.));
 
     /// The item waiting for the quiet period to pass, if any.
     pub fn held(&self) -> Option<&S::Item> {
@@ -74,7 +59,7 @@ impl<S: Stream> Debounce<S> {
 
     /// Consumes this stream, returning the underlying stream and the item it held back.
     pub fn into_inner(self) -> (S, Option<S::Item>) {
-        (self.stream, self.held)
+        (self.stream.into_inner(), self.held)
     }
 }
 
@@ -93,9 +78,6 @@ impl<S: Stream> Stream for Debounce<S> {
 
         let mut budget = POLL_BUDGET;
         loop {
-            if *this.done {
-                return Poll::Ready(this.held.take());
-            }
             match this.stream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(item)) => {
                     // A newer item restarts the wait.
@@ -108,7 +90,11 @@ impl<S: Stream> Stream for Debounce<S> {
                         return Poll::Pending;
                     }
                 }
-                Poll::Ready(None) => *this.done = true,
+                Poll::Ready(None) => {
+                    // The input ended: the item waiting goes out at once.
+                    this.deadline.clear();
+                    return Poll::Ready(this.held.take());
+                }
                 Poll::Pending => {
                     if this.held.is_none() {
                         return Poll::Pending;
@@ -124,31 +110,24 @@ impl<S: Stream> Stream for Debounce<S> {
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
+        // At least one item if any is held or to come: a burst leaves only its last.
         let held = usize::from(self.held.is_some());
-        if self.done {
-            return (held, Some(held));
-        }
         let (lower, upper) = self.stream.size_hint();
-        let lower = usize::from(held > 0 || lower > 0);
-        (lower, upper.and_then(|u| u.checked_add(held)))
+        (
+            usize::from(held > 0 || lower > 0),
+            upper.and_then(|u| u.checked_add(held)),
+        )
     }
 }
 
 impl<S: Stream> FusedStream for Debounce<S> {
     fn is_terminated(&self) -> bool {
-        self.done && self.held.is_none()
+        self.stream.is_terminated() && self.held.is_none()
     }
 }
 
-impl<S: Stream + fmt::Debug> fmt::Debug for Debounce<S>
-where
-    S::Item: fmt::Debug,
-{
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Debounce")
-            .field("stream", &self.stream)
-            .field("held", &self.held)
-            .field("quiet", &self.deadline.wait())
-            .finish_non_exhaustive()
-    }
-}
+impl_debug!(impl[S: Stream + fmt::Debug] Debounce<S> where [S::Item: fmt::Debug] => "Debounce" |this| {
+    stream: this.stream.get_ref(),
+    held: &this.held,
+    quiet: &this.deadline.wait(),
+} ..);

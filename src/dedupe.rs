@@ -7,8 +7,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::Stream;
-use futures::stream::FusedStream;
+use futures::stream::{Fuse, FusedStream};
+use futures::{Stream, StreamExt};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
@@ -57,10 +57,9 @@ pin_project! {
     #[must_use = "streams do nothing unless polled"]
     pub struct DedupeBy<S, K, F> {
         #[pin]
-        stream: S,
+        stream: Fuse<S>,
         seen: Window<K>,
         key: F,
-        done: bool,
     }
 }
 
@@ -84,7 +83,7 @@ where
         nonzero_duration("window", window)?;
         nonzero("capacity", capacity as u64)?;
         Ok(Self {
-            stream,
+            stream: stream.fuse(),
             seen: Window {
                 live: HashSet::new(),
                 order: VecDeque::new(),
@@ -92,26 +91,10 @@ where
                 capacity,
             },
             key,
-            done: false,
         })
     }
 
-    /// A reference to the underlying stream.
-    pub fn get_ref(&self) -> &S {
-        &self.stream
-    }
-
-    /// A mutable reference to the underlying stream.
-    ///
-    /// Items taken from it directly are not remembered.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.stream
-    }
-
-    /// A pinned mutable reference to the underlying stream.
-    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
-        self.project().stream
-    }
+    delegate_access_inner!(pub stream, S, (.));
 
     /// How many keys are remembered now (at most `capacity`; expired keys are forgotten when
     /// the next item arrives).
@@ -121,7 +104,7 @@ where
 
     /// Consumes this stream, returning the underlying stream.
     pub fn into_inner(self) -> S {
-        self.stream
+        self.stream.into_inner()
     }
 }
 
@@ -135,9 +118,6 @@ where
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
         let mut this = self.project();
-        if *this.done {
-            return Poll::Ready(None);
-        }
         let mut now = None;
         let mut budget = POLL_BUDGET;
         loop {
@@ -154,19 +134,13 @@ where
                         return Poll::Pending;
                     }
                 }
-                Poll::Ready(None) => {
-                    *this.done = true;
-                    return Poll::Ready(None);
-                }
+                Poll::Ready(None) => return Poll::Ready(None),
                 Poll::Pending => return Poll::Pending,
             }
         }
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        if self.done {
-            return (0, Some(0));
-        }
         // Any item may be a duplicate of one that passed before.
         (0, self.stream.size_hint().1)
     }
@@ -174,22 +148,17 @@ where
 
 impl<S, K, F> FusedStream for DedupeBy<S, K, F>
 where
+    Self: Stream,
     S: Stream,
-    K: Hash + Eq + Clone,
-    F: FnMut(&S::Item) -> K,
 {
     fn is_terminated(&self) -> bool {
-        self.done
+        self.stream.is_terminated()
     }
 }
 
-impl<S: fmt::Debug, K, F> fmt::Debug for DedupeBy<S, K, F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DedupeBy")
-            .field("stream", &self.stream)
-            .field("window", &self.seen.window)
-            .field("capacity", &self.seen.capacity)
-            .field("remembered", &self.seen.order.len())
-            .finish_non_exhaustive()
-    }
-}
+impl_debug!(impl[S: fmt::Debug, K, F] DedupeBy<S, K, F> => "DedupeBy" |this| {
+    stream: this.stream.get_ref(),
+    window: &this.seen.window,
+    capacity: &this.seen.capacity,
+    remembered: &this.seen.order.len(),
+} ..);

@@ -9,8 +9,7 @@ use futures::Stream;
 
 use crate::by_key::FanOutByKey;
 use crate::fan_out::{FanOut, FanOutOrdered};
-use crate::in_flight::{InFlight, InFlightLimit};
-use crate::in_flight_ordered::InFlightOrdered;
+use crate::in_flight::{InFlight, InFlightLimit, InFlightOrdered};
 use crate::pool::WorkerPool;
 use crate::staged::{Pipeline, StateMachine, Through};
 use crate::stats::{Stats, WithStats};

@@ -1,9 +1,13 @@
-//! `in_flight`: a concurrent async map inside the stream's own task, capped by a shared limit.
+//! `in_flight` and `in_flight_ordered`: a concurrent async map inside the stream's own task,
+//! capped by a shared limit.
 //!
-//! The futures run in a [`FuturesUnordered`] owned by the stream (no spawn, so they may borrow).
-//! Each one holds a permit of the [`InFlightLimit`]'s semaphore while it runs; an item is pulled
-//! from upstream first and then waits for a permit, so a stream whose upstream is idle holds no
-//! permit that another stream could use.
+//! The futures run in a [`FuturesUnordered`] (or, in input order, a [`FuturesOrdered`]) owned by
+//! the stream (no spawn, so they may borrow). Each one holds a permit of the [`InFlightLimit`]'s
+//! semaphore while it runs; an item is pulled from upstream first and then waits for a permit,
+//! so a stream whose upstream is idle holds no permit that another stream could use. In input
+//! order, a finished future gives its permit back at once and waits in the queue for the
+//! earlier ones; the queue (running plus finished) never holds more than the limit's
+//! [`limit`](InFlightLimit::limit), as `buffered(n)` never holds more than `n`.
 //!
 //! The engine ([`Core`]) is shared by the whole family: it is generic over the queue of running
 //! futures ([`Queue`]: completion order or input order) and over how an upstream item starts
@@ -16,11 +20,12 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures::stream::{FusedStream, FuturesOrdered, FuturesUnordered, Stream};
+use futures::stream::{FuturesOrdered, FuturesUnordered, Stream};
 use pin_project_lite::pin_project;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 
 use crate::error::{ConfigError, nonzero, or_panic};
+use crate::macros::size_hint_plus;
 
 /// A cap on concurrent operations, shared by every stream that holds a clone.
 ///
@@ -136,28 +141,20 @@ impl From<usize> for InFlightLimit {
     ///
     /// # Panics
     ///
-    /// Panics if `limit` is zero.
+    /// Panics if `limit` is zero or larger than tokio's `Semaphore::MAX_PERMITS` (the message
+    /// names `limit`); [`InFlightLimit::try_new`] returns the error instead.
     #[track_caller]
     fn from(limit: usize) -> Self {
         Self::new(limit)
     }
 }
 
-impl From<&InFlightLimit> for InFlightLimit {
-    /// A clone of the handle: the limit is shared.
-    fn from(limit: &InFlightLimit) -> Self {
-        limit.clone()
-    }
-}
+from_ref_handle!(impl[] InFlightLimit, "the limit");
 
-impl fmt::Debug for InFlightLimit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("InFlightLimit")
-            .field("limit", &self.limit)
-            .field("in_use", &self.in_use())
-            .finish()
-    }
-}
+impl_debug!(impl[] InFlightLimit => "InFlightLimit" |this| {
+    limit: &this.limit,
+    in_use: &this.in_use(),
+});
 
 pin_project! {
     /// A future that holds a permit of the limit (if it was given one) until it completes.
@@ -285,17 +282,7 @@ impl<S: Stream, C, Q: Queue> Core<S, C, Q> {
         &self.limit
     }
 
-    pub(crate) fn get_ref(&self) -> &S {
-        &self.stream
-    }
-
-    pub(crate) fn get_mut(&mut self) -> &mut S {
-        &mut self.stream
-    }
-
-    pub(crate) fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
-        self.project().stream
-    }
+    delegate_access_inner!(pub(crate) stream, S, ());
 
     /// Items pulled and not yet yielded.
     pub(crate) fn queued(&self) -> usize {
@@ -303,22 +290,18 @@ impl<S: Stream, C, Q: Queue> Core<S, C, Q> {
     }
 
     pub(crate) fn size_hint(&self) -> (usize, Option<usize>) {
-        let queued = self.queued();
-        if self.upstream_done {
-            return (queued, Some(queued));
-        }
-        let (lower, upper) = self.stream.size_hint();
-        (
-            lower.saturating_add(queued),
-            upper.and_then(|u| u.checked_add(queued)),
-        )
+        let upstream = match self.upstream_done {
+            true => (0, Some(0)),
+            false => self.stream.size_hint(),
+        };
+        size_hint_plus(self.queued(), upstream)
     }
 
     pub(crate) fn is_terminated(&self) -> bool {
         self.upstream_done && self.waiting.is_none() && self.running.len() == 0
     }
 
-    pub(crate) fn fmt_fields(&self, name: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result
+    pub(crate) fn fmt_as(&self, name: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result
     where
         S: fmt::Debug,
     {
@@ -399,81 +382,57 @@ where
     }
 }
 
-pin_project! {
-    /// Stream for the [`in_flight`](crate::PipelineExt::in_flight) method.
-    #[must_use = "streams do nothing unless polled"]
-    pub struct InFlight<S: Stream, F, Fut> {
-        #[pin]
-        core: Core<S, Plain<F>, FuturesUnordered<WithPermit<Fut>>>,
-    }
-}
-
-/// The accessors of an `in_flight` stream, written once for the family.
-macro_rules! in_flight_accessors {
-    () => {
-        /// The limit this stream runs under.
-        pub fn limit(&self) -> &$crate::InFlightLimit {
-            self.core.limit()
+/// Defines a stream of the `in_flight` family (the [`Core`] running `f(item)` for every
+/// item) whose futures run in a `$queue`: the struct, its accessors, `Stream` and `Debug`.
+/// `Fut: Future` is a bound of the struct only where the queue's type needs it.
+macro_rules! in_flight_stream {
+    ($(#[$doc:meta])* $name:ident<Fut $(: $fut_bound:ident)?>, $queue:ident) => {
+        pin_project! {
+            $(#[$doc])*
+            #[must_use = "streams do nothing unless polled"]
+            pub struct $name<S: Stream, F, Fut $(: $fut_bound)?> {
+                #[pin]
+                core: Core<S, Plain<F>, $queue<WithPermit<Fut>>>,
+            }
         }
 
-        /// A reference to the upstream stream.
-        pub fn get_ref(&self) -> &S {
-            self.core.get_ref()
+        impl<S: Stream, F, Fut: Future> $name<S, F, Fut> {
+            pub(crate) fn new(stream: S, limit: InFlightLimit, f: F) -> Self {
+                Self {
+                    core: Core::new(stream, limit, Plain(f)),
+                }
+            }
+
+            /// The limit this stream runs under.
+            pub fn limit(&self) -> &InFlightLimit {
+                self.core.limit()
+            }
+
+            delegate_access_inner!(pub core, S, (.));
         }
 
-        /// A mutable reference to the upstream stream.
-        pub fn get_mut(&mut self) -> &mut S {
-            self.core.get_mut()
-        }
+        delegate_stream!(
+            impl[S, F, Fut] $name<S, F, Fut>
+            where [S: Stream, F: FnMut(S::Item) -> Fut, Fut: Future]
+            => Fut::Output
+        );
 
-        /// A pinned mutable reference to the upstream stream.
-        pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
-            self.project().core.get_pin_mut()
+        impl<S: Stream + fmt::Debug, F, Fut: Future> fmt::Debug for $name<S, F, Fut> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.core.fmt_as(stringify!($name), f)
+            }
         }
     };
 }
-pub(crate) use in_flight_accessors;
 
-impl<S: Stream, F, Fut: Future> InFlight<S, F, Fut> {
-    pub(crate) fn new(stream: S, limit: InFlightLimit, f: F) -> Self {
-        Self {
-            core: Core::new(stream, limit, Plain(f)),
-        }
-    }
+in_flight_stream!(
+    /// Stream for the [`in_flight`](crate::PipelineExt::in_flight) method.
+    InFlight<Fut>,
+    FuturesUnordered
+);
 
-    in_flight_accessors!();
-}
-
-impl<S, F, Fut> Stream for InFlight<S, F, Fut>
-where
-    S: Stream,
-    F: FnMut(S::Item) -> Fut,
-    Fut: Future,
-{
-    type Item = Fut::Output;
-
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.project().core.poll_next(cx)
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        self.core.size_hint()
-    }
-}
-
-impl<S, F, Fut> FusedStream for InFlight<S, F, Fut>
-where
-    S: Stream,
-    F: FnMut(S::Item) -> Fut,
-    Fut: Future,
-{
-    fn is_terminated(&self) -> bool {
-        self.core.is_terminated()
-    }
-}
-
-impl<S: Stream + fmt::Debug, F, Fut: Future> fmt::Debug for InFlight<S, F, Fut> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.core.fmt_fields("InFlight", f)
-    }
-}
+in_flight_stream!(
+    /// Stream for the [`in_flight_ordered`](crate::PipelineExt::in_flight_ordered) method.
+    InFlightOrdered<Fut: Future>,
+    FuturesOrdered
+);

@@ -59,13 +59,11 @@ mod try_ext;
 mod by_key;
 mod fan_out;
 mod in_flight;
-mod in_flight_ordered;
 mod pool;
 mod stats;
 pub use by_key::FanOutByKey;
 pub use fan_out::{FanOut, FanOutOrdered};
-pub use in_flight::{InFlight, InFlightLimit};
-pub use in_flight_ordered::InFlightOrdered;
+pub use in_flight::{InFlight, InFlightLimit, InFlightOrdered};
 pub use pool::WorkerPool;
 pub use stats::{Stats, StatsSnapshot, WithStats};
 

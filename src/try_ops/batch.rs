@@ -5,17 +5,15 @@
 //! emitted first, then the error, so every value and error keeps its place.
 
 use std::fmt;
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::stream::{FusedStream, Stream, TryStream};
 use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep, sleep_until};
 
+use crate::batch::{Deadline, nonzero_duration};
 use crate::error::{ConfigError, nonzero, or_panic};
-use crate::try_ops::deadline_after;
 
 pin_project! {
     /// Stream for the [`try_batch`](crate::TryPipelineExt::try_batch) method.
@@ -30,13 +28,8 @@ pin_project! {
         // An error that ended a partial batch: yielded right after that batch.
         error: Option<S::Error>,
         max: usize,
-        wait: Duration,
-        // When the current batch is due: `wait` after its first value.
-        due: Option<Instant>,
-        // Allocated at the first wait, reset for later ones.
-        sleep: Option<Pin<Box<Sleep>>>,
-        // Whether `sleep` is set to `due` and has been polled.
-        armed: bool,
+        // Due `wait` after the current batch's first value.
+        deadline: Deadline,
         done: bool,
     }
 }
@@ -49,38 +42,18 @@ impl<S: TryStream> TryBatch<S> {
 
     pub(crate) fn try_new(stream: S, max: usize, wait: Duration) -> Result<Self, ConfigError> {
         nonzero("max", max as u64)?;
-        if wait.is_zero() {
-            return Err(ConfigError::new("wait", "must be a non-zero duration"));
-        }
+        nonzero_duration("wait", wait)?;
         Ok(Self {
             stream,
             batch: Vec::new(),
             error: None,
             max,
-            wait,
-            due: None,
-            sleep: None,
-            armed: false,
+            deadline: Deadline::new(wait),
             done: false,
         })
     }
 
-    /// A reference to the underlying stream.
-    pub fn get_ref(&self) -> &S {
-        &self.stream
-    }
-
-    /// A mutable reference to the underlying stream.
-    ///
-    /// Taking items from it directly bypasses the batches.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.stream
-    }
-
-    /// A pinned mutable reference to the underlying stream.
-    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
-        self.project().stream
-    }
+    delegate_access_inner!(pub stream, S, ());
 
     /// The values collected so far into the batch that has not been emitted yet.
     pub fn partial(&self) -> &[S::Ok] {
@@ -91,8 +64,7 @@ impl<S: TryStream> TryBatch<S> {
     /// a new batch with a new `wait`. Empty when no batch is pending.
     pub fn take_partial(self: Pin<&mut Self>) -> Vec<S::Ok> {
         let this = self.project();
-        *this.due = None;
-        *this.armed = false;
+        this.deadline.clear();
         std::mem::take(this.batch)
     }
 }
@@ -104,8 +76,7 @@ impl<S: TryStream> Stream for TryBatch<S> {
         let mut this = self.project();
         macro_rules! emit {
             () => {{
-                *this.due = None;
-                *this.armed = false;
+                this.deadline.clear();
                 return Poll::Ready(Some(Ok(std::mem::take(this.batch))));
             }};
         }
@@ -113,10 +84,7 @@ impl<S: TryStream> Stream for TryBatch<S> {
             return Poll::Ready(Some(Err(e)));
         }
         // A batch whose timer fired comes before anything upstream has now.
-        if !this.batch.is_empty()
-            && *this.armed
-            && this.sleep.as_ref().is_some_and(|s| s.is_elapsed())
-        {
+        if !this.batch.is_empty() && this.deadline.has_fired() {
             emit!();
         }
         if *this.done {
@@ -126,8 +94,7 @@ impl<S: TryStream> Stream for TryBatch<S> {
             match this.stream.as_mut().try_poll_next(cx) {
                 Poll::Ready(Some(Ok(value))) => {
                     if this.batch.is_empty() {
-                        *this.due = Some(deadline_after(Instant::now(), *this.wait));
-                        *this.armed = false;
+                        this.deadline.start();
                         this.batch.reserve((*this.max).min(1024));
                     }
                     this.batch.push(value);
@@ -150,19 +117,8 @@ impl<S: TryStream> Stream for TryBatch<S> {
                     emit!();
                 }
                 Poll::Pending => {
-                    if let Some(due) = *this.due {
-                        let sleep = match this.sleep {
-                            Some(sleep) if *this.armed => sleep,
-                            Some(sleep) => {
-                                sleep.as_mut().reset(due);
-                                sleep
-                            }
-                            None => this.sleep.insert(Box::pin(sleep_until(due))),
-                        };
-                        *this.armed = true;
-                        if sleep.as_mut().poll(cx).is_ready() {
-                            emit!();
-                        }
+                    if !this.batch.is_empty() && this.deadline.poll_due(cx) {
+                        emit!();
                     }
                     return Poll::Pending;
                 }
@@ -191,17 +147,9 @@ impl<S: TryStream> FusedStream for TryBatch<S> {
     }
 }
 
-impl<S> fmt::Debug for TryBatch<S>
-where
-    S: TryStream + fmt::Debug,
-    S::Ok: fmt::Debug,
-{
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TryBatch")
-            .field("stream", &self.stream)
-            .field("partial", &self.batch)
-            .field("max", &self.max)
-            .field("wait", &self.wait)
-            .finish_non_exhaustive()
-    }
-}
+impl_debug!(impl[S: TryStream + fmt::Debug] TryBatch<S> where [S::Ok: fmt::Debug] => "TryBatch" |this| {
+    stream: &this.stream,
+    partial: &this.batch,
+    max: &this.max,
+    wait: &this.deadline.wait(),
+} ..);

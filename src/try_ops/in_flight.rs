@@ -9,9 +9,7 @@ use std::task::{Context, Poll};
 
 use futures::TryStreamExt;
 use futures::future::TryFuture;
-use futures::stream::{
-    FusedStream, FuturesOrdered, FuturesUnordered, IntoStream, Stream, TryStream,
-};
+use futures::stream::{FuturesOrdered, FuturesUnordered, IntoStream, TryStream};
 use pin_project_lite::pin_project;
 
 use crate::in_flight::{Core, InFlightLimit, Start, WithPermit};
@@ -65,6 +63,8 @@ where
     }
 }
 
+/// Defines a stream of the `try_in_flight` family (the in-flight [`Core`] over the upstream's
+/// items as `Result`s, calling `f` for the `Ok` ones) whose futures run in a `$queue`.
 macro_rules! try_in_flight_stream {
     ($(#[$doc:meta])* $name:ident, $queue:ident) => {
         pin_project! {
@@ -78,9 +78,8 @@ macro_rules! try_in_flight_stream {
 
         impl<S: TryStream, F, Fut: TryFuture> $name<S, F, Fut> {
             pub(crate) fn new(stream: S, limit: InFlightLimit, f: F) -> Self {
-                Self {
-                    core: Core::new(stream.into_stream(), limit, TryStart(f)),
-                }
+                let core = Core::new(stream.into_stream(), limit, TryStart(f));
+                Self { core }
             }
 
             /// The limit this stream runs under.
@@ -88,53 +87,22 @@ macro_rules! try_in_flight_stream {
                 self.core.limit()
             }
 
-            /// A reference to the upstream stream.
-            pub fn get_ref(&self) -> &S {
-                self.core.get_ref().get_ref()
-            }
-
-            /// A mutable reference to the upstream stream.
-            pub fn get_mut(&mut self) -> &mut S {
-                self.core.get_mut().get_mut()
-            }
-
-            /// A pinned mutable reference to the upstream stream.
-            pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
-                self.project().core.get_pin_mut().get_pin_mut()
-            }
+            delegate_access_inner!(pub core, S, (. .));
         }
 
-        impl<S, F, Fut> Stream for $name<S, F, Fut>
+        delegate_stream!(
+            impl[S, F, Fut] $name<S, F, Fut>
+            where [S: TryStream, F: FnMut(S::Ok) -> Fut, Fut: TryFuture<Error = S::Error>]
+            => Result<Fut::Ok, S::Error>
+        );
+
+        impl<S, F, Fut> fmt::Debug for $name<S, F, Fut>
         where
-            S: TryStream,
-            F: FnMut(S::Ok) -> Fut,
-            Fut: TryFuture<Error = S::Error>,
+            S: TryStream + fmt::Debug,
+            Fut: TryFuture,
         {
-            type Item = Result<Fut::Ok, S::Error>;
-
-            fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-                self.project().core.poll_next(cx)
-            }
-
-            fn size_hint(&self) -> (usize, Option<usize>) {
-                self.core.size_hint()
-            }
-        }
-
-        impl<S, F, Fut> FusedStream for $name<S, F, Fut>
-        where
-            S: TryStream,
-            F: FnMut(S::Ok) -> Fut,
-            Fut: TryFuture<Error = S::Error>,
-        {
-            fn is_terminated(&self) -> bool {
-                self.core.is_terminated()
-            }
-        }
-
-        impl<S: TryStream + fmt::Debug, F, Fut: TryFuture> fmt::Debug for $name<S, F, Fut> {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                self.core.fmt_fields(stringify!($name), f)
+                self.core.fmt_as(stringify!($name), f)
             }
         }
     };
