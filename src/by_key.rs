@@ -22,6 +22,7 @@ use pin_project_lite::pin_project;
 
 use crate::error::{ConfigError, or_panic};
 use crate::fan_out::Core;
+use crate::macros::size_hint_plus;
 use crate::pool::WorkerPool;
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
@@ -237,20 +238,7 @@ where
         self.gate.slots.len()
     }
 
-    /// A reference to the upstream stream.
-    pub fn get_ref(&self) -> &S {
-        &self.stream
-    }
-
-    /// A mutable reference to the upstream stream.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.stream
-    }
-
-    /// A pinned mutable reference to the upstream stream.
-    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
-        self.project().stream
-    }
+    delegate_access_inner!(pub stream, S, ());
 }
 
 impl<S, K, KF, F, Fut> Stream for FanOutByKey<S, K, KF, F, Fut::Output>
@@ -297,41 +285,28 @@ where
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        let held = self.gate.slots.len();
-        if self.gate.upstream_done {
-            return (held, Some(held));
-        }
-        let (lower, upper) = self.stream.size_hint();
-        (
-            lower.saturating_add(held),
-            upper.and_then(|u| u.checked_add(held)),
-        )
+        let upstream = match self.gate.upstream_done {
+            true => (0, Some(0)),
+            false => self.stream.size_hint(),
+        };
+        size_hint_plus(self.gate.slots.len(), upstream)
     }
 }
 
-impl<S, K, KF, F, Fut> FusedStream for FanOutByKey<S, K, KF, F, Fut::Output>
+impl<S: Stream, K, KF, F, U> FusedStream for FanOutByKey<S, K, KF, F, U>
 where
-    S: Stream,
-    K: Hash + Eq,
-    KF: FnMut(&S::Item) -> K,
-    F: FnMut(S::Item) -> Fut,
-    Fut: Future + Send + 'static,
-    Fut::Output: Send + 'static,
+    Self: Stream,
 {
     fn is_terminated(&self) -> bool {
         self.gate.upstream_done && self.gate.slots.is_empty()
     }
 }
 
-impl<S: Stream + fmt::Debug, K, KF, F, U> fmt::Debug for FanOutByKey<S, K, KF, F, U> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FanOutByKey")
-            .field("stream", &self.stream)
-            .field("core", &self.core)
-            .field("window", &self.gate.window)
-            .field("held", &self.gate.slots.len())
-            .field("parked", &self.gate.parked)
-            .field("busy_keys", &self.gate.lanes.len())
-            .finish_non_exhaustive()
-    }
-}
+impl_debug!(impl[S: Stream + fmt::Debug, K, KF, F, U] FanOutByKey<S, K, KF, F, U> => FanOutByKey |this| {
+    stream: &this.stream,
+    core: &this.core,
+    window: &this.gate.window,
+    held: &this.gate.slots.len(),
+    parked: &this.gate.parked,
+    busy_keys: &this.gate.lanes.len(),
+} ..);

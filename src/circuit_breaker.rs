@@ -524,7 +524,7 @@ where
 
 from_ref_handle!(impl[] CircuitBreaker, "the state");
 
-impl_debug!(impl[] CircuitBreaker => "CircuitBreaker" |this| {
+impl_debug!(impl[] CircuitBreaker => CircuitBreaker |this| {
     name: &this.name(),
     state: &this.state(),
     consecutive_failures: &this.consecutive_failures(),
@@ -633,7 +633,7 @@ where
     }
 }
 
-impl_debug!(impl[S: fmt::Debug, F, Fut] Breaker<S, F, Fut> => "Breaker" |this| {
+impl_debug!(impl[S: fmt::Debug, F, Fut] Breaker<S, F, Fut> => Breaker |this| {
     stream: this.stream.get_ref(),
     breaker: &this.breaker,
     running: &this.call.is_some(),

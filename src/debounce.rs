@@ -126,7 +126,7 @@ impl<S: Stream> FusedStream for Debounce<S> {
     }
 }
 
-impl_debug!(impl[S: Stream + fmt::Debug] Debounce<S> where [S::Item: fmt::Debug] => "Debounce" |this| {
+impl_debug!(impl[S: Stream + fmt::Debug] Debounce<S> where [S::Item: fmt::Debug] => Debounce |this| {
     stream: this.stream.get_ref(),
     held: &this.held,
     quiet: &this.deadline.wait(),

@@ -156,7 +156,7 @@ where
     }
 }
 
-impl_debug!(impl[S: fmt::Debug, K, F] DedupeBy<S, K, F> => "DedupeBy" |this| {
+impl_debug!(impl[S: fmt::Debug, K, F] DedupeBy<S, K, F> => DedupeBy |this| {
     stream: this.stream.get_ref(),
     window: &this.seen.window,
     capacity: &this.seen.capacity,

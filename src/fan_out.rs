@@ -24,6 +24,7 @@ use futures::task::AtomicWaker;
 use pin_project_lite::pin_project;
 
 use crate::error::{ConfigError, or_panic, window_size};
+use crate::macros::size_hint_plus;
 use crate::pool::{self, Job, SourceId, WorkerPool};
 
 /// What a job produced: its value, or the payload of its panic.
@@ -506,24 +507,28 @@ impl<U: Send + 'static> Core<U> {
             None => Poll::Pending,
         }
     }
+}
 
+impl<U> Core<U> {
     pub(crate) fn is_terminated(&self) -> bool {
         self.upstream_done && self.in_pool == 0
     }
 
+    /// The size hint of a stream whose upstream's hint is `upstream`.
     pub(crate) fn size_hint(&self, upstream: (usize, Option<usize>)) -> (usize, Option<usize>) {
-        if self.upstream_done {
-            return (self.in_pool, Some(self.in_pool));
-        }
-        let (lower, upper) = upstream;
-        (
-            lower.saturating_add(self.in_pool),
-            upper.and_then(|u| u.checked_add(self.in_pool)),
-        )
+        let upstream = match self.upstream_done {
+            true => (0, Some(0)),
+            false => upstream,
+        };
+        size_hint_plus(self.in_pool, upstream)
     }
 
     pub(crate) fn in_pool(&self) -> usize {
         self.in_pool
+    }
+
+    pub(crate) fn window(&self) -> usize {
+        self.window
     }
 }
 
@@ -536,16 +541,12 @@ impl<U> Drop for Core<U> {
     }
 }
 
-impl<U> fmt::Debug for Core<U> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Core")
-            .field("pool", &self.pool)
-            .field("window", &self.window)
-            .field("in_pool", &self.in_pool)
-            .field("upstream_done", &self.upstream_done)
-            .finish()
-    }
-}
+impl_debug!(impl[U] Core<U> => Core |this| {
+    pool: &this.pool,
+    window: &this.window,
+    in_pool: &this.in_pool,
+    upstream_done: &this.upstream_done,
+});
 
 macro_rules! fan_out_stream {
     ($(#[$doc:meta])* $name:ident, $ordered:expr) => {
@@ -565,48 +566,7 @@ macro_rules! fan_out_stream {
                 Self { stream, f, core: Core::new(pool, $ordered) }
             }
 
-            /// Sets how many items of this stream may be in the pool at once: queued, running, or
-            /// finished and not yet yielded. This bounds the stream's memory (and, for the
-            /// ordered variant, the reorder buffer behind a slow item); upstream is not pulled
-            /// while the window is full. The default is four times the pool's workers, and at
-            /// least 512 (hand-offs to the pool happen in batches of half a window).
-            ///
-            /// # Panics
-            ///
-            /// Panics if `window` is zero or above 2^30; [`try_window`](Self::try_window)
-            /// returns the error instead.
-            #[track_caller]
-            pub fn window(mut self, window: usize) -> Self {
-                self.core.set_window(window);
-                self
-            }
-
-            /// [`window`](Self::window), returning a [`ConfigError`] naming `window` if it is
-            /// zero or above 2^30.
-            pub fn try_window(mut self, window: usize) -> Result<Self, ConfigError> {
-                self.core.try_set_window(window)?;
-                Ok(self)
-            }
-
-            /// How many of this stream's items are in the pool now.
-            pub fn in_pool(&self) -> usize {
-                self.core.in_pool()
-            }
-
-            /// A reference to the upstream stream.
-            pub fn get_ref(&self) -> &S {
-                &self.stream
-            }
-
-            /// A mutable reference to the upstream stream.
-            pub fn get_mut(&mut self) -> &mut S {
-                &mut self.stream
-            }
-
-            /// A pinned mutable reference to the upstream stream.
-            pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
-                self.project().stream
-            }
+            fan_out_window!();
         }
 
         impl<S, F, Fut, U> Stream for $name<S, F, U>
@@ -628,26 +588,19 @@ macro_rules! fan_out_stream {
             }
         }
 
-        impl<S, F, Fut, U> FusedStream for $name<S, F, U>
+        impl<S, F, U> FusedStream for $name<S, F, U>
         where
-            S: Stream,
-            F: FnMut(S::Item) -> Fut,
-            Fut: Future<Output = U> + Send + 'static,
-            U: Send + 'static,
+            Self: Stream,
         {
             fn is_terminated(&self) -> bool {
                 self.core.is_terminated()
             }
         }
 
-        impl<S: fmt::Debug, F, U> fmt::Debug for $name<S, F, U> {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.debug_struct(stringify!($name))
-                    .field("stream", &self.stream)
-                    .field("core", &self.core)
-                    .finish_non_exhaustive()
-            }
-        }
+        impl_debug!(impl[S: fmt::Debug, F, U] $name<S, F, U> => $name |this| {
+            stream: &this.stream,
+            core: &this.core,
+        } ..);
     };
 }
 

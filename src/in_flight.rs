@@ -151,7 +151,7 @@ impl From<usize> for InFlightLimit {
 
 from_ref_handle!(impl[] InFlightLimit, "the limit");
 
-impl_debug!(impl[] InFlightLimit => "InFlightLimit" |this| {
+impl_debug!(impl[] InFlightLimit => InFlightLimit |this| {
     limit: &this.limit,
     in_use: &this.in_use(),
 });

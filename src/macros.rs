@@ -70,27 +70,27 @@ macro_rules! delegate_stream {
 /// `$this` (the value formatted); a trailing `..` marks that it shows only some of them
 /// (`finish_non_exhaustive`):
 ///
-/// `impl_debug!(impl[S: Debug] Name<S> => "Name" |this| { stream: &this.stream } ..);`
+/// `impl_debug!(impl[S: Debug] Name<S> => Name |this| { stream: &this.stream } ..);`
 macro_rules! impl_debug {
     (
-        impl[$($g:tt)*] $ty:ty $(where [$($b:tt)*])? => $name:literal
+        impl[$($g:tt)*] $ty:ty $(where [$($b:tt)*])? => $name:ident
         |$this:ident| { $($field:ident: $value:expr),* $(,)? }
     ) => {
         impl<$($g)*> ::std::fmt::Debug for $ty $(where $($b)*)? {
             fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 let $this = self;
-                f.debug_struct($name)$(.field(stringify!($field), $value))*.finish()
+                f.debug_struct(stringify!($name))$(.field(stringify!($field), $value))*.finish()
             }
         }
     };
     (
-        impl[$($g:tt)*] $ty:ty $(where [$($b:tt)*])? => $name:literal
+        impl[$($g:tt)*] $ty:ty $(where [$($b:tt)*])? => $name:ident
         |$this:ident| { $($field:ident: $value:expr),* $(,)? } ..
     ) => {
         impl<$($g)*> ::std::fmt::Debug for $ty $(where $($b)*)? {
             fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 let $this = self;
-                f.debug_struct($name)$(.field(stringify!($field), $value))*.finish_non_exhaustive()
+                f.debug_struct(stringify!($name))$(.field(stringify!($field), $value))*.finish_non_exhaustive()
             }
         }
     };
@@ -202,5 +202,42 @@ macro_rules! quota_methods {
         pub fn quota(&self) -> ::governor::Quota {
             $crate::rate_limit::quota_of(&self.shared.gcra)
         }
+    };
+}
+
+/// `window`, `try_window`, `in_pool` and the accessors of a stream on the fan-out engine
+/// (`fan_out::Core` in field `core`, the upstream stream in field `stream`); the attributes
+/// given (a doc paragraph) go into `window`'s documentation.
+macro_rules! fan_out_window {
+    ($(#[$doc:meta])*) => {
+        /// Sets how many items of this stream may be in the pool at once: queued, running, or
+        /// finished and not yet yielded. This bounds the stream's memory (and, for the ordered
+        /// variant, the reorder buffer behind a slow item); upstream is not pulled while the
+        /// window is full. The default is four times the pool's workers, and at least 512
+        /// (hand-offs to the pool happen in batches of half a window).
+        $(#[$doc])*
+        ///
+        /// # Panics
+        ///
+        /// Panics if `window` is zero or above 2^30; [`try_window`](Self::try_window) returns
+        /// the error instead.
+        #[track_caller]
+        pub fn window(self, window: usize) -> Self {
+            $crate::error::or_panic(self.try_window(window))
+        }
+
+        /// [`window`](Self::window), returning a [`ConfigError`](crate::ConfigError) naming
+        /// `window` if it is zero or above 2^30.
+        pub fn try_window(mut self, window: usize) -> Result<Self, $crate::ConfigError> {
+            self.core.try_set_window(window)?;
+            Ok(self)
+        }
+
+        /// How many of this stream's items are in the pool now.
+        pub fn in_pool(&self) -> usize {
+            self.core.in_pool()
+        }
+
+        delegate_access_inner!(pub stream, S, ());
     };
 }

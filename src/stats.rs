@@ -24,6 +24,8 @@ use futures::stream::{FusedStream, Stream};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
+use crate::time::nanos;
+
 /// A shared statistics recorder; cloning the handle shares the counters.
 ///
 /// Many streams may record into one `Stats` (their counts add up). Timing uses
@@ -161,10 +163,6 @@ impl fmt::Display for StatsSnapshot {
     }
 }
 
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
 impl Stats {
     /// Creates a recorder named `name` (the name appears in `Display` and `tracing` events).
     pub fn new(name: impl Into<String>) -> Self {
@@ -247,12 +245,7 @@ impl Stats {
     }
 }
 
-impl From<&Stats> for Stats {
-    /// A clone of the handle: the counters are shared.
-    fn from(stats: &Stats) -> Self {
-        stats.clone()
-    }
-}
+from_ref_handle!(impl[] Stats, "the counters");
 
 impl fmt::Debug for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -307,20 +300,7 @@ impl<S> WithStats<S> {
         &self.stats
     }
 
-    /// A reference to the upstream stream.
-    pub fn get_ref(&self) -> &S {
-        &self.stream
-    }
-
-    /// A mutable reference to the upstream stream.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.stream
-    }
-
-    /// A pinned mutable reference to the upstream stream.
-    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
-        self.project().stream
-    }
+    delegate_access_inner!(pub stream, S, ());
 }
 
 impl<S: Stream> WithStats<S> {
@@ -415,11 +395,7 @@ impl<S: Stream> FusedStream for WithStats<S> {
     }
 }
 
-impl<S: fmt::Debug> fmt::Debug for WithStats<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("WithStats")
-            .field("stream", &self.stream)
-            .field("stats", &self.stats)
-            .finish_non_exhaustive()
-    }
-}
+impl_debug!(impl[S: fmt::Debug] WithStats<S> => WithStats |this| {
+    stream: &this.stream,
+    stats: &this.stats,
+} ..);

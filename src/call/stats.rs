@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::time::nanos;
+
 /// Counters and a latency histogram shared by every clone, recorded by the
 /// [`Call`](crate::Call)s built with [`stats`](crate::Call::stats).
 ///
@@ -160,12 +162,7 @@ impl Drop for RunGuard<'_> {
     }
 }
 
-impl From<&CallStats> for CallStats {
-    /// A clone of the handle: the counters are shared.
-    fn from(stats: &CallStats) -> Self {
-        stats.clone()
-    }
-}
+from_ref_handle!(impl[] CallStats, "the counters");
 
 impl fmt::Debug for CallStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -232,10 +229,6 @@ impl fmt::Display for CallStatsSnapshot {
             self.limiter_wait,
         )
     }
-}
-
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Values below this are counted exactly, one bucket each.

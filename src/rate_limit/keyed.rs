@@ -241,7 +241,7 @@ impl<K: Hash + Eq + Clone> From<Quota> for KeyedRateLimiter<K> {
 
 from_ref_handle!(impl[K] KeyedRateLimiter<K>, "the per-key state");
 
-impl_debug!(impl[K] KeyedRateLimiter<K> => "KeyedRateLimiter" |this| {
+impl_debug!(impl[K] KeyedRateLimiter<K> => KeyedRateLimiter |this| {
     interval: &this.interval(),
     burst: &this.burst_size(),
     keys: &this.shared.lock().states.len(),

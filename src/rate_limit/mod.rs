@@ -317,7 +317,7 @@ impl Clone for RateLimiter {
 
 from_ref_handle!(impl[] RateLimiter, "the quota");
 
-impl_debug!(impl[] RateLimiter => "RateLimiter" |this| {
+impl_debug!(impl[] RateLimiter => RateLimiter |this| {
     interval: &this.interval(),
     burst: &this.burst_size(),
 } ..);

@@ -147,7 +147,7 @@ impl<S: TryStream> FusedStream for TryBatch<S> {
     }
 }
 
-impl_debug!(impl[S: TryStream + fmt::Debug] TryBatch<S> where [S::Ok: fmt::Debug] => "TryBatch" |this| {
+impl_debug!(impl[S: TryStream + fmt::Debug] TryBatch<S> where [S::Ok: fmt::Debug] => TryBatch |this| {
     stream: &this.stream,
     partial: &this.batch,
     max: &this.max,

@@ -17,8 +17,8 @@ use futures::future::TryFuture;
 use futures::stream::{FusedStream, Stream, TryStream};
 use pin_project_lite::pin_project;
 
-use crate::error::ConfigError;
 use crate::fan_out::Core;
+use crate::macros::size_hint_plus;
 use crate::pool::WorkerPool;
 
 /// The upstream stream's `Ok` values, for the core; errors are set aside with their place.
@@ -71,7 +71,6 @@ macro_rules! try_fan_out_stream {
                 submitted: u64,
                 // `Ok` results yielded so far.
                 yielded: u64,
-                window: usize,
             }
         }
 
@@ -82,7 +81,6 @@ macro_rules! try_fan_out_stream {
             U: Send + 'static,
         {
             pub(crate) fn new(stream: S, pool: WorkerPool, f: F) -> Self {
-                let window = pool.default_window();
                 Self {
                     stream,
                     f,
@@ -91,51 +89,13 @@ macro_rules! try_fan_out_stream {
                     held: None,
                     submitted: 0,
                     yielded: 0,
-                    window,
                 }
             }
 
-            /// Sets how many `Ok` items of this stream may be in the pool at once (queued,
-            /// running, or finished and not yet yielded), as
-            /// [`FanOutOrdered::window`](crate::FanOutOrdered::window) does. Upstream errors
-            /// waiting for their place are bounded by the same number. The default is four
-            /// times the pool's workers, and at least 512.
-            ///
-            /// # Panics
-            ///
-            /// Panics if `window` is zero; [`try_window`](Self::try_window) returns an error
-            /// instead.
-            #[track_caller]
-            pub fn window(self, window: usize) -> Self {
-                crate::error::or_panic(self.try_window(window))
-            }
-
-            /// Sets the window, or returns an error naming `window` if it is zero.
-            pub fn try_window(mut self, window: usize) -> Result<Self, ConfigError> {
-                self.core.try_set_window(window)?;
-                self.window = window;
-                Ok(self)
-            }
-
-            /// How many of this stream's items are in the pool now.
-            pub fn in_pool(&self) -> usize {
-                self.core.in_pool()
-            }
-
-            /// A reference to the upstream stream.
-            pub fn get_ref(&self) -> &S {
-                &self.stream
-            }
-
-            /// A mutable reference to the upstream stream.
-            pub fn get_mut(&mut self) -> &mut S {
-                &mut self.stream
-            }
-
-            /// A pinned mutable reference to the upstream stream.
-            pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
-                self.project().stream
-            }
+            fan_out_window!(
+                /// Only `Ok` values go to the pool; upstream errors waiting for their place
+                /// are bounded by the same number.
+            );
         }
 
         impl<S, F, Fut> Stream for $name<S, F, Fut::Ok>
@@ -176,7 +136,7 @@ macro_rules! try_fan_out_stream {
                     stream: this.stream.as_mut(),
                     errors: &mut *this.errors,
                     submitted: &mut *this.submitted,
-                    max_errors: *this.window,
+                    max_errors: this.core.window(),
                 };
                 let f = &mut *this.f;
                 let poll = this.core.poll_next(
@@ -203,37 +163,25 @@ macro_rules! try_fan_out_stream {
             }
 
             fn size_hint(&self) -> (usize, Option<usize>) {
-                let (lower, upper) = self.core.size_hint(self.stream.size_hint());
                 let extra = self.errors.len() + usize::from(self.held.is_some());
-                (
-                    lower.saturating_add(extra),
-                    upper.and_then(|u| u.checked_add(extra)),
-                )
+                size_hint_plus(extra, self.core.size_hint(self.stream.size_hint()))
             }
         }
 
-        impl<S, F, Fut> FusedStream for $name<S, F, Fut::Ok>
+        impl<S: TryStream, F, U> FusedStream for $name<S, F, U>
         where
-            S: TryStream,
-            S::Error: Send + 'static,
-            F: FnMut(S::Ok) -> Fut,
-            Fut: TryFuture<Error = S::Error> + Send + 'static,
-            Fut::Ok: Send + 'static,
+            Self: Stream,
         {
             fn is_terminated(&self) -> bool {
                 self.core.is_terminated() && self.errors.is_empty() && self.held.is_none()
             }
         }
 
-        impl<S: TryStream + fmt::Debug, F, U> fmt::Debug for $name<S, F, U> {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.debug_struct(stringify!($name))
-                    .field("stream", &self.stream)
-                    .field("core", &self.core)
-                    .field("errors_waiting", &self.errors.len())
-                    .finish_non_exhaustive()
-            }
-        }
+        impl_debug!(impl[S: TryStream + fmt::Debug, F, U] $name<S, F, U> => $name |this| {
+            stream: &this.stream,
+            core: &this.core,
+            errors_waiting: &this.errors.len(),
+        } ..);
     };
 }
 

@@ -32,20 +32,7 @@ impl<S: TryStream> TryWithStats<S> {
         self.point.stats()
     }
 
-    /// A reference to the upstream stream.
-    pub fn get_ref(&self) -> &S {
-        self.point.get_ref().get_ref()
-    }
-
-    /// A mutable reference to the upstream stream.
-    pub fn get_mut(&mut self) -> &mut S {
-        self.point.get_mut().get_mut()
-    }
-
-    /// A pinned mutable reference to the upstream stream.
-    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut S> {
-        self.project().point.get_pin_mut().get_pin_mut()
-    }
+    delegate_access_inner!(pub point, S, (. .));
 }
 
 impl<S: TryStream> Stream for TryWithStats<S> {
@@ -67,11 +54,7 @@ impl<S: TryStream> FusedStream for TryWithStats<S> {
     }
 }
 
-impl<S: fmt::Debug> fmt::Debug for TryWithStats<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TryWithStats")
-            .field("stream", self.point.get_ref().get_ref())
-            .field("stats", self.point.stats())
-            .finish_non_exhaustive()
-    }
-}
+impl_debug!(impl[S: fmt::Debug] TryWithStats<S> => TryWithStats |this| {
+    stream: this.point.get_ref().get_ref(),
+    stats: this.point.stats(),
+} ..);
