@@ -378,10 +378,11 @@ impl<S: Stream, A, State> Core<S, A, State> {
 }
 
 impl<S: Stream, A: Admit<S::Item, State = State>, State: Default> Core<S, A, State> {
-    fn try_new(stream: S, max: usize, wait: Duration, admit: A) -> Result<Self, ConfigError> {
-        nonzero("max", max as u64)?;
-        nonzero_duration("wait", wait)?;
-        Ok(Self {
+    #[track_caller]
+    fn new(stream: S, max: usize, wait: Duration, admit: A) -> Self {
+        or_panic(nonzero("max", max as u64));
+        or_panic(nonzero_duration("wait", wait));
+        Self {
             stream,
             deadline: Deadline::new(wait),
             batch: Vec::new(),
@@ -389,7 +390,7 @@ impl<S: Stream, A: Admit<S::Item, State = State>, State: Default> Core<S, A, Sta
             state: State::default(),
             max,
             done: false,
-        })
+        }
     }
 
     fn take_partial(self: Pin<&mut Self>) -> Vec<S::Item> {
@@ -557,28 +558,18 @@ pin_project! {
 impl<S: Stream> Batch<S> {
     #[track_caller]
     pub(crate) fn new(stream: S, max: usize, wait: Duration) -> Self {
-        or_panic(Self::try_new(stream, max, wait))
-    }
-
-    pub(crate) fn try_new(stream: S, max: usize, wait: Duration) -> Result<Self, ConfigError> {
-        Ok(Self {
-            core: Core::try_new(stream, max, wait, All)?,
-        })
+        Self {
+            core: Core::new(stream, max, wait, All),
+        }
     }
 
     accessors!();
 }
 
-delegate_stream!(impl[S] Batch<S> where [S: Stream] => Vec<S::Item>);
-
-impl<S: Stream + fmt::Debug> fmt::Debug for Batch<S>
-where
-    S::Item: fmt::Debug,
-{
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.core.fmt_as("Batch", f)
-    }
-}
+delegate_stream!(
+    impl[S] Batch<S> where [S: Stream] => Vec<S::Item>;
+    Debug where [S: Stream + fmt::Debug, S::Item: fmt::Debug]
+);
 
 pin_project! {
     /// Stream for the [`batch_dedupe`](crate::PipelineExt::batch_dedupe) method.
@@ -612,29 +603,18 @@ where
 {
     #[track_caller]
     pub(crate) fn new(stream: S, max: usize, wait: Duration, key: F) -> Self {
-        or_panic(Self::try_new(stream, max, wait, key))
-    }
-
-    pub(crate) fn try_new(
-        stream: S,
-        max: usize,
-        wait: Duration,
-        key: F,
-    ) -> Result<Self, ConfigError> {
         if max > KeyTable::MAX_BATCH {
-            return Err(ConfigError::new(
-                "max",
-                "must be at most 4294967295 (2^32 - 1) for batch_dedupe",
-            ));
+            let reason = "must be at most 4294967295 (2^32 - 1) for batch_dedupe";
+            ConfigError::new("max", reason).panic();
         }
         let admit = FirstOfKey {
             key,
             room: max.min(PREALLOC),
         };
-        Ok(Self {
-            core: Core::try_new(stream, max, wait, admit)?,
+        Self {
+            core: Core::new(stream, max, wait, admit),
             _key: PhantomData,
-        })
+        }
     }
 
     accessors!();
@@ -643,17 +623,9 @@ where
 delegate_stream!(
     impl[S, K, F] BatchDedupe<S, K, F>
     where [S: Stream, K: Hash + Eq, F: FnMut(&S::Item) -> K]
-    => Vec<S::Item>
+    => Vec<S::Item>;
+    Debug where [S: Stream + fmt::Debug, S::Item: fmt::Debug]
 );
-
-impl<S: Stream + fmt::Debug, K, F> fmt::Debug for BatchDedupe<S, K, F>
-where
-    S::Item: fmt::Debug,
-{
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.core.fmt_as("BatchDedupe", f)
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -10,7 +10,7 @@ use futures::{Stream, StreamExt};
 use pin_project_lite::pin_project;
 
 use crate::batch::{Deadline, POLL_BUDGET, nonzero_duration};
-use crate::error::{ConfigError, or_panic};
+use crate::error::or_panic;
 
 pin_project! {
     /// Stream for the [`debounce`](crate::PipelineExt::debounce) method.
@@ -30,16 +30,12 @@ pin_project! {
 impl<S: Stream> Debounce<S> {
     #[track_caller]
     pub(crate) fn new(stream: S, quiet: Duration) -> Self {
-        or_panic(Self::try_new(stream, quiet))
-    }
-
-    pub(crate) fn try_new(stream: S, quiet: Duration) -> Result<Self, ConfigError> {
-        nonzero_duration("quiet", quiet)?;
-        Ok(Self {
+        or_panic(nonzero_duration("quiet", quiet));
+        Self {
             stream: stream.fuse(),
             held: None,
             deadline: Deadline::new(quiet),
-        })
+        }
     }
 
     delegate_access_inner!(pub stream, S, (.));

@@ -13,7 +13,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
 use crate::batch::{POLL_BUDGET, nonzero_duration};
-use crate::error::{ConfigError, nonzero, or_panic};
+use crate::error::{nonzero, or_panic};
 
 /// The keys that passed within the window, oldest first, in at most `capacity` entries.
 struct Window<K> {
@@ -71,27 +71,19 @@ where
 {
     #[track_caller]
     pub(crate) fn new(stream: S, window: Duration, capacity: usize, key: F) -> Self {
-        or_panic(Self::try_new(stream, window, capacity, key))
-    }
-
-    pub(crate) fn try_new(
-        stream: S,
-        window: Duration,
-        capacity: usize,
-        key: F,
-    ) -> Result<Self, ConfigError> {
-        nonzero_duration("window", window)?;
-        nonzero("capacity", capacity as u64)?;
-        Ok(Self {
+        or_panic(nonzero_duration("window", window));
+        or_panic(nonzero("capacity", capacity as u64));
+        let seen = Window {
+            live: HashSet::new(),
+            order: VecDeque::new(),
+            window,
+            capacity,
+        };
+        Self {
             stream: stream.fuse(),
-            seen: Window {
-                live: HashSet::new(),
-                order: VecDeque::new(),
-                window,
-                capacity,
-            },
+            seen,
             key,
-        })
+        }
     }
 
     delegate_access_inner!(pub stream, S, (.));

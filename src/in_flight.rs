@@ -124,10 +124,24 @@ impl InFlightLimit {
         fut.await
     }
 
-    /// The semaphore behind the limit, for services that hold a unit past a call.
-    #[cfg(feature = "tower")]
-    pub(crate) fn semaphore(&self) -> &Arc<Semaphore> {
-        &self.semaphore
+    /// Takes a unit of this limit for a stream or service that holds it past a call: a free
+    /// unit at once, else through the queue's wait in `acquire` (first come, first served),
+    /// which is kept across polls and cleared once the unit is taken.
+    pub(crate) fn poll_permit(
+        &self,
+        acquire: &mut Option<Acquire>,
+        cx: &mut Context<'_>,
+    ) -> Poll<OwnedSemaphorePermit> {
+        let permit = match self.semaphore.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let wait =
+                    acquire.get_or_insert_with(|| Box::pin(self.semaphore.clone().acquire_owned()));
+                std::task::ready!(wait.as_mut().poll(cx)).expect("the semaphore is never closed")
+            }
+        };
+        *acquire = None;
+        Poll::Ready(permit)
     }
 
     /// How many operations are running now, across every stream sharing this limit.
@@ -162,6 +176,17 @@ pin_project! {
         #[pin]
         fut: Fut,
         permit: Option<OwnedSemaphorePermit>,
+    }
+}
+
+impl<Fut> WithPermit<Fut> {
+    pub(crate) fn new(fut: Fut, permit: Option<OwnedSemaphorePermit>) -> Self {
+        Self { fut, permit }
+    }
+
+    #[cfg(feature = "tower")]
+    pub(crate) fn holds_permit(&self) -> bool {
+        self.permit.is_some()
     }
 }
 
@@ -248,7 +273,9 @@ impl<Fut: Future> Queue for FuturesOrdered<Fut> {
     }
 }
 
-type Acquire = Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send>>;
+/// A wait in a limit's queue for a unit.
+pub(crate) type Acquire =
+    Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send + Sync>>;
 
 pin_project! {
     /// The engine of the `in_flight` family.
@@ -335,10 +362,8 @@ where
                 match this.stream.as_mut().poll_next(cx) {
                     Poll::Ready(Some(item)) => {
                         if !this.start.needs_permit(&item) {
-                            this.running.push(WithPermit {
-                                fut: this.start.start(item),
-                                permit: None,
-                            });
+                            let fut = this.start.start(item);
+                            this.running.push(WithPermit::new(fut, None));
                             continue;
                         }
                         *this.waiting = Some(item);
@@ -350,29 +375,12 @@ where
                     Poll::Pending => break,
                 }
             }
-            let permit = match this.limit.semaphore.clone().try_acquire_owned() {
-                Ok(permit) => {
-                    this.acquire.take();
-                    permit
-                }
-                Err(_) => {
-                    let acquire = this.acquire.get_or_insert_with(|| {
-                        Box::pin(this.limit.semaphore.clone().acquire_owned())
-                    });
-                    match acquire.as_mut().poll(cx) {
-                        Poll::Ready(permit) => {
-                            this.acquire.take();
-                            permit.expect("the semaphore is never closed")
-                        }
-                        Poll::Pending => break,
-                    }
-                }
+            let Poll::Ready(permit) = this.limit.poll_permit(this.acquire, cx) else {
+                break;
             };
             let item = this.waiting.take().expect("an item waits for the permit");
-            this.running.push(WithPermit {
-                fut: this.start.start(item),
-                permit: Some(permit),
-            });
+            let fut = this.start.start(item);
+            this.running.push(WithPermit::new(fut, Some(permit)));
         }
         match Pin::new(&mut *this.running).poll_next(cx) {
             Poll::Ready(Some(out)) => Poll::Ready(Some(out)),
@@ -414,14 +422,9 @@ macro_rules! in_flight_stream {
         delegate_stream!(
             impl[S, F, Fut] $name<S, F, Fut>
             where [S: Stream, F: FnMut(S::Item) -> Fut, Fut: Future]
-            => Fut::Output
+            => Fut::Output;
+            Debug where [S: Stream + fmt::Debug, Fut: Future]
         );
-
-        impl<S: Stream + fmt::Debug, F, Fut: Future> fmt::Debug for $name<S, F, Fut> {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                self.core.fmt_as(stringify!($name), f)
-            }
-        }
     };
 }
 

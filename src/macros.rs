@@ -31,12 +31,28 @@ macro_rules! delegate_access_inner {
 
 /// `Stream` and `FusedStream` for a stream type that hands every call to its pinned field
 /// `core`: the engine it shares with the other streams of its family, whose inherent
-/// `poll_next`, `size_hint` and `is_terminated` do the work.
+/// `poll_next`, `size_hint` and `is_terminated` do the work. Given `Debug where [bounds]`,
+/// also `Debug`, printed by the engine's `fmt_as(name, f)` under the type's name.
 ///
-/// `delegate_stream!(impl[generics] Type where [bounds] => Item);`
+/// `delegate_stream!(impl[generics] Name<params> where [bounds] => Item; Debug where [bounds]);`
 macro_rules! delegate_stream {
-    (impl[$($g:tt)*] $ty:ty where [$($bounds:tt)*] => $item:ty) => {
-        impl<$($g)*> ::futures::Stream for $ty
+    (
+        impl[$($g:tt)*] $name:ident<$($p:ident),*> where [$($bounds:tt)*] => $item:ty;
+        Debug where [$($debug:tt)*]
+    ) => {
+        delegate_stream!(impl[$($g)*] $name<$($p),*> where [$($bounds)*] => $item);
+
+        impl<$($g)*> ::std::fmt::Debug for $name<$($p),*>
+        where
+            $($debug)*
+        {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                self.core.fmt_as(stringify!($name), f)
+            }
+        }
+    };
+    (impl[$($g:tt)*] $name:ident<$($p:ident),*> where [$($bounds:tt)*] => $item:ty) => {
+        impl<$($g)*> ::futures::Stream for $name<$($p),*>
         where
             $($bounds)*
         {
@@ -55,7 +71,7 @@ macro_rules! delegate_stream {
             }
         }
 
-        impl<$($g)*> ::futures::stream::FusedStream for $ty
+        impl<$($g)*> ::futures::stream::FusedStream for $name<$($p),*>
         where
             $($bounds)*
         {

@@ -493,14 +493,9 @@ impl<S: Stream, F, Fut> Retry<S, F, Fut> {
 delegate_stream!(
     impl[S, F, Fut] Retry<S, F, Fut>
     where [S: Stream, S::Item: Clone, F: FnMut(S::Item) -> Fut, Fut: TryFuture]
-    => Output<S::Item, Fut>
+    => Output<S::Item, Fut>;
+    Debug where [S: Stream + fmt::Debug]
 );
-
-impl<S: Stream + fmt::Debug, F, Fut> fmt::Debug for Retry<S, F, Fut> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.core.fmt_as("Retry", f)
-    }
-}
 
 pin_project! {
     /// Stream for the [`retry_if`](crate::PipelineExt::retry_if) method.
@@ -535,11 +530,6 @@ delegate_stream!(
         Fut: TryFuture,
         P: FnMut(&Fut::Error) -> bool,
     ]
-    => Output<S::Item, Fut>
+    => Output<S::Item, Fut>;
+    Debug where [S: Stream + fmt::Debug]
 );
-
-impl<S: Stream + fmt::Debug, F, Fut, P> fmt::Debug for RetryIf<S, F, Fut, P> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.core.fmt_as("RetryIf", f)
-    }
-}

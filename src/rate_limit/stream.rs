@@ -323,13 +323,10 @@ impl<S: Stream> RateLimit<S> {
     }
 }
 
-delegate_stream!(impl[S] RateLimit<S> where [S: Stream] => S::Item);
-
-impl<S: Stream + fmt::Debug> fmt::Debug for RateLimit<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.core.fmt_as("RateLimit", f)
-    }
-}
+delegate_stream!(
+    impl[S] RateLimit<S> where [S: Stream] => S::Item;
+    Debug where [S: Stream + fmt::Debug]
+);
 
 pin_project! {
     /// Stream for the [`rate_limit_by`](crate::PipelineExt::rate_limit_by) method.
@@ -363,11 +360,6 @@ impl<S: Stream, K, F> RateLimitBy<S, K, F> {
 delegate_stream!(
     impl[S, K, F] RateLimitBy<S, K, F>
     where [S: Stream, K: Hash + Eq + Clone, F: FnMut(&S::Item) -> K]
-    => S::Item
+    => S::Item;
+    Debug where [S: Stream + fmt::Debug]
 );
-
-impl<S: Stream + fmt::Debug, K, F> fmt::Debug for RateLimitBy<S, K, F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.core.fmt_as("RateLimitBy", f)
-    }
-}

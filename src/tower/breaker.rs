@@ -4,7 +4,6 @@ use std::fmt;
 use std::task::{Context, Poll};
 
 use futures::future::BoxFuture;
-use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::{BreakerError, CircuitBreaker};
@@ -41,38 +40,12 @@ pub struct BreakerService<S> {
     breaker: CircuitBreaker,
 }
 
+service_parts!(BreakerService<S>, breaker: CircuitBreaker, "");
+
 impl<S> BreakerService<S> {
     /// Wraps `inner`, guarding each call with `breaker`.
     pub fn new(inner: S, breaker: CircuitBreaker) -> Self {
         Self { inner, breaker }
-    }
-
-    /// The breaker guarding this service.
-    pub fn breaker(&self) -> &CircuitBreaker {
-        &self.breaker
-    }
-
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
-
-impl<S> Layer<S> for CircuitBreaker {
-    type Service = BreakerService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        BreakerService::new(inner, self.clone())
     }
 }
 
@@ -101,11 +74,7 @@ where
     }
 }
 
-impl<S: fmt::Debug> fmt::Debug for BreakerService<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("BreakerService")
-            .field("inner", &self.inner)
-            .field("breaker", &self.breaker)
-            .finish()
-    }
-}
+impl_debug!(impl[S: fmt::Debug] BreakerService<S> => BreakerService |this| {
+    inner: &this.inner,
+    breaker: &this.breaker,
+});

@@ -73,22 +73,7 @@ pub struct CallService<S, R = NoRetry> {
     call: Call<(), R>,
 }
 
-impl<S, R> CallService<S, R> {
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The inner service.
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
+service_parts!(CallService<S, R>, "");
 
 impl<S, R, Req> Service<Req> for CallService<S, R>
 where
@@ -130,14 +115,10 @@ impl<S: Clone, R> Clone for CallService<S, R> {
     }
 }
 
-impl<S: fmt::Debug, R: fmt::Debug> fmt::Debug for CallService<S, R> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CallService")
-            .field("inner", &self.inner)
-            .field("call", &self.call)
-            .finish()
-    }
-}
+impl_debug!(impl[S: fmt::Debug, R: fmt::Debug] CallService<S, R> => CallService |this| {
+    inner: &this.inner,
+    call: &this.call,
+});
 
 /// A [`Call`] is a tower service: `call(item)` is [`run(item)`](Call::run), boxed, and it is
 /// always ready (its layers wait inside the response future).

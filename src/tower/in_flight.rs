@@ -6,14 +6,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use pin_project_lite::pin_project;
-use tokio::sync::{AcquireError, OwnedSemaphorePermit};
-use tower_layer::Layer;
+use tokio::sync::OwnedSemaphorePermit;
 use tower_service::Service;
 
 use crate::InFlightLimit;
-
-type Acquire =
-    Pin<Box<dyn Future<Output = Result<OwnedSemaphorePermit, AcquireError>> + Send + Sync>>;
+use crate::in_flight::{Acquire, WithPermit};
 
 /// A service that holds one unit of a shared [`InFlightLimit`] per call, from `poll_ready`
 /// until its response future completes or is dropped: made by using the limit as a [`Layer`].
@@ -44,6 +41,12 @@ pub struct InFlightService<S> {
     acquire: Option<Acquire>,
 }
 
+service_parts!(
+    InFlightService<S>,
+    limit: InFlightLimit,
+    " (a unit held for the next call is given back)"
+);
+
 impl<S> InFlightService<S> {
     /// Wraps `inner`, holding a unit of `limit` per call.
     pub fn new(inner: S, limit: InFlightLimit) -> Self {
@@ -53,34 +56,6 @@ impl<S> InFlightService<S> {
             permit: None,
             acquire: None,
         }
-    }
-
-    /// The limit this service draws on.
-    pub fn limit(&self) -> &InFlightLimit {
-        &self.limit
-    }
-
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The inner service (a unit held for the next call is given back).
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
-
-impl<S> Layer<S> for InFlightLimit {
-    type Service = InFlightService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        InFlightService::new(inner, self.clone())
     }
 }
 
@@ -94,18 +69,7 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         if self.permit.is_none() {
-            let semaphore = self.limit.semaphore();
-            let permit = match semaphore.clone().try_acquire_owned() {
-                Ok(permit) => permit,
-                Err(_) => {
-                    let acquire = self
-                        .acquire
-                        .get_or_insert_with(|| Box::pin(semaphore.clone().acquire_owned()));
-                    ready!(acquire.as_mut().poll(cx)).expect("the semaphore is never closed")
-                }
-            };
-            self.acquire = None;
-            self.permit = Some(permit);
+            self.permit = Some(ready!(self.limit.poll_permit(&mut self.acquire, cx)));
         }
         self.inner.poll_ready(cx)
     }
@@ -113,8 +77,7 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let permit = self.permit.take().expect(super::NOT_READY);
         InFlightFuture {
-            fut: self.inner.call(req),
-            permit: Some(permit),
+            inner: WithPermit::new(self.inner.call(req), Some(permit)),
         }
     }
 }
@@ -126,15 +89,11 @@ impl<S: Clone> Clone for InFlightService<S> {
     }
 }
 
-impl<S: fmt::Debug> fmt::Debug for InFlightService<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("InFlightService")
-            .field("inner", &self.inner)
-            .field("limit", &self.limit)
-            .field("holds_unit", &self.permit.is_some())
-            .finish()
-    }
-}
+impl_debug!(impl[S: fmt::Debug] InFlightService<S> => InFlightService |this| {
+    inner: &this.inner,
+    limit: &this.limit,
+    holds_unit: &this.permit.is_some(),
+});
 
 pin_project! {
     /// The response future of [`InFlightService`]: holds the call's unit of the limit until it
@@ -142,8 +101,7 @@ pin_project! {
     #[must_use = "futures do nothing unless polled"]
     pub struct InFlightFuture<F> {
         #[pin]
-        fut: F,
-        permit: Option<OwnedSemaphorePermit>,
+        inner: WithPermit<F>,
     }
 }
 
@@ -151,17 +109,10 @@ impl<F: Future> Future for InFlightFuture<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        let this = self.project();
-        let out = ready!(this.fut.poll(cx));
-        this.permit.take();
-        Poll::Ready(out)
+        self.project().inner.poll(cx)
     }
 }
 
-impl<F> fmt::Debug for InFlightFuture<F> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("InFlightFuture")
-            .field("holds_unit", &self.permit.is_some())
-            .finish_non_exhaustive()
-    }
-}
+impl_debug!(impl[F] InFlightFuture<F> => InFlightFuture |this| {
+    holds_unit: &this.inner.holds_permit(),
+} ..);

@@ -13,6 +13,49 @@
 //! | [`CircuitBreaker`](crate::CircuitBreaker) | [`BreakerService`] | rejects in the response future, without calling the inner service | [`BreakerError<(), E>`](crate::BreakerError) |
 //! | [`Call::layer()`](crate::Call::layer) | [`CallService`] | the response future (every attempt) | [`CallError<E>`](crate::CallError) |
 
+/// The parts every service here repeats: the accessors of its inner service (field `inner`),
+/// `into_inner`'s summary ending with `$note`; and, for a service drawing on a shared handle
+/// (`field: Handle`), the handle's accessor and the handle as the tower `Layer` that wraps a
+/// service into `$service::new(inner, handle.clone())`.
+macro_rules! service_parts {
+    ($service:ident<S $(, $p:ident)*> $(, $field:ident: $handle:ident)?, $note:literal) => {
+        impl<S $(, $p)*> $service<S $(, $p)*> {
+            $(
+                #[doc = concat!("The shared [`", stringify!($handle), "`](crate::")]
+                #[doc = concat!(stringify!($handle), ") behind this service.")]
+                pub fn $field(&self) -> &$crate::$handle {
+                    &self.$field
+                }
+            )?
+
+            /// The inner service.
+            pub fn get_ref(&self) -> &S {
+                &self.inner
+            }
+
+            /// The inner service, mutably.
+            pub fn get_mut(&mut self) -> &mut S {
+                &mut self.inner
+            }
+
+            #[doc = concat!("The inner service", $note, ".")]
+            pub fn into_inner(self) -> S {
+                self.inner
+            }
+        }
+
+        $(
+            impl<S> tower_layer::Layer<S> for $crate::$handle {
+                type Service = $service<S>;
+
+                fn layer(&self, inner: S) -> Self::Service {
+                    $service::new(inner, self.clone())
+                }
+            }
+        )?
+    };
+}
+
 mod breaker;
 mod call;
 mod in_flight;

@@ -5,7 +5,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::RateLimiter;
@@ -45,6 +44,12 @@ pub struct RateLimitService<S> {
     state: State,
 }
 
+service_parts!(
+    RateLimitService<S>,
+    limiter: RateLimiter,
+    " (a cell taken and not spent is lost)"
+);
+
 enum State {
     /// No cell yet.
     Idle,
@@ -62,34 +67,6 @@ impl<S> RateLimitService<S> {
             limiter,
             state: State::Idle,
         }
-    }
-
-    /// The limiter this service draws on.
-    pub fn limiter(&self) -> &RateLimiter {
-        &self.limiter
-    }
-
-    /// The inner service.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
-    /// The inner service, mutably.
-    pub fn get_mut(&mut self) -> &mut S {
-        &mut self.inner
-    }
-
-    /// The inner service (a cell taken and not spent is lost).
-    pub fn into_inner(self) -> S {
-        self.inner
-    }
-}
-
-impl<S> Layer<S> for RateLimiter {
-    type Service = RateLimitService<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        RateLimitService::new(inner, self.clone())
     }
 }
 
@@ -136,17 +113,18 @@ impl<S: Clone> Clone for RateLimitService<S> {
     }
 }
 
-impl<S: fmt::Debug> fmt::Debug for RateLimitService<S> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let state = match self.state {
+impl State {
+    fn name(&self) -> &'static str {
+        match self {
             State::Idle => "idle",
             State::Waiting(_) => "waiting",
             State::Ready => "ready",
-        };
-        f.debug_struct("RateLimitService")
-            .field("inner", &self.inner)
-            .field("limiter", &self.limiter)
-            .field("state", &state)
-            .finish()
+        }
     }
 }
+
+impl_debug!(impl[S: fmt::Debug] RateLimitService<S> => RateLimitService |this| {
+    inner: &this.inner,
+    limiter: &this.limiter,
+    state: &this.state.name(),
+});

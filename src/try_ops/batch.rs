@@ -13,7 +13,7 @@ use futures::stream::{FusedStream, Stream, TryStream};
 use pin_project_lite::pin_project;
 
 use crate::batch::{Deadline, nonzero_duration};
-use crate::error::{ConfigError, nonzero, or_panic};
+use crate::error::{nonzero, or_panic};
 
 pin_project! {
     /// Stream for the [`try_batch`](crate::TryPipelineExt::try_batch) method.
@@ -37,20 +37,16 @@ pin_project! {
 impl<S: TryStream> TryBatch<S> {
     #[track_caller]
     pub(crate) fn new(stream: S, max: usize, wait: Duration) -> Self {
-        or_panic(Self::try_new(stream, max, wait))
-    }
-
-    pub(crate) fn try_new(stream: S, max: usize, wait: Duration) -> Result<Self, ConfigError> {
-        nonzero("max", max as u64)?;
-        nonzero_duration("wait", wait)?;
-        Ok(Self {
+        or_panic(nonzero("max", max as u64));
+        or_panic(nonzero_duration("wait", wait));
+        Self {
             stream,
             batch: Vec::new(),
             error: None,
             max,
             deadline: Deadline::new(wait),
             done: false,
-        })
+        }
     }
 
     delegate_access_inner!(pub stream, S, ());

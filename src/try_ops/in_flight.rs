@@ -93,18 +93,9 @@ macro_rules! try_in_flight_stream {
         delegate_stream!(
             impl[S, F, Fut] $name<S, F, Fut>
             where [S: TryStream, F: FnMut(S::Ok) -> Fut, Fut: TryFuture<Error = S::Error>]
-            => Result<Fut::Ok, S::Error>
+            => Result<Fut::Ok, S::Error>;
+            Debug where [S: TryStream + fmt::Debug, Fut: TryFuture]
         );
-
-        impl<S, F, Fut> fmt::Debug for $name<S, F, Fut>
-        where
-            S: TryStream + fmt::Debug,
-            Fut: TryFuture,
-        {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                self.core.fmt_as(stringify!($name), f)
-            }
-        }
     };
 }
 
