@@ -64,13 +64,23 @@ pub(crate) fn nonzero(parameter: &'static str, value: u64) -> Result<(), ConfigE
 /// inside what tokio's channels and semaphores can count.
 pub(crate) const MAX_WINDOW: usize = 1 << 30;
 
-/// `Err` naming `window` if it is zero or above [`MAX_WINDOW`].
-pub(crate) fn window_size(window: usize) -> Result<(), ConfigError> {
-    nonzero("window", window as u64)?;
-    if window > MAX_WINDOW {
-        return Err(ConfigError::new("window", "must be at most 2^30"));
+/// `Err` naming `parameter` if `value` is zero, or above `max` (`too_large` says so).
+pub(crate) fn count_up_to(
+    parameter: &'static str,
+    value: usize,
+    max: usize,
+    too_large: &'static str,
+) -> Result<(), ConfigError> {
+    nonzero(parameter, value as u64)?;
+    if value > max {
+        return Err(ConfigError::new(parameter, too_large));
     }
     Ok(())
+}
+
+/// `Err` naming `window` if it is zero or above [`MAX_WINDOW`].
+pub(crate) fn window_size(window: usize) -> Result<(), ConfigError> {
+    count_up_to("window", window, MAX_WINDOW, "must be at most 2^30")
 }
 
 /// Unwraps a constructor result, panicking at the caller with the error's message.

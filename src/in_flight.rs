@@ -24,7 +24,7 @@ use futures::stream::{FuturesOrdered, FuturesUnordered, Stream};
 use pin_project_lite::pin_project;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
 
-use crate::error::{ConfigError, nonzero, or_panic};
+use crate::error::{ConfigError, count_up_to, or_panic};
 use crate::macros::size_hint_plus;
 
 /// A cap on concurrent operations, shared by every stream that holds a clone.
@@ -69,13 +69,8 @@ impl InFlightLimit {
 
     /// Creates a limit, or an error naming `limit` if it is zero or too large.
     pub fn try_new(limit: usize) -> Result<Self, ConfigError> {
-        nonzero("limit", limit as u64)?;
-        if limit > Semaphore::MAX_PERMITS {
-            return Err(ConfigError::new(
-                "limit",
-                "must be at most Semaphore::MAX_PERMITS",
-            ));
-        }
+        let too_large = "must be at most Semaphore::MAX_PERMITS";
+        count_up_to("limit", limit, Semaphore::MAX_PERMITS, too_large)?;
         Ok(Self {
             semaphore: Arc::new(Semaphore::new(limit)),
             limit,
