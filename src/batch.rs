@@ -19,7 +19,7 @@ use futures::Stream;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep, sleep_until};
 
-use crate::error::{ConfigError, nonzero, or_panic};
+use crate::error::{ConfigError, nonzero};
 use crate::time;
 
 /// How many upstream items one call to `poll_next` may drop (duplicates, replaced values)
@@ -378,11 +378,10 @@ impl<S: Stream, A, State> Core<S, A, State> {
 }
 
 impl<S: Stream, A: Admit<S::Item, State = State>, State: Default> Core<S, A, State> {
-    #[track_caller]
-    fn new(stream: S, max: usize, wait: Duration, admit: A) -> Self {
-        or_panic(nonzero("max", max as u64));
-        or_panic(nonzero_duration("wait", wait));
-        Self {
+    fn try_new(stream: S, max: usize, wait: Duration, admit: A) -> Result<Self, ConfigError> {
+        nonzero("max", max as u64)?;
+        nonzero_duration("wait", wait)?;
+        Ok(Self {
             stream,
             deadline: Deadline::new(wait),
             batch: Vec::new(),
@@ -390,7 +389,7 @@ impl<S: Stream, A: Admit<S::Item, State = State>, State: Default> Core<S, A, Sta
             state: State::default(),
             max,
             done: false,
-        }
+        })
     }
 
     fn take_partial(self: Pin<&mut Self>) -> Vec<S::Item> {
@@ -556,11 +555,31 @@ pin_project! {
 }
 
 impl<S: Stream> Batch<S> {
-    #[track_caller]
-    pub(crate) fn new(stream: S, max: usize, wait: Duration) -> Self {
-        Self {
-            core: Core::new(stream, max, wait, All),
-        }
+    /// [`batch`](crate::PipelineExt::batch) for arguments that may be refused: a
+    /// [`ConfigError`] naming `max` or `wait` if either is zero, where `batch` panics.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::Batch;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let wait = Duration::from_secs(1);
+    /// let max = 0; // read from a configuration file, say
+    /// let err = Batch::try_new(stream::iter(0..5), max, wait).unwrap_err();
+    /// assert_eq!(err.parameter(), "max");
+    ///
+    /// let batches: Vec<Vec<u32>> = Batch::try_new(stream::iter(0..5), 2, wait)
+    ///     .unwrap()
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(batches, [vec![0, 1], vec![2, 3], vec![4]]);
+    /// # }
+    /// ```
+    pub fn try_new(stream: S, max: usize, wait: Duration) -> Result<Self, ConfigError> {
+        let core = Core::try_new(stream, max, wait, All)?;
+        Ok(Self { core })
     }
 
     accessors!();
@@ -601,20 +620,32 @@ where
     K: Hash + Eq,
     F: FnMut(&S::Item) -> K,
 {
-    #[track_caller]
-    pub(crate) fn new(stream: S, max: usize, wait: Duration, key: F) -> Self {
+    /// [`batch_dedupe`](crate::PipelineExt::batch_dedupe) for arguments that may be refused: a
+    /// [`ConfigError`] naming `max` if it is zero or above `u32::MAX`, or `wait` if it is zero,
+    /// where `batch_dedupe` panics.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::stream;
+    /// use stagepipe::BatchDedupe;
+    ///
+    /// let ids = stream::iter([7u32, 3, 7]);
+    /// let err = BatchDedupe::try_new(ids, 10, Duration::ZERO, |id| *id).unwrap_err();
+    /// assert_eq!(err.parameter(), "wait");
+    /// ```
+    pub fn try_new(stream: S, max: usize, wait: Duration, key: F) -> Result<Self, ConfigError> {
         if max > KeyTable::MAX_BATCH {
             let reason = "must be at most 4294967295 (2^32 - 1) for batch_dedupe";
-            ConfigError::new("max", reason).panic();
+            return Err(ConfigError::new("max", reason));
         }
         let admit = FirstOfKey {
             key,
             room: max.min(PREALLOC),
         };
-        Self {
-            core: Core::new(stream, max, wait, admit),
+        Ok(Self {
+            core: Core::try_new(stream, max, wait, admit)?,
             _key: PhantomData,
-        }
+        })
     }
 
     accessors!();

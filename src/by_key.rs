@@ -220,13 +220,15 @@ where
     ///
     /// # Panics
     ///
-    /// Panics if `window` is zero; [`try_window`](Self::try_window) returns an error instead.
+    /// Panics if `window` is zero or above 2^30; [`try_window`](Self::try_window) returns the
+    /// error instead.
     #[track_caller]
     pub fn window(self, window: usize) -> Self {
         or_panic(self.try_window(window))
     }
 
-    /// Sets the window, or returns an error naming `window` if it is zero.
+    /// [`window`](Self::window), returning a [`ConfigError`] naming `window` if it is zero or
+    /// above 2^30.
     pub fn try_window(mut self, window: usize) -> Result<Self, ConfigError> {
         self.core.try_set_window(window)?;
         self.gate.window = window;

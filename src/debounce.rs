@@ -10,7 +10,7 @@ use futures::{Stream, StreamExt};
 use pin_project_lite::pin_project;
 
 use crate::batch::{Deadline, POLL_BUDGET, nonzero_duration};
-use crate::error::or_panic;
+use crate::error::ConfigError;
 
 pin_project! {
     /// Stream for the [`debounce`](crate::PipelineExt::debounce) method.
@@ -28,14 +28,24 @@ pin_project! {
 }
 
 impl<S: Stream> Debounce<S> {
-    #[track_caller]
-    pub(crate) fn new(stream: S, quiet: Duration) -> Self {
-        or_panic(nonzero_duration("quiet", quiet));
-        Self {
+    /// [`debounce`](crate::PipelineExt::debounce) for a `quiet` that may be refused: a
+    /// [`ConfigError`] naming `quiet` if it is zero, where `debounce` panics.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::stream;
+    /// use stagepipe::Debounce;
+    ///
+    /// let err = Debounce::try_new(stream::iter(0..3), Duration::ZERO).unwrap_err();
+    /// assert_eq!(err.parameter(), "quiet");
+    /// ```
+    pub fn try_new(stream: S, quiet: Duration) -> Result<Self, ConfigError> {
+        nonzero_duration("quiet", quiet)?;
+        Ok(Self {
             stream: stream.fuse(),
             held: None,
             deadline: Deadline::new(quiet),
-        }
+        })
     }
 
     delegate_access_inner!(pub stream, S, (.));

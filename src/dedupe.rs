@@ -13,7 +13,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
 use crate::batch::{POLL_BUDGET, nonzero_duration};
-use crate::error::{nonzero, or_panic};
+use crate::error::{ConfigError, nonzero};
 
 /// The keys that passed within the window, oldest first, in at most `capacity` entries.
 struct Window<K> {
@@ -69,21 +69,38 @@ where
     K: Hash + Eq + Clone,
     F: FnMut(&S::Item) -> K,
 {
-    #[track_caller]
-    pub(crate) fn new(stream: S, window: Duration, capacity: usize, key: F) -> Self {
-        or_panic(nonzero_duration("window", window));
-        or_panic(nonzero("capacity", capacity as u64));
+    /// [`dedupe_by`](crate::PipelineExt::dedupe_by) for arguments that may be refused: a
+    /// [`ConfigError`] naming `window` or `capacity` if either is zero, where `dedupe_by`
+    /// panics.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::stream;
+    /// use stagepipe::DedupeBy;
+    ///
+    /// let ids = stream::iter([1u32, 2, 1]);
+    /// let err = DedupeBy::try_new(ids, Duration::from_secs(60), 0, |id| *id).unwrap_err();
+    /// assert_eq!(err.parameter(), "capacity");
+    /// ```
+    pub fn try_new(
+        stream: S,
+        window: Duration,
+        capacity: usize,
+        key: F,
+    ) -> Result<Self, ConfigError> {
+        nonzero_duration("window", window)?;
+        nonzero("capacity", capacity as u64)?;
         let seen = Window {
             live: HashSet::new(),
             order: VecDeque::new(),
             window,
             capacity,
         };
-        Self {
+        Ok(Self {
             stream: stream.fuse(),
             seen,
             key,
-        }
+        })
     }
 
     delegate_access_inner!(pub stream, S, (.));

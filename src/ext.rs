@@ -593,7 +593,8 @@ pub trait PipelineExt: Stream {
     ///
     /// # Panics
     ///
-    /// Panics if `max` is zero or above `u32::MAX`, or if `wait` is zero.
+    /// Panics if `max` is zero or above `u32::MAX`, or if `wait` is zero;
+    /// [`BatchDedupe::try_new`](crate::BatchDedupe::try_new) returns the error instead.
     ///
     /// # Examples
     ///
@@ -626,7 +627,7 @@ pub trait PipelineExt: Stream {
         K: std::hash::Hash + Eq,
         F: FnMut(&Self::Item) -> K,
     {
-        crate::BatchDedupe::new(self, max, wait, key)
+        crate::error::or_panic(crate::BatchDedupe::try_new(self, max, wait, key))
     }
 
     /// Groups items into batches of at most `max` items, emitted when full, when `wait` has
@@ -649,7 +650,8 @@ pub trait PipelineExt: Stream {
     ///
     /// # Panics
     ///
-    /// Panics if `max` is zero or `wait` is zero.
+    /// Panics if `max` is zero or `wait` is zero; [`Batch::try_new`](crate::Batch::try_new)
+    /// returns the error instead.
     ///
     /// # Examples
     ///
@@ -682,7 +684,7 @@ pub trait PipelineExt: Stream {
     where
         Self: Sized,
     {
-        crate::Batch::new(self, max, wait)
+        crate::error::or_panic(crate::Batch::try_new(self, max, wait))
     }
 
     /// Passes an item on only once `quiet` has passed without a newer item; a newer item
@@ -701,7 +703,8 @@ pub trait PipelineExt: Stream {
     ///
     /// # Panics
     ///
-    /// Panics if `quiet` is zero.
+    /// Panics if `quiet` is zero; [`Debounce::try_new`](crate::Debounce::try_new) returns the
+    /// error instead.
     ///
     /// # Examples
     ///
@@ -734,7 +737,7 @@ pub trait PipelineExt: Stream {
     where
         Self: Sized,
     {
-        crate::Debounce::new(self, quiet)
+        crate::error::or_panic(crate::Debounce::try_new(self, quiet))
     }
 
     /// Drops an item whose key was let through less than `window` ago, remembering at most
@@ -755,7 +758,8 @@ pub trait PipelineExt: Stream {
     ///
     /// # Panics
     ///
-    /// Panics if `window` is zero or `capacity` is zero.
+    /// Panics if `window` is zero or `capacity` is zero;
+    /// [`DedupeBy::try_new`](crate::DedupeBy::try_new) returns the error instead.
     ///
     /// # Examples
     ///
@@ -794,7 +798,7 @@ pub trait PipelineExt: Stream {
         K: std::hash::Hash + Eq + Clone,
         F: FnMut(&Self::Item) -> K,
     {
-        crate::DedupeBy::new(self, window, capacity, key)
+        crate::error::or_panic(crate::DedupeBy::try_new(self, window, capacity, key))
     }
 
     // -- staged pipelines: through --

@@ -213,7 +213,8 @@ pub trait TryPipelineExt: TryStream {
     ///
     /// # Panics
     ///
-    /// Panics if `max` is zero or `wait` is zero.
+    /// Panics if `max` is zero or `wait` is zero; [`TryBatch::try_new`](crate::TryBatch::try_new)
+    /// returns the error instead.
     ///
     /// # Examples
     ///
@@ -235,7 +236,7 @@ pub trait TryPipelineExt: TryStream {
     where
         Self: Sized,
     {
-        TryBatch::new(self, max, wait)
+        crate::error::or_panic(TryBatch::try_new(self, max, wait))
     }
 
     /// Passes items through unchanged, recording into `stats` as

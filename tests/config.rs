@@ -114,3 +114,100 @@ async fn fan_out_window_twins_name_their_parameter() {
         "window",
     );
 }
+
+#[test]
+fn batching_operators_have_try_new_twins_naming_their_parameter() {
+    let wait = Duration::from_millis(10);
+    named(
+        stagepipe::Batch::try_new(stream::iter(0..3u32), 0, wait),
+        "max",
+    );
+    named(
+        stagepipe::Batch::try_new(stream::iter(0..3u32), 2, Duration::ZERO),
+        "wait",
+    );
+    assert!(stagepipe::Batch::try_new(stream::iter(0..3u32), 2, wait).is_ok());
+    named(
+        stagepipe::BatchDedupe::try_new(stream::iter(0..3u32), 0, wait, |x| *x),
+        "max",
+    );
+    named(
+        stagepipe::BatchDedupe::try_new(stream::iter(0..3u32), 2, Duration::ZERO, |x| *x),
+        "wait",
+    );
+    if let Ok(huge) = usize::try_from(u64::from(u32::MAX) + 1) {
+        named(
+            stagepipe::BatchDedupe::try_new(stream::iter(0..3u32), huge, wait, |x| *x),
+            "max",
+        );
+    }
+    named(
+        stagepipe::Debounce::try_new(stream::iter(0..3u32), Duration::ZERO),
+        "quiet",
+    );
+    named(
+        stagepipe::DedupeBy::try_new(stream::iter(0..3u32), Duration::ZERO, 8, |x| *x),
+        "window",
+    );
+    named(
+        stagepipe::DedupeBy::try_new(stream::iter(0..3u32), wait, 0, |x| *x),
+        "capacity",
+    );
+    let rows = || stream::iter([Ok::<u32, String>(1)]);
+    named(stagepipe::TryBatch::try_new(rows(), 0, wait), "max");
+    named(
+        stagepipe::TryBatch::try_new(rows(), 1, Duration::ZERO),
+        "wait",
+    );
+
+    // The operators panic with the same message, at the call.
+    panics_naming(|| stream::iter(0..3u32).batch(0, wait), "max");
+    panics_naming(|| stream::iter(0..3u32).batch(1, Duration::ZERO), "wait");
+    panics_naming(
+        || stream::iter(0..3u32).batch_dedupe(0, wait, |x| *x),
+        "max",
+    );
+    panics_naming(|| stream::iter(0..3u32).debounce(Duration::ZERO), "quiet");
+    panics_naming(
+        || stream::iter(0..3u32).dedupe_by(wait, 0, |x| *x),
+        "capacity",
+    );
+    panics_naming(|| rows().try_batch(0, wait), "max");
+}
+
+#[test]
+fn handle_twins_name_their_parameter() {
+    named(InFlightLimit::try_new(0), "limit");
+    named(InFlightLimit::try_new(usize::MAX), "limit");
+    panics_naming(|| InFlightLimit::from(0), "limit");
+    panics_naming(|| InFlightLimit::from(usize::MAX), "limit");
+    named(KeyedRateLimiter::<u32>::try_per_second(0), "rate");
+    named(KeyedRateLimiter::<u32>::try_per(Duration::ZERO), "period");
+    named(RateLimiter::try_per(Duration::ZERO), "period");
+    named(
+        CircuitBreaker::try_new(0, Duration::from_secs(1)),
+        "failure_threshold",
+    );
+    named(CircuitBreaker::try_new(3, Duration::ZERO), "open_for");
+    named(
+        Call::new(|x: u32| async move { Ok::<_, String>(x) }).try_timeout(Duration::ZERO),
+        "timeout",
+    );
+    named(WorkerPool::try_new(0), "workers");
+    panics_naming(|| WorkerPool::from(0), "workers");
+}
+
+#[tokio::test]
+async fn keyed_fan_out_window_twins_name_their_parameter() {
+    let by_key = || stream::iter(0..3u32).fan_out_by_key(1, |x| *x, |x| async move { x });
+    named(by_key().try_window(0).map(|_| ()), "window");
+    named(by_key().try_window(1 << 62).map(|_| ()), "window");
+    let oks = || stream::iter([Ok::<u32, String>(1)]);
+    named(
+        oks()
+            .try_fan_out(1, |x| async move { Ok(x) })
+            .try_window(0)
+            .map(|_| ()),
+        "window",
+    );
+}

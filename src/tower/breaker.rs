@@ -8,7 +8,7 @@ use tower_service::Service;
 
 use crate::{BreakerError, CircuitBreaker};
 
-/// A service guarded by a shared [`CircuitBreaker`]: made by using the breaker as a [`Layer`].
+/// A service guarded by a shared [`CircuitBreaker`]: made by using the breaker as a [`Layer`](tower_layer::Layer).
 ///
 /// Each call is one call of the breaker: an `Err` of the inner service counts as a failure, and
 /// while the breaker is open a call is rejected with [`BreakerError::Open`] **without calling

@@ -13,7 +13,7 @@ use crate::InFlightLimit;
 use crate::in_flight::{Acquire, WithPermit};
 
 /// A service that holds one unit of a shared [`InFlightLimit`] per call, from `poll_ready`
-/// until its response future completes or is dropped: made by using the limit as a [`Layer`].
+/// until its response future completes or is dropped: made by using the limit as a [`Layer`](tower_layer::Layer).
 ///
 /// Clones (and every stream or caller holding a clone of the limit) share its units, served
 /// first come, first served. A clone starts without a unit; a unit taken by `poll_ready` is

@@ -10,7 +10,7 @@ use tower_service::Service;
 use crate::RateLimiter;
 
 /// A service that takes one cell of a shared [`RateLimiter`] per call: made by using the
-/// limiter as a [`Layer`].
+/// limiter as a [`Layer`](tower_layer::Layer).
 ///
 /// `poll_ready` waits for a cell (on tokio's timer) and then for the inner service; `call`
 /// spends the cell. Clones share the limiter's quota with every other holder of the handle. A

@@ -13,7 +13,7 @@ use futures::stream::{FusedStream, Stream, TryStream};
 use pin_project_lite::pin_project;
 
 use crate::batch::{Deadline, nonzero_duration};
-use crate::error::{nonzero, or_panic};
+use crate::error::{ConfigError, nonzero};
 
 pin_project! {
     /// Stream for the [`try_batch`](crate::TryPipelineExt::try_batch) method.
@@ -35,18 +35,29 @@ pin_project! {
 }
 
 impl<S: TryStream> TryBatch<S> {
-    #[track_caller]
-    pub(crate) fn new(stream: S, max: usize, wait: Duration) -> Self {
-        or_panic(nonzero("max", max as u64));
-        or_panic(nonzero_duration("wait", wait));
-        Self {
+    /// [`try_batch`](crate::TryPipelineExt::try_batch) for arguments that may be refused: a
+    /// [`ConfigError`] naming `max` or `wait` if either is zero, where `try_batch` panics.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::stream;
+    /// use stagepipe::TryBatch;
+    ///
+    /// let rows = stream::iter([Ok::<u32, String>(1), Ok(2)]);
+    /// let err = TryBatch::try_new(rows, 0, Duration::from_secs(1)).unwrap_err();
+    /// assert_eq!(err.parameter(), "max");
+    /// ```
+    pub fn try_new(stream: S, max: usize, wait: Duration) -> Result<Self, ConfigError> {
+        nonzero("max", max as u64)?;
+        nonzero_duration("wait", wait)?;
+        Ok(Self {
             stream,
             batch: Vec::new(),
             error: None,
             max,
             deadline: Deadline::new(wait),
             done: false,
-        }
+        })
     }
 
     delegate_access_inner!(pub stream, S, ());
