@@ -21,7 +21,6 @@
 //!
 //! # Cargo features
 //!
-//! * `progress` (default): the progress bar of the ETL example.
 //! * `tower`: [`RateLimiter`], [`InFlightLimit`], [`CircuitBreaker`] and `Call::layer()` as
 //!   tower `Layer`s whose services share one budget across every clone (services
 //!   `RateLimitService`, `InFlightService`, `BreakerService`, `CallService`), and [`Call`] as a
