@@ -88,25 +88,22 @@ macro_rules! delegate_stream {
 ///
 /// `impl_debug!(impl[S: Debug] Name<S> => Name |this| { stream: &this.stream } ..);`
 macro_rules! impl_debug {
-    (
-        impl[$($g:tt)*] $ty:ty $(where [$($b:tt)*])? => $name:ident
-        |$this:ident| { $($field:ident: $value:expr),* $(,)? }
-    ) => {
-        impl<$($g)*> ::std::fmt::Debug for $ty $(where $($b)*)? {
-            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
-                let $this = self;
-                f.debug_struct(stringify!($name))$(.field(stringify!($field), $value))*.finish()
-            }
-        }
+    (@finish $s:ident ..) => {
+        $s.finish_non_exhaustive()
+    };
+    (@finish $s:ident) => {
+        $s.finish()
     };
     (
         impl[$($g:tt)*] $ty:ty $(where [$($b:tt)*])? => $name:ident
-        |$this:ident| { $($field:ident: $value:expr),* $(,)? } ..
+        |$this:ident| { $($field:ident: $value:expr),* $(,)? } $($more:tt)?
     ) => {
         impl<$($g)*> ::std::fmt::Debug for $ty $(where $($b)*)? {
             fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
                 let $this = self;
-                f.debug_struct(stringify!($name))$(.field(stringify!($field), $value))*.finish_non_exhaustive()
+                let mut s = f.debug_struct(stringify!($name));
+                $(s.field(stringify!($field), $value);)*
+                impl_debug!(@finish s $($more)?)
             }
         }
     };
