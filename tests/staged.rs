@@ -951,3 +951,70 @@ async fn drain_waits_for_a_group_until_its_results_are_read() {
     assert!(drain.is_woken());
     tokio_test::assert_ready!(drain.poll());
 }
+
+/// An error with a cause: `Display` shows its own message, `source()` the cause.
+#[derive(Debug)]
+struct Outer(std::io::Error);
+
+impl std::fmt::Display for Outer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("upstream refused")
+    }
+}
+
+impl std::error::Error for Outer {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+struct Chained;
+
+impl StateMachine for Chained {
+    type Stage = Step;
+    type Data = u64;
+    type Error = Outer;
+
+    fn start(&self) -> Step {
+        Step::Work
+    }
+
+    async fn run(&self, _: Step, _: u64) -> Result<Next<Step, u64>, Outer> {
+        Err(Outer(std::io::Error::other("connection reset")))
+    }
+}
+
+/// Prints an error chain the way anyhow's `{:#}` does: each message once, joined by ": ".
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        next = e.source();
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_error_chain_shows_each_message_once() {
+    let pipeline = Pipeline::builder(Chained).workers(2).build();
+    let (tx, results) = pipeline.group().open();
+    tx.submit(1).await.unwrap();
+    drop(tx);
+    let results: Vec<_> = results.collect().await;
+    let [Err(error)] = &results[..] else {
+        panic!("expected one error, got {}", results.len())
+    };
+    assert!(matches!(
+        error,
+        StageError::Failed {
+            stage: Step::Work,
+            ..
+        }
+    ));
+    assert_eq!(
+        chain(error),
+        "stage Work failed: upstream refused: connection reset"
+    );
+}
