@@ -12,7 +12,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use governor::Quota;
+use super::Quota;
 
 use crate::error::{ConfigError, nonzero};
 use tokio::time::Instant;

@@ -6,7 +6,7 @@ use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use governor::Quota;
+use super::Quota;
 use tokio::time::sleep_until;
 
 use super::gcra::{Credit, Gcra, Timeline};
@@ -288,7 +288,7 @@ impl<K> KeyedRateLimiter<K> {
         self.shared.gcra.burst()
     }
 
-    /// The per-key quota, as governor's [`Quota`].
+    /// The per-key [`Quota`].
     pub fn quota(&self) -> Quota {
         quota_of(&self.shared.gcra)
     }
@@ -354,7 +354,7 @@ impl<K> Clone for KeyedRateLimiter<K> {
 }
 
 impl<K: Hash + Eq + Clone> From<Quota> for KeyedRateLimiter<K> {
-    /// A keyed limiter enforcing governor's `quota` per key, with the quota's own burst.
+    /// A keyed limiter enforcing `quota` per key, with the quota's own burst.
     fn from(quota: Quota) -> Self {
         Self::from_gcra(Gcra::from_quota(&quota))
     }
