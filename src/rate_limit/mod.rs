@@ -229,8 +229,9 @@ impl RateLimiter {
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future before it completes gives its slot back if no later slot was reserved
-    /// since; otherwise that slot goes unused (the limiter never runs faster than its quota).
+    /// Dropping the future before it completes gives its slot back: waiters dropped in any
+    /// order leave the limiter as if they had never come (the next caller does not wait for
+    /// their slots), and it never runs faster than its quota.
     ///
     /// ```
     /// use stagepipe::RateLimiter;
