@@ -118,8 +118,8 @@ pub use dedupe::DedupeBy;
 // -- staged pipelines --
 mod staged;
 pub use staged::{
-    GroupBuilder, GroupClosed, GroupResults, Next, Pipeline, PipelineBuilder, PipelineStats,
-    StageError, StageStats, StateMachine, Submitter, Through,
+    GraphEdge, GraphNode, GroupBuilder, GroupClosed, GroupResults, Next, Pipeline, PipelineBuilder,
+    PipelineGraph, PipelineStats, StageError, StageStats, StateMachine, Submitter, Through,
 };
 
 // -- fallible streams: try_fan_out_ordered, try_fan_out, try_in_flight(_ordered), try_batch,
