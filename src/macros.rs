@@ -211,8 +211,8 @@ macro_rules! quota_methods {
             self.shared.gcra.burst()
         }
 
-        #[doc = concat!("The quota", $each, ", as governor's [`Quota`](governor::Quota).")]
-        pub fn quota(&self) -> ::governor::Quota {
+        #[doc = concat!("The [`Quota`](crate::Quota)", $each, ".")]
+        pub fn quota(&self) -> $crate::Quota {
             $crate::rate_limit::quota_of(&self.shared.gcra)
         }
     };

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use governor::Quota;
+use super::Quota;
 
 use super::gcra::{Credit, Gcra, Timeline};
 use super::{Limiter, take};
@@ -86,8 +86,9 @@ impl<K: Hash + Eq + Clone> Limiter for Shared<K> {
     fn reserve(&self, key: &K, arrival: u64, now: u64) -> (u64, u64, u64) {
         let mut keys = self.lock();
         let state = keys.entry(&self.gcra, key, now);
-        let before = state.tat;
-        let (deadline, after) = self.gcra.reserve(before, arrival);
+        let (deadline, after) = self.gcra.reserve(state.tat, arrival);
+        // The slot's own start (the deadline if the key was idle): the slot is `after - before`.
+        let before = state.tat.max(deadline);
         state.tat = after;
         (deadline, before, after)
     }
@@ -100,10 +101,14 @@ impl<K: Hash + Eq + Clone> Limiter for Shared<K> {
     }
 
     fn refund(&self, key: &K, before: u64, after: u64) {
+        // As `Tat::refund`: the last slot is undone; an earlier one shortens the key's line by
+        // one slot, since its release schedule bounds the rate anyway.
         if let Some(state) = self.lock().states.get_mut(key) {
-            if state.tat == after {
-                state.tat = before;
-            }
+            state.tat = if state.tat == after {
+                before
+            } else {
+                state.tat.saturating_sub(after - before)
+            };
         }
     }
 }
@@ -168,8 +173,8 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future before it completes gives the key's slot back if no later slot was
-    /// reserved for that key since.
+    /// Dropping the future before it completes gives the key's slot back, whatever the order in
+    /// which that key's waiters are dropped.
     pub async fn until_key_ready(&self, key: &K) {
         let shared = &*self.shared;
         let now = shared.clock.now();
@@ -233,7 +238,7 @@ impl<K> Clone for KeyedRateLimiter<K> {
 }
 
 impl<K: Hash + Eq + Clone> From<Quota> for KeyedRateLimiter<K> {
-    /// A keyed limiter enforcing governor's `quota` per key, with the quota's own burst.
+    /// A keyed limiter enforcing `quota` per key, with the quota's own burst.
     fn from(quota: Quota) -> Self {
         Self::from_gcra(Gcra::from_quota(&quota))
     }

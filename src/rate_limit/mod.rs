@@ -4,17 +4,18 @@
 
 mod gcra;
 mod keyed;
+mod quota;
 mod stream;
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use governor::Quota;
 use tokio::time::sleep_until;
 
 use gcra::{Credit, Gcra, HandleCredit, Released, Tat, Timeline};
 
 pub use keyed::KeyedRateLimiter;
+pub use quota::Quota;
 pub use stream::{RateLimit, RateLimitBy};
 
 /// A rate limit shared by every clone: streams ([`rate_limit`](crate::PipelineExt::rate_limit))
@@ -268,8 +269,9 @@ impl RateLimiter {
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future before it completes gives its slot back if no later slot was reserved
-    /// since; otherwise that slot goes unused (the limiter never runs faster than its quota).
+    /// Dropping the future before it completes gives its slot back: waiters dropped in any
+    /// order leave the limiter as if they had never come (the next caller does not wait for
+    /// their slots), and it never runs faster than its quota.
     ///
     /// ```
     /// use stagepipe::RateLimiter;
@@ -301,7 +303,7 @@ fn quota_of(gcra: &Gcra) -> Quota {
 }
 
 impl From<Quota> for RateLimiter {
-    /// A limiter enforcing governor's `quota`, with the quota's own burst.
+    /// A limiter enforcing `quota`, with the quota's own burst.
     fn from(quota: Quota) -> Self {
         Self::from_gcra(Gcra::from_quota(&quota))
     }
