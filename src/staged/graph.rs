@@ -105,6 +105,12 @@ impl<S: Copy + PartialEq + fmt::Debug> PipelineGraph<S> {
         }
     }
 
+    /// A node's label lines, each escaped for an output format and joined with `sep`.
+    fn label_text(&self, node: GraphNode<S>, sep: &str, escape: impl Fn(&str) -> String) -> String {
+        let lines: Vec<String> = self.label(node).iter().map(|l| escape(l)).collect();
+        lines.join(sep)
+    }
+
     /// The graph as a Mermaid flowchart (left to right), each stage labelled with its runs and
     /// mean time, each edge with its request count.
     ///
@@ -112,12 +118,7 @@ impl<S: Copy + PartialEq + fmt::Debug> PipelineGraph<S> {
         let nodes = self.nodes();
         let mut out = String::from("flowchart LR\n");
         for (node, id) in &nodes {
-            let text = self
-                .label(*node)
-                .iter()
-                .map(|l| l.replace('"', "#quot;"))
-                .collect::<Vec<_>>()
-                .join("<br/>");
+            let text = self.label_text(*node, "<br/>", |l| l.replace('"', "#quot;"));
             let _ = match node {
                 GraphNode::Start | GraphNode::Done => writeln!(out, "    {id}(({text}))"),
                 GraphNode::Failed => writeln!(out, "    {id}[/{text}/]"),
@@ -137,12 +138,9 @@ impl<S: Copy + PartialEq + fmt::Debug> PipelineGraph<S> {
         let nodes = self.nodes();
         let mut out = String::from("digraph pipeline {\n    rankdir=LR;\n    node [shape=box];\n");
         for (node, id) in &nodes {
-            let text = self
-                .label(*node)
-                .iter()
-                .map(|l| l.replace('\\', "\\\\").replace('"', "\\\""))
-                .collect::<Vec<_>>()
-                .join("\\n");
+            let text = self.label_text(*node, "\\n", |l| {
+                l.replace('\\', "\\\\").replace('"', "\\\"")
+            });
             let shape = match node {
                 GraphNode::Start => ", shape=circle",
                 GraphNode::Done => ", shape=doublecircle",
