@@ -19,7 +19,7 @@ use futures::Stream;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep, sleep_until};
 
-use crate::error::{ConfigError, nonzero};
+use crate::error::{ConfigError, nonzero, nonzero_duration};
 use crate::time;
 
 /// How many upstream items one call to `poll_next` may drop (duplicates, replaced values)
@@ -117,18 +117,6 @@ impl Deadline {
 #[inline]
 fn next_look(len: usize, max: usize) -> usize {
     max.min(len.saturating_add(CHECK_EVERY as usize))
-}
-
-/// Checks a `wait`-like duration parameter.
-pub(crate) fn nonzero_duration(
-    parameter: &'static str,
-    value: Duration,
-) -> Result<(), ConfigError> {
-    if value.is_zero() {
-        Err(ConfigError::new(parameter, "must be a non-zero duration"))
-    } else {
-        Ok(())
-    }
 }
 
 /// Which items enter the current batch.

@@ -14,7 +14,7 @@ use futures::{Stream, StreamExt, TryFuture};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
-use crate::error::{ConfigError, nonzero, or_panic};
+use crate::error::{ConfigError, nonzero, nonzero_duration, or_panic};
 use crate::macros::size_hint_plus;
 use crate::time;
 
@@ -380,9 +380,7 @@ impl CircuitBreaker {
     /// if it is zero.
     pub fn try_new(failure_threshold: u32, open_for: Duration) -> Result<Self, ConfigError> {
         nonzero("failure_threshold", u64::from(failure_threshold))?;
-        if open_for.is_zero() {
-            return Err(ConfigError::new("open_for", "must be greater than zero"));
-        }
+        nonzero_duration("open_for", open_for)?;
         Ok(Self {
             shared: Shared::new(failure_threshold, open_for, None),
         })

@@ -9,8 +9,8 @@ use futures::stream::{Fuse, FusedStream};
 use futures::{Stream, StreamExt};
 use pin_project_lite::pin_project;
 
-use crate::batch::{Deadline, POLL_BUDGET, nonzero_duration};
-use crate::error::ConfigError;
+use crate::batch::{Deadline, POLL_BUDGET};
+use crate::error::{ConfigError, nonzero_duration};
 
 pin_project! {
     /// Stream for the [`debounce`](crate::PipelineExt::debounce) method.

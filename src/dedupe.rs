@@ -12,8 +12,8 @@ use futures::{Stream, StreamExt};
 use pin_project_lite::pin_project;
 use tokio::time::Instant;
 
-use crate::batch::{POLL_BUDGET, nonzero_duration};
-use crate::error::{ConfigError, nonzero};
+use crate::batch::POLL_BUDGET;
+use crate::error::{ConfigError, nonzero, nonzero_duration};
 
 /// The keys that passed within the window, oldest first, in at most `capacity` entries.
 struct Window<K> {

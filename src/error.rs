@@ -1,6 +1,7 @@
 //! Errors shared by every constructor.
 
 use std::fmt;
+use std::time::Duration;
 
 /// An invalid configuration value, refused at construction.
 ///
@@ -53,10 +54,22 @@ impl std::error::Error for ConfigError {}
 
 /// `Err` naming `parameter` if `value` is zero.
 pub(crate) fn nonzero(parameter: &'static str, value: u64) -> Result<(), ConfigError> {
-    if value == 0 {
-        Err(ConfigError::new(parameter, "must be greater than zero"))
-    } else {
+    positive(parameter, value != 0)
+}
+
+/// `Err` naming `parameter` if `value` is zero.
+pub(crate) fn nonzero_duration(
+    parameter: &'static str,
+    value: Duration,
+) -> Result<(), ConfigError> {
+    positive(parameter, !value.is_zero())
+}
+
+fn positive(parameter: &'static str, is_positive: bool) -> Result<(), ConfigError> {
+    if is_positive {
         Ok(())
+    } else {
+        Err(ConfigError::new(parameter, "must be greater than zero"))
     }
 }
 

@@ -1,6 +1,6 @@
 //! [`Backoff`], [`RetryError`] and the [`Retry`] / [`RetryIf`] streams.
 
-use crate::error::{ConfigError, nonzero, or_panic};
+use crate::error::{ConfigError, nonzero, nonzero_duration, or_panic};
 use std::error::Error;
 use std::fmt;
 use std::future::Future;
@@ -73,9 +73,7 @@ impl Backoff {
     /// [`exponential`](Self::exponential), returning a [`ConfigError`] naming `initial` if it
     /// is zero.
     pub fn try_exponential(initial: Duration) -> Result<Self, ConfigError> {
-        if initial.is_zero() {
-            return Err(ConfigError::new("initial", "must be greater than zero"));
-        }
+        nonzero_duration("initial", initial)?;
         Ok(Self {
             exponential: true,
             ..Self::fixed(initial)

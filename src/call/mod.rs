@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::error::{ConfigError, or_panic};
+use crate::error::{ConfigError, nonzero_duration, or_panic};
 use crate::{Backoff, BreakerError, CircuitBreaker, InFlightLimit, RateLimiter};
 
 pub use error::CallError;
@@ -245,9 +245,7 @@ impl<F, R: Clone> Call<F, R> {
 
     /// [`timeout`](Self::timeout), returning a [`ConfigError`] naming `timeout` if it is zero.
     pub fn try_timeout(mut self, timeout: Duration) -> Result<Self, ConfigError> {
-        if timeout.is_zero() {
-            return Err(ConfigError::new("timeout", "must be greater than zero"));
-        }
+        nonzero_duration("timeout", timeout)?;
         self.policy_mut().timeout = Some(timeout);
         Ok(self)
     }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use super::Quota;
 
-use crate::error::{ConfigError, nonzero};
+use crate::error::{ConfigError, nonzero, nonzero_duration};
 use crate::time;
 use tokio::time::Instant;
 
@@ -40,9 +40,7 @@ impl Gcra {
 
     /// One cell per `period`, burst 1. An error names `period` if it is zero.
     pub(crate) fn try_per(period: Duration) -> Result<Self, ConfigError> {
-        if period.is_zero() {
-            return Err(ConfigError::new("period", "must be greater than zero"));
-        }
+        nonzero_duration("period", period)?;
         Ok(Self::new(period, 1))
     }
 

@@ -12,8 +12,8 @@ use std::time::Duration;
 use futures::stream::{FusedStream, Stream, TryStream};
 use pin_project_lite::pin_project;
 
-use crate::batch::{Deadline, nonzero_duration};
-use crate::error::{ConfigError, nonzero};
+use crate::batch::Deadline;
+use crate::error::{ConfigError, nonzero, nonzero_duration};
 
 pin_project! {
     /// Stream for the [`try_batch`](crate::TryPipelineExt::try_batch) method.
