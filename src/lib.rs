@@ -94,8 +94,13 @@ pub use retry::{Backoff, Retry, RetryError, RetryIf};
 // -- one policy stack around an async fn --
 mod call;
 pub use call::{
-    Call, CallError, CallRetry, CallStats, CallStatsSnapshot, NoRetry, RetryAll, Retrying,
+    CachedCall, Call, CallError, CallRetry, CallStats, CallStatsSnapshot, NoRetry, RetryAll,
+    Retrying,
 };
+
+// -- a shared cache of async results, with singleflight --
+mod cache;
+pub use cache::{Cache, CacheStats, Cached};
 
 // -- tower layers (feature `tower`) --
 #[cfg(feature = "tower")]
