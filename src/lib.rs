@@ -26,6 +26,11 @@
 //!   tower `Layer`s whose services share one budget across every clone (services
 //!   `RateLimitService`, `InFlightService`, `BreakerService`, `CallService`), and [`Call`] as a
 //!   tower `Service`. Adds the small `tower-layer` and `tower-service` crates.
+//! * `metrics`: counters, gauges and histograms of [`Stats`], [`CallStats`], pipeline stages,
+//!   [`WorkerPool`], [`RateLimiter`] and named [`CircuitBreaker`]s, published through the
+//!   [`metrics`](https://docs.rs/metrics) facade to whatever recorder (Prometheus or
+//!   OpenTelemetry exporter) the application installs; names, labels and units in the
+//!   `metrics` module. Adds the small `metrics` crate.
 //!
 //! ```
 //! use futures::{stream, StreamExt};
@@ -88,6 +93,11 @@ mod tower;
 pub use tower::{
     BreakerService, CallLayer, CallService, InFlightFuture, InFlightService, RateLimitService,
 };
+
+// -- metrics through the `metrics` facade (feature `metrics`) --
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
 
 // -- batching: batch, batch_dedupe, debounce, dedupe_by --
 mod batch;

@@ -110,6 +110,8 @@ pub(crate) struct Shared {
     /// Workers running jobs now.
     busy: AtomicUsize,
     state: Mutex<State>,
+    #[cfg(feature = "metrics")]
+    metrics: crate::metrics::PoolMetrics,
 }
 
 #[derive(Default)]
@@ -214,6 +216,8 @@ impl WorkerPool {
             workers,
             busy: AtomicUsize::new(0),
             state: Mutex::new(state),
+            #[cfg(feature = "metrics")]
+            metrics: crate::metrics::PoolMetrics::new(workers),
         });
         Ok(Self {
             handle: Arc::new(Handle { shared }),
@@ -274,6 +278,8 @@ impl WorkerPool {
         if queue.is_empty() {
             return false;
         }
+        #[cfg(feature = "metrics")]
+        self.handle.shared.metrics.dequeued(queue.len());
         out.extend(queue.drain(..));
         true
     }
@@ -286,6 +292,11 @@ impl WorkerPool {
                 return;
             }
             let jobs = state.sources[source.id].take();
+            #[cfg(feature = "metrics")]
+            self.handle
+                .shared
+                .metrics
+                .dequeued(jobs.as_ref().map_or(0, |q| q.jobs.len()));
             state.free_ids.push(source.id);
             jobs
         };
@@ -316,6 +327,8 @@ impl WorkerPool {
                 }
             }
             let n = jobs.len();
+            #[cfg(feature = "metrics")]
+            shared.metrics.queued(n);
             let queue = state.queue(source).expect("source registered");
             queue.extend(jobs.drain(..));
             state.wake_for(source, n, &mut wake);
@@ -349,6 +362,8 @@ impl Shared {
             let mut state = self.lock();
             if let Some(queue) = state.queue(source) {
                 let n = jobs.len();
+                #[cfg(feature = "metrics")]
+                self.metrics.queued(n);
                 for job in jobs.drain(..).rev() {
                     queue.push_front(job);
                 }
@@ -377,6 +392,8 @@ impl Shared {
             return Poll::Ready(None);
         }
         if let Some(next) = state.next_job() {
+            #[cfg(feature = "metrics")]
+            self.metrics.dequeued(1);
             // Woken for another reason while parked: a submitter must not count on this worker.
             if state.parked[index].take().is_some() {
                 state.parked_ids.retain(|&i| i != index);
@@ -521,6 +538,8 @@ async fn worker(shared: Arc<Shared>, index: usize) {
     {
         let started = std::time::Instant::now();
         shared.busy.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        let busy = shared.metrics.busy();
         let unblocked = poll_fn(|cx| {
             let _on = OnWorker::enter(&shared);
             let (poll, spilled) = poll_collecting(&mut job, cx);
@@ -529,6 +548,8 @@ async fn worker(shared: Arc<Shared>, index: usize) {
         })
         .await;
         shared.busy.fetch_sub(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        drop(busy);
         let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(job)));
         // The consumer a finished job's results unblocked, woken once per job (a chunk of items).
         if let Some(waker) = unblocked {

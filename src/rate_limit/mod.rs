@@ -90,6 +90,8 @@ struct Shared {
     tat: Tat,
     /// When cells actually went out.
     released: Released,
+    #[cfg(feature = "metrics")]
+    metrics: crate::metrics::RateLimitMetrics,
 }
 
 impl Shared {
@@ -99,6 +101,8 @@ impl Shared {
             clock: Timeline::new(),
             tat: Tat::default(),
             released: Released::default(),
+            #[cfg(feature = "metrics")]
+            metrics: crate::metrics::RateLimitMetrics::new(),
         }
     }
 
@@ -113,7 +117,10 @@ impl Shared {
     /// that no window holds more than `burst + (T + 1 ms) / interval` cells.
     #[inline]
     fn release(&self, now: u64) -> Result<(), u64> {
-        self.released.release(&self.gcra, now)
+        let released = self.released.release(&self.gcra, now);
+        #[cfg(feature = "metrics")]
+        self.metrics.released(&released);
+        released
     }
 }
 
@@ -258,6 +265,10 @@ impl RateLimiter {
         };
         let slot = Slot::new(shared, deadline, before, after);
         self.credit.set(slot.wait(wake_at).await);
+        #[cfg(feature = "metrics")]
+        shared
+            .metrics
+            .waited(shared.clock.now().saturating_sub(now));
     }
 }
 

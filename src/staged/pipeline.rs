@@ -469,7 +469,7 @@ impl<S: Copy + Eq + fmt::Debug> StageTable<S> {
         match self.in_slots(stage) {
             Ok(stats) => stats.record_run(took, failed),
             Err(Some(free)) => {
-                let stats = Stats::new(format!("{stage:?}"));
+                let stats = Stats::stage(stage);
                 stats.record_run(took, failed);
                 let _ = self.slots[free].set((stage, stats));
             }
@@ -478,7 +478,7 @@ impl<S: Copy + Eq + fmt::Debug> StageTable<S> {
                 match more.iter().find(|(s, _)| *s == stage) {
                     Some((_, stats)) => stats.record_run(took, failed),
                     None => {
-                        let stats = Stats::new(format!("{stage:?}"));
+                        let stats = Stats::stage(stage);
                         stats.record_run(took, failed);
                         more.push((stage, stats));
                     }
