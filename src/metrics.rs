@@ -4,9 +4,9 @@
 //! With the feature on, [`Stats`](crate::Stats), [`CallStats`](crate::CallStats), staged
 //! pipelines, [`WorkerPool`](crate::WorkerPool), [`RateLimiter`](crate::RateLimiter) and named
 //! [`CircuitBreaker`](crate::CircuitBreaker)s publish what they count to whatever recorder the
-//! application installed: `metrics-exporter-prometheus` for a Prometheus scrape,
-//! `metrics-exporter-otel` style bridges for OpenTelemetry, or any other [`metrics::Recorder`].
-//! With the feature off, none of this code exists and the handles cost what they always did.
+//! application installed: `metrics-exporter-prometheus` for a Prometheus scrape, a bridge to
+//! OpenTelemetry, or any other [`metrics::Recorder`]. With the feature off, none of this code
+//! exists and the handles cost what they always did.
 //!
 //! # When handles register: install the recorder first
 //!
@@ -28,8 +28,9 @@
 //! | [`CircuitBreaker`](crate::CircuitBreaker) | at [`named`](crate::CircuitBreaker::named); an unnamed breaker publishes nothing |
 //!
 //! Registering describes the metrics too (unit and help text), for exporters that print them.
-//! Recording costs one call through the recorder's handle per event (an atomic add in the
-//! common exporters); without a recorder, a branch.
+//! Recording costs one call through the recorder's handle per event (an atomic add for a
+//! counter or gauge in the common exporters, a little more for a histogram); without a
+//! recorder, a branch. A `with_stats` point records a counter and a histogram per item.
 //!
 //! # Labels
 //!
@@ -46,6 +47,10 @@
 //!   ([`std::any::type_name`] of [`StateMachine::Stage`](crate::StateMachine::Stage), e.g.
 //!   `my_service::Step`), and each stage metric adds the label `stage`, the stage's `Debug`
 //!   (e.g. `Parse`). Pipelines whose machines share a stage type share their series.
+//!
+//! Not published: [`InFlightLimit`](crate::InFlightLimit),
+//! [`KeyedRateLimiter`](crate::KeyedRateLimiter), and a pipeline's group and request counts
+//! (they stay in [`Pipeline::stats`](crate::Pipeline::stats)).
 //!
 //! # The metrics
 //!
