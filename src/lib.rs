@@ -36,7 +36,8 @@
 //!
 //! Through `tracing`: a [`with_stats`](PipelineExt::with_stats) stream's summary when it ends,
 //! at DEBUG (target `stagepipe::stats`); circuit breaker state changes at INFO/WARN (target
-//! `stagepipe::circuit_breaker`).
+//! `stagepipe::circuit_breaker`). Metrics (counters, gauges and histograms for a Prometheus or
+//! OpenTelemetry exporter): feature `metrics`, below.
 //!
 //! # Cargo features
 //!
