@@ -137,6 +137,8 @@ pub(crate) struct Shared {
     /// to wait (see [`WorkerPool::keep_serving`]).
     live: AtomicUsize,
     state: Mutex<State>,
+    #[cfg(feature = "metrics")]
+    metrics: crate::metrics::PoolMetrics,
 }
 
 #[derive(Default)]
@@ -253,6 +255,8 @@ impl WorkerPool {
             busy: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
             state: Mutex::new(state),
+            #[cfg(feature = "metrics")]
+            metrics: crate::metrics::PoolMetrics::new(workers),
         });
         Ok(Self {
             handle: Arc::new(Handle { shared }),
@@ -314,6 +318,8 @@ impl WorkerPool {
         if queue.is_empty() {
             return false;
         }
+        #[cfg(feature = "metrics")]
+        self.handle.shared.metrics.dequeued(queue.len());
         out.extend(queue.drain(..));
         true
     }
@@ -326,6 +332,11 @@ impl WorkerPool {
                 return;
             }
             let jobs = state.sources[source.id].take();
+            #[cfg(feature = "metrics")]
+            self.handle
+                .shared
+                .metrics
+                .dequeued(jobs.as_ref().map_or(0, |q| q.jobs.len()));
             state.free_ids.push(source.id);
             jobs
         };
@@ -349,6 +360,8 @@ impl WorkerPool {
                 }
             };
             let n = jobs.len();
+            #[cfg(feature = "metrics")]
+            shared.metrics.queued(n);
             let queue = state.queue(source).expect("source registered");
             queue.extend(jobs.drain(..));
             state.wake_for(source, n, &mut wake);
@@ -464,6 +477,8 @@ impl Shared {
             let mut state = self.lock();
             if let Some(queue) = state.queue(source) {
                 let n = jobs.len();
+                #[cfg(feature = "metrics")]
+                self.metrics.queued(n);
                 for job in jobs.drain(..).rev() {
                     queue.push_front(job);
                 }
@@ -492,6 +507,8 @@ impl Shared {
             return Poll::Ready(None);
         }
         if let Some(next) = state.next_job() {
+            #[cfg(feature = "metrics")]
+            self.metrics.dequeued(1);
             // Woken for another reason while parked: a submitter must not count on this worker.
             if state.parked[index].take().is_some() {
                 state.parked_ids.retain(|&i| i != index);
@@ -664,6 +681,8 @@ impl Drop for Presence {
                 Some((source, job)) => match state.queue(source) {
                     Some(queue) => {
                         queue.push_front(job);
+                        #[cfg(feature = "metrics")]
+                        shared.metrics.queued(1);
                         state.wake_for(source, 1, &mut wake);
                         None
                     }
@@ -702,6 +721,8 @@ async fn worker(mut me: Presence) {
         // paused tokio clock every job would look free. Nothing shown to users uses this clock.
         let started = std::time::Instant::now();
         shared.busy.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        let busy = shared.metrics.busy();
         let (_, job) = me.job.insert((source, job));
         let unblocked = poll_fn(|cx| {
             let _on = OnWorker::enter(&shared);
@@ -712,6 +733,8 @@ async fn worker(mut me: Presence) {
         .await;
         let job = me.job.take();
         shared.busy.fetch_sub(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        drop(busy);
         let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(job)));
         // The consumer a finished job's results unblocked, woken once per job (a chunk of items).
         if let Some(waker) = unblocked {

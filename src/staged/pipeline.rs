@@ -431,7 +431,7 @@ impl<M: StateMachine> Inner<M> {
     /// Records one finished run of `stage` that took `took` and sent its request `to`.
     fn record(&self, stage: M::Stage, took: Duration, to: GraphNode<M::Stage>) {
         let entry = || StageEntry {
-            stats: Stats::new(format!("{stage:?}")),
+            stats: Stats::stage(stage),
             routes: Table::new(),
         };
         self.stages.with(stage, entry, |e| {
