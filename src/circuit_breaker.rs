@@ -191,6 +191,8 @@ struct Shared {
     /// that holds the breaker in `OPENING` or `TRIAL`, before the word becomes `OPEN`
     /// (release); read after the word is seen `OPEN` (acquire).
     opened_at: AtomicU64,
+    #[cfg(feature = "metrics")]
+    metrics: crate::metrics::BreakerMetrics,
 }
 
 /// What a caller was let through as, and in which period.
@@ -208,6 +210,8 @@ impl Shared {
             open_for,
             base: Instant::now(),
             word: AtomicU64::new(CLOSED),
+            #[cfg(feature = "metrics")]
+            metrics: crate::metrics::BreakerMetrics::new(name.as_deref()),
             name,
             opened_at: AtomicU64::new(0),
         })
@@ -241,6 +245,8 @@ impl Shared {
                     .compare_exchange(word, trial, Ordering::AcqRel, Ordering::Acquire)
                     .ok()?;
                 tracing::info!(target: "stagepipe::circuit_breaker", name = self.name.as_deref(), "circuit breaker half-open: trial call");
+                #[cfg(feature = "metrics")]
+                self.metrics.transition(CircuitState::HalfOpen);
                 Some(Permit {
                     trial: true,
                     period: trial & PERIOD,
@@ -271,6 +277,8 @@ impl Shared {
                 .is_ok()
             {
                 tracing::info!(target: "stagepipe::circuit_breaker", name = self.name.as_deref(), "circuit breaker closed: trial call succeeded");
+                #[cfg(feature = "metrics")]
+                self.metrics.transition(CircuitState::Closed);
             }
             return;
         }
@@ -308,6 +316,8 @@ impl Shared {
                     open_for = ?self.open_for,
                     "circuit breaker opened again: trial call failed"
                 );
+                #[cfg(feature = "metrics")]
+                self.metrics.transition(CircuitState::Open);
             }
             return;
         }
@@ -339,6 +349,8 @@ impl Shared {
                         open_for = ?self.open_for,
                         "circuit breaker opened"
                     );
+                    #[cfg(feature = "metrics")]
+                    self.metrics.transition(CircuitState::Open);
                     return;
                 }
                 Ok(_) => return,
@@ -506,7 +518,11 @@ where
             *this.started = true;
             match this.shared.acquire() {
                 Some(permit) => *this.permit = Some(permit),
-                None => return Poll::Ready(Err(BreakerError::Open(()))),
+                None => {
+                    #[cfg(feature = "metrics")]
+                    this.shared.metrics.rejected();
+                    return Poll::Ready(Err(BreakerError::Open(())));
+                }
             }
         }
         let result = ready!(this.fut.poll(cx));
@@ -594,6 +610,8 @@ where
                 return Poll::Ready(None);
             };
             let Some(permit) = this.breaker.shared.acquire() else {
+                #[cfg(feature = "metrics")]
+                this.breaker.shared.metrics.rejected();
                 return Poll::Ready(Some(Err(BreakerError::Open(item))));
             };
             *this.permit = Some(permit);

@@ -88,6 +88,8 @@ struct Shared {
     tat: Tat,
     /// When cells actually went out.
     released: Released,
+    #[cfg(feature = "metrics")]
+    metrics: crate::metrics::RateLimitMetrics,
 }
 
 /// What taking a cell needs of a limiter's shared state: the same GCRA steps, on the one quota
@@ -108,6 +110,9 @@ trait Limiter {
 
     /// Gives a reserved slot back, if no later slot of the key was reserved since.
     fn refund(&self, key: &Self::Key, before: u64, after: u64);
+
+    /// Notes that a cell waited `nanos` for its slot (published with feature `metrics`).
+    fn waited(&self, _nanos: u64) {}
 }
 
 impl Limiter for Shared {
@@ -125,11 +130,19 @@ impl Limiter for Shared {
 
     #[inline]
     fn release(&self, (): &(), now: u64) -> Result<(), u64> {
-        self.released.release(&self.gcra, now)
+        let released = self.released.release(&self.gcra, now);
+        #[cfg(feature = "metrics")]
+        self.metrics.released(&released);
+        released
     }
 
     fn refund(&self, (): &(), before: u64, after: u64) {
         self.tat.refund(before, after);
+    }
+
+    #[cfg(feature = "metrics")]
+    fn waited(&self, nanos: u64) {
+        self.metrics.waited(nanos);
     }
 }
 
@@ -181,6 +194,7 @@ async fn take<L: Limiter>(shared: &L, key: &L::Key, arrival: u64, now: u64) -> O
         reserved,
         armed: true,
     };
+    let start = now;
     let mut now = now;
     let mut wake_at = reserved.wake_at;
     loop {
@@ -196,6 +210,7 @@ async fn take<L: Limiter>(shared: &L, key: &L::Key, arrival: u64, now: u64) -> O
         }
     }
     slot.armed = false;
+    shared.waited(now.saturating_sub(start));
     Some(Credit::after_wait(reserved.deadline, now))
 }
 
@@ -225,6 +240,8 @@ impl RateLimiter {
             clock: Timeline::new(),
             tat: Tat::default(),
             released: Released::default(),
+            #[cfg(feature = "metrics")]
+            metrics: crate::metrics::RateLimitMetrics::new(),
         }))
     }
 
@@ -247,7 +264,7 @@ impl RateLimiter {
         let Some((before, after)) = shared.tat.try_take(&shared.gcra, now) else {
             return false;
         };
-        if shared.released.release(&shared.gcra, now).is_err() {
+        if shared.release(&(), now).is_err() {
             // Another release got in between: give the slot back.
             shared.tat.refund(before, after);
             return false;

@@ -76,6 +76,8 @@ struct Held<T, L, K> {
     item: Option<(T, K)>,
     shared: Arc<L>,
     reserved: Reserved,
+    /// When the item arrived (for the wait the limiter imposed on it).
+    since: u64,
     /// The limiter's refund, chosen where the key's bounds are known, so that the stream types
     /// need none.
     refund: fn(&L, &K, u64, u64),
@@ -278,6 +280,7 @@ where
                     item: Some((item, key)),
                     shared: Arc::clone(shared),
                     reserved,
+                    since: now,
                     refund: <H::Shared as Limiter>::refund,
                 })
             }
@@ -288,6 +291,7 @@ where
             shared.release(key, now)
         }));
         let held = this.held.take().expect("an item is held");
+        shared.waited(now.saturating_sub(held.since));
         let (item, key) = held.release();
         *this.credit = Some((key, Credit::after_wait(deadline, now)));
         Poll::Ready(Some(item))
