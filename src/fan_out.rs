@@ -296,7 +296,7 @@ where
             seq += 1;
         }
         let ran = seq - first_seq;
-        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let nanos = crate::time::nanos(started.elapsed());
         chan.item_nanos.store(nanos / ran.max(1), Ordering::Relaxed);
         chan.complete(&mut done)
     })
