@@ -8,10 +8,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use futures::channel::mpsc;
-use futures::{StreamExt, stream};
+use futures::{Stream, StreamExt, stream};
 use stagepipe::prelude::*;
 use tokio::time::{Instant, advance};
-use tokio_test::{assert_pending, assert_ready_eq, task};
+use tokio_test::{assert_pending, assert_ready, assert_ready_eq, task};
 
 const MAX: Duration = Duration::MAX;
 const YEAR: Duration = Duration::from_secs(365 * 86_400);
@@ -27,22 +27,36 @@ fn always_fails(
     }
 }
 
+/// Feeds `items` to `operator` through a channel that stays open: nothing comes out within a
+/// year (no timer fires, no panic). Then ends the input and returns what the stream yields next.
+async fn after_a_year_and_the_end<T, S>(
+    items: impl IntoIterator<Item = T>,
+    operator: impl FnOnce(mpsc::UnboundedReceiver<T>) -> S,
+) -> Option<S::Item>
+where
+    S: Stream<Item: std::fmt::Debug>,
+{
+    let (tx, rx) = mpsc::unbounded();
+    let mut out = task::spawn(operator(rx));
+    for item in items {
+        tx.unbounded_send(item).unwrap();
+    }
+    assert_pending!(out.poll_next());
+    advance(YEAR).await;
+    assert!(!out.is_woken(), "no timer fires within a year");
+    assert_pending!(out.poll_next());
+    drop(tx);
+    assert_ready!(out.poll_next())
+}
+
 #[tokio::test(start_paused = true)]
 async fn batch_with_an_endless_wait_emits_full_batches_and_the_tail() {
     let batches: Vec<Vec<u32>> = stream::iter(0..7).batch(3, MAX).collect().await;
     assert_eq!(batches, [vec![0, 1, 2], vec![3, 4, 5], vec![6]]);
 
     // A partial batch waits for more items, however long, and goes out when the input ends.
-    let (tx, rx) = mpsc::unbounded();
-    let mut batches = task::spawn(rx.batch(3, MAX));
-    tx.unbounded_send(1).unwrap();
-    assert_pending!(batches.poll_next());
-    advance(YEAR).await;
-    assert!(!batches.is_woken());
-    assert_pending!(batches.poll_next());
-    drop(tx);
-    assert_ready_eq!(batches.poll_next(), Some(vec![1]));
-    assert_ready_eq!(batches.poll_next(), None);
+    let tail = after_a_year_and_the_end([1, 2], |rx| rx.batch(3, MAX)).await;
+    assert_eq!(tail, Some(vec![1, 2]));
 }
 
 #[tokio::test(start_paused = true)]
@@ -53,14 +67,8 @@ async fn batch_dedupe_with_an_endless_wait_emits_full_batches_and_the_tail() {
         .await;
     assert_eq!(batches, [vec![1, 2, 3], vec![4, 5]]);
 
-    let (tx, rx) = mpsc::unbounded();
-    let mut batches = task::spawn(rx.batch_dedupe(3, MAX, |x: &u32| *x));
-    tx.unbounded_send(7).unwrap();
-    assert_pending!(batches.poll_next());
-    advance(YEAR).await;
-    assert_pending!(batches.poll_next());
-    drop(tx);
-    assert_ready_eq!(batches.poll_next(), Some(vec![7]));
+    let tail = after_a_year_and_the_end([7, 7], |rx| rx.batch_dedupe(3, MAX, |x: &u32| *x)).await;
+    assert_eq!(tail, Some(vec![7]));
 }
 
 #[tokio::test(start_paused = true)]
@@ -72,30 +80,14 @@ async fn try_batch_with_an_endless_wait_emits_full_batches_and_the_tail() {
         [Ok(vec![1, 2, 3]), Ok(vec![4]), Err("torn"), Ok(vec![5])]
     );
 
-    let (tx, rx) = mpsc::unbounded::<Result<u32, String>>();
-    let mut batches = task::spawn(rx.try_batch(3, MAX));
-    tx.unbounded_send(Ok(1)).unwrap();
-    assert_pending!(batches.poll_next());
-    advance(YEAR).await;
-    assert_pending!(batches.poll_next());
-    drop(tx);
-    assert_ready_eq!(batches.poll_next(), Some(Ok(vec![1])));
+    let tail = after_a_year_and_the_end([Ok::<u32, String>(1)], |rx| rx.try_batch(3, MAX)).await;
+    assert_eq!(tail, Some(Ok(vec![1])));
 }
 
 #[tokio::test(start_paused = true)]
 async fn debounce_with_an_endless_quiet_emits_the_last_item_at_the_end() {
-    let (tx, rx) = mpsc::unbounded();
-    let mut quiet = task::spawn(rx.debounce(MAX));
-    tx.unbounded_send(1).unwrap();
-    assert_pending!(quiet.poll_next());
-    advance(YEAR).await;
-    assert!(!quiet.is_woken());
-    assert_pending!(quiet.poll_next());
-    tx.unbounded_send(2).unwrap();
-    assert_pending!(quiet.poll_next());
-    drop(tx);
-    assert_ready_eq!(quiet.poll_next(), Some(2));
-    assert_ready_eq!(quiet.poll_next(), None);
+    let last = after_a_year_and_the_end([1, 2, 3], |rx| rx.debounce(MAX)).await;
+    assert_eq!(last, Some(3));
 }
 
 #[tokio::test(start_paused = true)]
