@@ -11,13 +11,15 @@ use std::fmt;
 use std::future::{Future, poll_fn};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
 use crate::error::{ConfigError, nonzero, or_panic};
+use crate::sync::atomic::{AtomicUsize, Ordering};
+use crate::sync::{Arc, Mutex, MutexGuard, Weak, sync_thread_local};
+#[cfg(stagepipe_loom)]
+use crate::sync::{LocalCell as _, LocalRefCell as _};
 
-thread_local! {
+sync_thread_local! {
     /// The pool (its `Shared`'s address) whose worker is polling a job on this thread, or 0.
     static ON_WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
@@ -606,7 +608,7 @@ impl State {
     }
 }
 
-thread_local! {
+sync_thread_local! {
     /// Jobs split off the job being polled on this thread because one of its items has to wait
     /// (see `fan_out.rs`), collected by whoever polls it: `None` when nobody collects.
     static SPILL: std::cell::RefCell<Option<Vec<Job>>> = const { std::cell::RefCell::new(None) };
@@ -798,6 +800,9 @@ impl fmt::Debug for WorkerPool {
             .finish()
     }
 }
+
+#[cfg(all(test, stagepipe_loom))]
+pub(crate) mod loom_model;
 
 #[cfg(test)]
 mod tests {

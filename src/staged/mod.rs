@@ -14,6 +14,7 @@
 //! [`Stats`](crate::Stats) type as [`with_stats`](crate::PipelineExt::with_stats), and
 //! cancel-on-error as an adapter on the group's output.
 
+mod drain;
 mod error;
 mod graph;
 mod group;
