@@ -18,6 +18,8 @@ mod drain;
 mod error;
 mod graph;
 mod group;
+#[cfg(all(test, stagepipe_loom))]
+mod loom_model;
 mod pipeline;
 mod table;
 
