@@ -120,7 +120,6 @@ impl<M: StateMachine> GroupBuilder<M> {
             drain: Arc::clone(&inner.drain),
         });
         let drain_waker = Arc::new(AtomicWaker::new());
-        inner.drain.register(&drain_waker);
         let gate = self.key.map(|key| KeyGate::new(key, self.window));
         let mut results = GroupResults {
             rx: Some(rx),
@@ -130,6 +129,11 @@ impl<M: StateMachine> GroupBuilder<M> {
             cancel_on_error: self.cancel_on_error,
             drain_waker,
         };
+        // Counted as open (`Run::new`) before it registers, and both before it looks at the
+        // drain: registering takes the drain's lock, which the drain takes too once it is
+        // draining, so either the drain finds the group counted (and waits for it) or the
+        // group finds the pipeline draining (and closes at once).
+        shared.drain.register(&results.drain_waker);
         if results.shared.drain.is_draining() {
             // Opened while the pipeline drains: closed at once.
             results.cancel();
