@@ -1,25 +1,20 @@
-//! End-to-end tests of the `service` example: one shared pipeline behind an axum HTTP API, many
+//! End-to-end tests of the service example: one shared pipeline behind an axum HTTP API, many
 //! clients at once, a flaky upstream behind it. Real sockets on 127.0.0.1, ephemeral ports.
 //!
 //! Real sockets need the real clock: every wait is a poll for a condition, bounded by a
 //! generous deadline, and the one timing figure (the rate toward the upstream) is counted on the
 //! upstream's side with a tolerance of one burst.
 
-#[path = "../examples/service/app.rs"]
-mod app;
-#[path = "../examples/service/upstream.rs"]
-mod upstream;
-
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use app::{Config, Line, Service, StatsReport};
+use stagepipe_service::app::{Config, Line, Service, StatsReport};
+use stagepipe_service::upstream::{Upstream, UpstreamConfig, UpstreamReport};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
-use upstream::{Upstream, UpstreamConfig, UpstreamReport};
 
 /// Every test is bounded: a hang fails the test instead of the run.
 async fn bounded<F: Future<Output = ()>>(test: F) {

@@ -1,4 +1,4 @@
-//! The `service` example under load: 50 clients × 200 trivial items each, over real HTTP on
+//! The service example under load: 50 clients × 200 trivial items each, over real HTTP on
 //! 127.0.0.1, through the shared pipeline, versus the same service written the way one would
 //! without it: a `tokio::spawn` per item (no shared pool), collected with `buffered` (the same
 //! contract: results in submission order) or `buffer_unordered` (completion order, a weaker
@@ -7,20 +7,17 @@
 //! Criterion measures requests/s; a fixed number of extra rounds afterwards measures the p99
 //! latency of a job (post to last line) and of an item (post to its line), printed per variant.
 
-#[path = "../examples/service/app.rs"]
-mod app;
-
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use app::{Config, Jobs, Line, Service};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::routing::post;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures::{StreamExt, stream};
+use stagepipe_service::app::{Config, Jobs, Line, Service};
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 

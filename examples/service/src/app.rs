@@ -11,9 +11,6 @@
 //! shared by all callers. A caller that disconnects drops its response body, which drops its
 //! group's results and so cancels its unfinished requests.
 
-// Shared with the service tests and benchmark, which use parts the example itself does not.
-#![allow(dead_code)]
-
 use std::fmt::Write as _;
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
