@@ -23,8 +23,10 @@ use tokio::runtime::Runtime;
 
 const CLIENTS: i64 = 50;
 const ITEMS: i64 = 200;
-/// Items of one job in progress at once in the baseline: the pipeline's default group window.
-const WINDOW: usize = 256;
+/// Items of one job in progress at once in the baseline: the service's job window.
+fn window() -> usize {
+    config().job_window
+}
 
 /// Trivial items: no upstream (the call stage answers locally), limits that never bind.
 fn config() -> Config {
@@ -48,9 +50,9 @@ async fn spawn_jobs(State((jobs, ordered)): State<(Arc<Jobs>, bool)>, body: Byte
         tokio::spawn(async move { (index, input, jobs.process(input).await) })
     });
     let done = if ordered {
-        tasks.buffered(WINDOW).left_stream()
+        tasks.buffered(window()).left_stream()
     } else {
-        tasks.buffer_unordered(WINDOW).right_stream()
+        tasks.buffer_unordered(window()).right_stream()
     };
     let lines = done.map(|done| {
         let (index, input, result) = done.expect("no panics");

@@ -12,8 +12,9 @@
 //! curl -s -X POST 'http://UPSTREAM/control?down=true'        # switch the upstream down / up
 //! ```
 //!
-//! Ctrl-C (or SIGTERM) shuts down gracefully: no new connections, open jobs finish within the
-//! deadline, then the process exits.
+//! Ctrl-C (or SIGTERM) shuts down gracefully: no new connections or jobs, open jobs finish the
+//! inputs already submitted (at the latest at the deadline) and say how many they abandoned,
+//! then the process exits.
 
 use std::time::Duration;
 
@@ -98,5 +99,7 @@ async fn shutdown_signal() {
         () = ctrl_c => {}
         () = term => {}
     }
-    println!("shutting down: no new connections; open jobs get until the deadline");
+    println!(
+        "shutting down: no new connections or jobs; open jobs finish what they submitted, until the deadline"
+    );
 }
