@@ -331,8 +331,8 @@ pub trait PipelineExt: Stream {
     /// above the timer's resolution).
     /// `limiter` is a [`RateLimiter`](crate::RateLimiter) or `&RateLimiter` (a shared quota).
     ///
-    /// Dropping the stream while it holds an item gives that item's slot back when no later slot
-    /// was taken since.
+    /// Dropping the stream while it holds an item gives that item's slot back, so the next
+    /// holder of the limiter does not wait for it.
     ///
     /// # Panics
     ///

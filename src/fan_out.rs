@@ -256,6 +256,8 @@ where
     // inside an unwind guard too.
     let mut rest = NotStarted(futs.into_iter());
     Box::pin(async move {
+        // Real time, not tokio's: this is the chunk's CPU cost per item for the pool's scheduler,
+        // which a paused clock would report as zero. No user-facing figure comes from it.
         let started = std::time::Instant::now();
         let mut done = Vec::with_capacity(n);
         let mut seq = first_seq;

@@ -19,13 +19,32 @@
 //! in-flight cap, circuit breaker, retry, [`CallStats`]) in one fixed order and drops into any
 //! operator: `.in_flight(20, move |x| call.run(x))`.
 //!
+//! # Errors
+//!
+//! Error types follow one chaining rule: an error's `Display` never repeats what its
+//! [`source()`](std::error::Error::source) returns. Wrappers that show the user's error in their
+//! message ([`StageError::Failed`], [`RetryError`], [`BreakerError::Failed`]) return *that
+//! error's* source; [`CallError`] shows only what happened (timed out, rejected, failed, with the
+//! attempt count) and returns the user's error as its source. So `anyhow`'s `{:#}` and `eyre`'s
+//! reports print every message once.
+//!
+//! Invalid configuration (zero workers, a zero rate, an empty batch) is refused where it is
+//! given: each constructor that can refuse a value panics with a message naming the parameter,
+//! and has a `try_` twin returning [`ConfigError`].
+//!
+//! # Logs
+//!
+//! Through `tracing`: a [`with_stats`](PipelineExt::with_stats) stream's summary when it ends,
+//! at DEBUG (target `stagepipe::stats`); circuit breaker state changes at INFO/WARN (target
+//! `stagepipe::circuit_breaker`).
+//!
 //! # Cargo features
 //!
-//! * `progress` (default): the progress bar of the ETL example.
 //! * `tower`: [`RateLimiter`], [`InFlightLimit`], [`CircuitBreaker`] and `Call::layer()` as
 //!   tower `Layer`s whose services share one budget across every clone (services
 //!   `RateLimitService`, `InFlightService`, `BreakerService`, `CallService`), and [`Call`] as a
 //!   tower `Service`. Adds the small `tower-layer` and `tower-service` crates.
+//! * `governor`: `From<governor::Quota>` for [`Quota`], for code written against governor.
 //!
 //! ```
 //! use futures::{stream, StreamExt};
@@ -69,8 +88,7 @@ mod circuit_breaker;
 mod rate_limit;
 mod retry;
 pub use circuit_breaker::{Breaker, BreakerError, CircuitBreaker, CircuitState};
-pub use governor::Quota;
-pub use rate_limit::{KeyedRateLimiter, RateLimit, RateLimitBy, RateLimiter};
+pub use rate_limit::{KeyedRateLimiter, Quota, RateLimit, RateLimitBy, RateLimiter};
 pub use retry::{Backoff, Retry, RetryError, RetryIf};
 
 // -- one policy stack around an async fn --
@@ -100,8 +118,8 @@ pub use dedupe::DedupeBy;
 // -- staged pipelines --
 mod staged;
 pub use staged::{
-    GroupBuilder, GroupClosed, GroupResults, Next, Pipeline, PipelineBuilder, PipelineStats,
-    StageError, StageStats, StateMachine, Submitter, Through,
+    GraphEdge, GraphNode, GroupBuilder, GroupClosed, GroupResults, Next, Pipeline, PipelineBuilder,
+    PipelineGraph, PipelineStats, StageError, StageStats, StateMachine, Submitter, Through,
 };
 
 // -- fallible streams: try_fan_out_ordered, try_fan_out, try_in_flight(_ordered), try_batch,

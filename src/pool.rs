@@ -519,6 +519,8 @@ async fn worker(shared: Arc<Shared>, index: usize) {
     let mut charge = None;
     while let Some((source, mut job)) = poll_fn(|cx| shared.poll_job(index, &mut charge, cx)).await
     {
+        // The scheduler's charge is the CPU time the job took, so it reads the real clock: on a
+        // paused tokio clock every job would look free. Nothing shown to users uses this clock.
         let started = std::time::Instant::now();
         shared.busy.fetch_add(1, Ordering::Relaxed);
         let unblocked = poll_fn(|cx| {

@@ -373,7 +373,7 @@ impl<S: Stream> WithStats<S> {
                     *this.phase = Phase::Ended;
                     if this.stats.stream_ended(now) {
                         let s = this.stats.snapshot();
-                        tracing::info!(
+                        tracing::debug!(
                             target: "stagepipe::stats",
                             name = %s.name,
                             items = s.items,

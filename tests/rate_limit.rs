@@ -667,3 +667,57 @@ async fn a_stream_polled_from_select_beside_periodic_work_releases_no_backlog() 
     // its share.
     assert_quota_kept(&released, 1, period);
 }
+
+/// Waiters dropped out of order (the middle one first) leave the line as if they had never
+/// come: the next caller is served at the first free slot, not after the dropped ones.
+#[tokio::test(start_paused = true)]
+async fn waiters_dropped_in_any_order_give_their_slots_back() {
+    for middle_first in [true, false] {
+        let limiter = RateLimiter::per(Duration::from_millis(10));
+        let start = Instant::now();
+        limiter.until_ready().await; // slot 0
+        let mut b = task::spawn(limiter.until_ready()); // slot 10
+        let mut c = task::spawn(limiter.until_ready()); // slot 20
+        assert_pending!(b.poll());
+        assert_pending!(c.poll());
+        if middle_first {
+            drop(b);
+            drop(c);
+        } else {
+            drop(c);
+            drop(b);
+        }
+        limiter.until_ready().await;
+        assert_eq!(start.elapsed(), Duration::from_millis(10), "{middle_first}");
+        limiter.until_ready().await;
+        assert_eq!(start.elapsed(), Duration::from_millis(20), "{middle_first}");
+    }
+}
+
+/// The same for a key of a keyed limiter, and for a stream dropped while it waits.
+#[tokio::test(start_paused = true)]
+async fn keyed_waiters_and_streams_dropped_out_of_order_give_their_slots_back() {
+    let keyed = KeyedRateLimiter::<&str>::per(Duration::from_millis(10));
+    let start = Instant::now();
+    keyed.until_key_ready(&"k").await;
+    let mut b = task::spawn(keyed.until_key_ready(&"k"));
+    let mut c = task::spawn(keyed.until_key_ready(&"k"));
+    assert_pending!(b.poll());
+    assert_pending!(c.poll());
+    drop(b);
+    drop(c);
+    keyed.until_key_ready(&"k").await;
+    assert_eq!(start.elapsed(), Duration::from_millis(10));
+
+    let limiter = RateLimiter::per(Duration::from_millis(10));
+    let start = Instant::now();
+    limiter.until_ready().await; // slot 0
+    let mut first = task::spawn(stream::iter([1]).rate_limit(&limiter)); // slot 10
+    let mut second = task::spawn(stream::iter([2]).rate_limit(&limiter)); // slot 20
+    assert_pending!(first.poll_next());
+    assert_pending!(second.poll_next());
+    drop(first);
+    drop(second);
+    limiter.until_ready().await;
+    assert_eq!(start.elapsed(), Duration::from_millis(10));
+}

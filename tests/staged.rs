@@ -951,3 +951,143 @@ async fn drain_waits_for_a_group_until_its_results_are_read() {
     assert!(drain.is_woken());
     tokio_test::assert_ready!(drain.poll());
 }
+
+/// An error with a cause: `Display` shows its own message, `source()` the cause.
+#[derive(Debug)]
+struct Outer(std::io::Error);
+
+impl std::fmt::Display for Outer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("upstream refused")
+    }
+}
+
+impl std::error::Error for Outer {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+struct Chained;
+
+impl StateMachine for Chained {
+    type Stage = Step;
+    type Data = u64;
+    type Error = Outer;
+
+    fn start(&self) -> Step {
+        Step::Work
+    }
+
+    async fn run(&self, _: Step, _: u64) -> Result<Next<Step, u64>, Outer> {
+        Err(Outer(std::io::Error::other("connection reset")))
+    }
+}
+
+/// Prints an error chain the way anyhow's `{:#}` does: each message once, joined by ": ".
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut next = error.source();
+    while let Some(e) = next {
+        out.push_str(": ");
+        out.push_str(&e.to_string());
+        next = e.source();
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stage_error_chain_shows_each_message_once() {
+    let pipeline = Pipeline::builder(Chained).workers(2).build();
+    let (tx, results) = pipeline.group().open();
+    tx.submit(1).await.unwrap();
+    drop(tx);
+    let results: Vec<_> = results.collect().await;
+    let [Err(error)] = &results[..] else {
+        panic!("expected one error, got {}", results.len())
+    };
+    assert!(matches!(
+        error,
+        StageError::Failed {
+            stage: Step::Work,
+            ..
+        }
+    ));
+    assert_eq!(
+        chain(error),
+        "stage Work failed: upstream refused: connection reset"
+    );
+}
+
+/// The graph counts every route taken: into the first stage once per request, out of each stage
+/// once per run (to the next stage, done, or failed), so each stage's routes out add up to its
+/// runs and the routes into `done` and `failed` to the requests that ended there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graph_counts_every_route_taken() {
+    use stagepipe::GraphNode as N;
+    let pipeline = Pipeline::builder(Machine {
+        fail: Some(3),
+        panic: Some(5),
+        ..Machine::default()
+    })
+    .workers(2)
+    .build();
+    let results: Vec<_> = stream::iter(0..10).through(&pipeline).collect().await;
+    assert_eq!(results.iter().filter(|r| r.is_err()).count(), 2);
+
+    let graph = pipeline.graph();
+    let stats = pipeline.stats();
+    assert_eq!(graph.requests(N::Start, N::Stage(Step::Parse)), 10);
+    assert_eq!(
+        graph.requests(N::Stage(Step::Parse), N::Stage(Step::Work)),
+        10
+    );
+    assert_eq!(
+        graph.requests(N::Stage(Step::Work), N::Stage(Step::Store)),
+        8
+    );
+    assert_eq!(graph.requests(N::Stage(Step::Work), N::Failed), 2);
+    assert_eq!(graph.requests(N::Stage(Step::Store), N::Done), 8);
+    for (stage, st) in &graph.stages {
+        let out: u64 = graph
+            .edges
+            .iter()
+            .filter(|e| e.from == N::Stage(*stage))
+            .map(|e| e.requests)
+            .sum();
+        assert_eq!(out, st.runs, "{stage:?}");
+        assert_eq!(Some(*st), stats.stage(*stage));
+    }
+    let mermaid = graph.mermaid();
+    assert!(mermaid.starts_with("flowchart LR\n"), "{mermaid}");
+    assert!(mermaid.contains(" -->|8| done"), "{mermaid}");
+    assert!(graph.dot().contains(" -> failed [label=\"2\"];"));
+}
+
+/// A machine that routes back: each pass around the loop counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graph_counts_each_pass_of_a_loop_and_dag_cycles() {
+    use stagepipe::GraphNode as N;
+    let machine = Machine {
+        route_back: true,
+        ..Machine::default()
+    };
+    let pipeline = Pipeline::builder(machine).workers(2).dag().build();
+    let results: Vec<_> = stream::iter(0..4).through(&pipeline).collect().await;
+    assert!(
+        results
+            .iter()
+            .all(|r| matches!(r, Err(StageError::Cycle { .. })))
+    );
+    let graph = pipeline.graph();
+    // Each request went Parse → Work → Store → Parse, where the DAG check stopped it.
+    assert_eq!(
+        graph.requests(N::Stage(Step::Store), N::Stage(Step::Parse)),
+        4
+    );
+    assert_eq!(
+        graph.requests(N::Stage(Step::Parse), N::Stage(Step::Work)),
+        4
+    );
+    assert_eq!(graph.requests(N::Start, N::Stage(Step::Parse)), 4);
+}

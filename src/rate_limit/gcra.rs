@@ -12,7 +12,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use governor::Quota;
+use super::Quota;
 
 use crate::error::{ConfigError, nonzero};
 use tokio::time::Instant;
@@ -207,7 +207,9 @@ impl HandleCredit {
 pub(crate) struct Tat(AtomicU64);
 
 impl Tat {
-    /// Reserves a slot at `now`; returns `(deadline, tat before, tat after)`.
+    /// Reserves a slot at `now`; returns `(deadline, tat before, tat after)`, where "before"
+    /// is the slot's own start (the old `tat`, or the deadline if the line was idle), so the
+    /// slot is always `after - before` long.
     #[inline]
     pub(crate) fn reserve(&self, gcra: &Gcra, now: u64) -> (u64, u64, u64) {
         let mut before = self.0.load(Ordering::Acquire);
@@ -217,7 +219,7 @@ impl Tat {
                 .0
                 .compare_exchange_weak(before, after, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => return (deadline, before, after),
+                Ok(_) => return (deadline, before.max(deadline), after),
                 Err(actual) => before = actual,
             }
         }
@@ -237,18 +239,34 @@ impl Tat {
                 .0
                 .compare_exchange_weak(before, after, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => return Some((before, after)),
+                Ok(_) => return Some((before.max(deadline), after)),
                 Err(actual) => before = actual,
             }
         }
     }
 
-    /// Gives a reserved slot back, if no later reservation was made since.
+    /// Gives back a reserved slot `before..after` (as [`reserve`](Self::reserve) returned it).
+    ///
+    /// If it is the last slot, the line goes back to where it was. If later slots were reserved
+    /// since, their waiters keep them, and the line is shortened by one slot instead: the hole
+    /// goes to the next newcomer, whose slot may then fall due with a later waiter's. That never
+    /// lets the quota be exceeded, because every release also passes the release schedule
+    /// ([`Released`]); it only keeps a cancelled waiter's cell from being lost, so that waiters
+    /// dropped in any order leave the line as if they had never come.
     #[inline]
     pub(crate) fn refund(&self, before: u64, after: u64) {
-        let _ = self
+        if self
             .0
-            .compare_exchange(after, before, Ordering::AcqRel, Ordering::Relaxed);
+            .compare_exchange(after, before, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            let slot = after - before;
+            let _ = self
+                .0
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                    Some(tat.saturating_sub(slot))
+                });
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use governor::Quota;
+use super::Quota;
 use tokio::time::sleep_until;
 
 use super::gcra::{Credit, Gcra, Timeline};
@@ -86,8 +86,9 @@ impl<K: Hash + Eq + Clone> Shared<K> {
     pub(super) fn reserve(&self, key: &K, arrival: u64, now: u64) -> (u64, u64, u64) {
         let mut keys = self.lock();
         let state = keys.entry(&self.gcra, key, now);
-        let before = state.tat;
-        let (deadline, after) = self.gcra.reserve(before, arrival);
+        let (deadline, after) = self.gcra.reserve(state.tat, arrival);
+        // The slot's own start (the deadline if the key was idle): the slot is `after - before`.
+        let before = state.tat.max(deadline);
         state.tat = after;
         (deadline, before, after)
     }
@@ -102,10 +103,14 @@ impl<K: Hash + Eq + Clone> Shared<K> {
     }
 
     pub(super) fn refund(&self, key: &K, before: u64, after: u64) {
+        // As `Tat::refund`: the last slot is undone; an earlier one shortens the key's line by
+        // one slot, since its release schedule bounds the rate anyway.
         if let Some(state) = self.lock().states.get_mut(key) {
-            if state.tat == after {
-                state.tat = before;
-            }
+            state.tat = if state.tat == after {
+                before
+            } else {
+                state.tat.saturating_sub(after - before)
+            };
         }
     }
 }
@@ -205,8 +210,8 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future before it completes gives the key's slot back if no later slot was
-    /// reserved for that key since.
+    /// Dropping the future before it completes gives the key's slot back, whatever the order in
+    /// which that key's waiters are dropped.
     pub async fn until_key_ready(&self, key: &K) {
         let shared = &*self.shared;
         let now = shared.clock.now();
@@ -288,7 +293,7 @@ impl<K> KeyedRateLimiter<K> {
         self.shared.gcra.burst()
     }
 
-    /// The per-key quota, as governor's [`Quota`].
+    /// The per-key [`Quota`].
     pub fn quota(&self) -> Quota {
         quota_of(&self.shared.gcra)
     }
@@ -354,7 +359,7 @@ impl<K> Clone for KeyedRateLimiter<K> {
 }
 
 impl<K: Hash + Eq + Clone> From<Quota> for KeyedRateLimiter<K> {
-    /// A keyed limiter enforcing governor's `quota` per key, with the quota's own burst.
+    /// A keyed limiter enforcing `quota` per key, with the quota's own burst.
     fn from(quota: Quota) -> Self {
         Self::from_gcra(Gcra::from_quota(&quota))
     }

@@ -4,6 +4,7 @@
 
 mod gcra;
 mod keyed;
+mod quota;
 mod stream;
 
 use std::fmt;
@@ -11,13 +12,13 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use governor::Quota;
 use tokio::time::sleep_until;
 
 use crate::error::{ConfigError, nonzero, or_panic};
 use gcra::{Credit, Gcra, HandleCredit, Released, Tat, Timeline};
 
 pub use keyed::KeyedRateLimiter;
+pub use quota::Quota;
 pub use stream::{RateLimit, RateLimitBy};
 
 /// A rate limit shared by every clone: streams ([`rate_limit`](crate::PipelineExt::rate_limit))
@@ -189,7 +190,7 @@ impl RateLimiter {
         self.shared.gcra.burst()
     }
 
-    /// The quota, as governor's [`Quota`].
+    /// The [`Quota`].
     pub fn quota(&self) -> Quota {
         quota_of(&self.shared.gcra)
     }
@@ -228,8 +229,9 @@ impl RateLimiter {
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future before it completes gives its slot back if no later slot was reserved
-    /// since; otherwise that slot goes unused (the limiter never runs faster than its quota).
+    /// Dropping the future before it completes gives its slot back: waiters dropped in any
+    /// order leave the limiter as if they had never come (the next caller does not wait for
+    /// their slots), and it never runs faster than its quota.
     ///
     /// ```
     /// use stagepipe::RateLimiter;
@@ -317,7 +319,7 @@ fn quota_of(gcra: &Gcra) -> Quota {
 }
 
 impl From<Quota> for RateLimiter {
-    /// A limiter enforcing governor's `quota`, with the quota's own burst.
+    /// A limiter enforcing `quota`, with the quota's own burst.
     fn from(quota: Quota) -> Self {
         Self::from_gcra(Gcra::from_quota(&quota))
     }

@@ -92,8 +92,9 @@ where
     M::Error: std::error::Error + 'static,
 {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        // `Display` already shows the stage's error, so the chain goes on with *its* source.
         match self {
-            Self::Failed { error, .. } => Some(error),
+            Self::Failed { error, .. } => error.source(),
             _ => None,
         }
     }

@@ -15,14 +15,17 @@
 //! cancel-on-error as an adapter on the group's output.
 
 mod error;
+mod graph;
 mod group;
 mod pipeline;
+mod table;
 
 use std::fmt::Debug;
 use std::future::Future;
 use std::hash::Hash;
 
 pub use error::{GroupClosed, StageError};
+pub use graph::{GraphEdge, GraphNode, PipelineGraph};
 pub use group::{GroupBuilder, GroupResults, Submitter, Through};
 pub use pipeline::{Pipeline, PipelineBuilder, PipelineStats, StageStats};
 

@@ -4,7 +4,7 @@ use std::any::Any;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -12,7 +12,9 @@ use futures::task::AtomicWaker;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::graph::{GraphEdge, GraphNode, PipelineGraph};
 use super::group::GroupBuilder;
+use super::table::Table;
 use super::{Next, StageError, StateMachine};
 use crate::error::{ConfigError, nonzero, or_panic, window_size};
 use crate::{Stats, WorkerPool};
@@ -73,8 +75,10 @@ pub(super) struct Inner<M: StateMachine> {
     pub(super) pool: WorkerPool,
     pub(super) window: usize,
     dag: bool,
-    /// Per-stage figures, in the order of each stage's first finished run.
-    stages: StageTable<M::Stage>,
+    /// Per stage, in the order of their first finished runs: figures and routes taken.
+    stages: Table<M::Stage, StageEntry<M::Stage>, STAGE_SLOTS>,
+    /// The first stage of each request, counted.
+    starts: Table<M::Stage, AtomicU64, ROUTE_SLOTS>,
     pub(super) groups_opened: AtomicU64,
     pub(super) groups_closed: AtomicU64,
     pub(super) requests_done: AtomicU64,
@@ -225,7 +229,8 @@ impl<M: StateMachine> PipelineBuilder<M> {
                 pool,
                 window,
                 dag: self.dag,
-                stages: StageTable::new(),
+                stages: Table::new(),
+                starts: Table::new(),
                 groups_opened: AtomicU64::new(0),
                 groups_closed: AtomicU64::new(0),
                 requests_done: AtomicU64::new(0),
@@ -324,12 +329,80 @@ impl<M: StateMachine> Pipeline<M> {
         &self.inner.pool
     }
 
+    /// The picture of the pipeline so far: its stages with their figures, and every route
+    /// requests took (from the start to a stage, between stages, to done or failed), counted.
+    /// Render it with [`mermaid`](PipelineGraph::mermaid) or [`dot`](PipelineGraph::dot).
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    /// use stagepipe::GraphNode;
+    ///
+    /// #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+    /// enum Step { Parse, Double }
+    ///
+    /// struct Machine;
+    ///
+    /// impl StateMachine for Machine {
+    ///     type Stage = Step;
+    ///     type Data = i64;
+    ///     type Error = String;
+    ///     fn start(&self) -> Step { Step::Parse }
+    ///     async fn run(&self, stage: Step, n: i64) -> Result<Next<Step, i64>, String> {
+    ///         match stage {
+    ///             Step::Parse if n < 0 => Err(format!("{n} is negative")),
+    ///             Step::Parse if n % 2 == 0 => Ok(Next::Stage(Step::Double, n)),
+    ///             Step::Parse => Ok(Next::Done(n)),
+    ///             Step::Double => Ok(Next::Done(n * 2)),
+    ///         }
+    ///     }
+    /// }
+    ///
+    /// # #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+    /// # async fn main() {
+    /// let pipeline = Pipeline::builder(Machine).workers(2).build();
+    /// let _: Vec<_> = stream::iter([1, 2, 3, 4, -5]).through(&pipeline).collect().await;
+    ///
+    /// let graph = pipeline.graph();
+    /// assert_eq!(graph.requests(GraphNode::Start, GraphNode::Stage(Step::Parse)), 5);
+    /// assert_eq!(graph.requests(GraphNode::Stage(Step::Parse), GraphNode::Stage(Step::Double)), 2);
+    /// assert_eq!(graph.requests(GraphNode::Stage(Step::Parse), GraphNode::Done), 2);
+    /// assert_eq!(graph.requests(GraphNode::Stage(Step::Parse), GraphNode::Failed), 1);
+    /// assert!(graph.mermaid().contains("-->|2|"));
+    /// println!("{}", graph.dot());
+    /// # }
+    /// ```
+    pub fn graph(&self) -> PipelineGraph<M::Stage> {
+        let i = &self.inner;
+        let mut edges = Vec::new();
+        i.starts.for_each(|stage, n| {
+            edges.push(GraphEdge {
+                from: GraphNode::Start,
+                to: GraphNode::Stage(stage),
+                requests: n.load(Ordering::Relaxed),
+            });
+        });
+        i.stages.for_each(|stage, entry| {
+            entry.routes.for_each(|to, n| {
+                edges.push(GraphEdge {
+                    from: GraphNode::Stage(stage),
+                    to,
+                    requests: n.load(Ordering::Relaxed),
+                });
+            });
+        });
+        PipelineGraph {
+            stages: self.stats().stages,
+            edges,
+        }
+    }
+
     /// Per-stage and per-group figures so far.
     pub fn stats(&self) -> PipelineStats<M::Stage> {
         let i = &self.inner;
         let mut stages = Vec::new();
-        i.stages.for_each(|stage, stats| {
-            let s = stats.snapshot();
+        i.stages.for_each(|stage, entry| {
+            let s = entry.stats.snapshot();
             stages.push((
                 stage,
                 StageStats {
@@ -353,6 +426,20 @@ impl<M: StateMachine> Pipeline<M> {
 }
 
 impl<M: StateMachine> Inner<M> {
+    /// Records one finished run of `stage` that took `took` and sent its request `to`.
+    fn record(&self, stage: M::Stage, took: Duration, to: GraphNode<M::Stage>) {
+        let entry = || StageEntry {
+            stats: Stats::new(format!("{stage:?}")),
+            routes: Table::new(),
+        };
+        self.stages.with(stage, entry, |e| {
+            e.stats.record_run(took, to == GraphNode::Failed);
+            e.routes.with(to, AtomicU64::default, |n| {
+                n.fetch_add(1, Ordering::Relaxed)
+            });
+        });
+    }
+
     /// Runs one request from the machine's first stage to `Done`, timing every stage, and
     /// counts it once it ends.
     pub(super) async fn run_request(
@@ -379,6 +466,9 @@ impl<M: StateMachine> Inner<M> {
                 });
             }
         };
+        self.starts.with(stage, AtomicU64::default, |n| {
+            n.fetch_add(1, Ordering::Relaxed)
+        });
         let mut path = Vec::new();
         let mut clock = Instant::now();
         loop {
@@ -394,11 +484,12 @@ impl<M: StateMachine> Inner<M> {
                 .catch_unwind()
                 .await;
             let now = Instant::now();
-            self.stages.record(
-                stage,
-                now.saturating_duration_since(clock),
-                !matches!(ran, Ok(Ok(_))),
-            );
+            let to = match &ran {
+                Ok(Ok(Next::Stage(next, _))) => GraphNode::Stage(*next),
+                Ok(Ok(Next::Done(_))) => GraphNode::Done,
+                _ => GraphNode::Failed,
+            };
+            self.record(stage, now.saturating_duration_since(clock), to);
             clock = now;
             match ran {
                 Ok(Ok(Next::Stage(next, d))) => {
@@ -418,89 +509,17 @@ impl<M: StateMachine> Inner<M> {
     }
 }
 
-/// Per-stage figures, in the order of each stage's first finished run. A run is recorded as soon as it ends, so
-/// the table is read once per stage run: the first [`STAGE_SLOTS`] stages sit in slots that are
-/// read without a lock (a stage's slot is set once, under `insert`); any further stages are in
-/// `more`, behind a lock.
-struct StageTable<S> {
-    slots: Box<[OnceLock<(S, Stats)>]>,
-    more: RwLock<Vec<(S, Stats)>>,
-    insert: Mutex<()>,
-}
-
-impl<S: Copy + Eq + fmt::Debug> StageTable<S> {
-    fn new() -> Self {
-        Self {
-            slots: (0..STAGE_SLOTS).map(|_| OnceLock::new()).collect(),
-            more: RwLock::new(Vec::new()),
-            insert: Mutex::new(()),
-        }
-    }
-
-    /// The figures of `stage` if it has a slot; otherwise `Err` with the first free slot, or
-    /// `Err(None)` if every slot is taken (look in `more`).
-    fn in_slots(&self, stage: S) -> Result<&Stats, Option<usize>> {
-        for (index, slot) in self.slots.iter().enumerate() {
-            match slot.get() {
-                Some((s, stats)) if *s == stage => return Ok(stats),
-                Some(_) => {}
-                None => return Err(Some(index)),
-            }
-        }
-        Err(None)
-    }
-
-    /// Records one finished run of `stage`.
-    fn record(&self, stage: S, took: Duration, failed: bool) {
-        match self.in_slots(stage) {
-            Ok(stats) => return stats.record_run(took, failed),
-            Err(Some(_)) => {}
-            Err(None) => {
-                let more = self.more.read().unwrap_or_else(|e| e.into_inner());
-                if let Some((_, stats)) = more.iter().find(|(s, _)| *s == stage) {
-                    return stats.record_run(took, failed);
-                }
-            }
-        }
-        // The stage's first finished run (or a race with another one): add the stage. Slots
-        // are only set under this lock, in order, so the first free slot follows every stage
-        // added before.
-        let _insert = self.insert.lock().unwrap_or_else(|e| e.into_inner());
-        match self.in_slots(stage) {
-            Ok(stats) => stats.record_run(took, failed),
-            Err(Some(free)) => {
-                let stats = Stats::new(format!("{stage:?}"));
-                stats.record_run(took, failed);
-                let _ = self.slots[free].set((stage, stats));
-            }
-            Err(None) => {
-                let mut more = self.more.write().unwrap_or_else(|e| e.into_inner());
-                match more.iter().find(|(s, _)| *s == stage) {
-                    Some((_, stats)) => stats.record_run(took, failed),
-                    None => {
-                        let stats = Stats::new(format!("{stage:?}"));
-                        stats.record_run(took, failed);
-                        more.push((stage, stats));
-                    }
-                }
-            }
-        }
-    }
-
-    /// Calls `f` with each stage and its figures, in the order they were added.
-    fn for_each(&self, mut f: impl FnMut(S, &Stats)) {
-        for (stage, stats) in self.slots.iter().map_while(OnceLock::get) {
-            f(*stage, stats);
-        }
-        let more = self.more.read().unwrap_or_else(|e| e.into_inner());
-        for (stage, stats) in more.iter() {
-            f(*stage, stats);
-        }
-    }
+/// A stage's figures and where its runs sent their requests.
+struct StageEntry<S> {
+    stats: Stats,
+    routes: Table<GraphNode<S>, AtomicU64, ROUTE_SLOTS>,
 }
 
 /// Stages whose figures are found without a lock (a pipeline with more stages still works).
 const STAGE_SLOTS: usize = 32;
+
+/// Routes out of one stage found without a lock.
+const ROUTE_SLOTS: usize = 8;
 
 /// The message of a panic payload: its string, or empty if it is not a string.
 fn panic_message(panic: &(dyn Any + Send)) -> String {

@@ -1,13 +1,16 @@
-//! The `tracing` events of `CircuitBreaker`'s state changes.
+//! The `tracing` events the crate emits: `CircuitBreaker`'s state changes, and the summary of a
+//! `with_stats` stream when it ends.
 //!
-//! Alone in its own test binary: `tracing` caches whether a call site is wanted the first time
-//! it is hit, and another test hitting the breaker's call sites on another thread, with no
-//! subscriber, while this one installs its own, could leave them switched off here.
+//! In a test binary of their own: `tracing` caches whether a call site is wanted the first time
+//! it is hit, and another test hitting these call sites on another thread, with no subscriber,
+//! while these install their own, could leave them switched off here. Each call site is hit only
+//! by the one test here that installs a subscriber for it.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::{StreamExt, stream};
 use stagepipe::prelude::*;
 use tokio::time::advance;
 
@@ -24,8 +27,11 @@ async fn succeed(calls: &AtomicU32) -> Result<u32, String> {
     Ok(calls.fetch_add(1, Ordering::SeqCst))
 }
 
-/// A subscriber that records the message of every event.
-struct Recorder(Arc<Mutex<Vec<String>>>);
+/// One recorded event: its level, target and message.
+type Event = (tracing::Level, String, String);
+
+/// A subscriber that records every event.
+struct Recorder(Arc<Mutex<Vec<Event>>>);
 
 struct Message<'a>(&'a mut String);
 
@@ -47,10 +53,11 @@ impl tracing::Subscriber for Recorder {
     fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
     fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
     fn event(&self, event: &tracing::Event<'_>) {
-        assert_eq!(event.metadata().target(), "stagepipe::circuit_breaker");
+        let meta = event.metadata();
         let mut message = String::new();
         event.record(&mut Message(&mut message));
-        self.0.lock().unwrap().push(message);
+        let record = (*meta.level(), meta.target().to_owned(), message);
+        self.0.lock().unwrap().push(record);
     }
     fn enter(&self, _: &tracing::span::Id) {}
     fn exit(&self, _: &tracing::span::Id) {}
@@ -69,8 +76,14 @@ async fn state_changes_emit_tracing_events() {
     breaker.call(succeed(&calls)).await.unwrap();
     breaker.call(succeed(&calls)).await.unwrap(); // no change, no event
     let events = events.lock().unwrap().clone();
+    assert!(
+        events
+            .iter()
+            .all(|(_, target, _)| target == "stagepipe::circuit_breaker")
+    );
+    let messages: Vec<_> = events.into_iter().map(|(_, _, m)| m).collect();
     assert_eq!(
-        events,
+        messages,
         [
             "circuit breaker opened",
             "circuit breaker half-open: trial call",
@@ -79,4 +92,20 @@ async fn state_changes_emit_tracing_events() {
             "circuit breaker closed: trial call succeeded",
         ]
     );
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn stream_summary_is_a_debug_event() {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let _guard = tracing::subscriber::set_default(Recorder(events.clone()));
+    let stats = Stats::new("parse");
+    let n = stream::iter(0..10).with_stats(&stats).count().await;
+    assert_eq!(n, 10);
+    let events = events.lock().unwrap().clone();
+    let [(level, target, message)] = &events[..] else {
+        panic!("expected one event, got {events:?}")
+    };
+    assert_eq!(*level, tracing::Level::DEBUG);
+    assert_eq!(target, "stagepipe::stats");
+    assert!(message.contains("parse"), "{message}");
 }
