@@ -189,6 +189,8 @@ struct Shared {
     /// that holds the breaker in `OPENING` or `TRIAL`, before the word becomes `OPEN`
     /// (release); read after the word is seen `OPEN` (acquire).
     opened_at: AtomicU64,
+    #[cfg(feature = "metrics")]
+    metrics: crate::metrics::BreakerMetrics,
 }
 
 /// What a caller was let through as, and in which period.
@@ -227,6 +229,8 @@ impl Shared {
                     .compare_exchange(word, trial, Ordering::AcqRel, Ordering::Acquire)
                     .ok()?;
                 tracing::info!(target: "stagepipe::circuit_breaker", name = self.name.as_deref(), "circuit breaker half-open: trial call");
+                #[cfg(feature = "metrics")]
+                self.metrics.transition(CircuitState::HalfOpen);
                 Some(Permit {
                     trial: true,
                     period: trial & PERIOD,
@@ -257,6 +261,8 @@ impl Shared {
                 .is_ok()
             {
                 tracing::info!(target: "stagepipe::circuit_breaker", name = self.name.as_deref(), "circuit breaker closed: trial call succeeded");
+                #[cfg(feature = "metrics")]
+                self.metrics.transition(CircuitState::Closed);
             }
             return;
         }
@@ -294,6 +300,8 @@ impl Shared {
                     open_for = ?Duration::from_nanos(self.open_for),
                     "circuit breaker opened again: trial call failed"
                 );
+                #[cfg(feature = "metrics")]
+                self.metrics.transition(CircuitState::Open);
             }
             return;
         }
@@ -325,6 +333,8 @@ impl Shared {
                         open_for = ?Duration::from_nanos(self.open_for),
                         "circuit breaker opened"
                     );
+                    #[cfg(feature = "metrics")]
+                    self.metrics.transition(CircuitState::Open);
                     return;
                 }
                 Ok(_) => return,
@@ -377,6 +387,8 @@ impl CircuitBreaker {
                 word: AtomicU64::new(CLOSED),
                 name: None,
                 opened_at: AtomicU64::new(0),
+                #[cfg(feature = "metrics")]
+                metrics: crate::metrics::BreakerMetrics::new(None),
             }),
         })
     }
@@ -397,13 +409,16 @@ impl CircuitBreaker {
     #[must_use]
     pub fn named(self, name: impl Into<String>) -> Self {
         let shared = &self.shared;
+        let name = name.into().into_boxed_str();
         Self {
             shared: Arc::new(Shared {
                 failure_threshold: shared.failure_threshold,
                 open_for: shared.open_for,
                 base: Instant::now(),
                 word: AtomicU64::new(CLOSED),
-                name: Some(name.into().into_boxed_str()),
+                #[cfg(feature = "metrics")]
+                metrics: crate::metrics::BreakerMetrics::new(Some(&name)),
+                name: Some(name),
                 opened_at: AtomicU64::new(0),
             }),
         }
@@ -515,7 +530,11 @@ where
             *this.started = true;
             match this.shared.acquire() {
                 Some(permit) => *this.permit = Some(permit),
-                None => return Poll::Ready(Err(BreakerError::Open(()))),
+                None => {
+                    #[cfg(feature = "metrics")]
+                    this.shared.metrics.rejected();
+                    return Poll::Ready(Err(BreakerError::Open(())));
+                }
             }
         }
         let result = ready!(this.fut.poll(cx));
@@ -631,6 +650,8 @@ where
                 return Poll::Ready(None);
             };
             let Some(permit) = this.breaker.shared.acquire() else {
+                #[cfg(feature = "metrics")]
+                this.breaker.shared.metrics.rejected();
                 return Poll::Ready(Some(Err(BreakerError::Open(item))));
             };
             *this.permit = Some(permit);

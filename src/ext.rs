@@ -851,6 +851,53 @@ pub trait PipelineExt: Stream {
     {
         Through::new(self, pipeline)
     }
+
+    /// Maps each item to `f(item)`'s result through a shared [`Cache`](crate::Cache), under
+    /// the key `key(&item)`: a stored result is yielded at once, a key whose call another
+    /// caller is running waits for that call (singleflight), and only a miss calls `f`. One
+    /// item at a time, in input order, like [`StreamExt::then`](futures::StreamExt::then); for
+    /// many lookups at once, use the cache inside a concurrent operator
+    /// (`.in_flight_ordered(n, move |x| cache.try_get_with(key(&x), || f(x)))`), or
+    /// [`Call::cached`](crate::Call::cached).
+    ///
+    /// Errors are yielded in place and cached only if the cache says so
+    /// ([`Cache::cache_errors_for`](crate::Cache::cache_errors_for)).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    /// use stagepipe::Cache;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let cache: Cache<&str, usize, String> = Cache::new(100, Duration::from_secs(60));
+    /// let lengths: Vec<_> = stream::iter(["a", "bb", "a", "ccc", "bb"])
+    ///     .cached(&cache, |w| *w, |w| async move { Ok(w.len()) })
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(lengths, [Ok(1), Ok(2), Ok(1), Ok(3), Ok(2)]);
+    /// let s = cache.stats();
+    /// assert_eq!((s.misses, s.hits), (3, 2));
+    /// # }
+    /// ```
+    fn cached<K, V, E, KF, F, Fut>(
+        self,
+        cache: &crate::Cache<K, V, E>,
+        key: KF,
+        f: F,
+    ) -> crate::Cached<Self, K, V, E, KF, F>
+    where
+        Self: Sized,
+        K: std::hash::Hash + Eq + Clone + Send + 'static,
+        V: Clone + Send + Sync + 'static,
+        E: Clone + Send + Sync + 'static,
+        KF: FnMut(&Self::Item) -> K,
+        F: FnMut(Self::Item) -> Fut,
+        Fut: Future<Output = Result<V, E>> + Send + 'static,
+    {
+        crate::Cached::new(self, cache.clone(), key, f)
+    }
 }
 
 impl<S: Stream + ?Sized> PipelineExt for S {}

@@ -16,7 +16,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
 use futures::stream::{FusedStream, Stream};
@@ -138,6 +138,12 @@ impl<U> Chan<U> {
     }
 }
 
+impl<U: Send> pool::Consumer for Chan<U> {
+    fn wake_consumer(&self) {
+        self.consumer.wake();
+    }
+}
+
 pin_project! {
     /// Runs a user future on a worker; resolves to `None` as soon as the owning stream is gone.
     /// The first time the future has to wait, the chunk's finished outcomes are handed over and
@@ -155,7 +161,11 @@ pin_project! {
         rest: &'a mut NotStarted<Fut>,
         // The sequence number of the first item in `rest`.
         next_seq: u64,
-        registered: bool,
+        // Whether the unstarted items were split off.
+        split: bool,
+        // The waker registered with the stream to cancel this future: the worker's, or a later
+        // worker's if the job was put back after its worker was dropped (see `pool.rs`).
+        registered: Option<Waker>,
     }
 
     impl<Fut, U> PinnedDrop for Cancellable<'_, Fut, U> {
@@ -202,10 +212,17 @@ where
                 if let Some(waker) = this.chan.complete(this.done) {
                     waker.wake();
                 }
-                if !*this.registered {
-                    *this.registered = true;
+                if !*this.split {
+                    *this.split = true;
                     split_off(this.rest, *this.next_seq, this.chan);
+                }
+                if !this
+                    .registered
+                    .as_ref()
+                    .is_some_and(|waker| waker.will_wake(cx.waker()))
+                {
                     this.chan.register_running(cx.waker());
+                    *this.registered = Some(cx.waker().clone());
                     if this.chan.is_closed() {
                         return Poll::Ready(None);
                     }
@@ -268,7 +285,8 @@ where
                 done: &mut done,
                 rest: &mut rest,
                 next_seq: seq + 1,
-                registered: false,
+                split: false,
+                registered: None,
             };
             match run.await {
                 Some(outcome) => done.push((seq, outcome)),
@@ -328,11 +346,12 @@ pub(crate) struct Core<U> {
 impl<U: Send + 'static> Core<U> {
     pub(crate) fn new(pool: WorkerPool, ordered: bool) -> Self {
         let window = pool.default_window();
-        let source = pool.register();
+        let chan = Arc::new(Chan::new(ordered));
+        let source = pool.register(Arc::downgrade(&chan) as Weak<dyn pool::Consumer>);
         Self {
             pool,
             source,
-            chan: Arc::new(Chan::new(ordered)),
+            chan,
             window,
             next_seq: 0,
             in_pool: 0,
@@ -494,7 +513,11 @@ impl<U: Send + 'static> Core<U> {
         if self.ready.is_empty() && self.in_pool > 0 && self.chan.drain_ready(&mut self.ready) == 0
         {
             self.chan.consumer.register(cx.waker());
-            self.chan.drain_ready(&mut self.ready);
+            if self.chan.drain_ready(&mut self.ready) == 0 {
+                // About to wait on the pool: make sure it has workers (after registering, so
+                // that workers going from now on wake this consumer to start fresh ones).
+                self.pool.keep_serving();
+            }
         }
         match self.ready.pop_front() {
             Some(outcome) => {

@@ -36,7 +36,8 @@
 //!
 //! Through `tracing`: a [`with_stats`](PipelineExt::with_stats) stream's summary when it ends,
 //! at DEBUG (target `stagepipe::stats`); circuit breaker state changes at INFO/WARN (target
-//! `stagepipe::circuit_breaker`).
+//! `stagepipe::circuit_breaker`). Metrics (counters, gauges and histograms for a Prometheus or
+//! OpenTelemetry exporter): feature `metrics`, below.
 //!
 //! # Cargo features
 //!
@@ -44,6 +45,11 @@
 //!   tower `Layer`s whose services share one budget across every clone (services
 //!   `RateLimitService`, `InFlightService`, `BreakerService`, `CallService`), and [`Call`] as a
 //!   tower `Service`. Adds the small `tower-layer` and `tower-service` crates.
+//! * `metrics`: counters, gauges and histograms of [`Stats`], [`CallStats`], pipeline stages,
+//!   [`WorkerPool`], [`RateLimiter`] and named [`CircuitBreaker`]s, published through the
+//!   [`metrics`](https://docs.rs/metrics) facade to whatever recorder (Prometheus or
+//!   OpenTelemetry exporter) the application installs; names, labels and units in the
+//!   `metrics` module. Adds the small `metrics` crate.
 //! * `governor`: `From<governor::Quota>` for [`Quota`], for code written against governor.
 //!
 //! ```
@@ -94,8 +100,13 @@ pub use retry::{Backoff, Retry, RetryError, RetryIf};
 // -- one policy stack around an async fn --
 mod call;
 pub use call::{
-    Call, CallError, CallRetry, CallStats, CallStatsSnapshot, NoRetry, RetryAll, Retrying,
+    CachedCall, Call, CallError, CallRetry, CallStats, CallStatsSnapshot, NoRetry, RetryAll,
+    Retrying,
 };
+
+// -- a shared cache of async results, with singleflight --
+mod cache;
+pub use cache::{Cache, CacheStats, Cached};
 
 // -- tower layers (feature `tower`) --
 #[cfg(feature = "tower")]
@@ -106,6 +117,11 @@ mod tower;
 pub use tower::{
     BreakerService, CallLayer, CallService, InFlightFuture, InFlightService, RateLimitService,
 };
+
+// -- metrics through the `metrics` facade (feature `metrics`) --
+#[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+pub mod metrics;
 
 // -- batching: batch, batch_dedupe, debounce, dedupe_by --
 mod batch;

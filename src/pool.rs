@@ -12,7 +12,7 @@ use std::future::{Future, poll_fn};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
 use crate::error::{ConfigError, nonzero, or_panic};
@@ -54,6 +54,30 @@ pub(crate) type Job = Pin<Box<dyn Future<Output = Option<Waker>> + Send + 'stati
 /// be built before the runtime is entered, but it must be *used* inside one. Cloning the handle
 /// shares the workers; when the last handle (and the last stream using the pool) is dropped, the
 /// workers stop.
+///
+/// # Runtimes
+///
+/// A pool serves whichever runtime polls it, so a pool (or a [`Pipeline`](crate::Pipeline))
+/// kept in a `static` works in every runtime that uses it, one after another, as each
+/// `#[tokio::test]` builds its own. The workers live on the runtime whose stream found the pool
+/// without live workers: its first use, or the first use after the runtime they ran on shut
+/// down (its workers die with it). Nothing is lost when that happens: the jobs of streams that
+/// died with the runtime are dropped with them, and the jobs of a stream that outlives it,
+/// queued or half-run on a worker that was dropped, stay queued and run (or resume) on the fresh
+/// workers. A stream waiting on workers that died is woken to start them.
+///
+/// While two runtimes are alive at once, the workers stay on the one that started them, which
+/// serves the streams of both: their futures run on its threads, and the timers and tasks they
+/// create belong to it. If it is a current-thread runtime, it runs them only while it is driven
+/// (inside its `block_on`), and the other runtime's streams wait meanwhile. A future that was
+/// half-run there when that runtime shut down resumes on the next one with whatever timer or
+/// I/O resource it took from the dead one, which tokio then refuses: polling such a timer
+/// panics, and the panic reaches the stream's consumer at that item's place. Runtimes that
+/// share a pool at the same time (tests run in parallel, say) are best given one pool each
+/// when their futures use timers or I/O.
+///
+/// Polling a stream of a pool that has no live workers outside any tokio runtime panics with a
+/// message saying so; the pool is left as it was and works inside a runtime afterwards.
 ///
 /// # Panics in user code
 ///
@@ -109,12 +133,19 @@ pub(crate) struct Shared {
     workers: usize,
     /// Workers running jobs now.
     busy: AtomicUsize,
+    /// A copy of [`State::live`], written under the lock, read without it by a consumer about
+    /// to wait (see [`WorkerPool::keep_serving`]).
+    live: AtomicUsize,
     state: Mutex<State>,
+    #[cfg(feature = "metrics")]
+    metrics: crate::metrics::PoolMetrics,
 }
 
 #[derive(Default)]
 struct State {
-    started: bool,
+    /// Workers alive: spawned and not dropped yet. Zero before the first job and after the
+    /// runtime they ran on shut down; the next stream to need them spawns a fresh set.
+    live: usize,
     shutdown: bool,
     /// Job queues by source id; `None` marks a free id.
     sources: Vec<Option<Queue>>,
@@ -133,6 +164,8 @@ struct State {
 struct Queue {
     jobs: VecDeque<Job>,
     epoch: u64,
+    /// The stream that owns the source, woken when the workers it may wait on are gone.
+    consumer: Weak<dyn Consumer>,
     /// Worker time owed, in nanoseconds: charged for every job the source ran, repaid by one
     /// [`QUANTUM`] each time its turn is skipped because it is in debt.
     debt: u64,
@@ -148,6 +181,13 @@ const QUANTUM: u64 = 20_000;
 
 /// The most debt a source carries, so that one very long job does not push it back for long.
 const MAX_DEBT: u64 = 100_000_000;
+
+/// The consumer of a source, as the pool sees it.
+pub(crate) trait Consumer: Send + Sync {
+    /// Wakes the consumer if it waits: the workers running its jobs are gone, so it has to
+    /// start fresh ones (see [`WorkerPool::keep_serving`]).
+    fn wake_consumer(&self);
+}
 
 /// A registered source: its slot, and the registration it belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -213,7 +253,10 @@ impl WorkerPool {
         let shared = Arc::new(Shared {
             workers,
             busy: AtomicUsize::new(0),
+            live: AtomicUsize::new(0),
             state: Mutex::new(state),
+            #[cfg(feature = "metrics")]
+            metrics: crate::metrics::PoolMetrics::new(workers),
         });
         Ok(Self {
             handle: Arc::new(Handle { shared }),
@@ -236,13 +279,14 @@ impl WorkerPool {
         self.workers().saturating_mul(4).max(DEFAULT_MIN_WINDOW)
     }
 
-    /// Registers a new source.
-    pub(crate) fn register(&self) -> SourceId {
+    /// Registers a new source, owned by `consumer`.
+    pub(crate) fn register(&self, consumer: Weak<dyn Consumer>) -> SourceId {
         let mut state = self.handle.shared.lock();
         state.epochs += 1;
         let queue = Queue {
             jobs: VecDeque::new(),
             epoch: state.epochs,
+            consumer,
             debt: 0,
             listed: false,
         };
@@ -274,6 +318,8 @@ impl WorkerPool {
         if queue.is_empty() {
             return false;
         }
+        #[cfg(feature = "metrics")]
+        self.handle.shared.metrics.dequeued(queue.len());
         out.extend(queue.drain(..));
         true
     }
@@ -286,6 +332,11 @@ impl WorkerPool {
                 return;
             }
             let jobs = state.sources[source.id].take();
+            #[cfg(feature = "metrics")]
+            self.handle
+                .shared
+                .metrics
+                .dequeued(jobs.as_ref().map_or(0, |q| q.jobs.len()));
             state.free_ids.push(source.id);
             jobs
         };
@@ -299,29 +350,41 @@ impl WorkerPool {
         }
         let shared = &self.handle.shared;
         let mut wake = Vec::new();
-        {
+        let start = {
             let mut state = shared.lock();
-            if !state.started {
-                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            let start = match shared.claim_start(&mut state) {
+                Ok(start) => start,
+                Err(NoRuntime) => {
                     drop(state);
-                    panic!(
-                        "a stagepipe WorkerPool was used outside a tokio runtime: its workers are \
-                         spawned on the runtime that polls its first stream, so poll the stream \
-                         (or open the group) inside one"
-                    );
-                };
-                state.started = true;
-                for index in 0..shared.workers {
-                    runtime.spawn(worker(shared.clone(), index));
+                    NoRuntime.panic()
                 }
-            }
+            };
             let n = jobs.len();
+            #[cfg(feature = "metrics")]
+            shared.metrics.queued(n);
             let queue = state.queue(source).expect("source registered");
             queue.extend(jobs.drain(..));
             state.wake_for(source, n, &mut wake);
+            start
+        };
+        if let Some(runtime) = start {
+            shared.spawn_workers(&runtime);
         }
         for waker in wake {
             waker.wake();
+        }
+    }
+
+    /// Called by a consumer about to wait for its jobs (its waker registered where a finishing
+    /// job wakes it): if the workers are gone (their runtime shut down), starts fresh ones on
+    /// the current runtime, which take the jobs still queued. One relaxed load while they live.
+    ///
+    /// A consumer waiting when the last worker goes is woken (see [`Consumer`]), and so gets
+    /// here again.
+    #[inline]
+    pub(crate) fn keep_serving(&self) {
+        if self.handle.shared.live.load(Ordering::Relaxed) == 0 {
+            self.handle.shared.restart();
         }
     }
 
@@ -331,11 +394,76 @@ impl WorkerPool {
     }
 }
 
+/// The pool needs workers and no tokio runtime is there to run them.
+struct NoRuntime;
+
+impl NoRuntime {
+    #[cold]
+    fn panic(self) -> ! {
+        panic!(
+            "a stagepipe WorkerPool was used outside a tokio runtime: its workers are spawned on \
+             the runtime that polls its streams, so poll the stream (or read the group's results) \
+             inside one, e.g. in `#[tokio::main]`, `#[tokio::test]` or `Runtime::block_on`"
+        );
+    }
+}
+
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic never happens while the lock is held (user code runs outside it), but stay
         // usable if it ever did.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// If no worker is alive, counts a fresh set in and returns the current runtime to spawn
+    /// it on (outside the lock: see [`Shared::spawn_workers`]). Leaves the pool as it was when
+    /// there is no runtime.
+    fn claim_start(&self, state: &mut State) -> Result<Option<tokio::runtime::Handle>, NoRuntime> {
+        if state.live > 0 || state.shutdown {
+            return Ok(None);
+        }
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| NoRuntime)?;
+        state.live = self.workers;
+        self.live.store(self.workers, Ordering::Release);
+        Ok(Some(runtime))
+    }
+
+    /// Starts a fresh set of workers if none is alive (see [`WorkerPool::keep_serving`]).
+    #[cold]
+    fn restart(self: &Arc<Self>) {
+        let mut state = self.lock();
+        match self.claim_start(&mut state) {
+            Ok(None) => {}
+            Ok(Some(runtime)) => {
+                drop(state);
+                self.spawn_workers(&runtime);
+            }
+            Err(NoRuntime) => {
+                drop(state);
+                NoRuntime.panic();
+            }
+        }
+    }
+
+    /// Spawns the set of workers counted in by [`Shared::claim_start`], without the lock held:
+    /// a runtime that is shutting down drops each one at once, and its [`Presence`] then takes
+    /// the lock to count it out.
+    fn spawn_workers(self: &Arc<Self>, runtime: &tokio::runtime::Handle) {
+        for index in 0..self.workers {
+            runtime.spawn(worker(Presence {
+                shared: self.clone(),
+                index,
+                job: None,
+            }));
+        }
+        // Workers die only with their runtime (or the pool): none left already means that the
+        // runtime refused them, and waiting on it would never end.
+        if self.lock().live == 0 {
+            panic!(
+                "a stagepipe WorkerPool was used on a tokio runtime that is shutting down, which \
+                 cannot run its workers: poll the stream on a runtime that is running"
+            );
+        }
     }
 
     /// Puts `jobs`, split off a job that has to wait, back at the front of `source`'s queue, in
@@ -349,6 +477,8 @@ impl Shared {
             let mut state = self.lock();
             if let Some(queue) = state.queue(source) {
                 let n = jobs.len();
+                #[cfg(feature = "metrics")]
+                self.metrics.queued(n);
                 for job in jobs.drain(..).rev() {
                     queue.push_front(job);
                 }
@@ -377,6 +507,8 @@ impl Shared {
             return Poll::Ready(None);
         }
         if let Some(next) = state.next_job() {
+            #[cfg(feature = "metrics")]
+            self.metrics.dequeued(1);
             // Woken for another reason while parked: a submitter must not count on this worker.
             if state.parked[index].take().is_some() {
                 state.parked_ids.retain(|&i| i != index);
@@ -515,22 +647,94 @@ pub(crate) fn spill(job: Job) {
 /// that cost under 100 ns per item (measured) while holding at most 512 items per stream.
 const DEFAULT_MIN_WINDOW: usize = 512;
 
-async fn worker(shared: Arc<Shared>, index: usize) {
+/// A live worker, owned by its task. Dropped with the task, whichever way it goes: the worker
+/// returns (the pool shut down), its runtime shuts down and drops it (between two polls, maybe
+/// in the middle of a job), or `spawn` drops it at once (the runtime is shutting down).
+struct Presence {
+    shared: Arc<Shared>,
+    index: usize,
+    /// The job being run, and its source: put back at the front of its queue if the worker is
+    /// dropped before it ends, so that no item is lost.
+    job: Option<(SourceId, Job)>,
+}
+
+impl Drop for Presence {
+    /// Counts the worker out and puts back the job it was running. The last worker to go wakes
+    /// the consumers whose jobs are queued: they start fresh workers when they next wait.
+    fn drop(&mut self) {
+        let shared = &self.shared;
+        let job = self.job.take();
+        if job.is_some() {
+            shared.busy.fetch_sub(1, Ordering::Relaxed);
+        }
+        let mut wake = Vec::new();
+        let mut consumers = Vec::new();
+        let orphan = {
+            let mut state = shared.lock();
+            if state.parked[self.index].take().is_some() {
+                state.parked_ids.retain(|&i| i != self.index);
+            }
+            debug_assert!(state.live > 0, "a worker counted out twice");
+            state.live = state.live.saturating_sub(1);
+            shared.live.store(state.live, Ordering::Release);
+            let orphan = match job {
+                Some((source, job)) => match state.queue(source) {
+                    Some(queue) => {
+                        queue.push_front(job);
+                        #[cfg(feature = "metrics")]
+                        shared.metrics.queued(1);
+                        state.wake_for(source, 1, &mut wake);
+                        None
+                    }
+                    // Its stream is gone.
+                    None => Some(job),
+                },
+                None => None,
+            };
+            if state.live == 0 && !state.shutdown {
+                consumers.extend(
+                    state
+                        .sources
+                        .iter()
+                        .flatten()
+                        .filter(|queue| !queue.jobs.is_empty())
+                        .filter_map(|queue| queue.consumer.upgrade()),
+                );
+            }
+            orphan
+        };
+        let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(orphan)));
+        for waker in wake {
+            waker.wake();
+        }
+        for consumer in consumers {
+            consumer.wake_consumer();
+        }
+    }
+}
+
+async fn worker(mut me: Presence) {
+    let shared = me.shared.clone();
     let mut charge = None;
-    while let Some((source, mut job)) = poll_fn(|cx| shared.poll_job(index, &mut charge, cx)).await
-    {
+    while let Some((source, job)) = poll_fn(|cx| shared.poll_job(me.index, &mut charge, cx)).await {
         // The scheduler's charge is the CPU time the job took, so it reads the real clock: on a
         // paused tokio clock every job would look free. Nothing shown to users uses this clock.
         let started = std::time::Instant::now();
         shared.busy.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        let busy = shared.metrics.busy();
+        let (_, job) = me.job.insert((source, job));
         let unblocked = poll_fn(|cx| {
             let _on = OnWorker::enter(&shared);
-            let (poll, spilled) = poll_collecting(&mut job, cx);
+            let (poll, spilled) = poll_collecting(job, cx);
             shared.requeue(source, spilled);
             poll
         })
         .await;
+        let job = me.job.take();
         shared.busy.fetch_sub(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        drop(busy);
         let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(job)));
         // The consumer a finished job's results unblocked, woken once per job (a chunk of items).
         if let Some(waker) = unblocked {
@@ -603,12 +807,19 @@ mod tests {
         Box::pin(async { None })
     }
 
+    struct Nobody;
+
+    impl Consumer for Nobody {
+        fn wake_consumer(&self) {}
+    }
+
     fn state_with(sources: usize, jobs: usize) -> State {
         let mut state = State::default();
         for id in 0..sources {
             state.sources.push(Some(Queue {
                 jobs: (0..jobs).map(|_| noop()).collect(),
                 epoch: id as u64,
+                consumer: Weak::<Nobody>::new(),
                 debt: 0,
                 listed: true,
             }));

@@ -62,6 +62,8 @@ struct Inner {
     /// Streams that started and have not ended yet.
     open: AtomicUsize,
     span: Mutex<Span>,
+    #[cfg(feature = "metrics")]
+    metrics: crate::metrics::StatsMetrics,
 }
 
 #[derive(Default, Clone, Copy)]
@@ -168,9 +170,32 @@ fn nanos(d: Duration) -> u64 {
 impl Stats {
     /// Creates a recorder named `name` (the name appears in `Display` and `tracing` events).
     pub fn new(name: impl Into<String>) -> Self {
+        let name = name.into();
+        Self::with_metrics(
+            #[cfg(feature = "metrics")]
+            crate::metrics::StatsMetrics::stream(&name),
+            name,
+        )
+    }
+
+    /// The figures of one stage of a staged pipeline, named by the stage's `Debug` (with
+    /// feature `metrics`, published as the pipeline's stage metrics, not as a stream's).
+    pub(crate) fn stage<S: fmt::Debug>(stage: S) -> Self {
+        let name = format!("{stage:?}");
+        Self::with_metrics(
+            #[cfg(feature = "metrics")]
+            crate::metrics::StatsMetrics::stage::<S>(&name),
+            name,
+        )
+    }
+
+    fn with_metrics(
+        #[cfg(feature = "metrics")] metrics: crate::metrics::StatsMetrics,
+        name: String,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                name: name.into(),
+                name,
                 items: AtomicU64::new(0),
                 upstream_wait_ns: AtomicU64::new(0),
                 downstream_wait_ns: AtomicU64::new(0),
@@ -180,6 +205,8 @@ impl Stats {
                 max_ns: AtomicU64::new(0),
                 open: AtomicUsize::new(0),
                 span: Mutex::new(Span::default()),
+                #[cfg(feature = "metrics")]
+                metrics,
             }),
         }
     }
@@ -227,6 +254,8 @@ impl Stats {
         if ns > i.max_ns.load(Ordering::Relaxed) {
             i.max_ns.fetch_max(ns, Ordering::Relaxed);
         }
+        #[cfg(feature = "metrics")]
+        i.metrics.run(took, failed);
     }
 
     fn stream_started(&self, now: Instant) {
@@ -342,9 +371,12 @@ impl<S: Stream> WithStats<S> {
             }
             Phase::Running => {
                 if let Some(at) = this.yielded_at.take() {
+                    let waited = at.elapsed();
                     inner
                         .downstream_wait_ns
-                        .fetch_add(nanos(at.elapsed()), Ordering::Relaxed);
+                        .fetch_add(nanos(waited), Ordering::Relaxed);
+                    #[cfg(feature = "metrics")]
+                    inner.metrics.downstream_wait(waited);
                 }
             }
         }
@@ -356,18 +388,19 @@ impl<S: Stream> WithStats<S> {
             Poll::Ready(item) => {
                 let now = Instant::now();
                 if let Some(since) = this.pending_since.take() {
-                    inner.upstream_wait_ns.fetch_add(
-                        nanos(now.saturating_duration_since(since)),
-                        Ordering::Relaxed,
-                    );
+                    let waited = now.saturating_duration_since(since);
+                    inner
+                        .upstream_wait_ns
+                        .fetch_add(nanos(waited), Ordering::Relaxed);
+                    #[cfg(feature = "metrics")]
+                    inner.metrics.upstream_wait(waited);
                 }
                 if let Some(item) = &item {
-                    let counter = if is_error(item) {
-                        &inner.errors
-                    } else {
-                        &inner.items
-                    };
+                    let error = is_error(item);
+                    let counter = if error { &inner.errors } else { &inner.items };
                     counter.fetch_add(1, Ordering::Relaxed);
+                    #[cfg(feature = "metrics")]
+                    inner.metrics.item(error);
                     *this.yielded_at = Some(now);
                 } else {
                     *this.phase = Phase::Ended;

@@ -10,6 +10,7 @@
 //! so every attempt is checked by the breaker, takes a cell of the rate limit, is timed out and
 //! holds an in-flight unit while it runs, and a timeout is a failure the breaker counts.
 
+mod cached;
 mod error;
 mod retry;
 mod stats;
@@ -26,6 +27,7 @@ use tokio::time::Instant;
 use crate::error::{ConfigError, or_panic};
 use crate::{Backoff, BreakerError, CircuitBreaker, InFlightLimit, RateLimiter};
 
+pub use cached::CachedCall;
 pub use error::CallError;
 pub use retry::{CallRetry, NoRetry, RetryAll, Retrying};
 pub use stats::{CallStats, CallStatsSnapshot};

@@ -57,15 +57,20 @@ struct Inner {
     rejected: AtomicU64,
     limiter_wait_ns: AtomicU64,
     latency: Histogram,
+    #[cfg(feature = "metrics")]
+    metrics: crate::metrics::CallMetrics,
 }
 
 impl CallStats {
     /// Creates a recorder named `name` (the name starts its `Display` line).
     pub fn new(name: impl Into<String>) -> Self {
         let counter = || AtomicU64::new(0);
+        let name = name.into();
         Self {
             inner: Arc::new(Inner {
-                name: name.into(),
+                #[cfg(feature = "metrics")]
+                metrics: crate::metrics::CallMetrics::new(&name),
+                name,
                 calls: counter(),
                 successes: counter(),
                 failures: counter(),
@@ -110,6 +115,8 @@ impl CallStats {
     /// A run starts at `now`: counts it, and returns the guard that records how it ends.
     pub(crate) fn start(&self, now: Instant) -> RunGuard<'_> {
         self.inner.calls.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.inner.metrics.started();
         RunGuard {
             stats: self,
             started: now,
@@ -119,20 +126,28 @@ impl CallStats {
 
     pub(crate) fn retry(&self) {
         self.inner.retries.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.inner.metrics.retry();
     }
 
     pub(crate) fn timeout(&self) {
         self.inner.timeouts.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.inner.metrics.timeout();
     }
 
     pub(crate) fn rejected(&self) {
         self.inner.rejected.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.inner.metrics.rejected();
     }
 
     pub(crate) fn limiter_wait(&self, d: Duration) {
         self.inner
             .limiter_wait_ns
             .fetch_add(nanos(d), Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.inner.metrics.limiter_wait(d);
     }
 }
 
@@ -148,7 +163,10 @@ impl RunGuard<'_> {
         self.done = true;
         let i = &self.stats.inner;
         if ok { &i.successes } else { &i.failures }.fetch_add(1, Ordering::Relaxed);
-        i.latency.record(nanos(self.started.elapsed()));
+        let took = self.started.elapsed();
+        i.latency.record(nanos(took));
+        #[cfg(feature = "metrics")]
+        i.metrics.finished(ok, took);
     }
 }
 
@@ -156,6 +174,8 @@ impl Drop for RunGuard<'_> {
     fn drop(&mut self) {
         if !self.done {
             self.stats.inner.cancelled.fetch_add(1, Ordering::Relaxed);
+            #[cfg(feature = "metrics")]
+            self.stats.inner.metrics.cancelled();
         }
     }
 }

@@ -91,6 +91,8 @@ struct Shared {
     tat: Tat,
     /// When cells actually went out.
     released: Released,
+    #[cfg(feature = "metrics")]
+    metrics: crate::metrics::RateLimitMetrics,
 }
 
 impl Shared {
@@ -100,6 +102,8 @@ impl Shared {
             clock: Timeline::new(),
             tat: Tat::default(),
             released: Released::default(),
+            #[cfg(feature = "metrics")]
+            metrics: crate::metrics::RateLimitMetrics::new(),
         }
     }
 
@@ -114,7 +118,10 @@ impl Shared {
     /// that no window holds more than `burst + (T + 1 ms) / interval` cells.
     #[inline]
     fn release(&self, now: u64) -> Result<(), u64> {
-        self.released.release(&self.gcra, now)
+        let released = self.released.release(&self.gcra, now);
+        #[cfg(feature = "metrics")]
+        self.metrics.released(&released);
+        released
     }
 }
 
@@ -260,6 +267,10 @@ impl RateLimiter {
         };
         let slot = Slot::new(shared, deadline, before, after);
         self.credit.set(slot.wait(wake_at).await);
+        #[cfg(feature = "metrics")]
+        shared
+            .metrics
+            .waited(shared.clock.now().saturating_sub(now));
     }
 }
 

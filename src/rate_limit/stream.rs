@@ -22,6 +22,9 @@ struct Held<T, R: Refund> {
     refund: Option<R>,
     before: u64,
     after: u64,
+    /// When the item arrived (for the wait the limiter imposed on it).
+    #[cfg(feature = "metrics")]
+    since: u64,
 }
 
 trait Refund {
@@ -56,6 +59,8 @@ impl<T, R: Refund> Held<T, R> {
             refund: Some(refund),
             before,
             after,
+            #[cfg(feature = "metrics")]
+            since: 0,
         }
     }
 
@@ -250,7 +255,12 @@ impl<S: Stream> Stream for RateLimit<S> {
                     }
                 };
                 this.timer.arm(&shared.clock, wake_at, now);
-                this.held.insert(Held::new(item, slot, Arc::clone(shared)))
+                let held = this.held.insert(Held::new(item, slot, Arc::clone(shared)));
+                #[cfg(feature = "metrics")]
+                {
+                    held.since = now;
+                }
+                held
             }
         };
         let now = ready!(poll_release(
@@ -262,6 +272,8 @@ impl<S: Stream> Stream for RateLimit<S> {
         ));
         let held = this.held.take().expect("an item is held");
         *this.credit = Credit::after_wait(held.deadline, now);
+        #[cfg(feature = "metrics")]
+        shared.metrics.waited(now.saturating_sub(held.since));
         Poll::Ready(Some(held.release().0))
     }
 

@@ -211,7 +211,9 @@ impl<M: StateMachine> PipelineBuilder<M> {
     }
 
     /// Builds the pipeline. Its workers start on the tokio runtime of the first group that
-    /// submits work.
+    /// submits work, and again on the runtime of the next group to need them once that runtime
+    /// has shut down, so a pipeline kept in a `static` serves every runtime that uses it (see
+    /// [`WorkerPool`]'s "Runtimes").
     pub fn build(self) -> Pipeline<M> {
         let pool = match (self.pool, self.workers) {
             (Some(pool), _) => pool,
@@ -429,7 +431,7 @@ impl<M: StateMachine> Inner<M> {
     /// Records one finished run of `stage` that took `took` and sent its request `to`.
     fn record(&self, stage: M::Stage, took: Duration, to: GraphNode<M::Stage>) {
         let entry = || StageEntry {
-            stats: Stats::new(format!("{stage:?}")),
+            stats: Stats::stage(stage),
             routes: Table::new(),
         };
         self.stages.with(stage, entry, |e| {
