@@ -1,25 +1,20 @@
-//! End-to-end tests of the `service` example: one shared pipeline behind an axum HTTP API, many
+//! End-to-end tests of the service example: one shared pipeline behind an axum HTTP API, many
 //! clients at once, a flaky upstream behind it. Real sockets on 127.0.0.1, ephemeral ports.
 //!
 //! Real sockets need the real clock: every wait is a poll for a condition, bounded by a
 //! generous deadline, and the one timing figure (the rate toward the upstream) is counted on the
 //! upstream's side with a tolerance of one burst.
 
-#[path = "../examples/service/app.rs"]
-mod app;
-#[path = "../examples/service/upstream.rs"]
-mod upstream;
-
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use app::{Config, Line, Service, StatsReport};
+use stagepipe_service::app::{Config, Line, Service, StatsReport};
+use stagepipe_service::upstream::{Upstream, UpstreamConfig, UpstreamReport};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep, timeout};
-use upstream::{Upstream, UpstreamConfig, UpstreamReport};
 
 /// Every test is bounded: a hang fails the test instead of the run.
 async fn bounded<F: Future<Output = ()>>(test: F) {
@@ -67,6 +62,7 @@ fn open_config() -> Config {
         breaker_open_for: Duration::from_secs(1),
         retry_attempts: 1,
         retry_initial: Duration::from_millis(1),
+        job_window: 256,
         shutdown_deadline: Duration::from_secs(30),
     }
 }
@@ -591,12 +587,35 @@ async fn a_disconnecting_client_frees_its_share() {
     .await;
 }
 
+/// Reads a response to its end: its result lines, then its closing line if it has one.
+async fn read_to_end(reader: &mut Reader) -> (Vec<Line>, Option<Line>) {
+    let mut lines = Vec::new();
+    while let Some(line) = reader.next().await.expect("a clean end, every line whole") {
+        lines.push(line);
+    }
+    let closing = match lines.last() {
+        Some(last) if last.abandoned.is_some() => lines.pop(),
+        _ => None,
+    };
+    (lines, closing)
+}
+
+/// The closing line of a job cut short by a shutdown, `abandoned` inputs left without a line.
+fn closing_line(abandoned: usize) -> Line {
+    Line {
+        error: Some("the server shut down before this job finished".to_string()),
+        abandoned: Some(abandoned),
+        ..Line::default()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_lets_open_jobs_finish_then_the_server_exits() {
+async fn shutdown_drains_open_jobs_then_the_server_exits() {
     bounded(async {
         let mut h = Harness::start(
             Config {
                 upstream_in_flight: 2,
+                job_window: 4,
                 ..open_config()
             },
             UpstreamConfig {
@@ -605,43 +624,103 @@ async fn shutdown_lets_open_jobs_finish_then_the_server_exits() {
             },
         )
         .await;
-        let a = inputs_of(0, 100);
-        let b = inputs_of(1, 100);
-        let mut readers = vec![
+        // 2 × 1,000 calls, 2 at a time: ≥ 5 s of upstream work, far beyond what a job has
+        // submitted (its window of 4 and as many waiting) when the shutdown begins.
+        let a = inputs_of(0, 1_000);
+        let b = inputs_of(1, 1_000);
+        let mut readers = [
             Reader::new(h.post(&a, "continue").await),
             Reader::new(h.post(&b, "continue").await),
         ];
-        let first = readers[0].next().await.unwrap();
-        assert_eq!(first, Some(ok_line(0, a[0])));
+        for (reader, inputs) in readers.iter_mut().zip([&a, &b]) {
+            assert_eq!(reader.next().await.unwrap(), Some(ok_line(0, inputs[0])));
+        }
+        // Two upstream calls in flight: two requests running, beyond the lines read.
+        eventually("two upstream calls in flight", || async {
+            h.service.stats().upstream.in_flight == 2
+        })
+        .await;
 
         h.begin_shutdown();
-        // Open jobs finish in full, every line whole.
-        let mut lines_a = vec![first.unwrap()];
-        while let Some(line) = readers[0].next().await.expect("a clean end") {
-            lines_a.push(line);
+        // Every request submitted before the shutdown completes and its line is delivered, in
+        // order; then the response ends with a closing line counting the rest.
+        let mut done = 2; // the first line of each, read before the shutdown
+        for (reader, inputs) in readers.iter_mut().zip([&a, &b]) {
+            let (lines, closing) = read_to_end(reader).await;
+            let expected: Vec<Line> = (1..=lines.len()).map(|i| ok_line(i, inputs[i])).collect();
+            assert_eq!(lines, expected);
+            // A job cut short: its inputs not yet submitted were abandoned, and counted.
+            assert_eq!(closing, Some(closing_line(inputs.len() - 1 - lines.len())));
+            done += lines.len();
         }
-        let mut lines_b = Vec::new();
-        while let Some(line) = readers[1].next().await.expect("a clean end") {
-            lines_b.push(line);
-        }
-        let expect = |inputs: &[i64]| -> Vec<Line> {
-            inputs
-                .iter()
-                .enumerate()
-                .map(|(i, x)| ok_line(i, *x))
-                .collect()
-        };
-        assert_eq!(lines_a, expect(&a));
-        assert_eq!(lines_b, expect(&b));
+        eprintln!("{done} results delivered");
+        // The 2 lines read and at least the 2 requests whose upstream calls were in flight.
+        assert!(done >= 4, "{done} results");
         drop(readers);
 
         // Then the server exits, and refuses new connections.
         h.server_exit().await.unwrap();
         assert!(h.client.get(h.url("/stats")).send().await.is_err());
+        // The abandoned inputs never ran: the pipeline and the upstream saw exactly the
+        // delivered ones.
         let stats = h.service.stats();
         assert_eq!(stats.pipeline.groups_open, 0);
-        assert_eq!(stats.pipeline.requests_done, 200);
+        assert_eq!(stats.pipeline.requests_done, done as u64);
         assert_eq!(stats.server.responses_open, 0);
+        assert_eq!(stats.server.lines_ok, done as u64);
+        assert_eq!(h.upstream.report().calls, done as u64);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_posted_once_the_shutdown_began_is_refused() {
+    bounded(async {
+        let h = Harness::start(
+            Config {
+                upstream_in_flight: 1,
+                job_window: 4,
+                ..open_config()
+            },
+            UpstreamConfig {
+                latency: Duration::from_millis(5),
+                ..UpstreamConfig::default()
+            },
+        )
+        .await;
+        let inputs = inputs_of(0, 1_000);
+        let mut reader = Reader::new(h.post(&inputs, "continue").await);
+        assert_eq!(reader.next().await.unwrap(), Some(ok_line(0, inputs[0])));
+
+        // The jobs' shutdown, without the server's: the listener still accepts connections.
+        let shutdown = h.service.shutdown();
+        let response = h.post(&[1, 2, 3], "continue").await;
+        assert_eq!(response.status(), 503);
+        let refused: Line = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        assert_eq!(
+            refused,
+            Line {
+                error: Some("the server is shutting down: no new jobs".to_string()),
+                ..Line::default()
+            }
+        );
+
+        // The open job ends with what it had submitted; then the shutdown resolves, in time.
+        let (lines, closing) = read_to_end(&mut reader).await;
+        let expected: Vec<Line> = (1..=lines.len()).map(|i| ok_line(i, inputs[i])).collect();
+        assert_eq!(lines, expected);
+        assert_eq!(closing, Some(closing_line(inputs.len() - 1 - lines.len())));
+        assert!(
+            timeout(Duration::from_secs(20), shutdown).await.unwrap(),
+            "every job ended before the deadline"
+        );
+        let stats = h.settled().await;
+        assert_eq!(
+            stats.pipeline.groups_opened, 1,
+            "the refused job opened no group"
+        );
+        assert_eq!(stats.pipeline.requests_done, 1 + lines.len() as u64);
+        assert_eq!(stats.server.jobs, 1);
     })
     .await;
 }

@@ -7,9 +7,6 @@
 //! upstream has seen as JSON: calls, failures, the most concurrent calls and the most calls in
 //! any window of `window_ms`.
 
-// Shared with the service tests and benchmark, which use parts the example itself does not.
-#![allow(dead_code)]
-
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};

@@ -16,7 +16,7 @@ use crate::job::{self, Config, Input, Progress, Report};
 
 /// The sample shipped with the crate (generated with `--rows 4000 --seed 1`), built into the
 /// program: the first command works wherever the program was built or moved.
-pub const SAMPLE: &[u8] = include_bytes!("../../data/violations-sample.csv");
+pub const SAMPLE: &[u8] = include_bytes!("../data/violations-sample.csv");
 
 /// The name under which the sample's rejects are stored.
 pub const SAMPLE_NAME: &str = "violations-sample.csv";
@@ -28,14 +28,18 @@ pub const SAMPLE_NAME: &str = "violations-sample.csv";
 /// written in batches, one transaction each, retried on transient database errors. Malformed
 /// rows go to the table `rejects` with their line and reason; loading the same file again adds
 /// nothing.
+// The field docs are the `--help` text, written for a terminal: `[:PASSWORD]` is no link.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Debug, Parser)]
 #[command(
-    name = "etl",
+    name = "stagepipe-etl",
     after_help = "Examples:
-  etl                                        load the built-in sample into ./etl.sqlite
-  etl food-inspections.csv                   the real file, as downloaded
-  etl food.csv --db postgres://user:pw@localhost/food
-  etl --generate big.csv --rows 2000000      write a generated file to load
+  stagepipe-etl                                    load the built-in sample into ./etl.sqlite
+  stagepipe-etl food-inspections.csv               the real file, as downloaded
+  stagepipe-etl food.csv --db postgres://user:pw@localhost/food
+  stagepipe-etl --generate big.csv --rows 2000000  write a generated file to load
+
+With cargo, from the repository: cargo run --release -p stagepipe-etl -- [OPTIONS] [FILE]
 
 RUST_LOG=etl=debug,stagepipe=info shows the job's and the crate's tracing events on stderr."
 )]

@@ -11,12 +11,10 @@
 //! shared by all callers. A caller that disconnects drops its response body, which drops its
 //! group's results and so cancels its unfinished requests.
 
-// Shared with the service tests and benchmark, which use parts the example itself does not.
-#![allow(dead_code)]
-
 use std::fmt::Write as _;
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -56,6 +54,10 @@ pub struct Config {
     /// full jitter, at most 100 ms).
     pub retry_attempts: u32,
     pub retry_initial: Duration,
+    /// How many of one job's inputs may be in the pipeline at once (its group's window); as
+    /// many again wait submitted. A shutdown lets the inputs submitted finish and abandons the
+    /// rest, so this also bounds how much of a job a shutdown waits for.
+    pub job_window: usize,
     /// On shutdown, how long open responses may keep going before they are ended.
     pub shutdown_deadline: Duration,
 }
@@ -73,6 +75,7 @@ impl Default for Config {
             breaker_open_for: Duration::from_secs(1),
             retry_attempts: 3,
             retry_initial: Duration::from_millis(5),
+            job_window: 256,
             shutdown_deadline: Duration::from_secs(10),
         }
     }
@@ -214,8 +217,10 @@ impl StateMachine for Jobs {
 
 /// One NDJSON line of a `POST /jobs` response: the input's position, the input, and its result
 /// (`2 * input + 1`) or why there is none: `{"index":0,"input":1,"output":3}`,
-/// `{"index":1,"input":-2,"error":"..."}`. A response ended by the shutdown deadline closes
-/// with `{"error":"...","abandoned":N}`, `N` inputs left without a line.
+/// `{"index":1,"input":-2,"error":"..."}`. A response cut short by a shutdown (inputs not yet
+/// submitted when it began, or still unfinished at the shutdown deadline) closes with
+/// `{"error":"...","abandoned":N}`, `N` inputs left without a line. A job posted once the
+/// shutdown has begun is refused with 503 and one such line, without `abandoned`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Line {
@@ -302,10 +307,18 @@ struct AppState {
     pipeline: Pipeline<Jobs>,
     /// The lines written: results as items, errors as errors.
     lines: Stats,
+    /// Set when the shutdown begins: new jobs are refused.
+    shutting_down: AtomicBool,
     /// Set when the shutdown deadline has passed: open responses end at once.
     abort: watch::Sender<bool>,
+    job_window: usize,
     shutdown_deadline: Duration,
 }
+
+/// The closing line's error of a job cut short by a shutdown.
+const SHUT_DOWN: &str = "the server shut down before this job finished";
+/// The error line of a job posted once the shutdown has begun.
+const SHUTTING_DOWN: &str = "the server is shutting down: no new jobs";
 
 /// The service: one shared pipeline behind an HTTP API. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -318,7 +331,9 @@ impl Service {
         Self(Arc::new(AppState {
             pipeline: pipeline.dag().build(),
             lines: Stats::new("lines"),
+            shutting_down: AtomicBool::new(false),
             abort: watch::Sender::new(false),
+            job_window: config.job_window,
             shutdown_deadline: config.shutdown_deadline,
         }))
     }
@@ -338,23 +353,53 @@ impl Service {
         stats_report(&self.0)
     }
 
+    /// Shuts the jobs down gracefully, for [`serve`](Self::serve) or a server of one's own
+    /// around [`router`](Self::router). From the call on, `POST /jobs` is refused (503). The
+    /// pipeline is drained (`Pipeline::drain`): every open job runs the inputs already
+    /// submitted to it, its response streams their lines, and then ends with a closing line
+    /// counting the inputs it abandoned (none if it was submitted in full). Resolves `true` once
+    /// every open job has ended; or `false` at the shutdown deadline, when the responses still
+    /// open are ended at once with a closing line (which cancels their groups' unfinished
+    /// inputs).
+    ///
+    /// The shutdown runs on a task of its own, started by the call: dropping the returned
+    /// future does not stop it.
+    ///
+    /// # Panics
+    ///
+    /// Panics if called outside a tokio runtime.
+    pub fn shutdown(&self) -> impl Future<Output = bool> + Send + 'static {
+        let app = self.0.clone();
+        app.shutting_down.store(true, Ordering::Release);
+        let shutdown = tokio::spawn(async move {
+            let drained = tokio::time::timeout(app.shutdown_deadline, app.pipeline.drain());
+            if drained.await.is_ok() {
+                return true;
+            }
+            app.abort.send_replace(true);
+            false
+        });
+        async move { shutdown.await.expect("the shutdown task does not panic") }
+    }
+
     /// Serves on `listener` until `shutdown` completes, then shuts down gracefully: no new
-    /// connections, open responses go on until the shutdown deadline and are then ended with a
-    /// closing line (which cancels their groups); a client that still does not read its
-    /// response 2 s later is dropped. Returns once every connection is closed.
+    /// connections or jobs, open jobs end as [`shutdown`](Self::shutdown) says (their submitted
+    /// inputs finish, at the latest at the shutdown deadline); a client that still does not
+    /// read its response 2 s after the deadline is dropped. Returns once every connection is
+    /// closed.
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let (give_up, gave_up) = oneshot::channel::<()>();
-        let app = self.0.clone();
+        let service = self.clone();
         let server = axum::serve(listener, self.router()).with_graceful_shutdown(async move {
             shutdown.await;
+            let deadline = tokio::time::Instant::now() + service.0.shutdown_deadline;
+            drop(service.shutdown());
             tokio::spawn(async move {
-                tokio::time::sleep(app.shutdown_deadline).await;
-                app.abort.send_replace(true);
-                tokio::time::sleep(Duration::from_secs(2)).await;
+                tokio::time::sleep_until(deadline + Duration::from_secs(2)).await;
                 let _ = give_up.send(());
             });
         });
@@ -384,10 +429,20 @@ async fn post_jobs(
     Query(query): Query<JobsQuery>,
     Json(inputs): Json<Vec<i64>>,
 ) -> Response {
-    let group = app.pipeline.group().ordered();
-    let (tx, results) = match query.on_error {
-        Some(OnError::Cancel) => group.cancel_on_error().open(),
-        _ => group.open(),
+    if app.shutting_down.load(Ordering::Acquire) {
+        let error = Some(SHUTTING_DOWN.to_string());
+        let refused = Line {
+            error,
+            ..Line::default()
+        };
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(refused)).into_response();
+    }
+    let cancel_on_error = query.on_error == Some(OnError::Cancel);
+    let group = app.pipeline.group().ordered().window(app.job_window);
+    let (tx, results) = if cancel_on_error {
+        group.cancel_on_error().open()
+    } else {
+        group.open()
     };
     let total = inputs.len();
     // Submit in the background, waiting while the group's window is full; stop if it ends.
@@ -422,20 +477,34 @@ async fn post_jobs(
             }
         });
     // The body owns the group's results: a client that goes away drops them, which cancels
-    // the group. At the shutdown deadline, a closing line ends the body.
-    let state = (Box::pin(lines), 0, app.abort.subscribe());
+    // the group. A job cut short by a shutdown ends with a closing line: when its results end
+    // before every input has a line (the drain refused the inputs not yet submitted; only an
+    // error under `on_error=cancel` ends a job early otherwise), or at the shutdown deadline.
+    let closing = move |written: usize| {
+        let error = Some(SHUT_DOWN.to_string());
+        let abandoned = Some(total - written);
+        ndjson(&Line {
+            error,
+            abandoned,
+            ..Line::default()
+        })
+    };
+    let state = (Box::pin(lines), 0, false, app.abort.subscribe());
     let body = stream::unfold(Some(state), move |state| async move {
-        let (mut lines, written, mut abort) = state?;
+        let (mut lines, written, failed, mut abort) = state?;
         let line = tokio::select! {
             biased;
-            line = lines.next() => line?,
-            _ = abort.wait_for(|abort| *abort) => {
-                let error = Some("the server shut down before this job finished".to_string());
-                let abandoned = Some(total - written);
-                return Some((ndjson(&Line { error, abandoned, ..Line::default() }), None));
-            }
+            line = lines.next() => match line {
+                Some(line) => line,
+                None if written < total && !(cancel_on_error && failed) => {
+                    return Some((closing(written), None));
+                }
+                None => return None,
+            },
+            _ = abort.wait_for(|abort| *abort) => return Some((closing(written), None)),
         };
-        Some((ndjson(&line), Some((lines, written + 1, abort))))
+        let failed = failed || line.error.is_some();
+        Some((ndjson(&line), Some((lines, written + 1, failed, abort))))
     });
     let ndjson_type = [(header::CONTENT_TYPE, "application/x-ndjson")];
     (StatusCode::OK, ndjson_type, Body::from_stream(body)).into_response()

@@ -2,8 +2,8 @@
 //! callers at once, one set of workers and one set of limits toward the upstream API.
 //!
 //! ```text
-//! cargo run --release --example service                      # starts its own flaky upstream
-//! cargo run --release --example service -- --upstream http://127.0.0.1:9000 --addr 127.0.0.1:3000
+//! cargo run --release -p stagepipe-service                      # starts its own flaky upstream
+//! cargo run --release -p stagepipe-service -- --upstream http://127.0.0.1:9000 --addr 127.0.0.1:3000
 //!
 //! curl -sN -X POST 'http://127.0.0.1:3000/jobs?on_error=continue' \
 //!      -H 'content-type: application/json' -d '[1,2,3,-4,5]'
@@ -12,17 +12,15 @@
 //! curl -s -X POST 'http://UPSTREAM/control?down=true'        # switch the upstream down / up
 //! ```
 //!
-//! Ctrl-C (or SIGTERM) shuts down gracefully: no new connections, open jobs finish within the
-//! deadline, then the process exits.
-
-mod app;
-mod upstream;
+//! Ctrl-C (or SIGTERM) shuts down gracefully: no new connections or jobs, open jobs finish the
+//! inputs already submitted (at the latest at the deadline) and say how many they abandoned,
+//! then the process exits.
 
 use std::time::Duration;
 
-use app::{Config, Service};
+use stagepipe_service::app::{Config, Service};
+use stagepipe_service::upstream::{Upstream, UpstreamConfig};
 use tokio::net::TcpListener;
-use upstream::{Upstream, UpstreamConfig};
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
@@ -34,7 +32,7 @@ async fn main() -> std::io::Result<()> {
             ("--addr", Some(value)) => addr = value,
             ("--upstream", Some(value)) => upstream_url = Some(value),
             _ => {
-                eprintln!("usage: service [--addr HOST:PORT] [--upstream URL]");
+                eprintln!("usage: stagepipe-service [--addr HOST:PORT] [--upstream URL]");
                 std::process::exit(2);
             }
         }
@@ -101,5 +99,7 @@ async fn shutdown_signal() {
         () = ctrl_c => {}
         () = term => {}
     }
-    println!("shutting down: no new connections; open jobs get until the deadline");
+    println!(
+        "shutting down: no new connections or jobs; open jobs finish what they submitted, until the deadline"
+    );
 }

@@ -1,33 +1,18 @@
-//! The ETL example end to end, into SQLite and into Postgres.
+//! The ETL end to end, into SQLite and into Postgres.
 //!
 //! Each load is checked against an independent, straightforward computation over the same CSV
 //! (written here, not the job's own functions). The Postgres tests need a server: run them
 //! through `scripts/with-postgres`, which starts a throwaway one and sets
 //! `STAGEPIPE_TEST_POSTGRES`; without it they fail and say so.
 
-#[path = "../examples/etl/cli.rs"]
-#[allow(dead_code)]
-mod cli;
-#[path = "../examples/etl/db.rs"]
-#[allow(dead_code)]
-mod db;
-#[path = "../examples/etl/generator.rs"]
-#[allow(dead_code)]
-mod generator;
-#[path = "../examples/etl/job.rs"]
-#[allow(dead_code)]
-mod job;
-#[path = "../examples/etl/model.rs"]
-#[allow(dead_code)]
-mod model;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use db::{Db, Faults, TopRow};
-use job::Config;
 use stagepipe::Backoff;
+use stagepipe_etl::db::{Db, Faults, TopRow};
+use stagepipe_etl::job::Config;
+use stagepipe_etl::{cli, generator, job, model};
 
 /// A scratch directory for one test, removed when dropped.
 struct Scratch(PathBuf);
@@ -522,7 +507,7 @@ async fn sqlite_missing_column_is_refused_before_the_database_is_created() {
 /// Runs the command line with `args`: (exit code, stdout, stderr).
 async fn cli(args: &[&str]) -> (u8, String, String) {
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let argv = std::iter::once("etl").chain(args.iter().copied());
+    let argv = std::iter::once("stagepipe-etl").chain(args.iter().copied());
     let code = cli::run(argv, &mut out, &mut err).await;
     (
         code,
@@ -537,7 +522,7 @@ async fn cli_help_exits_0_on_stdout_with_the_defaults() {
     assert_eq!(code, 0);
     assert_eq!(err, "");
     for s in [
-        "Usage: etl [OPTIONS] [FILE]",
+        "Usage: stagepipe-etl [OPTIONS] [FILE]",
         "DATABASE_URL",
         "[default: sqlite://etl.sqlite]",
         "--batch",
@@ -724,8 +709,9 @@ async fn pg_database(name: &str) -> String {
         .unwrap_or_else(|| {
             panic!(
                 "the Postgres tests need a PostgreSQL server: run them through \
-                 `scripts/with-postgres cargo test --test etl` (it starts a throwaway local \
-                 server), or set STAGEPIPE_TEST_POSTGRES=postgres://user@host:port/db"
+                 `scripts/with-postgres cargo test -p stagepipe-etl` from the repository's \
+                 root (it starts a throwaway local server), or set \
+                 STAGEPIPE_TEST_POSTGRES=postgres://user@host:port/db"
             )
         });
     let admin = sqlx::postgres::PgPoolOptions::new()
