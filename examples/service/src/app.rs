@@ -1,35 +1,71 @@
 //! The service: an axum app holding one shared `Pipeline`.
 //!
-//! * `POST /jobs?on_error=cancel|continue` with a JSON array of integers opens a request group
-//!   for that caller and streams its results back as NDJSON, one line per input in submission
-//!   order, each line written as soon as it and every earlier one are done.
+//! * `POST /jobs?on_error=cancel|continue&deadline_ms=N` with a JSON array of integers opens a
+//!   request group for that caller and streams its results back as NDJSON, one line per input
+//!   in submission order, each line written as soon as it and every earlier one are done.
 //! * `GET /stats`: the pipeline's, the upstream call's and the server's figures as JSON;
-//!   `GET /metrics`: the same as a Prometheus text exposition.
+//!   `GET /metrics`: every metric as a Prometheus text exposition (see [`crate::telemetry`]).
 //!
 //! Every caller shares one set of workers (the pipeline's pool) and one `Call` toward the
 //! upstream: its timeout, rate limit, in-flight limit, circuit breaker, retries and stats are
 //! shared by all callers. A caller that disconnects drops its response body, which drops its
 //! group's results and so cancels its unfinished requests.
+//!
+//! # Overload
+//!
+//! Backpressure alone would let a service under more load than it can take hold every job it
+//! is sent, each waiting longer than the last. The service bounds what it holds instead, and
+//! says so:
+//!
+//! * **Load shedding.** At most [`Config::max_open_jobs`] jobs are open at once, holding at
+//!   most [`Config::max_pending_inputs`] inputs without a line yet. A job that finds no room is
+//!   refused with `429 Too Many Requests`, a `Retry-After` header (whole seconds) and a JSON
+//!   line saying which bound was full. `Retry-After` is the time the room it needs takes to
+//!   free at the rate jobs ended (inputs were answered) over the last ten seconds: the jobs
+//!   waiting ahead of it plus one, over the job rate; or the inputs it lacks over the input
+//!   rate. It is rounded, at least 1, 1 while there is less than a second of history, and at
+//!   most [`Config::retry_after_max`] (also when nothing ended at all). With
+//!   [`Config::admission_wait`], a job first waits up to that long for room, in arrival order
+//!   (at most `max_open_jobs` requests wait at once; more are refused at once).
+//! * **Deadline.** A job may run at most [`Config::job_deadline`], counted from its arrival
+//!   (the admission wait included); `?deadline_ms=N` shortens it for one job (a longer one is
+//!   capped; `0` is refused with 400). A job that passes it ends with the closing line
+//!   `{"error":"the job's deadline of N ms passed before it finished","abandoned":M}`, `M`
+//!   inputs left without a line, and its group is cancelled: its queued inputs never run and
+//!   its upstream calls in flight are dropped.
+//! * **Size.** A job of more than [`Config::max_items_per_job`] inputs (or more than
+//!   `max_pending_inputs`, which it could never fit) is refused up front with
+//!   `413 Payload Too Large` and a JSON line, never truncated. The request body is limited to
+//!   24 bytes per allowed input (plus 1 KiB); a longer body is refused with 413 by axum before
+//!   it is parsed.
+//!
+//! Every admitted job is answered in full: one line per input, in order, unless a closing line
+//! (deadline or shutdown) says how many inputs were abandoned.
 
-use std::fmt::Write as _;
 use std::future::{Future, IntoFuture};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Query, State};
+use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use futures::future::BoxFuture;
-use futures::{StreamExt, stream};
+use futures::{Stream, StreamExt, stream};
 use serde::{Deserialize, Serialize};
 use stagepipe::Retrying;
 use stagepipe::prelude::*;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
+use tokio::time::{Instant, Sleep};
+
+use crate::admission::{Admission, Bound, Ticket};
+use crate::telemetry::{self, ServiceMetrics};
 
 /// How the service is set up. The limits toward the upstream are shared by every caller.
 #[derive(Debug, Clone)]
@@ -60,6 +96,23 @@ pub struct Config {
     pub job_window: usize,
     /// On shutdown, how long open responses may keep going before they are ended.
     pub shutdown_deadline: Duration,
+    /// The most jobs open at once (admitted, their response not ended); more are refused with
+    /// 429 (see the [module docs](self)). `usize::MAX`: no bound.
+    pub max_open_jobs: usize,
+    /// The most inputs of the open jobs without a line yet, across jobs; a job that would pass
+    /// it is refused with 429. `usize::MAX`: no bound.
+    pub max_pending_inputs: usize,
+    /// How long a job that finds no room waits for it before it is refused; zero refuses at
+    /// once.
+    pub admission_wait: Duration,
+    /// The longest a job may run, from its arrival; `?deadline_ms=` can shorten it, not
+    /// lengthen it. `Duration::MAX`: no deadline.
+    pub job_deadline: Duration,
+    /// The most inputs in one job; a larger job is refused with 413.
+    pub max_items_per_job: usize,
+    /// The longest `Retry-After` a refused job is told, in whole seconds (at least 1): when the
+    /// service sees no job end at all, and the cap of every estimate.
+    pub retry_after_max: Duration,
 }
 
 impl Default for Config {
@@ -77,6 +130,12 @@ impl Default for Config {
             retry_initial: Duration::from_millis(5),
             job_window: 256,
             shutdown_deadline: Duration::from_secs(10),
+            max_open_jobs: 512,
+            max_pending_inputs: 1 << 20,
+            admission_wait: Duration::ZERO,
+            job_deadline: Duration::from_secs(60),
+            max_items_per_job: 100_000,
+            retry_after_max: Duration::from_secs(30),
         }
     }
 }
@@ -128,6 +187,10 @@ pub struct Jobs {
 
 impl Jobs {
     /// The machine for `config`.
+    ///
+    /// Its `Call`'s stats and breaker (both named `upstream`) and its rate limiter publish
+    /// their metrics to the global `metrics` recorder installed when they are created:
+    /// [`Service::new`] installs the service's ([`telemetry::prometheus`]) first.
     pub fn new(config: &Config) -> Self {
         let client = reqwest::Client::builder().tcp_nodelay(true).build();
         let client = client.expect("an HTTP client without TLS always builds");
@@ -143,10 +206,10 @@ impl Jobs {
             .timeout(config.upstream_timeout)
             .rate_limit(RateLimiter::per_second(config.rate_per_second).burst(config.burst))
             .in_flight(config.upstream_in_flight)
-            .circuit_breaker(CircuitBreaker::new(
-                config.breaker_threshold,
-                config.breaker_open_for,
-            ))
+            .circuit_breaker(
+                CircuitBreaker::new(config.breaker_threshold, config.breaker_open_for)
+                    .named("upstream"),
+            )
             .retry_if(backoff, retryable)
             .stats(CallStats::new("upstream"));
         Self { upstream }
@@ -217,10 +280,13 @@ impl StateMachine for Jobs {
 
 /// One NDJSON line of a `POST /jobs` response: the input's position, the input, and its result
 /// (`2 * input + 1`) or why there is none: `{"index":0,"input":1,"output":3}`,
-/// `{"index":1,"input":-2,"error":"..."}`. A response cut short by a shutdown (inputs not yet
-/// submitted when it began, or still unfinished at the shutdown deadline) closes with
-/// `{"error":"...","abandoned":N}`, `N` inputs left without a line. A job posted once the
-/// shutdown has begun is refused with 503 and one such line, without `abandoned`.
+/// `{"index":1,"input":-2,"error":"..."}`.
+///
+/// A response cut short closes with `{"error":"...","abandoned":N}`, `N` inputs left without a
+/// line: by a shutdown (inputs not yet submitted when it began, or still unfinished at the
+/// shutdown deadline), or by the job's deadline. A refused job gets one such line without
+/// `abandoned` as its whole body: 503 once the shutdown has begun, 429 when the service is
+/// full, 413 when it has too many inputs, 400 for `deadline_ms=0`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Line {
@@ -293,13 +359,21 @@ pub struct UpstreamLimits {
 }
 
 /// The HTTP side of `/stats`: jobs accepted (each opens one group), responses still streaming,
-/// result lines and error lines written.
+/// result lines and error lines written; and the overload figures: jobs admitted and open,
+/// requests waiting for room, inputs of the open jobs without a line yet, and jobs refused
+/// with 429 (`jobs_shed`), refused with 413 (`jobs_too_large`) and ended by their deadline.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServerReport {
     pub jobs: u64,
     pub responses_open: usize,
     pub lines_ok: u64,
     pub lines_error: u64,
+    pub jobs_open: usize,
+    pub jobs_waiting: usize,
+    pub inputs_pending: usize,
+    pub jobs_shed: u64,
+    pub jobs_too_large: u64,
+    pub jobs_deadline_exceeded: u64,
 }
 
 #[derive(Debug)]
@@ -313,6 +387,16 @@ struct AppState {
     abort: watch::Sender<bool>,
     job_window: usize,
     shutdown_deadline: Duration,
+    admission: Arc<Admission>,
+    admission_wait: Duration,
+    job_deadline: Duration,
+    /// `max_items_per_job`, or `max_pending_inputs` if lower.
+    max_items_per_job: usize,
+    max_open_jobs: usize,
+    max_pending_inputs: usize,
+    too_large: AtomicU64,
+    deadline_exceeded: AtomicU64,
+    metrics: ServiceMetrics,
 }
 
 /// The closing line's error of a job cut short by a shutdown.
@@ -326,25 +410,65 @@ pub struct Service(Arc<AppState>);
 
 impl Service {
     /// A service for `config`.
+    ///
+    /// First installs the process's Prometheus recorder ([`telemetry::prometheus`], once per
+    /// process), so that every handle created here publishes to it; inside a tokio runtime,
+    /// starts a task running its upkeep while the service lives.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `max_open_jobs`, `max_pending_inputs`, `max_items_per_job` or `job_deadline`
+    /// is zero.
     pub fn new(config: &Config) -> Self {
+        // The recorder first: the handles below register their metrics as they are created.
+        let _ = telemetry::prometheus();
+        for (name, zero) in [
+            ("max_open_jobs", config.max_open_jobs == 0),
+            ("max_pending_inputs", config.max_pending_inputs == 0),
+            ("max_items_per_job", config.max_items_per_job == 0),
+            ("job_deadline", config.job_deadline.is_zero()),
+        ] {
+            assert!(!zero, "{name} must be greater than zero");
+        }
+        let metrics = ServiceMetrics::register();
         let pipeline = Pipeline::builder(Jobs::new(config)).workers(config.workers);
-        Self(Arc::new(AppState {
+        let admission = Admission::new(
+            config.max_open_jobs,
+            config.max_pending_inputs,
+            config.retry_after_max,
+            metrics.clone(),
+        );
+        let app = Arc::new(AppState {
             pipeline: pipeline.dag().build(),
             lines: Stats::new("lines"),
             shutting_down: AtomicBool::new(false),
             abort: watch::Sender::new(false),
             job_window: config.job_window,
             shutdown_deadline: config.shutdown_deadline,
-        }))
+            admission: Arc::new(admission),
+            admission_wait: config.admission_wait,
+            job_deadline: config.job_deadline,
+            max_items_per_job: config.max_items_per_job.min(config.max_pending_inputs),
+            max_open_jobs: config.max_open_jobs,
+            max_pending_inputs: config.max_pending_inputs,
+            too_large: AtomicU64::new(0),
+            deadline_exceeded: AtomicU64::new(0),
+            metrics,
+        });
+        telemetry::spawn_upkeep(&app);
+        Self(app)
     }
 
     /// The axum router.
     pub fn router(&self) -> Router {
         let stats = |State(app): State<Arc<AppState>>| async move { Json(stats_report(&app)) };
+        // Room for the largest job allowed, written loosely; a longer body is refused (413).
+        let body_limit = self.0.max_items_per_job.saturating_mul(24);
         Router::new()
             .route("/jobs", post(post_jobs))
             .route("/stats", get(stats))
             .route("/metrics", get(get_metrics))
+            .layer(DefaultBodyLimit::max(body_limit.saturating_add(1024)))
             .with_state(self.0.clone())
     }
 
@@ -386,7 +510,7 @@ impl Service {
     /// connections or jobs, open jobs end as [`shutdown`](Self::shutdown) says (their submitted
     /// inputs finish, at the latest at the shutdown deadline); a client that still does not
     /// read its response 2 s after the deadline is dropped. Returns once every connection is
-    /// closed.
+    /// closed. Connections are served with `TCP_NODELAY`: each line leaves as it is written.
     pub async fn serve(
         self,
         listener: TcpListener,
@@ -394,6 +518,9 @@ impl Service {
     ) -> std::io::Result<()> {
         let (give_up, gave_up) = oneshot::channel::<()>();
         let service = self.clone();
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let server = axum::serve(listener, self.router()).with_graceful_shutdown(async move {
             shutdown.await;
             let deadline = tokio::time::Instant::now() + service.0.shutdown_deadline;
@@ -411,10 +538,11 @@ impl Service {
 }
 
 /// `?on_error=cancel` ends a job at its first error (in submission order); `continue` (the
-/// default) reports errors and carries on.
+/// default) reports errors and carries on. `?deadline_ms=N` shortens the job's deadline.
 #[derive(Deserialize)]
 struct JobsQuery {
     on_error: Option<OnError>,
+    deadline_ms: Option<u64>,
 }
 
 #[derive(Deserialize, PartialEq)]
@@ -424,18 +552,65 @@ enum OnError {
     Continue,
 }
 
+/// A refused job's response: `status` and one JSON line saying why.
+fn refusal(status: StatusCode, error: String) -> Response {
+    let line = Line {
+        error: Some(error),
+        ..Line::default()
+    };
+    (status, Json(line)).into_response()
+}
+
 async fn post_jobs(
     State(app): State<Arc<AppState>>,
     Query(query): Query<JobsQuery>,
     Json(inputs): Json<Vec<i64>>,
 ) -> Response {
+    let arrived = Instant::now();
     if app.shutting_down.load(Ordering::Acquire) {
-        let error = Some(SHUTTING_DOWN.to_string());
-        let refused = Line {
-            error,
-            ..Line::default()
-        };
-        return (StatusCode::SERVICE_UNAVAILABLE, Json(refused)).into_response();
+        return refusal(StatusCode::SERVICE_UNAVAILABLE, SHUTTING_DOWN.to_string());
+    }
+    let total = inputs.len();
+    if total > app.max_items_per_job {
+        app.too_large.fetch_add(1, Ordering::AcqRel);
+        app.metrics.jobs_too_large.increment(1);
+        let error = format!(
+            "too many inputs: a job may have at most {}, this one has {total}",
+            app.max_items_per_job
+        );
+        return refusal(StatusCode::PAYLOAD_TOO_LARGE, error);
+    }
+    let deadline_len = match query.deadline_ms {
+        Some(0) => {
+            let error = "deadline_ms must be greater than zero".to_string();
+            return refusal(StatusCode::BAD_REQUEST, error);
+        }
+        Some(ms) => Duration::from_millis(ms).min(app.job_deadline),
+        None => app.job_deadline,
+    };
+    let wait = app.admission_wait.min(deadline_len);
+    let ticket = match app.admission.admit(total, arrived, wait).await {
+        Ok(ticket) => ticket,
+        Err(full) => {
+            let bound = match full.bound {
+                Bound::Jobs => format!("max_open_jobs = {}", app.max_open_jobs),
+                Bound::Inputs => format!("max_pending_inputs = {}", app.max_pending_inputs),
+            };
+            let error = format!(
+                "the service is full ({bound}): retry after {} s",
+                full.retry_after
+            );
+            let mut response = refusal(StatusCode::TOO_MANY_REQUESTS, error);
+            let retry_after = header::HeaderValue::from(full.retry_after);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, retry_after);
+            return response;
+        }
+    };
+    // The shutdown may have begun while the job waited for room.
+    if app.shutting_down.load(Ordering::Acquire) {
+        return refusal(StatusCode::SERVICE_UNAVAILABLE, SHUTTING_DOWN.to_string());
     }
     let cancel_on_error = query.on_error == Some(OnError::Cancel);
     let group = app.pipeline.group().ordered().window(app.job_window);
@@ -444,7 +619,6 @@ async fn post_jobs(
     } else {
         group.open()
     };
-    let total = inputs.len();
     // Submit in the background, waiting while the group's window is full; stop if it ends.
     tokio::spawn(async move {
         for input in inputs {
@@ -477,37 +651,117 @@ async fn post_jobs(
             }
         });
     // The body owns the group's results: a client that goes away drops them, which cancels
-    // the group. A job cut short by a shutdown ends with a closing line: when its results end
-    // before every input has a line (the drain refused the inputs not yet submitted; only an
-    // error under `on_error=cancel` ends a job early otherwise), or at the shutdown deadline.
-    let closing = move |written: usize| {
-        let error = Some(SHUT_DOWN.to_string());
-        let abandoned = Some(total - written);
-        ndjson(&Line {
-            error,
-            abandoned,
-            ..Line::default()
-        })
+    // the group; so does a closing line (the body ends with it).
+    let deadline = arrived
+        .checked_add(deadline_len)
+        .map(|at| (Box::pin(tokio::time::sleep_until(at)), deadline_len));
+    let job = JobBody {
+        lines: Box::pin(lines),
+        total,
+        written: 0,
+        failed: false,
+        cancel_on_error,
+        abort: app.abort.subscribe(),
+        deadline,
+        ticket,
+        app,
     };
-    let state = (Box::pin(lines), 0, false, app.abort.subscribe());
-    let body = stream::unfold(Some(state), move |state| async move {
-        let (mut lines, written, failed, mut abort) = state?;
-        let line = tokio::select! {
-            biased;
-            line = lines.next() => match line {
-                Some(line) => line,
-                None if written < total && !(cancel_on_error && failed) => {
-                    return Some((closing(written), None));
-                }
-                None => return None,
-            },
-            _ = abort.wait_for(|abort| *abort) => return Some((closing(written), None)),
-        };
-        let failed = failed || line.error.is_some();
-        Some((ndjson(&line), Some((lines, written + 1, failed, abort))))
+    let body = stream::unfold(Some(job), |job| async move {
+        let mut job = job?;
+        match job.step().await {
+            Step::Line(line) => Some((ndjson(&line), Some(job))),
+            // Dropping the job here cancels its group and gives its room back.
+            Step::Close(line) => Some((ndjson(&line), None)),
+            Step::End => None,
+        }
     });
     let ndjson_type = [(header::CONTENT_TYPE, "application/x-ndjson")];
     (StatusCode::OK, ndjson_type, Body::from_stream(body)).into_response()
+}
+
+/// An admitted job's response as it is written: its result lines, then, if it is cut short, a
+/// closing line. Owns the job's group results and its admission ticket.
+struct JobBody {
+    lines: Pin<Box<dyn Stream<Item = Line> + Send>>,
+    /// Inputs of the job, and lines written so far.
+    total: usize,
+    written: usize,
+    /// Whether an error line was written (which ends a job under `on_error=cancel`).
+    failed: bool,
+    cancel_on_error: bool,
+    abort: watch::Receiver<bool>,
+    /// The job's deadline, and its length for the closing line; `None`: none.
+    deadline: Option<(Pin<Box<Sleep>>, Duration)>,
+    ticket: Ticket,
+    app: Arc<AppState>,
+}
+
+/// What a job's response writes next.
+enum Step {
+    /// A result line.
+    Line(Line),
+    /// The closing line of a job cut short, its last.
+    Close(Line),
+    /// Nothing: the job is complete.
+    End,
+}
+
+impl JobBody {
+    async fn step(&mut self) -> Step {
+        /// What woke the response.
+        enum Woken {
+            Line(Option<Line>),
+            Aborted,
+            Deadline,
+        }
+        let (lines, abort, deadline) = (&mut self.lines, &mut self.abort, &mut self.deadline);
+        let deadline = async move {
+            match deadline {
+                Some((sleep, _)) => sleep.as_mut().await,
+                None => std::future::pending().await,
+            }
+        };
+        let woken = tokio::select! {
+            biased;
+            line = lines.next() => Woken::Line(line),
+            _ = abort.wait_for(|abort| *abort) => Woken::Aborted,
+            () = deadline => Woken::Deadline,
+        };
+        match woken {
+            Woken::Line(Some(line)) => {
+                self.written += 1;
+                self.failed |= line.error.is_some();
+                self.ticket.answered();
+                Step::Line(line)
+            }
+            // The results ended before every input had a line: the drain refused the inputs
+            // not yet submitted (only an error under `on_error=cancel` ends a job early
+            // otherwise).
+            Woken::Line(None)
+                if self.written < self.total && !(self.cancel_on_error && self.failed) =>
+            {
+                Step::Close(self.closing(SHUT_DOWN.to_string()))
+            }
+            Woken::Line(None) => Step::End,
+            Woken::Aborted => Step::Close(self.closing(SHUT_DOWN.to_string())),
+            Woken::Deadline => {
+                self.app.deadline_exceeded.fetch_add(1, Ordering::AcqRel);
+                self.app.metrics.jobs_deadline_exceeded.increment(1);
+                let ms = self.deadline.as_ref().map_or(0, |(_, len)| len.as_millis());
+                let error = format!("the job's deadline of {ms} ms passed before it finished");
+                Step::Close(self.closing(error))
+            }
+        }
+    }
+
+    /// The closing line: `error`, and the inputs left without a line.
+    fn closing(&self, error: String) -> Line {
+        Line {
+            error: Some(error),
+            abandoned: Some(self.total - self.written),
+            ..Line::default()
+        }
+    }
 }
 
 fn ndjson(line: &Line) -> Result<Bytes, std::convert::Infallible> {
@@ -523,6 +777,7 @@ fn stats_report(app: &AppState) -> StatsReport {
     let c = call.get_stats().unwrap().snapshot();
     let attempts = (c.calls + c.retries).saturating_sub(c.rejected);
     let lines = app.lines.snapshot();
+    let admission = app.admission.report();
     let stages = stats.stages.iter().map(|(stage, s)| StageReport {
         stage: format!("{stage:?}"),
         runs: s.runs,
@@ -563,42 +818,31 @@ fn stats_report(app: &AppState) -> StatsReport {
             responses_open: stats.groups_open as usize,
             lines_ok: lines.items,
             lines_error: lines.errors,
+            jobs_open: admission.open,
+            jobs_waiting: admission.waiting,
+            inputs_pending: admission.pending,
+            jobs_shed: admission.shed,
+            jobs_too_large: app.too_large.load(Ordering::Acquire),
+            jobs_deadline_exceeded: app.deadline_exceeded.load(Ordering::Acquire),
         },
     }
 }
 
-async fn get_metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
-    let s = stats_report(&app);
-    let (p, u, server) = (s.pipeline, s.upstream, s.server);
-    let mut out = String::new();
-    for (name, value) in [
-        ("groups_opened_total", p.groups_opened),
-        ("groups_open", p.groups_open),
-        ("requests_done_total", p.requests_done),
-        ("requests_failed_total", p.requests_failed),
-        ("upstream_in_flight", u.in_flight as u64),
-        ("upstream_calls_total", u.calls),
-        ("upstream_failures_total", u.failures),
-        ("upstream_retries_total", u.retries),
-        ("upstream_timeouts_total", u.timeouts),
-        ("upstream_rate_waited_ms_total", u.rate_waited_ms),
-        ("breaker_open", u64::from(u.breaker != "closed")),
-        ("breaker_rejected_total", u.breaker_rejected),
-        ("responses_open", server.responses_open as u64),
-    ] {
-        let kind = ["gauge", "counter"][usize::from(name.ends_with("_total"))];
-        let _ = writeln!(
-            out,
-            "# TYPE stagepipe_{name} {kind}\nstagepipe_{name} {value}"
-        );
-    }
-    let _ = writeln!(out, "# TYPE stagepipe_stage_runs_total counter");
-    for st in &p.stages {
-        let _ = writeln!(
-            out,
-            "stagepipe_stage_runs_total{{stage={:?}}} {}",
-            st.stage, st.runs
-        );
-    }
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out)
+/// `GET /metrics`: the recorder's rendering, after setting the figures read at scrape time.
+async fn get_metrics(State(app): State<Arc<AppState>>) -> Response {
+    let Some(prometheus) = telemetry::prometheus() else {
+        let why = "metrics are exported through the process's own recorder";
+        return (StatusCode::NOT_IMPLEMENTED, why).into_response();
+    };
+    let stats = app.pipeline.stats();
+    let in_flight = app.pipeline.machine().upstream.get_in_flight();
+    let m = &app.metrics;
+    m.groups_opened.absolute(stats.groups_opened);
+    m.groups_open.set(stats.groups_open as f64);
+    m.requests_done.absolute(stats.requests_done);
+    m.requests_failed.absolute(stats.requests_failed);
+    m.upstream_in_flight
+        .set(in_flight.map_or(0, |limit| limit.in_use()) as f64);
+    let text_format = [(header::CONTENT_TYPE, "text/plain; version=0.0.4")];
+    (text_format, prometheus.render()).into_response()
 }

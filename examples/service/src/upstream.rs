@@ -17,6 +17,7 @@ use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -143,6 +144,10 @@ impl Upstream {
     pub async fn start(config: UpstreamConfig) -> std::io::Result<Self> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
+        // Each answer leaves as it is written.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let shared = Arc::new(Shared {
             latency_us: AtomicU64::new(config.latency.as_micros() as u64),
             failure_ppm: AtomicU64::new(ppm(config.failure_rate)),
