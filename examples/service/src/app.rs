@@ -108,7 +108,7 @@ pub struct Config {
     /// The longest a job may run, from its arrival; `?deadline_ms=` can shorten it, not
     /// lengthen it. `Duration::MAX`: no deadline.
     pub job_deadline: Duration,
-    /// The most inputs in one job; a larger job is refused with 413.
+    /// The most inputs in one job (at most `u32::MAX`); a larger job is refused with 413.
     pub max_items_per_job: usize,
     /// The longest `Retry-After` a refused job is told, in whole seconds (at least 1): when the
     /// service sees no job end at all, and the cap of every estimate.
@@ -390,7 +390,7 @@ struct AppState {
     admission: Arc<Admission>,
     admission_wait: Duration,
     job_deadline: Duration,
-    /// `max_items_per_job`, or `max_pending_inputs` if lower.
+    /// `max_items_per_job`, or `max_pending_inputs` if lower (at most `u32::MAX`).
     max_items_per_job: usize,
     max_open_jobs: usize,
     max_pending_inputs: usize,
@@ -448,7 +448,10 @@ impl Service {
             admission: Arc::new(admission),
             admission_wait: config.admission_wait,
             job_deadline: config.job_deadline,
-            max_items_per_job: config.max_items_per_job.min(config.max_pending_inputs),
+            // A job's inputs are counted in `u32` permits.
+            max_items_per_job: (config.max_items_per_job)
+                .min(config.max_pending_inputs)
+                .min(u32::MAX as usize),
             max_open_jobs: config.max_open_jobs,
             max_pending_inputs: config.max_pending_inputs,
             too_large: AtomicU64::new(0),

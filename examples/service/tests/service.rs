@@ -1,9 +1,10 @@
 //! End-to-end tests of the service example: one shared pipeline behind an axum HTTP API, many
 //! clients at once, a flaky upstream behind it. Real sockets on 127.0.0.1, ephemeral ports.
 //!
-//! Real sockets need the real clock: every wait is a poll for a condition, bounded by a
-//! generous deadline, and the one timing figure (the rate toward the upstream) is counted on the
-//! upstream's side with a tolerance of one burst.
+//! These run on the real clock, on a multi-threaded runtime: every wait is a poll for a
+//! condition, bounded by a generous deadline, and the one timing figure (the rate toward the
+//! upstream) is counted on the upstream's side with a tolerance of one burst. (The overload
+//! tests, whose figures are timings, run on the paused clock instead.)
 
 mod common;
 
