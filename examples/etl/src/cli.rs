@@ -84,6 +84,11 @@ pub struct Args {
     #[arg(long, short)]
     pub quiet: bool,
 
+    /// After the report, print the staged pipeline as it ran (stages, routes taken, counts) as
+    /// a Mermaid flowchart
+    #[arg(long, conflicts_with = "json")]
+    pub graph: bool,
+
     /// Write a generated file of the real file's shape to OUT instead of loading (see --rows,
     /// --seed)
     #[arg(long, value_name = "OUT", conflicts_with_all = ["input", "limit", "json"])]
@@ -173,7 +178,13 @@ where
             let written = if args.json {
                 writeln!(out, "{}", summary(&config, &report))
             } else {
-                print_report(out, &report)
+                print_report(out, &report).and_then(|()| {
+                    if args.graph {
+                        writeln!(out, "\n```mermaid\n{}```", report.graph)
+                    } else {
+                        Ok(())
+                    }
+                })
             };
             match written {
                 Ok(()) => 0,
