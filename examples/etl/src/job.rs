@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt, TryStreamExt, future};
+use stagepipe::PipelineGraph;
 use stagepipe::prelude::*;
 
 use crate::db::{Db, Faults, TopRow, Written, is_transient};
@@ -176,8 +177,8 @@ pub struct Report {
     pub totals: Totals,
     /// Per-stage stats, one line per stage.
     pub stats: String,
-    /// The staged pipeline as it ran, a Mermaid flowchart: stages, routes taken, counts.
-    pub graph: String,
+    /// The staged pipeline as it ran: stages, routes taken, counts.
+    pub graph: PipelineGraph<Stage>,
     /// The top 10 businesses by severe violations.
     pub top: Vec<TopRow>,
     /// Wall-clock time of the load.
@@ -376,14 +377,13 @@ impl StateMachine for Etl {
 
 /// The streaming part of the job: the staged pipeline (parse/validate → transform → route)
 /// → batches → batched inserts in flight, each in a transaction retried on transient errors,
-/// with stats at each step. Returns the totals, the stats table and the pipeline's graph
-/// (Mermaid).
+/// with stats at each step. Returns the totals, the stats table and the pipeline's graph.
 pub async fn run_pipeline<S>(
     rows: S,
     cols: Columns,
     db: &Db,
     config: &Config,
-) -> Result<(Totals, String, String), BoxError>
+) -> Result<(Totals, String, PipelineGraph<Stage>), BoxError>
 where
     S: Stream<Item = Result<RawRow, csv::Error>> + Send,
 {
@@ -498,7 +498,7 @@ where
             .collect::<Vec<_>>()
             .join("\n")
     );
-    Ok((totals, stats, pipeline.graph().mermaid()))
+    Ok((totals, stats, pipeline.graph()))
 }
 
 fn split(batch: Vec<Outcome>) -> (Vec<Inspection>, Vec<Reject>) {

@@ -638,6 +638,12 @@ async fn cli_graph_prints_the_routes_taken_with_their_counts() {
         assert!(graph.contains(&edge), "{edge} in {graph}");
     }
     assert!(graph.trim_end().ends_with("```"));
+
+    let (code, out, _) = cli(&["--db", &url, "--graph", "dot", "--quiet"]).await;
+    assert_eq!(code, 0);
+    let dot = &out[out.find("digraph pipeline {").expect("a DOT graph")..];
+    assert!(dot.contains(&format!("s1 -> failed [label=\"{}\"];", want.rejects.len())));
+    assert!(dot.trim_end().ends_with('}'));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
