@@ -9,7 +9,7 @@ use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
 use crate::generator;
 use crate::job::{self, Config, Input, Progress, Report};
@@ -84,6 +84,17 @@ pub struct Args {
     #[arg(long, short)]
     pub quiet: bool,
 
+    /// After the report, print the staged pipeline as it ran (stages, routes taken, counts): a
+    /// Mermaid flowchart, or Graphviz DOT with --graph dot
+    #[arg(
+        long,
+        value_name = "FORMAT",
+        num_args = 0..=1,
+        default_missing_value = "mermaid",
+        conflicts_with = "json"
+    )]
+    pub graph: Option<GraphFormat>,
+
     /// Write a generated file of the real file's shape to OUT instead of loading (see --rows,
     /// --seed)
     #[arg(long, value_name = "OUT", conflicts_with_all = ["input", "limit", "json"])]
@@ -96,6 +107,15 @@ pub struct Args {
     /// Seed of the generated file (the same seed and rows give the same bytes)
     #[arg(long, value_name = "S", default_value_t = 1, requires = "generate")]
     pub seed: u64,
+}
+
+/// How `--graph` draws the pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GraphFormat {
+    /// A Mermaid flowchart in a fenced block (GitHub draws it).
+    Mermaid,
+    /// Graphviz DOT (`dot -Tsvg` draws it).
+    Dot,
 }
 
 /// Runs the command with `args` (the program name first): the report or the JSON summary to
@@ -173,7 +193,13 @@ where
             let written = if args.json {
                 writeln!(out, "{}", summary(&config, &report))
             } else {
-                print_report(out, &report)
+                print_report(out, &report).and_then(|()| match args.graph {
+                    Some(GraphFormat::Mermaid) => {
+                        writeln!(out, "\n```mermaid\n{}```", report.graph.mermaid())
+                    }
+                    Some(GraphFormat::Dot) => writeln!(out, "\n{}", report.graph.dot()),
+                    None => Ok(()),
+                })
             };
             match written {
                 Ok(()) => 0,

@@ -614,6 +614,38 @@ async fn cli_without_a_file_loads_the_built_in_sample() {
     });
 }
 
+/// `--graph` prints the pipeline as it ran: every record enters `Parse`, the rejects leave
+/// there as errors, the rest go through `Transform` and `Route` to done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_graph_prints_the_routes_taken_with_their_counts() {
+    let s = Scratch::new("cli-graph");
+    let url = s.sqlite_url();
+    let (code, out, err) = cli(&["--db", &url, "--graph", "--quiet"]).await;
+    assert_eq!((code, err.as_str()), (0, ""));
+    let want = expected(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/data/violations-sample.csv"
+    )));
+    let graph = out.split("```mermaid\n").nth(1).expect("a mermaid block");
+    let parsed = want.read - want.rejects.len() as u64;
+    assert!(graph.starts_with("flowchart LR\n"), "{graph}");
+    for edge in [
+        format!("start -->|{}| s1", want.read),
+        format!("s1 -->|{parsed}| s2"),
+        format!("s1 -->|{}| failed", want.rejects.len()),
+        format!("s3 -->|{parsed}| done"),
+    ] {
+        assert!(graph.contains(&edge), "{edge} in {graph}");
+    }
+    assert!(graph.trim_end().ends_with("```"));
+
+    let (code, out, _) = cli(&["--db", &url, "--graph", "dot", "--quiet"]).await;
+    assert_eq!(code, 0);
+    let dot = &out[out.find("digraph pipeline {").expect("a DOT graph")..];
+    assert!(dot.contains(&format!("s1 -> failed [label=\"{}\"];", want.rejects.len())));
+    assert!(dot.trim_end().ends_with('}'));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_errors_are_one_line_and_non_zero() {
     let s = Scratch::new("cli-errors");
