@@ -13,9 +13,16 @@
 //! futures ([`Queue`]: completion order or input order) and over how an upstream item starts
 //! ([`Start`]: a plain item always runs under a permit; a fallible stream's `Err` passes through
 //! as a finished future that holds none).
+//!
+//! A limit is fixed ([`InFlightLimit::new`]) or adaptive ([`InFlightLimit::adaptive`], the
+//! algorithm in [`crate::adaptive`]). A unit is a [`Permit`]: of a fixed limit, the semaphore's
+//! permit and nothing more; of an adaptive one, also when it was taken and how many were in
+//! flight then, so that its holder can report the outcome (success with its latency, or a
+//! drop). A permit dropped without a report (a cancelled operation) reports nothing.
 
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -23,7 +30,9 @@ use std::task::{Context, Poll};
 use futures::stream::{FuturesOrdered, FuturesUnordered, Stream};
 use pin_project_lite::pin_project;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
+use crate::adaptive::Adaptive;
 use crate::error::{ConfigError, count_up_to, or_panic};
 use crate::macros::size_hint_plus;
 
@@ -32,6 +41,10 @@ use crate::macros::size_hint_plus;
 /// All streams using clones of one limit together never run more than
 /// [`limit`](InFlightLimit::limit) futures at once; waiting streams are served first come, first
 /// served. A plain number converts into a private limit wherever a limit is accepted.
+///
+/// The limit is fixed ([`new`](Self::new)) or finds its own level
+/// ([`adaptive`](Self::adaptive)) from the latency and the failures of the operations it lets
+/// through.
 ///
 /// # Examples
 ///
@@ -52,7 +65,10 @@ use crate::macros::size_hint_plus;
 #[derive(Clone)]
 pub struct InFlightLimit {
     semaphore: Arc<Semaphore>,
+    /// The fixed limit (of an adaptive one: its `max`).
     limit: usize,
+    adaptive: Option<Arc<Adaptive>>,
+    name: Option<Arc<str>>,
 }
 
 impl InFlightLimit {
@@ -74,18 +90,238 @@ impl InFlightLimit {
         Ok(Self {
             semaphore: Arc::new(Semaphore::new(limit)),
             limit,
+            adaptive: None,
+            name: None,
         })
     }
 
-    /// The maximum number of operations running at once.
+    /// Creates an adaptive limit: it starts at `min` and finds its own level between `min` and
+    /// `max` from the operations it lets through, raised while their latency stays near the
+    /// lowest it has measured, lowered when latency grows or operations fail or time out.
+    ///
+    /// # The algorithm
+    ///
+    /// A gradient on the minimum round-trip time, after Netflix's
+    /// [concurrency-limits](https://github.com/Netflix/concurrency-limits) (`GradientLimit`,
+    /// `VegasLimit`, `AIMDLimit`) and TCP Vegas (Brakmo and Peterson, "TCP Vegas: End to End
+    /// Congestion Avoidance on a Global Internet", 1995). Finished operations are gathered in
+    /// windows of about one round trip (`max(4, limit)` of them, all started since the limit
+    /// last moved). A window's lowest latency is compared with the lowest of all windows (the
+    /// latency with no queue, the *baseline*):
+    ///
+    /// * within 5% of the baseline, the limit grows, if the window used it: it doubles at
+    ///   first (slow start, which ends at the first latency over 5%), then adds
+    ///   `max(1, log10(limit))` at a time;
+    /// * higher, the limit moves half way to the concurrency the service absorbs without a
+    ///   queue (by Little's law: what was in flight × 1.05 × baseline / latency), plus that
+    ///   allowance;
+    /// * each failure or timeout multiplies it by 0.9 at once (after a run of them, it
+    ///   climbs back by doubling up to half where the run began);
+    /// * every 30 windows it halves for one window, to measure the baseline again (so a
+    ///   service that became slower for good is not taken for a queue forever).
+    ///
+    /// Over a service whose latency is flat up to a concurrency *knee* and grows in
+    /// proportion beyond it, the limit settles just over the knee (35 for a knee of 32, 18
+    /// for 16), where throughput is highest and latency still near its floor, and it follows
+    /// the knee down when the service slows. The limit is judged by minimum latencies, so
+    /// noise that only adds latency (a coarse timer, a long tail) does not pull it down.
+    ///
+    /// # What an operation reports
+    ///
+    /// Each operation reports when it ends, through the unit it holds:
+    ///
+    /// * [`in_flight`](crate::PipelineExt::in_flight),
+    ///   [`in_flight_ordered`](crate::PipelineExt::in_flight_ordered) and [`run`](Self::run):
+    ///   a success, with its latency from taking the unit to the future's end;
+    /// * [`try_in_flight`](crate::TryPipelineExt::try_in_flight) and
+    ///   [`try_in_flight_ordered`](crate::TryPipelineExt::try_in_flight_ordered): the same, and
+    ///   an `Err` is a drop;
+    /// * a [`Call`](crate::Call) with [`in_flight`](crate::Call::in_flight): the attempt's
+    ///   outcome, an `Err` or a timeout being a drop;
+    /// * an operation cancelled (its future dropped) reports nothing.
+    ///
+    /// When the limit is lowered below what is in flight, nothing new starts until enough
+    /// have finished: the operations in flight are never cut short.
+    ///
+    /// The limit now is [`current`](Self::current), its last changes
+    /// [`history`](Self::history); each change is a `tracing` event at DEBUG (target
+    /// `stagepipe::in_flight`, fields `name`, `limit`, `previous`, `reason`), and with the
+    /// `metrics` feature the gauge `stagepipe_in_flight_limit` (see [`named`](Self::named)).
+    ///
+    /// # Panics
+    ///
+    /// Panics if `min` is zero, `max` is below `min`, or `max` is larger than tokio's
+    /// `Semaphore::MAX_PERMITS` (the message names the parameter).
+    /// [`InFlightLimit::try_adaptive`] returns the error instead.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::InFlightLimit;
+    /// use stagepipe::PipelineExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let limit = InFlightLimit::adaptive(1, 100);
+    /// assert_eq!(limit.current(), 1);
+    ///
+    /// // A service that answers in 10 ms with up to 20 requests in flight, and slows down in
+    /// // proportion beyond that.
+    /// let in_flight = std::sync::atomic::AtomicUsize::new(0);
+    /// let served = stream::iter(0..3000u32)
+    ///     .in_flight(&limit, |x| {
+    ///         let now = in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    ///         let in_flight = &in_flight;
+    ///         async move {
+    ///             let ms = 10 * now.max(20) as u64 / 20;
+    ///             tokio::time::sleep(Duration::from_millis(ms)).await;
+    ///             in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    ///             x
+    ///         }
+    ///     })
+    ///     .count()
+    ///     .await;
+    /// assert_eq!(served, 3000);
+    /// // Settled near the knee (22: 1.05 × 20 + log10(22)), or at half of it while probing.
+    /// assert!((11..=24).contains(&limit.current()), "{}", limit.current());
+    /// assert!(limit.history().len() > 1);
+    /// # }
+    /// ```
+    #[track_caller]
+    pub fn adaptive(min: usize, max: usize) -> Self {
+        or_panic(Self::try_adaptive(min, max))
+    }
+
+    /// [`adaptive`](Self::adaptive), or an error naming `min` if it is zero or above `max`,
+    /// or `max` if it is larger than tokio's `Semaphore::MAX_PERMITS`.
+    ///
+    /// ```
+    /// use stagepipe::InFlightLimit;
+    ///
+    /// assert_eq!(InFlightLimit::try_adaptive(0, 10).unwrap_err().parameter(), "min");
+    /// assert_eq!(InFlightLimit::try_adaptive(20, 10).unwrap_err().parameter(), "min");
+    /// assert_eq!(InFlightLimit::try_adaptive(4, 64).unwrap().current(), 4);
+    /// ```
+    pub fn try_adaptive(min: usize, max: usize) -> Result<Self, ConfigError> {
+        Self::try_adaptive_named(min, max, None)
+    }
+
+    fn try_adaptive_named(
+        min: usize,
+        max: usize,
+        name: Option<Arc<str>>,
+    ) -> Result<Self, ConfigError> {
+        count_up_to("min", min, max, "must be at most `max`")?;
+        let too_large = "must be at most Semaphore::MAX_PERMITS";
+        count_up_to("max", max, Semaphore::MAX_PERMITS, too_large)?;
+        let semaphore = Arc::new(Semaphore::new(min));
+        let adaptive = Adaptive::new(
+            Arc::clone(&semaphore),
+            min,
+            max,
+            name.as_deref().map(Into::into),
+        );
+        Ok(Self {
+            semaphore,
+            limit: max,
+            adaptive: Some(Arc::new(adaptive)),
+            name,
+        })
+    }
+
+    /// Gives the limit a name, carried by its `tracing` events (field `name`), its `Debug`
+    /// output and, with the `metrics` feature, the `name` label of an adaptive limit's gauge
+    /// `stagepipe_in_flight_limit` (an unnamed adaptive limit publishes under
+    /// `name="unnamed"`; a fixed limit publishes nothing).
+    ///
+    /// This builds a new limit with the same configuration and no unit in use (an adaptive
+    /// one starts again at its `min`): call it before sharing the handle (clones taken
+    /// earlier keep the old limit).
+    ///
+    /// ```
+    /// use stagepipe::InFlightLimit;
+    ///
+    /// let db = InFlightLimit::adaptive(2, 64).named("db");
+    /// assert_eq!(db.name(), Some("db"));
+    /// assert_eq!(db.current(), 2);
+    /// ```
+    #[must_use]
+    pub fn named(self, name: impl Into<String>) -> Self {
+        let name: Option<Arc<str>> = Some(name.into().into());
+        match &self.adaptive {
+            Some(adaptive) => Self::try_adaptive_named(adaptive.min(), adaptive.max(), name)
+                .expect("the same configuration is valid"),
+            None => Self {
+                semaphore: Arc::new(Semaphore::new(self.limit)),
+                name,
+                ..self
+            },
+        }
+    }
+
+    /// The name given with [`named`](Self::named), if any.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// The maximum number of operations running at once: the same as
+    /// [`current`](Self::current).
+    #[inline]
     pub fn limit(&self) -> usize {
-        self.limit
+        match &self.adaptive {
+            None => self.limit,
+            Some(adaptive) => adaptive.current(),
+        }
+    }
+
+    /// The limit now: of a fixed limit, always its value; of an adaptive one, where it stands
+    /// between its `min` and `max`.
+    ///
+    /// ```
+    /// use stagepipe::InFlightLimit;
+    ///
+    /// assert_eq!(InFlightLimit::new(8).current(), 8);
+    /// assert_eq!(InFlightLimit::adaptive(2, 64).current(), 2);
+    /// ```
+    pub fn current(&self) -> usize {
+        self.limit()
+    }
+
+    /// Whether the limit is [`adaptive`](Self::adaptive).
+    pub fn is_adaptive(&self) -> bool {
+        self.adaptive.is_some()
+    }
+
+    /// The last changes of an adaptive limit, oldest first: when (on tokio's clock) and the
+    /// new limit. The first entry is the limit's start at its `min`, until more than
+    /// 64 changes have pushed it out: at most the last 64 are kept. Empty for a fixed limit.
+    ///
+    /// ```
+    /// use stagepipe::InFlightLimit;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let limit = InFlightLimit::adaptive(4, 64);
+    /// let history = limit.history();
+    /// assert_eq!(history.len(), 1);
+    /// assert_eq!(history[0].1, 4);
+    /// assert!(InFlightLimit::new(4).history().is_empty());
+    /// # }
+    /// ```
+    pub fn history(&self) -> Vec<(Instant, usize)> {
+        match &self.adaptive {
+            None => Vec::new(),
+            Some(adaptive) => adaptive.history(),
+        }
     }
 
     /// Runs `fut` while holding one unit of this limit, waiting for a free unit first: the same
     /// budget as the [`in_flight`](crate::PipelineExt::in_flight) operator, for a direct caller
     /// (inside a stage of a staged pipeline, say). Waiting callers are served first come, first
-    /// served.
+    /// served. Of an [`adaptive`](Self::adaptive) limit, a finished `fut` counts as a success
+    /// whose latency is the time `fut` ran.
     ///
     /// # Cancel safety
     ///
@@ -106,6 +342,12 @@ impl InFlightLimit {
     /// # }
     /// ```
     pub async fn run<F: Future>(&self, fut: F) -> F::Output {
+        if self.adaptive.is_some() {
+            let permit = self.acquire().await;
+            let out = fut.await;
+            permit.success();
+            return out;
+        }
         // A free unit is taken without the queue's future (no waiter can be ahead while units
         // are free, so first come, first served still holds).
         let _permit = match self.semaphore.try_acquire() {
@@ -119,6 +361,25 @@ impl InFlightLimit {
         fut.await
     }
 
+    /// Takes a unit of this limit, waiting for one first (first come, first served), for a
+    /// holder that reports the outcome itself.
+    pub(crate) async fn acquire(&self) -> Permit {
+        loop {
+            let permit = match self.semaphore.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => self
+                    .semaphore
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed"),
+            };
+            if let Some(permit) = self.claim(permit) {
+                return permit;
+            }
+        }
+    }
+
     /// Takes a unit of this limit for a stream or service that holds it past a call: a free
     /// unit at once, else through the queue's wait in `acquire` (first come, first served),
     /// which is kept across polls and cleared once the unit is taken.
@@ -126,22 +387,52 @@ impl InFlightLimit {
         &self,
         acquire: &mut Option<Acquire>,
         cx: &mut Context<'_>,
-    ) -> Poll<OwnedSemaphorePermit> {
-        let permit = match self.semaphore.clone().try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) => {
-                let wait =
-                    acquire.get_or_insert_with(|| Box::pin(self.semaphore.clone().acquire_owned()));
-                std::task::ready!(wait.as_mut().poll(cx)).expect("the semaphore is never closed")
+    ) -> Poll<Permit> {
+        loop {
+            let permit = match self.semaphore.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => {
+                    let wait = acquire
+                        .get_or_insert_with(|| Box::pin(self.semaphore.clone().acquire_owned()));
+                    std::task::ready!(wait.as_mut().poll(cx))
+                        .expect("the semaphore is never closed")
+                }
+            };
+            *acquire = None;
+            if let Some(permit) = self.claim(permit) {
+                return Poll::Ready(permit);
             }
+        }
+    }
+
+    /// Makes a taken semaphore permit a unit: of a fixed limit, always; of an adaptive one,
+    /// unless the limit was lowered after the permit was handed to this waiter (then it pays
+    /// that debt, and the caller waits again).
+    #[inline]
+    fn claim(&self, permit: OwnedSemaphorePermit) -> Option<Permit> {
+        let Some(adaptive) = &self.adaptive else {
+            return Some(Permit {
+                permit: Some(permit),
+                sample: None,
+            });
         };
-        *acquire = None;
-        Poll::Ready(permit)
+        let (permit, in_flight) = adaptive.claim(permit)?;
+        Some(Permit {
+            permit: Some(permit),
+            sample: Some(Sample {
+                in_flight,
+                started: Instant::now(),
+                adaptive: Arc::clone(adaptive),
+            }),
+        })
     }
 
     /// How many operations are running now, across every stream sharing this limit.
     pub fn in_use(&self) -> usize {
-        self.limit - self.semaphore.available_permits()
+        match &self.adaptive {
+            None => self.limit - self.semaphore.available_permits(),
+            Some(adaptive) => adaptive.in_flight(),
+        }
     }
 }
 
@@ -160,23 +451,121 @@ impl From<usize> for InFlightLimit {
 
 from_ref_handle!(impl[] InFlightLimit, "the limit");
 
-impl_debug!(impl[] InFlightLimit => InFlightLimit |this| {
-    limit: &this.limit,
-    in_use: &this.in_use(),
-});
-
-pin_project! {
-    /// A future that holds a permit of the limit (if it was given one) until it completes.
-    pub(crate) struct WithPermit<Fut> {
-        #[pin]
-        fut: Fut,
-        permit: Option<OwnedSemaphorePermit>,
+impl fmt::Debug for InFlightLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("InFlightLimit");
+        if let Some(name) = &self.name {
+            d.field("name", name);
+        }
+        d.field("limit", &self.limit());
+        if let Some(adaptive) = &self.adaptive {
+            d.field("min", &adaptive.min())
+                .field("max", &adaptive.max());
+        }
+        d.field("in_use", &self.in_use()).finish()
     }
 }
 
-impl<Fut> WithPermit<Fut> {
-    pub(crate) fn new(fut: Fut, permit: Option<OwnedSemaphorePermit>) -> Self {
-        Self { fut, permit }
+/// A unit of an [`InFlightLimit`], given back when dropped. Of an adaptive limit, it also
+/// carries what its outcome is measured from; [`success`](Self::success) or
+/// [`dropped`](Self::dropped) reports it (dropping it unreported reports nothing).
+pub(crate) struct Permit {
+    permit: Option<OwnedSemaphorePermit>,
+    sample: Option<Sample>,
+}
+
+/// When an adaptive limit's unit was taken, and how many were in flight then.
+struct Sample {
+    adaptive: Arc<Adaptive>,
+    started: Instant,
+    in_flight: usize,
+}
+
+impl Permit {
+    /// The operation succeeded (its latency: from taking the unit to now). Gives the unit back.
+    #[inline]
+    pub(crate) fn success(self) {
+        if let Some(s) = &self.sample {
+            s.adaptive.success(s.started, s.in_flight);
+        }
+    }
+
+    /// The operation failed or timed out: a drop signal. Gives the unit back.
+    #[inline]
+    pub(crate) fn dropped(self) {
+        if let Some(s) = &self.sample {
+            s.adaptive.dropped();
+        }
+    }
+
+    /// A drop if `failed`, else a success.
+    #[inline]
+    pub(crate) fn report(self, failed: bool) {
+        if failed {
+            self.dropped()
+        } else {
+            self.success()
+        }
+    }
+}
+
+impl Drop for Permit {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(sample) = self.sample.take() {
+            if let Some(permit) = self.permit.take() {
+                sample.adaptive.released(permit);
+            }
+        }
+    }
+}
+
+/// How an operation's output counts for an adaptive limit.
+pub(crate) trait Outcome<T> {
+    /// Whether `out` is a failure (a drop signal).
+    fn failed(out: &T) -> bool;
+}
+
+/// Every output is a success.
+#[derive(Debug)]
+pub(crate) struct Succeeds;
+
+impl<T> Outcome<T> for Succeeds {
+    #[inline]
+    fn failed(_: &T) -> bool {
+        false
+    }
+}
+
+/// An `Err` is a failure.
+#[derive(Debug)]
+pub(crate) struct ErrFails;
+
+impl<T, E> Outcome<Result<T, E>> for ErrFails {
+    #[inline]
+    fn failed(out: &Result<T, E>) -> bool {
+        out.is_err()
+    }
+}
+
+pin_project! {
+    /// A future that holds a permit of the limit (if it was given one) until it completes,
+    /// then reports its output as `O` judges it.
+    pub(crate) struct WithPermit<Fut, O = Succeeds> {
+        #[pin]
+        fut: Fut,
+        permit: Option<Permit>,
+        outcome: PhantomData<fn() -> O>,
+    }
+}
+
+impl<Fut, O> WithPermit<Fut, O> {
+    pub(crate) fn new(fut: Fut, permit: Option<Permit>) -> Self {
+        Self {
+            fut,
+            permit,
+            outcome: PhantomData,
+        }
     }
 
     #[cfg(feature = "tower")]
@@ -185,13 +574,15 @@ impl<Fut> WithPermit<Fut> {
     }
 }
 
-impl<Fut: Future> Future for WithPermit<Fut> {
+impl<Fut: Future, O: Outcome<Fut::Output>> Future for WithPermit<Fut, O> {
     type Output = Fut::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Fut::Output> {
         let this = self.project();
         let out = std::task::ready!(this.fut.poll(cx));
-        this.permit.take();
+        if let Some(permit) = this.permit.take() {
+            permit.report(O::failed(&out));
+        }
         Poll::Ready(out)
     }
 }
@@ -200,6 +591,8 @@ impl<Fut: Future> Future for WithPermit<Fut> {
 pub(crate) trait Start<I> {
     /// The future an item becomes.
     type Fut: Future;
+    /// How its output counts for an adaptive limit.
+    type Outcome: Outcome<<Self::Fut as Future>::Output>;
     /// Whether `item` runs under a permit. One that does not is started at once, holding none.
     fn needs_permit(&self, item: &I) -> bool;
     /// Makes the item's future.
@@ -215,6 +608,7 @@ where
     Fut: Future,
 {
     type Fut = Fut;
+    type Outcome = Succeeds;
 
     #[inline]
     fn needs_permit(&self, _: &I) -> bool {
@@ -340,7 +734,7 @@ impl<S, C, Q> Core<S, C, Q>
 where
     S: Stream,
     C: Start<S::Item>,
-    Q: Queue<Fut = WithPermit<C::Fut>> + Stream<Item = <C::Fut as Future>::Output>,
+    Q: Queue<Fut = WithPermit<C::Fut, C::Outcome>> + Stream<Item = <C::Fut as Future>::Output>,
 {
     pub(crate) fn poll_next(
         self: Pin<&mut Self>,
@@ -351,7 +745,7 @@ where
         // the limit may be queued (running, or finished behind an earlier item).
         loop {
             if this.waiting.is_none() {
-                if *this.upstream_done || (Q::ORDERED && this.running.len() >= this.limit.limit) {
+                if *this.upstream_done || (Q::ORDERED && this.running.len() >= this.limit.limit()) {
                     break;
                 }
                 match this.stream.as_mut().poll_next(cx) {

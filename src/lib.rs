@@ -80,7 +80,8 @@ mod ext;
 mod time;
 mod try_ext;
 
-// -- core: pool, fan_out, in_flight, stats --
+// -- core: pool, fan_out, in_flight (fixed or adaptive), stats --
+mod adaptive;
 mod by_key;
 mod fan_out;
 mod in_flight;

@@ -211,3 +211,18 @@ async fn keyed_fan_out_window_twins_name_their_parameter() {
         "window",
     );
 }
+
+#[test]
+fn adaptive_limit_twins_name_their_parameter() {
+    named(InFlightLimit::try_adaptive(0, 10), "min");
+    named(InFlightLimit::try_adaptive(0, 0), "min");
+    named(InFlightLimit::try_adaptive(11, 10), "min");
+    named(InFlightLimit::try_adaptive(1, usize::MAX), "max");
+    let err = InFlightLimit::try_adaptive(11, 10).unwrap_err();
+    assert!(err.to_string().contains("max"), "{err}");
+    panics_naming(|| InFlightLimit::adaptive(0, 10), "min");
+    panics_naming(|| InFlightLimit::adaptive(5, 4), "min");
+    panics_naming(|| InFlightLimit::adaptive(1, usize::MAX), "max");
+    let limit = InFlightLimit::try_adaptive(3, 3).expect("min == max is a fixed range");
+    assert_eq!((limit.current(), limit.in_use()), (3, 0));
+}

@@ -545,8 +545,16 @@ impl<R> Policy<R> {
                 Some(limiter) => self.take_cell(limiter, now).await,
                 None => now,
             };
+            // An adaptive limit's unit is kept here, outside the timeout, so that the attempt's
+            // outcome reaches the limit: a success with its latency, a failure or a timeout
+            // (both drop signals). A unit dropped with a cancelled run reports nothing.
+            let mut held = None;
             let call = async {
                 match &self.in_flight {
+                    Some(limit) if limit.is_adaptive() => {
+                        held = Some(limit.acquire().await);
+                        f(item).await
+                    }
                     Some(limit) => limit.run(async { f(item).await }).await,
                     None => f(item).await,
                 }
@@ -554,14 +562,24 @@ impl<R> Policy<R> {
             let result = match self.timeout {
                 Some(timeout) => {
                     let now = now.unwrap_or_else(Instant::now);
-                    match Timeout::new(call, now, timeout).await {
-                        Ok(result) => result,
-                        Err(Elapsed) => return Err(Fault::Timeout),
-                    }
+                    Timeout::new(call, now, timeout).await
                 }
-                None => call.await,
+                None => Ok(call.await),
             };
-            result.map_err(Fault::Failed)
+            match result {
+                Ok(result) => {
+                    if let Some(permit) = held {
+                        permit.report(result.is_err());
+                    }
+                    result.map_err(Fault::Failed)
+                }
+                Err(Elapsed) => {
+                    if let Some(permit) = held {
+                        permit.dropped();
+                    }
+                    Err(Fault::Timeout)
+                }
+            }
         };
         let result = match &self.breaker {
             Some(breaker) => match breaker.call(limited).await {

@@ -6,11 +6,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use pin_project_lite::pin_project;
-use tokio::sync::OwnedSemaphorePermit;
 use tower_service::Service;
 
 use crate::InFlightLimit;
-use crate::in_flight::{Acquire, WithPermit};
+use crate::in_flight::{Acquire, Permit, WithPermit};
 
 /// A service that holds one unit of a shared [`InFlightLimit`] per call, from `poll_ready`
 /// until its response future completes or is dropped: made by using the limit as a [`Layer`](tower_layer::Layer).
@@ -37,7 +36,7 @@ use crate::in_flight::{Acquire, WithPermit};
 pub struct InFlightService<S> {
     inner: S,
     limit: InFlightLimit,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<Permit>,
     acquire: Option<Acquire>,
 }
 
