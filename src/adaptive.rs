@@ -44,7 +44,7 @@
 //! The limit is kept as an `f64` between `min` and `max`; the handle uses its integer part.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -116,9 +116,9 @@ pub(crate) struct Gradient {
     windows: u32,
     /// While probing: the limit to restore.
     restore: Option<f64>,
-    /// Samples of operations that started before this (the last move of the limit by a
-    /// window) are not measured.
-    fresh_since: Option<Instant>,
+    /// Counts the moves of the limit by a window: samples of operations that started in an
+    /// earlier generation are not measured.
+    generation: u32,
 }
 
 impl Gradient {
@@ -136,7 +136,7 @@ impl Gradient {
             window: Window::default(),
             windows: 0,
             restore: None,
-            fresh_since: None,
+            generation: 0,
         }
     }
 
@@ -145,17 +145,20 @@ impl Gradient {
         self.limit as usize
     }
 
-    /// An operation that started at `started` with `in_flight` operations in flight (itself
-    /// included) succeeded after `latency`, at `now`. Returns why the limit moved, if a window
-    /// closed.
+    /// The generation an operation starting now belongs to.
+    pub(crate) fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// An operation that started in `generation` with `in_flight` operations in flight (itself
+    /// included) succeeded after `latency`. Returns why the limit moved, if a window closed.
     pub(crate) fn success(
         &mut self,
-        started: Instant,
+        generation: u32,
         in_flight: usize,
         latency: Duration,
-        now: Instant,
     ) -> Option<Reason> {
-        if self.fresh_since.is_some_and(|probe| started < probe) {
+        if generation != self.generation {
             return None;
         }
         self.dropping = false;
@@ -189,7 +192,7 @@ impl Gradient {
 
         let moved = self.close(short, at, busiest, baseline);
         if moved.is_some() {
-            self.fresh_since = Some(now);
+            self.generation = self.generation.wrapping_add(1);
         }
         moved
     }
@@ -257,21 +260,22 @@ impl Gradient {
 /// How many changes of the limit [`Adaptive::history`] keeps.
 pub(crate) const HISTORY: usize = 64;
 
-/// The shared state of an adaptive limit: the gradient behind a lock, the limit and the
-/// in-flight count as atomics, and the semaphore's permits kept equal to the limit.
+/// The shared state of an adaptive limit: the gradient behind a lock, the limit as an atomic,
+/// and the semaphore's permits kept in step with the limit.
 ///
-/// The semaphore's permits (free plus held) are `limit + debt`: raising the limit pays the debt
-/// first and adds the rest; lowering it forgets free permits and owes the rest, and a unit
-/// given back while a debt is owed is forgotten instead of returned. So no unit is handed out
-/// while as many are in flight as the limit allows.
+/// The semaphore's permits (free plus out) are `limit + debt`: raising the limit pays the debt
+/// first and adds the rest; lowering it forgets free permits and owes the rest. A permit taken
+/// while a debt is owed is forgotten instead of used (the taker waits again), so no operation
+/// starts while as many run as the limit allows; units given back need no bookkeeping.
 pub(crate) struct Adaptive {
     semaphore: Arc<Semaphore>,
     min: usize,
     max: usize,
     name: Option<Box<str>>,
     current: AtomicUsize,
-    in_flight: AtomicUsize,
     debt: AtomicUsize,
+    /// The gradient's generation, for the operations starting.
+    generation: AtomicU32,
     state: Mutex<State>,
     #[cfg(feature = "metrics")]
     metrics: crate::metrics::InFlightMetrics,
@@ -308,8 +312,8 @@ impl Adaptive {
             max,
             name,
             current: AtomicUsize::new(min),
-            in_flight: AtomicUsize::new(0),
             debt: AtomicUsize::new(0),
+            generation: AtomicU32::new(0),
             state: Mutex::new(State {
                 gradient: Gradient::new(min, max),
                 history,
@@ -335,34 +339,18 @@ impl Adaptive {
         self.current.load(Ordering::Relaxed)
     }
 
-    /// Units held now.
+    /// Units out now: the semaphore's permits (`limit + debt`) less the free ones. (A permit
+    /// the semaphore handed to a waiter that has not taken it yet counts as out.)
     #[inline]
     pub(crate) fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::Relaxed)
+        let permits = self.current() + self.debt.load(Ordering::Acquire);
+        permits.saturating_sub(self.semaphore.available_permits())
     }
 
-    /// A permit was taken: it becomes a unit, with the number in flight (this one included),
-    /// unless the limit was lowered after the semaphore handed it to its waiter: then it pays
-    /// that debt instead (it is forgotten) and the caller waits again.
+    /// Forgets a permit just taken if a debt is owed (the limit was lowered while units were
+    /// out), paying one unit of it; else gives it back for use.
     #[inline]
-    pub(crate) fn claim(
-        &self,
-        permit: OwnedSemaphorePermit,
-    ) -> Option<(OwnedSemaphorePermit, usize)> {
-        let permit = self.repay(permit)?;
-        Some((permit, self.in_flight.fetch_add(1, Ordering::Relaxed) + 1))
-    }
-
-    /// A unit is given back: forgotten if the limit was lowered below what was in flight.
-    #[inline]
-    pub(crate) fn released(&self, permit: OwnedSemaphorePermit) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
-        drop(self.repay(permit));
-    }
-
-    /// Forgets `permit` if a debt is owed, paying one unit of it; else gives it back.
-    #[inline]
-    fn repay(&self, permit: OwnedSemaphorePermit) -> Option<OwnedSemaphorePermit> {
+    pub(crate) fn repay(&self, permit: OwnedSemaphorePermit) -> Option<OwnedSemaphorePermit> {
         let owed = self
             .debt
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |d| d.checked_sub(1));
@@ -375,25 +363,31 @@ impl Adaptive {
         }
     }
 
-    /// An operation that took its unit at `started`, with `in_flight` units held (its own
-    /// included), succeeded now.
-    pub(crate) fn success(&self, started: Instant, in_flight: usize) {
-        let now = Instant::now();
-        let latency = now.saturating_duration_since(started);
-        self.update(now, |g| g.success(started, in_flight, latency, now));
+    /// The generation of the gradient, for an operation starting now.
+    #[inline]
+    pub(crate) fn generation(&self) -> u32 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// An operation that started in `generation`, with `in_flight` units out (its own
+    /// included), succeeded after `latency`.
+    pub(crate) fn success(&self, generation: u32, in_flight: usize, latency: Duration) {
+        self.update(|g| g.success(generation, in_flight, latency));
     }
 
     /// An operation failed or timed out.
     pub(crate) fn dropped(&self) {
-        self.update(Instant::now(), Gradient::dropped);
+        self.update(Gradient::dropped);
     }
 
-    fn update(&self, now: Instant, f: impl FnOnce(&mut Gradient) -> Option<Reason>) {
+    fn update(&self, f: impl FnOnce(&mut Gradient) -> Option<Reason>) {
         let change = {
             let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
             let Some(reason) = f(&mut state.gradient) else {
                 return;
             };
+            self.generation
+                .store(state.gradient.generation(), Ordering::Release);
             let (from, to) = (self.current(), state.gradient.limit());
             if from == to {
                 return;
@@ -403,7 +397,7 @@ impl Adaptive {
             if state.history.len() == HISTORY {
                 state.history.pop_front();
             }
-            state.history.push_back((now, to));
+            state.history.push_back((Instant::now(), to));
             Change { from, to, reason }
         };
         tracing::debug!(
@@ -465,38 +459,33 @@ mod tests {
 
     /// Feeds `g` windows of samples from a service whose latency is 10 ms up to `knee` in
     /// flight and grows in proportion beyond it, every operation starting at the limit.
-    fn drive(g: &mut Gradient, start: Instant, windows: usize, knee: usize) -> Instant {
-        let mut now = start;
+    fn drive(g: &mut Gradient, windows: usize, knee: usize) {
         for _ in 0..windows {
-            let in_flight = g.limit();
+            let (in_flight, generation) = (g.limit(), g.generation());
             let latency = 10 * MS * (in_flight.max(knee) as u32) / knee as u32;
             for _ in 0..MIN_WINDOW.max(in_flight) {
-                g.success(now, in_flight, latency, now + latency);
+                g.success(generation, in_flight, latency);
             }
-            now += latency;
         }
-        now
     }
 
     #[test]
     fn settles_over_the_knee_and_follows_it_down() {
         let mut g = Gradient::new(1, 1000);
-        let now = drive(&mut g, Instant::now(), 200, 32);
+        drive(&mut g, 200, 32);
         // x = TOLERANCE × 32 + log10(x): 35.1, so 35 (or half of it in a probe).
         assert!(matches!(g.limit(), 35 | 17), "{}", g.limit());
         // x = TOLERANCE × 16 + log10(x): 18.06.
-        drive(&mut g, now, 200, 16);
+        drive(&mut g, 200, 16);
         assert!(matches!(g.limit(), 18 | 9), "{}", g.limit());
     }
 
     #[test]
     fn slow_start_doubles_until_latency_grows() {
         let mut g = Gradient::new(1, 1000);
-        let start = Instant::now();
         let mut limits = vec![g.limit()];
-        let mut now = start;
         for _ in 0..6 {
-            now = drive(&mut g, now, 1, 1000);
+            drive(&mut g, 1, 1000);
             limits.push(g.limit());
         }
         assert_eq!(limits, [1, 2, 4, 8, 16, 32, 64]);
@@ -505,7 +494,7 @@ mod tests {
     #[test]
     fn drops_back_off_and_never_leave_the_bounds() {
         let mut g = Gradient::new(4, 50);
-        let mut now = drive(&mut g, Instant::now(), 50, 1000);
+        drive(&mut g, 50, 1000);
         assert_eq!(g.limit(), 50);
         assert_eq!(g.dropped(), Some(Reason::Drop));
         assert_eq!(g.limit(), 45);
@@ -517,7 +506,7 @@ mod tests {
         // Slow start again, up to half the limit the drops began at, then one step at a time.
         let mut limits = vec![];
         for _ in 0..4 {
-            now = drive(&mut g, now, 1, 1000);
+            drive(&mut g, 1, 1000);
             limits.push(g.limit());
         }
         assert_eq!(limits, [8, 16, 25, 26]);
@@ -526,20 +515,20 @@ mod tests {
     #[test]
     fn a_probe_halves_the_limit_for_one_window_and_ignores_older_samples() {
         let mut g = Gradient::new(1, 1000);
-        let start = Instant::now();
-        let mut now = drive(&mut g, start, 100, 32);
+        drive(&mut g, 100, 32);
         while g.restore.is_none() {
-            now = drive(&mut g, now, 1, 32);
+            drive(&mut g, 1, 32);
         }
-        let probe = g.fresh_since.unwrap();
         let restore = g.restore.unwrap() as usize;
         assert_eq!(g.limit(), restore / 2);
         // Samples of operations started before the probe change nothing.
+        let before = g.generation().wrapping_sub(1);
         for _ in 0..100 {
-            assert_eq!(g.success(start, 100, 50 * MS, now), None);
+            assert_eq!(g.success(before, 100, 50 * MS), None);
         }
+        let probe = g.generation();
         let reasons: Vec<_> = (0..MIN_WINDOW.max(g.limit()))
-            .filter_map(|_| g.success(probe, g.limit(), 10 * MS, now))
+            .filter_map(|_| g.success(probe, g.limit(), 10 * MS))
             .collect();
         assert_eq!(reasons, [Reason::Restore]);
         assert_eq!(g.limit(), restore);
@@ -549,10 +538,9 @@ mod tests {
     #[test]
     fn instant_operations_grow_the_limit() {
         let mut g = Gradient::new(1, 8);
-        let now = Instant::now();
         for _ in 0..100 {
-            let in_flight = g.limit();
-            g.success(now, in_flight, Duration::ZERO, now);
+            let (in_flight, generation) = (g.limit(), g.generation());
+            g.success(generation, in_flight, Duration::ZERO);
         }
         assert_eq!(g.limit(), 8);
     }

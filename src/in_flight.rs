@@ -22,10 +22,11 @@
 
 use std::fmt;
 use std::future::Future;
-use std::marker::PhantomData;
+use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::stream::{FuturesOrdered, FuturesUnordered, Stream};
 use pin_project_lite::pin_project;
@@ -343,11 +344,21 @@ impl InFlightLimit {
     /// ```
     pub async fn run<F: Future>(&self, fut: F) -> F::Output {
         if self.adaptive.is_some() {
-            let permit = self.acquire().await;
-            let out = fut.await;
-            permit.success();
-            return out;
+            // Boxed, so that the future of a fixed limit's run stays as small as it was.
+            return Box::pin(async {
+                let permit = self.acquire().await;
+                let out = fut.await;
+                self.finish(permit, false);
+                out
+            })
+            .await;
         }
+        self.run_fixed(fut).await
+    }
+
+    /// [`run`](Self::run) of a fixed limit (of an adaptive one, it holds a unit but reports
+    /// nothing).
+    pub(crate) async fn run_fixed<F: Future>(&self, fut: F) -> F::Output {
         // A free unit is taken without the queue's future (no waiter can be ahead while units
         // are free, so first come, first served still holds).
         let _permit = match self.semaphore.try_acquire() {
@@ -362,7 +373,7 @@ impl InFlightLimit {
     }
 
     /// Takes a unit of this limit, waiting for one first (first come, first served), for a
-    /// holder that reports the outcome itself.
+    /// holder that reports the outcome itself through [`finish`](Self::finish).
     pub(crate) async fn acquire(&self) -> Permit {
         loop {
             let permit = match self.semaphore.clone().try_acquire_owned() {
@@ -374,57 +385,115 @@ impl InFlightLimit {
                     .await
                     .expect("the semaphore is never closed"),
             };
-            if let Some(permit) = self.claim(permit) {
-                return permit;
+            if let Some(permit) = self.keep(permit) {
+                return Permit {
+                    permit,
+                    ticket: self.ticket(),
+                };
             }
         }
     }
 
     /// Takes a unit of this limit for a stream or service that holds it past a call: a free
     /// unit at once, else through the queue's wait in `acquire` (first come, first served),
-    /// which is kept across polls and cleared once the unit is taken.
+    /// which is kept across polls and cleared once the unit is taken. The holder then takes
+    /// its [`ticket`](Self::ticket).
     pub(crate) fn poll_permit(
         &self,
         acquire: &mut Option<Acquire>,
         cx: &mut Context<'_>,
-    ) -> Poll<Permit> {
+    ) -> Poll<OwnedSemaphorePermit> {
+        if self.adaptive.is_none() {
+            return self.poll_semaphore(acquire, cx);
+        }
         loop {
-            let permit = match self.semaphore.clone().try_acquire_owned() {
-                Ok(permit) => permit,
-                Err(_) => {
-                    let wait = acquire
-                        .get_or_insert_with(|| Box::pin(self.semaphore.clone().acquire_owned()));
-                    std::task::ready!(wait.as_mut().poll(cx))
-                        .expect("the semaphore is never closed")
-                }
-            };
-            *acquire = None;
-            if let Some(permit) = self.claim(permit) {
+            let permit = std::task::ready!(self.poll_semaphore(acquire, cx));
+            if let Some(permit) = self.keep(permit) {
                 return Poll::Ready(permit);
             }
         }
     }
 
-    /// Makes a taken semaphore permit a unit: of a fixed limit, always; of an adaptive one,
-    /// unless the limit was lowered after the permit was handed to this waiter (then it pays
-    /// that debt, and the caller waits again).
-    #[inline]
-    fn claim(&self, permit: OwnedSemaphorePermit) -> Option<Permit> {
-        let Some(adaptive) = &self.adaptive else {
-            return Some(Permit {
-                permit: Some(permit),
-                sample: None,
-            });
+    /// A permit of the semaphore: a free one at once, else through the queue's wait in
+    /// `acquire`, kept across polls and cleared once the permit is taken.
+    #[inline(always)]
+    fn poll_semaphore(
+        &self,
+        acquire: &mut Option<Acquire>,
+        cx: &mut Context<'_>,
+    ) -> Poll<OwnedSemaphorePermit> {
+        let permit = match self.semaphore.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                let wait =
+                    acquire.get_or_insert_with(|| Box::pin(self.semaphore.clone().acquire_owned()));
+                std::task::ready!(wait.as_mut().poll(cx)).expect("the semaphore is never closed")
+            }
         };
-        let (permit, in_flight) = adaptive.claim(permit)?;
-        Some(Permit {
-            permit: Some(permit),
-            sample: Some(Sample {
-                in_flight,
-                started: Instant::now(),
-                adaptive: Arc::clone(adaptive),
-            }),
-        })
+        *acquire = None;
+        Poll::Ready(permit)
+    }
+
+    /// Whether a permit the semaphore gave may be used: always, unless the adaptive limit is
+    /// lower than the units out (it was lowered while they ran, or after the semaphore handed
+    /// this one to its waiter): then the permit pays that debt, and the caller waits again.
+    #[inline]
+    fn keep(&self, permit: OwnedSemaphorePermit) -> Option<OwnedSemaphorePermit> {
+        match &self.adaptive {
+            None => Some(permit),
+            Some(adaptive) => Self::repay(adaptive, permit),
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn repay(adaptive: &Adaptive, permit: OwnedSemaphorePermit) -> Option<OwnedSemaphorePermit> {
+        adaptive.repay(permit)
+    }
+
+    /// For a unit just taken: of an adaptive limit, when it was taken and how many are in
+    /// flight with it; of a fixed limit, nothing (no clock is read).
+    #[inline]
+    pub(crate) fn ticket(&self) -> Option<Ticket> {
+        self.adaptive.as_deref().map(Self::ticket_of)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn ticket_of(adaptive: &Adaptive) -> Ticket {
+        let in_flight = u32::try_from(adaptive.in_flight()).unwrap_or(u32::MAX);
+        Ticket {
+            started: Instant::now(),
+            generation: adaptive.generation(),
+            in_flight: NonZeroU32::new(in_flight).unwrap_or(NonZeroU32::MIN),
+        }
+    }
+
+    /// The operation holding `permit` ended now, failed (a drop signal) or not: reports it to
+    /// an adaptive limit, then gives the unit back.
+    pub(crate) fn finish(&self, permit: Permit, failed: bool) {
+        let Permit { permit, ticket } = permit;
+        if let Some(ticket) = ticket {
+            self.report(ticket.end(), failed);
+        }
+        // Given back after the report, so that a lowered limit is in force first.
+        drop(permit);
+    }
+
+    /// Reports an operation's end to an adaptive limit: a drop if `failed`, else a success.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn report(&self, ended: Ended, failed: bool) {
+        if let Some(adaptive) = &self.adaptive {
+            match failed {
+                true => adaptive.dropped(),
+                false => adaptive.success(
+                    ended.generation,
+                    ended.in_flight.get() as usize,
+                    Duration::try_from_secs_f32(ended.latency).unwrap_or(Duration::MAX),
+                ),
+            }
+        }
     }
 
     /// How many operations are running now, across every stream sharing this limit.
@@ -466,58 +535,44 @@ impl fmt::Debug for InFlightLimit {
     }
 }
 
-/// A unit of an [`InFlightLimit`], given back when dropped. Of an adaptive limit, it also
-/// carries what its outcome is measured from; [`success`](Self::success) or
-/// [`dropped`](Self::dropped) reports it (dropping it unreported reports nothing).
+/// A unit of an [`InFlightLimit`], given back when dropped, and (of an adaptive limit) its
+/// [`Ticket`], for [`InFlightLimit::finish`].
 pub(crate) struct Permit {
-    permit: Option<OwnedSemaphorePermit>,
-    sample: Option<Sample>,
+    pub(crate) permit: OwnedSemaphorePermit,
+    pub(crate) ticket: Option<Ticket>,
 }
 
-/// When an adaptive limit's unit was taken, and how many were in flight then.
-struct Sample {
-    adaptive: Arc<Adaptive>,
+/// When an adaptive limit's unit was taken, in which generation of the limit, and how many
+/// were in flight then (itself included). A plain value: a unit dropped without a report (a
+/// cancelled operation) reports nothing.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ticket {
     started: Instant,
-    in_flight: usize,
+    generation: u32,
+    in_flight: NonZeroU32,
 }
 
-impl Permit {
-    /// The operation succeeded (its latency: from taking the unit to now). Gives the unit back.
-    #[inline]
-    pub(crate) fn success(self) {
-        if let Some(s) = &self.sample {
-            s.adaptive.success(s.started, s.in_flight);
-        }
-    }
-
-    /// The operation failed or timed out: a drop signal. Gives the unit back.
-    #[inline]
-    pub(crate) fn dropped(self) {
-        if let Some(s) = &self.sample {
-            s.adaptive.dropped();
-        }
-    }
-
-    /// A drop if `failed`, else a success.
-    #[inline]
-    pub(crate) fn report(self, failed: bool) {
-        if failed {
-            self.dropped()
-        } else {
-            self.success()
+impl Ticket {
+    /// The operation ends now.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn end(self) -> Ended {
+        Ended {
+            generation: self.generation,
+            in_flight: self.in_flight,
+            latency: self.started.elapsed().as_secs_f32(),
         }
     }
 }
 
-impl Drop for Permit {
-    #[inline]
-    fn drop(&mut self) {
-        if let Some(sample) = self.sample.take() {
-            if let Some(permit) = self.permit.take() {
-                sample.adaptive.released(permit);
-            }
-        }
-    }
+/// An operation of an adaptive limit that ended: its generation, in-flight count and latency
+/// (in seconds). Kept small: it travels with the operation's output to the stream that reports
+/// it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ended {
+    generation: u32,
+    in_flight: NonZeroU32,
+    latency: f32,
 }
 
 /// How an operation's output counts for an adaptive limit.
@@ -549,22 +604,29 @@ impl<T, E> Outcome<Result<T, E>> for ErrFails {
 }
 
 pin_project! {
-    /// A future that holds a permit of the limit (if it was given one) until it completes,
-    /// then reports its output as `O` judges it.
-    pub(crate) struct WithPermit<Fut, O = Succeeds> {
+    /// A future that holds a permit of the limit (if it was given one) until it completes.
+    /// Its output comes with the operation's end, if it holds a ticket of an adaptive limit,
+    /// for its holder to report (a fixed limit's future carries `None`, and reads no clock).
+    pub(crate) struct WithPermit<Fut> {
         #[pin]
         fut: Fut,
-        permit: Option<Permit>,
-        outcome: PhantomData<fn() -> O>,
+        permit: Option<OwnedSemaphorePermit>,
+        ticket: Option<Ticket>,
     }
 }
 
-impl<Fut, O> WithPermit<Fut, O> {
-    pub(crate) fn new(fut: Fut, permit: Option<Permit>) -> Self {
+impl<Fut> WithPermit<Fut> {
+    /// `fut`, holding `permit` (if any) with its `ticket` (of an adaptive limit).
+    #[inline]
+    pub(crate) fn new(
+        fut: Fut,
+        permit: Option<OwnedSemaphorePermit>,
+        ticket: Option<Ticket>,
+    ) -> Self {
         Self {
             fut,
             permit,
-            outcome: PhantomData,
+            ticket,
         }
     }
 
@@ -574,16 +636,15 @@ impl<Fut, O> WithPermit<Fut, O> {
     }
 }
 
-impl<Fut: Future, O: Outcome<Fut::Output>> Future for WithPermit<Fut, O> {
-    type Output = Fut::Output;
+impl<Fut: Future> Future for WithPermit<Fut> {
+    type Output = (Fut::Output, Option<Box<Ended>>);
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Fut::Output> {
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let out = std::task::ready!(this.fut.poll(cx));
-        if let Some(permit) = this.permit.take() {
-            permit.report(O::failed(&out));
-        }
-        Poll::Ready(out)
+        this.permit.take();
+        Poll::Ready((out, this.ticket.take().map(|t| Box::new(t.end()))))
     }
 }
 
@@ -734,7 +795,8 @@ impl<S, C, Q> Core<S, C, Q>
 where
     S: Stream,
     C: Start<S::Item>,
-    Q: Queue<Fut = WithPermit<C::Fut, C::Outcome>> + Stream<Item = <C::Fut as Future>::Output>,
+    Q: Queue<Fut = WithPermit<C::Fut>>
+        + Stream<Item = (<C::Fut as Future>::Output, Option<Box<Ended>>)>,
 {
     pub(crate) fn poll_next(
         self: Pin<&mut Self>,
@@ -752,7 +814,7 @@ where
                     Poll::Ready(Some(item)) => {
                         if !this.start.needs_permit(&item) {
                             let fut = this.start.start(item);
-                            this.running.push(WithPermit::new(fut, None));
+                            this.running.push(WithPermit::new(fut, None, None));
                             continue;
                         }
                         *this.waiting = Some(item);
@@ -767,12 +829,19 @@ where
             let Poll::Ready(permit) = this.limit.poll_permit(this.acquire, cx) else {
                 break;
             };
+            let ticket = this.limit.ticket();
             let item = this.waiting.take().expect("an item waits for the permit");
             let fut = this.start.start(item);
-            this.running.push(WithPermit::new(fut, Some(permit)));
+            this.running
+                .push(WithPermit::new(fut, Some(permit), ticket));
         }
         match Pin::new(&mut *this.running).poll_next(cx) {
-            Poll::Ready(Some(out)) => Poll::Ready(Some(out)),
+            Poll::Ready(Some((out, ended))) => {
+                if let Some(ended) = ended {
+                    this.limit.report(*ended, C::Outcome::failed(&out));
+                }
+                Poll::Ready(Some(out))
+            }
             Poll::Ready(None) if *this.upstream_done && this.waiting.is_none() => Poll::Ready(None),
             _ => Poll::Pending,
         }

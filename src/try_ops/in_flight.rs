@@ -74,7 +74,7 @@ macro_rules! try_in_flight_stream {
             #[must_use = "streams do nothing unless polled"]
             pub struct $name<S: TryStream, F, Fut: TryFuture> {
                 #[pin]
-                core: Core<IntoStream<S>, TryStart<F>, $queue<WithPermit<TryFut<Fut>, ErrFails>>>,
+                core: Core<IntoStream<S>, TryStart<F>, $queue<WithPermit<TryFut<Fut>>>>,
             }
         }
 
