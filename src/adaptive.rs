@@ -28,9 +28,11 @@
 //!   short-term RTT, so an estimate does not depend on how far the limit has moved since.)
 //!   Over a knee past which latency grows in proportion to concurrency, the limit settles at
 //!   `x = TOLERANCE × knee + log10(x)`: 35 for a knee of 32, 18 for 16.
-//! * **Slow start ends** at the first window in which any operation's latency is over the
-//!   tolerance (its longest latency is the signal then, as TCP's HyStart watches for a delay
-//!   increase): so it overshoots the knee by at most one doubling, for one window.
+//! * **Slow start ends** at the first window whose mean latency is more than
+//!   `SLOW_START_EXIT` (1.2) times the baseline, as TCP's HyStart watches for a delay
+//!   increase. (The mean, not the minimum: the first operations of a burst meet no queue, and
+//!   a coarse timer adds noise the mean averages out.) That window's longest latency then sets
+//!   the target. Over a knee, slow start overshoots to twice it, for one window.
 //! * **Drops** (a failure or a timeout, applied at once, not windowed): the limit falls to
 //!   `BACKOFF` (0.9) of itself, as in Netflix's `AIMDLimit`; the first drop of a run also sets
 //!   the slow-start threshold to half the limit, so the limit climbs back fast once calls
@@ -57,6 +59,8 @@ pub(crate) const TOLERANCE: f64 = 1.05;
 pub(crate) const BACKOFF: f64 = 0.9;
 /// The share of the way to the target a queued window moves the limit.
 pub(crate) const SMOOTHING: f64 = 0.5;
+/// How much above the baseline a window's mean latency may be and slow start go on.
+pub(crate) const SLOW_START_EXIT: f64 = 1.2;
 /// The fewest samples in a window.
 pub(crate) const MIN_WINDOW: usize = 4;
 /// Windows between two probes of the baseline.
@@ -97,6 +101,8 @@ struct Window {
     shortest: Option<(Duration, usize)>,
     /// The highest latency in the window, and the in-flight count its operation started with.
     longest: Option<(Duration, usize)>,
+    /// The sum of the window's latencies.
+    total: Duration,
     /// The most operations in flight at the start of any sample of the window.
     busiest: usize,
 }
@@ -171,22 +177,32 @@ impl Gradient {
         if w.longest.is_none_or(|(longest, _)| latency > longest) {
             w.longest = Some((latency, in_flight));
         }
+        w.total = w.total.saturating_add(latency);
         if w.samples < MIN_WINDOW.max(self.limit as usize) {
             return None;
         }
         let Window {
+            samples,
             shortest,
             longest,
             busiest,
-            ..
+            total,
         } = std::mem::take(w);
         let shortest = shortest.expect("a full window has a shortest sample");
         let baseline = self.baseline.map_or(shortest.0, |b| b.min(shortest.0));
         self.baseline = Some(baseline);
-        // In slow start, one operation over the tolerance ends it (as TCP's HyStart watches
-        // for a delay increase); after it, the window's shortest latency is the signal.
+        // In slow start, the window's mean latency is the signal (as TCP's HyStart watches for
+        // a delay increase): while it stays within SLOW_START_EXIT of the baseline, the limit
+        // doubles; past it, slow start ends on the window's longest latency. After slow start,
+        // the window's shortest latency is the signal.
         let (short, at) = match self.limit < self.slow_start_below {
-            true => longest.expect("a full window has a longest sample"),
+            true => {
+                let mean = total / u32::try_from(samples).unwrap_or(u32::MAX);
+                match mean.as_secs_f64() <= SLOW_START_EXIT * baseline.as_secs_f64() {
+                    true => (baseline, busiest),
+                    false => longest.expect("a full window has a longest sample"),
+                }
+            }
             false => shortest,
         };
 

@@ -7,7 +7,8 @@
 //! so a stream whose upstream is idle holds no permit that another stream could use. In input
 //! order, a finished future gives its permit back at once and waits in the queue for the
 //! earlier ones; the queue (running plus finished) never holds more than the limit's
-//! [`limit`](InFlightLimit::limit), as `buffered(n)` never holds more than `n`.
+//! [`limit`](InFlightLimit::limit) (of an adaptive limit: as it stood when the last item was
+//! pulled), as `buffered(n)` never holds more than `n`.
 //!
 //! The engine ([`Core`]) is shared by the whole family: it is generic over the queue of running
 //! futures ([`Queue`]: completion order or input order) and over how an upstream item starts
@@ -15,10 +16,13 @@
 //! as a finished future that holds none).
 //!
 //! A limit is fixed ([`InFlightLimit::new`]) or adaptive ([`InFlightLimit::adaptive`], the
-//! algorithm in [`crate::adaptive`]). A unit is a [`Permit`]: of a fixed limit, the semaphore's
-//! permit and nothing more; of an adaptive one, also when it was taken and how many were in
-//! flight then, so that its holder can report the outcome (success with its latency, or a
-//! drop). A permit dropped without a report (a cancelled operation) reports nothing.
+//! algorithm in [`crate::adaptive`]). Of a fixed limit, a running future holds the semaphore's
+//! permit and nothing more: no clock is read, nothing is counted. Of an adaptive one, it also
+//! holds a [`Ticket`] (when it started, in which generation of the limit, with how many in
+//! flight); when it ends, its latency travels with its output to the stream, which reports it
+//! with the outcome ([`Start::Outcome`] says whether the output is a failure). A future dropped
+//! before it ends reports nothing. The limit's units are the semaphore's permits; lowering it
+//! leaves a debt that the next permits taken pay, so giving a unit back needs no bookkeeping.
 
 use std::fmt;
 use std::future::Future;
@@ -111,8 +115,8 @@ impl InFlightLimit {
     /// latency with no queue, the *baseline*):
     ///
     /// * within 5% of the baseline, the limit grows, if the window used it: it doubles at
-    ///   first (slow start, which ends at the first latency over 5%), then adds
-    ///   `max(1, log10(limit))` at a time;
+    ///   first (slow start, which ends at the first window whose mean latency is 20% over the
+    ///   baseline), then adds `max(1, log10(limit))` at a time;
     /// * higher, the limit moves half way to the concurrency the service absorbs without a
     ///   queue (by Little's law: what was in flight × 1.05 × baseline / latency), plus that
     ///   allowance;
@@ -138,8 +142,15 @@ impl InFlightLimit {
     ///   [`try_in_flight_ordered`](crate::TryPipelineExt::try_in_flight_ordered): the same, and
     ///   an `Err` is a drop;
     /// * a [`Call`](crate::Call) with [`in_flight`](crate::Call::in_flight): the attempt's
-    ///   outcome, an `Err` or a timeout being a drop;
+    ///   outcome, an `Err` or a timeout being a drop (a timeout while still waiting for a unit
+    ///   says nothing of the service, and reports nothing);
+    /// * as a tower layer (feature `tower`), each call: a success, with its latency from the
+    ///   unit taken in `poll_ready` to the response;
     /// * an operation cancelled (its future dropped) reports nothing.
+    ///
+    /// In input order ([`in_flight_ordered`](crate::PipelineExt::in_flight_ordered)), an
+    /// operation's latency is measured when it ends and reaches the limit when its result is
+    /// yielded.
     ///
     /// When the limit is lowered below what is in flight, nothing new starts until enough
     /// have finished: the operations in flight are never cut short.
