@@ -554,8 +554,9 @@ pub(crate) struct Permit {
 }
 
 /// When an adaptive limit's unit was taken, in which generation of the limit, and how many
-/// were in flight then (itself included). A plain value: a unit dropped without a report (a
-/// cancelled operation) reports nothing.
+/// were in flight then (itself included). A plain value (no drop glue, so a fixed limit's
+/// futures pay nothing for it): a unit dropped without a report (a cancelled operation)
+/// reports nothing.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Ticket {
     started: Instant,
@@ -577,8 +578,8 @@ impl Ticket {
 }
 
 /// An operation of an adaptive limit that ended: its generation, in-flight count and latency
-/// (in seconds). Kept small: it travels with the operation's output to the stream that reports
-/// it.
+/// (in seconds). Kept small, and a plain value: it travels with the operation's output to the
+/// stream that reports it.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Ended {
     generation: u32,
@@ -648,14 +649,14 @@ impl<Fut> WithPermit<Fut> {
 }
 
 impl<Fut: Future> Future for WithPermit<Fut> {
-    type Output = (Fut::Output, Option<Box<Ended>>);
+    type Output = (Fut::Output, Option<Ended>);
 
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let out = std::task::ready!(this.fut.poll(cx));
         this.permit.take();
-        Poll::Ready((out, this.ticket.take().map(|t| Box::new(t.end()))))
+        Poll::Ready((out, this.ticket.take().map(Ticket::end)))
     }
 }
 
@@ -806,9 +807,9 @@ impl<S, C, Q> Core<S, C, Q>
 where
     S: Stream,
     C: Start<S::Item>,
-    Q: Queue<Fut = WithPermit<C::Fut>>
-        + Stream<Item = (<C::Fut as Future>::Output, Option<Box<Ended>>)>,
+    Q: Queue<Fut = WithPermit<C::Fut>> + Stream<Item = (<C::Fut as Future>::Output, Option<Ended>)>,
 {
+    #[inline]
     pub(crate) fn poll_next(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -849,7 +850,7 @@ where
         match Pin::new(&mut *this.running).poll_next(cx) {
             Poll::Ready(Some((out, ended))) => {
                 if let Some(ended) = ended {
-                    this.limit.report(*ended, C::Outcome::failed(&out));
+                    this.limit.report(ended, C::Outcome::failed(&out));
                 }
                 Poll::Ready(Some(out))
             }

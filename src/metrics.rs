@@ -6,8 +6,8 @@
 //! [`InFlightLimit`](crate::InFlightLimit)s and named [`CircuitBreaker`](crate::CircuitBreaker)s
 //! publish what they count to whatever recorder the application installed:
 //! `metrics-exporter-prometheus` for a Prometheus scrape, a bridge to OpenTelemetry, or any
-//! other [`metrics::Recorder`]. With the feature off, none of this code
-//! exists and the handles cost what they always did.
+//! other [`metrics::Recorder`]. With the feature off, none of this code exists and the handles
+//! cost what they always did.
 //!
 //! # When handles register: install the recorder first
 //!

@@ -404,3 +404,24 @@ fn fixed_limits_do_not_move() {
         assert!(debug.contains(part), "{debug}");
     }
 }
+
+#[cfg(feature = "tower")]
+#[tokio::test(start_paused = true)]
+async fn a_tower_layer_reports_each_call() {
+    use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+
+    let limit = InFlightLimit::adaptive(1, 8);
+    let mut svc = ServiceBuilder::new()
+        .layer(limit.clone())
+        .service(service_fn(|x: u32| async move {
+            sleep(FLOOR).await;
+            Ok::<_, std::convert::Infallible>(x)
+        }));
+    for x in 0..100 {
+        assert_eq!(svc.ready().await.unwrap().call(x).await, Ok(x));
+    }
+    // One call at a time: the limit grows to what that uses (twice it, in slow start), no more.
+    assert_eq!(limit.current(), 2);
+    assert_eq!(limit.history().len(), 2);
+    assert_eq!(limit.in_use(), 0);
+}

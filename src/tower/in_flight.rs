@@ -78,9 +78,9 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let permit = self.permit.take().expect(super::NOT_READY);
         InFlightFuture {
-            inner: WithPermit::new(self.inner.call(req), Some(permit.permit), permit.ticket),
             // An adaptive limit hears of the call's end (a success, with its latency).
             limit: permit.ticket.map(|_| self.limit.clone()),
+            inner: WithPermit::new(self.inner.call(req), Some(permit.permit), permit.ticket),
         }
     }
 }
@@ -116,7 +116,7 @@ impl<F: Future> Future for InFlightFuture<F> {
         let this = self.project();
         let (out, ended) = ready!(this.inner.poll(cx));
         if let (Some(limit), Some(ended)) = (this.limit.take(), ended) {
-            limit.report(*ended, false);
+            limit.report(ended, false);
         }
         Poll::Ready(out)
     }
