@@ -452,13 +452,17 @@ impl InFlightLimit {
     fn keep(&self, permit: OwnedSemaphorePermit) -> Option<OwnedSemaphorePermit> {
         match &self.adaptive {
             None => Some(permit),
-            Some(adaptive) => Self::repay(adaptive, permit),
+            Some(adaptive) => Self::repay_debt(adaptive, permit),
         }
     }
 
+    // Out of line: a fixed limit's path stays small.
     #[cold]
     #[inline(never)]
-    fn repay(adaptive: &Adaptive, permit: OwnedSemaphorePermit) -> Option<OwnedSemaphorePermit> {
+    fn repay_debt(
+        adaptive: &Adaptive,
+        permit: OwnedSemaphorePermit,
+    ) -> Option<OwnedSemaphorePermit> {
         adaptive.repay(permit)
     }
 
