@@ -493,7 +493,8 @@ impl CallMetrics {
 /// adding and subtracting so that the pools of a process add up. Takes its workers off the
 /// workers gauge when dropped with the pool.
 pub(crate) struct PoolMetrics {
-    workers: usize,
+    /// The workers this pool adds to the workers gauge (they move with an adaptive pool).
+    workers: std::sync::atomic::AtomicUsize,
     workers_gauge: Gauge,
     busy: Gauge,
     queued: Gauge,
@@ -503,7 +504,7 @@ impl PoolMetrics {
     /// The gauges of a new pool of `workers` workers.
     pub(crate) fn new(workers: usize) -> Self {
         let metrics = Registrar::with(unnamed_label(), |r| Self {
-            workers,
+            workers: std::sync::atomic::AtomicUsize::new(workers),
             workers_gauge: r.gauge(
                 POOL_WORKERS,
                 Some(Unit::Count),
@@ -522,6 +523,18 @@ impl PoolMetrics {
         });
         metrics.workers_gauge.increment(workers as f64);
         metrics
+    }
+
+    /// The pool (an adaptive one) now counts `workers` workers.
+    pub(crate) fn set_workers(&self, workers: usize) {
+        let before = self
+            .workers
+            .swap(workers, std::sync::atomic::Ordering::Relaxed);
+        if workers > before {
+            self.workers_gauge.increment((workers - before) as f64);
+        } else if workers < before {
+            self.workers_gauge.decrement((before - workers) as f64);
+        }
     }
 
     /// `n` jobs were queued.
@@ -551,7 +564,8 @@ impl PoolMetrics {
 
 impl Drop for PoolMetrics {
     fn drop(&mut self) {
-        self.workers_gauge.decrement(self.workers as f64);
+        let workers = *self.workers.get_mut();
+        self.workers_gauge.decrement(workers as f64);
     }
 }
 
