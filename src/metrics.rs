@@ -94,8 +94,10 @@
 //!   [`CallStats::snapshot`](crate::CallStats::snapshot), [`Pipeline::stats`](crate::Pipeline::stats)):
 //!   both are recorded at the same points.
 //! * The pool gauges change when a job is queued, started, finished, taken back or dropped,
-//!   and `stagepipe_pool_workers` when a pool is built or its last handle (and worker) goes;
-//!   an idle pool shows 0 busy and 0 queued.
+//!   and `stagepipe_pool_workers` when a pool is built or its last handle (and worker) goes,
+//!   and when an [adaptive](crate::WorkerPool::adaptive) pool adds or retires a worker (it
+//!   shows the pool's [`workers`](crate::WorkerPool::workers)); an idle pool shows 0 busy and
+//!   0 queued.
 //! * A breaker turns from open to half-open when `open_for` has passed; the gauge shows it when
 //!   a call next arrives and starts the trial (until then it still reads 2). Each state change
 //!   is counted once, as the breaker's `tracing` events report them.

@@ -14,11 +14,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use crate::error::{ConfigError, nonzero, or_panic};
-use std::time::Duration;
 use crate::sync::atomic::{AtomicUsize, Ordering};
 use crate::sync::{Arc, Mutex, MutexGuard, Weak, sync_thread_local};
 #[cfg(stagepipe_loom)]
 use crate::sync::{LocalCell as _, LocalRefCell as _};
+use std::time::Duration;
 
 sync_thread_local! {
     /// The pool (its `Shared`'s address) whose worker is polling a job on this thread, or 0.
