@@ -1335,6 +1335,40 @@ mod tests {
         assert!(state.next_job().is_none());
     }
 
+    /// The controller grows only under pressure (every worker busy, jobs queued, a job waiting
+    /// on a pending future): CPU-bound work, whose jobs never wait, never grows the pool.
+    #[test]
+    fn the_controller_grows_only_under_pressure() {
+        let mut c = Controller::default();
+        for rate in [100.0, 1_000.0, 10_000.0] {
+            assert!(matches!(c.decide(rate, 2, false, 32), Step::Hold));
+        }
+        assert!(matches!(c.decide(100.0, 2, true, 32), Step::Grow));
+        assert_eq!(c.probing, Some(100.0));
+        assert!(matches!(
+            Controller::default().decide(100.0, 32, true, 32),
+            Step::Hold
+        ));
+    }
+
+    /// A step from `n` to `n + 1` workers is kept if throughput rose by `1/(2n)` or more, and
+    /// undone otherwise; growth then stays stopped until throughput moves by more than 10%.
+    #[test]
+    fn the_controller_keeps_steps_that_pay_and_undoes_the_others() {
+        let mut c = Controller::default();
+        assert!(matches!(c.decide(100.0, 4, true, 32), Step::Grow));
+        // 4 -> 5 workers: at least 12.5% more needed.
+        assert!(matches!(c.decide(113.0, 5, true, 32), Step::Grow));
+        assert!(matches!(c.decide(118.0, 6, true, 32), Step::Undo));
+        assert_eq!((c.retire, c.stalled), (1, Some(113.0)));
+        // Stalled while throughput stays within 10%...
+        assert!(matches!(c.decide(120.0, 5, true, 32), Step::Hold));
+        assert!(matches!(c.decide(105.0, 5, true, 32), Step::Hold));
+        // ...and growing again once it moves further.
+        assert!(matches!(c.decide(130.0, 5, true, 32), Step::Grow));
+        assert_eq!(c.stalled, None);
+    }
+
     /// Equal jobs are still served strictly in turn.
     #[test]
     fn equal_sources_alternate() {
