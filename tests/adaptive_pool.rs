@@ -68,7 +68,7 @@ async fn io_bound_work_grows_the_pool_and_beats_one_worker() {
     );
     assert!(most >= 16, "grew to {most} workers");
     assert!(most <= 32);
-    assert!(adaptive_in_flight >= 8 && adaptive_in_flight <= 32);
+    assert!((16..=32).contains(&adaptive_in_flight));
 
     let fixed = WorkerPool::new(1);
     let (out, fixed_time, fixed_in_flight, _) = io_bound(&fixed, ITEMS).await;
