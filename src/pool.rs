@@ -101,6 +101,9 @@ pub(crate) type Job = Pin<Box<dyn Future<Output = Option<Waker>> + Send + 'stati
 /// inside a job of the pool; a nested stream moved into a separately spawned task that an outer
 /// item awaits is an ordinary consumer and can still exhaust the pool.
 ///
+/// [`WorkerPool::adaptive`] builds a pool that sizes itself between two bounds, for I/O-bound
+/// work whose best concurrency is not known in advance.
+///
 /// A plain number converts into a private pool wherever a pool is accepted:
 /// `s.fan_out_ordered(4, f)` is `s.fan_out_ordered(WorkerPool::new(4), f)`.
 ///
@@ -307,8 +310,12 @@ impl WorkerPool {
     /// at DEBUG level, target `stagepipe::pool`; with feature `metrics`, the
     /// `stagepipe_pool_workers` gauge follows the count.
     ///
-    /// A fixed pool ([`new`](Self::new)) does none of this: its workers run the same loop as
-    /// before, without the sampling.
+    /// A fixed pool ([`new`](Self::new)) does none of this: its workers run a loop without
+    /// the sampling, the counting of waiting jobs or the idle timer.
+    ///
+    /// The idle timer is a tokio timer, so the runtime that runs the workers needs its time
+    /// driver (`enable_time` or `enable_all` on a runtime builder; `#[tokio::main]` and
+    /// `#[tokio::test]` enable it).
     ///
     /// # Panics
     ///
