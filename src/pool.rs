@@ -14,7 +14,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use crate::error::{ConfigError, nonzero, or_panic};
-use crate::sync::atomic::{AtomicUsize, Ordering};
+use crate::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use crate::sync::{Arc, Mutex, MutexGuard, Weak, sync_thread_local};
 #[cfg(stagepipe_loom)]
 use crate::sync::{LocalCell as _, LocalRefCell as _};
@@ -145,6 +145,9 @@ pub(crate) struct Shared {
     /// Workers of an adaptive pool whose job is waiting on a pending future (see
     /// [`Controller`]). Untouched by a fixed pool.
     waiting: AtomicUsize,
+    /// Whether the runtime of an adaptive pool's workers refused a timer (no time driver): its
+    /// idle workers then stay.
+    untimed: AtomicBool,
     /// Workers running jobs now.
     busy: AtomicUsize,
     /// A copy of [`State::live`], written under the lock, read without it by a consumer about
@@ -315,7 +318,8 @@ impl WorkerPool {
     ///
     /// The idle timer is a tokio timer, so the runtime that runs the workers needs its time
     /// driver (`enable_time` or `enable_all` on a runtime builder; `#[tokio::main]` and
-    /// `#[tokio::test]` enable it).
+    /// `#[tokio::test]` enable it). Without it the pool still grows, but its idle workers stay
+    /// (the panic hook reports tokio's refusal of the timer).
     ///
     /// # Panics
     ///
@@ -385,6 +389,7 @@ impl WorkerPool {
             max,
             adaptive: state.controller.is_some(),
             waiting: AtomicUsize::new(0),
+            untimed: AtomicBool::new(false),
             busy: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
             state: Mutex::new(state),
@@ -581,6 +586,7 @@ impl Shared {
         if let Some(controller) = &mut state.controller {
             // No worker is alive: every index is free; the fresh set takes `0..workers`.
             controller.restart();
+            self.untimed.store(false, Ordering::Relaxed);
             let slots = state.parked.len().max(self.workers);
             state.parked.resize_with(slots, || None);
             state.free_workers = (self.workers..slots).rev().collect();
@@ -1003,11 +1009,23 @@ async fn next_or_retire(
                 return Poll::Ready(next);
             }
             // Parked. At `min` workers, nobody retires: no timer to keep.
-            if shared.live.load(Ordering::Relaxed) <= shared.workers {
+            if shared.live.load(Ordering::Relaxed) <= shared.workers
+                || shared.untimed.load(Ordering::Relaxed)
+            {
                 idle = None;
                 return Poll::Pending;
             }
-            let timer = idle.get_or_insert_with(|| Box::pin(tokio::time::sleep(IDLE)));
+            let timer = match &mut idle {
+                Some(timer) => timer,
+                // tokio panics here if the runtime has no time driver.
+                None => match std::panic::catch_unwind(|| Box::pin(tokio::time::sleep(IDLE))) {
+                    Ok(timer) => idle.insert(timer),
+                    Err(_) => {
+                        shared.untimed.store(true, Ordering::Relaxed);
+                        return Poll::Pending;
+                    }
+                },
+            };
             if timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }

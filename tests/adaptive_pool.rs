@@ -251,3 +251,34 @@ fn an_adaptive_pool_serves_runtimes_one_after_another() {
         );
     }
 }
+
+/// On a runtime without a time driver, the pool still grows and serves (its idle workers stay,
+/// since they cannot time their idling).
+#[test]
+fn a_runtime_without_timers_still_works() {
+    let runtime = Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let pool = WorkerPool::adaptive(1, 8);
+    // Items wait on each other, not on a timer: each waits for the next item's turn.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let out: Vec<u64> = runtime.block_on(
+        stream::iter(0..2_000u64)
+            .fan_out(&pool, {
+                let gate = gate.clone();
+                move |x| {
+                    let gate = gate.clone();
+                    async move {
+                        gate.add_permits(1);
+                        gate.acquire().await.unwrap().forget();
+                        tokio::task::yield_now().await;
+                        x
+                    }
+                }
+            })
+            .collect(),
+    );
+    assert_eq!(sorted(out), (0..2_000).collect::<Vec<_>>());
+    assert!(pool.workers() >= 1);
+}
