@@ -7,9 +7,6 @@
 //! upstream has seen as JSON: calls, failures, the most concurrent calls and the most calls in
 //! any window of `window_ms`.
 
-// Shared with the service tests and benchmark, which use parts the example itself does not.
-#![allow(dead_code)]
-
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -20,6 +17,7 @@ use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -146,6 +144,10 @@ impl Upstream {
     pub async fn start(config: UpstreamConfig) -> std::io::Result<Self> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
+        // Each answer leaves as it is written.
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         let shared = Arc::new(Shared {
             latency_us: AtomicU64::new(config.latency.as_micros() as u64),
             failure_ppm: AtomicU64::new(ppm(config.failure_rate)),

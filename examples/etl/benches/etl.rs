@@ -6,23 +6,11 @@
 //! work is staged: one step after another, or parse and transform on the pool while the
 //! previous batch is written.
 
-#[path = "../examples/etl/db.rs"]
-#[allow(dead_code)]
-mod db;
-#[path = "../examples/etl/generator.rs"]
-#[allow(dead_code)]
-mod generator;
-#[path = "../examples/etl/job.rs"]
-#[allow(dead_code)]
-mod job;
-#[path = "../examples/etl/model.rs"]
-#[allow(dead_code)]
-mod model;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, SamplingMode, Throughput, criterion_group, criterion_main};
+use stagepipe_etl::{db, generator, job};
 
 const ROWS: usize = 200_000;
 

@@ -1,4 +1,4 @@
-//! The `service` example under load: 50 clients × 200 trivial items each, over real HTTP on
+//! The service example under load: 50 clients × 200 trivial items each, over real HTTP on
 //! 127.0.0.1, through the shared pipeline, versus the same service written the way one would
 //! without it: a `tokio::spawn` per item (no shared pool), collected with `buffered` (the same
 //! contract: results in submission order) or `buffer_unordered` (completion order, a weaker
@@ -7,27 +7,26 @@
 //! Criterion measures requests/s; a fixed number of extra rounds afterwards measures the p99
 //! latency of a job (post to last line) and of an item (post to its line), printed per variant.
 
-#[path = "../examples/service/app.rs"]
-mod app;
-
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use app::{Config, Jobs, Line, Service};
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::routing::post;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures::{StreamExt, stream};
+use stagepipe_service::app::{Config, Jobs, Line, Service};
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
 
 const CLIENTS: i64 = 50;
 const ITEMS: i64 = 200;
-/// Items of one job in progress at once in the baseline: the pipeline's default group window.
-const WINDOW: usize = 256;
+/// Items of one job in progress at once in the baseline: the service's job window.
+fn window() -> usize {
+    config().job_window
+}
 
 /// Trivial items: no upstream (the call stage answers locally), limits that never bind.
 fn config() -> Config {
@@ -51,9 +50,9 @@ async fn spawn_jobs(State((jobs, ordered)): State<(Arc<Jobs>, bool)>, body: Byte
         tokio::spawn(async move { (index, input, jobs.process(input).await) })
     });
     let done = if ordered {
-        tasks.buffered(WINDOW).left_stream()
+        tasks.buffered(window()).left_stream()
     } else {
-        tasks.buffer_unordered(WINDOW).right_stream()
+        tasks.buffer_unordered(window()).right_stream()
     };
     let lines = done.map(|done| {
         let (index, input, result) = done.expect("no panics");

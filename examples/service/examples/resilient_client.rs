@@ -3,11 +3,12 @@
 //! at once, in order → batches of 100 → write them → print the call's stats.
 //!
 //! ```text
-//! cargo run --example resilient_client                    # embedded sample, simulated upstream
-//! cargo run --example resilient_client -- numbers.txt --out doubled.txt --upstream http://127.0.0.1:PORT
+//! cargo run -p stagepipe-service --example resilient_client      # embedded sample, simulated upstream
+//! cargo run -p stagepipe-service --example resilient_client -- numbers.txt --out doubled.txt --upstream http://127.0.0.1:PORT
 //! ```
 //!
-//! `--upstream` takes the flaky upstream the `service` example starts (it prints its URL):
+//! It lives beside the service, whose crate has the HTTP client it uses: `--upstream` takes the
+//! flaky upstream the service (`cargo run -p stagepipe-service`) starts (it prints its URL):
 //! `GET URL/work?x=N` answers `2 * N`, or 503. Without it, a simulated upstream in this process
 //! answers the same way: one attempt in 8 fails, one in 60 hangs past the timeout.
 

@@ -9,14 +9,14 @@ use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
 use crate::generator;
 use crate::job::{self, Config, Input, Progress, Report};
 
 /// The sample shipped with the crate (generated with `--rows 4000 --seed 1`), built into the
 /// program: the first command works wherever the program was built or moved.
-pub const SAMPLE: &[u8] = include_bytes!("../../data/violations-sample.csv");
+pub const SAMPLE: &[u8] = include_bytes!("../data/violations-sample.csv");
 
 /// The name under which the sample's rejects are stored.
 pub const SAMPLE_NAME: &str = "violations-sample.csv";
@@ -28,14 +28,18 @@ pub const SAMPLE_NAME: &str = "violations-sample.csv";
 /// written in batches, one transaction each, retried on transient database errors. Malformed
 /// rows go to the table `rejects` with their line and reason; loading the same file again adds
 /// nothing.
+// The field docs are the `--help` text, written for a terminal: `[:PASSWORD]` is no link.
+#[allow(rustdoc::broken_intra_doc_links)]
 #[derive(Debug, Parser)]
 #[command(
-    name = "etl",
+    name = "stagepipe-etl",
     after_help = "Examples:
-  etl                                        load the built-in sample into ./etl.sqlite
-  etl food-inspections.csv                   the real file, as downloaded
-  etl food.csv --db postgres://user:pw@localhost/food
-  etl --generate big.csv --rows 2000000      write a generated file to load
+  stagepipe-etl                                    load the built-in sample into ./etl.sqlite
+  stagepipe-etl food-inspections.csv               the real file, as downloaded
+  stagepipe-etl food.csv --db postgres://user:pw@localhost/food
+  stagepipe-etl --generate big.csv --rows 2000000  write a generated file to load
+
+With cargo, from the repository: cargo run --release -p stagepipe-etl -- [OPTIONS] [FILE]
 
 RUST_LOG=etl=debug,stagepipe=info shows the job's and the crate's tracing events on stderr."
 )]
@@ -80,6 +84,17 @@ pub struct Args {
     #[arg(long, short)]
     pub quiet: bool,
 
+    /// After the report, print the staged pipeline as it ran (stages, routes taken, counts): a
+    /// Mermaid flowchart, or Graphviz DOT with --graph dot
+    #[arg(
+        long,
+        value_name = "FORMAT",
+        num_args = 0..=1,
+        default_missing_value = "mermaid",
+        conflicts_with = "json"
+    )]
+    pub graph: Option<GraphFormat>,
+
     /// Write a generated file of the real file's shape to OUT instead of loading (see --rows,
     /// --seed)
     #[arg(long, value_name = "OUT", conflicts_with_all = ["input", "limit", "json"])]
@@ -92,6 +107,15 @@ pub struct Args {
     /// Seed of the generated file (the same seed and rows give the same bytes)
     #[arg(long, value_name = "S", default_value_t = 1, requires = "generate")]
     pub seed: u64,
+}
+
+/// How `--graph` draws the pipeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GraphFormat {
+    /// A Mermaid flowchart in a fenced block (GitHub draws it).
+    Mermaid,
+    /// Graphviz DOT (`dot -Tsvg` draws it).
+    Dot,
 }
 
 /// Runs the command with `args` (the program name first): the report or the JSON summary to
@@ -169,7 +193,13 @@ where
             let written = if args.json {
                 writeln!(out, "{}", summary(&config, &report))
             } else {
-                print_report(out, &report)
+                print_report(out, &report).and_then(|()| match args.graph {
+                    Some(GraphFormat::Mermaid) => {
+                        writeln!(out, "\n```mermaid\n{}```", report.graph.mermaid())
+                    }
+                    Some(GraphFormat::Dot) => writeln!(out, "\n{}", report.graph.dot()),
+                    None => Ok(()),
+                })
             };
             match written {
                 Ok(()) => 0,

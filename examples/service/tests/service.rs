@@ -1,250 +1,22 @@
-//! End-to-end tests of the `service` example: one shared pipeline behind an axum HTTP API, many
+//! End-to-end tests of the service example: one shared pipeline behind an axum HTTP API, many
 //! clients at once, a flaky upstream behind it. Real sockets on 127.0.0.1, ephemeral ports.
 //!
-//! Real sockets need the real clock: every wait is a poll for a condition, bounded by a
-//! generous deadline, and the one timing figure (the rate toward the upstream) is counted on the
-//! upstream's side with a tolerance of one burst.
+//! These run on the real clock, on a multi-threaded runtime: every wait is a poll for a
+//! condition, bounded by a generous deadline, and the one timing figure (the rate toward the
+//! upstream) is counted on the upstream's side with a tolerance of one burst. (The overload
+//! tests, whose figures are timings, run on the paused clock instead.)
 
-#[path = "../examples/service/app.rs"]
-mod app;
-#[path = "../examples/service/upstream.rs"]
-mod upstream;
+mod common;
 
-use std::future::Future;
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use app::{Config, Line, Service, StatsReport};
-use tokio::net::TcpListener;
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
-use tokio::time::{Instant, sleep, timeout};
-use upstream::{Upstream, UpstreamConfig, UpstreamReport};
-
-/// Every test is bounded: a hang fails the test instead of the run.
-async fn bounded<F: Future<Output = ()>>(test: F) {
-    timeout(Duration::from_secs(120), test)
-        .await
-        .expect("the test finishes within 120 s");
-}
-
-/// Waits until `check` holds, polling; fails after 20 s.
-async fn eventually<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// A service under test, its upstream and a client.
-struct Harness {
-    upstream: Upstream,
-    service: Service,
-    addr: SocketAddr,
-    client: reqwest::Client,
-    stop: Option<oneshot::Sender<()>>,
-    server: Option<JoinHandle<std::io::Result<()>>>,
-}
-
-/// Limits that never bind unless a test sets them.
-fn open_config() -> Config {
-    Config {
-        upstream: None,
-        workers: 32,
-        upstream_in_flight: 8,
-        upstream_timeout: Duration::from_secs(10),
-        rate_per_second: 1_000_000,
-        burst: 1_000,
-        breaker_threshold: 1_000_000,
-        breaker_open_for: Duration::from_secs(1),
-        retry_attempts: 1,
-        retry_initial: Duration::from_millis(1),
-        shutdown_deadline: Duration::from_secs(30),
-    }
-}
-
-impl Harness {
-    async fn start(mut config: Config, upstream: UpstreamConfig) -> Self {
-        let upstream = Upstream::start(upstream).await.expect("upstream starts");
-        config.upstream = Some(upstream.url());
-        let service = Service::new(&config);
-        let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(service.clone().serve(listener, async move {
-            let _ = stopped.await;
-        }));
-        Self {
-            upstream,
-            service,
-            addr,
-            client: reqwest::Client::new(),
-            stop: Some(stop),
-            server: Some(server),
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
-    }
-
-    /// `POST /jobs?on_error=..`: the response, headers read.
-    async fn post(&self, inputs: &[i64], on_error: &str) -> reqwest::Response {
-        self.client
-            .post(self.url(&format!("/jobs?on_error={on_error}")))
-            .header("content-type", "application/json")
-            .body(serde_json::to_vec(inputs).unwrap())
-            .send()
-            .await
-            .expect("the service answers")
-    }
-
-    /// Posts a job and reads every line; the response must end cleanly.
-    async fn job(&self, inputs: &[i64], on_error: &str) -> Vec<Line> {
-        let response = self.post(inputs, on_error).await;
-        assert_eq!(response.status(), 200);
-        let mut reader = Reader::new(response);
-        let mut lines = Vec::new();
-        while let Some(line) = reader.next().await.expect("the body ends cleanly") {
-            lines.push(line);
-        }
-        lines
-    }
-
-    /// `GET /stats`, over HTTP.
-    async fn stats(&self) -> StatsReport {
-        self.client
-            .get(self.url("/stats"))
-            .send()
-            .await
-            .unwrap()
-            .json_body()
-            .await
-    }
-
-    /// `GET /control` on the upstream, over HTTP.
-    async fn upstream_report(&self) -> UpstreamReport {
-        self.client
-            .get(format!("{}/control", self.upstream.url()))
-            .send()
-            .await
-            .unwrap()
-            .json_body()
-            .await
-    }
-
-    /// Switches the upstream down or up through its control endpoint.
-    async fn set_upstream_down(&self, down: bool) {
-        let response = self
-            .client
-            .post(format!("{}/control?down={down}", self.upstream.url()))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), 200);
-        assert_eq!(self.upstream.report().down, down);
-    }
-
-    /// Waits until nothing is open or running anywhere in the service; its last `/stats`.
-    async fn settled(&self) -> StatsReport {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let s = self.stats().await;
-            if s.pipeline.groups_open == 0
-                && s.pipeline.stage_runs_running == 0
-                && s.upstream.in_flight == 0
-                && s.server.responses_open == 0
-            {
-                return s;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the service did not settle: {s:?}"
-            );
-            sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn begin_shutdown(&mut self) {
-        let _ = self.stop.take().unwrap().send(());
-    }
-
-    /// Waits for the server task to return.
-    async fn server_exit(&mut self) -> std::io::Result<()> {
-        timeout(Duration::from_secs(20), self.server.take().unwrap())
-            .await
-            .expect("the server exits")
-            .expect("the server task does not panic")
-    }
-}
-
-trait JsonBody {
-    async fn json_body<T: serde::de::DeserializeOwned>(self) -> T;
-}
-
-impl JsonBody for reqwest::Response {
-    async fn json_body<T: serde::de::DeserializeOwned>(self) -> T {
-        assert_eq!(self.status(), 200);
-        let bytes = self.bytes().await.unwrap();
-        serde_json::from_slice(&bytes).expect("valid JSON")
-    }
-}
-
-/// Reads an NDJSON body line by line as chunks arrive.
-struct Reader {
-    response: reqwest::Response,
-    buffer: Vec<u8>,
-}
-
-impl Reader {
-    fn new(response: reqwest::Response) -> Self {
-        Self {
-            response,
-            buffer: Vec::new(),
-        }
-    }
-
-    /// The next whole line, `Ok(None)` at a clean end; a partial line at the end is an error.
-    async fn next(&mut self) -> Result<Option<Line>, String> {
-        loop {
-            if let Some(end) = self.buffer.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = self.buffer.drain(..=end).collect();
-                return serde_json::from_slice(&line)
-                    .map(Some)
-                    .map_err(|e| format!("not a whole line: {e}"));
-            }
-            match self.response.chunk().await {
-                Ok(Some(chunk)) => self.buffer.extend_from_slice(&chunk),
-                Ok(None) if self.buffer.is_empty() => return Ok(None),
-                Ok(None) => return Err("half-written line at the end".to_string()),
-                Err(e) => return Err(format!("body error: {e}")),
-            }
-        }
-    }
-}
-
-fn ok_line(index: usize, input: i64) -> Line {
-    Line {
-        index: Some(index),
-        input: Some(input),
-        output: Some(2 * input + 1),
-        error: None,
-        abandoned: None,
-    }
-}
-
-/// Client `c`'s inputs: distinct across clients, so a result in the wrong response shows.
-fn inputs_of(client: i64, n: i64) -> Vec<i64> {
-    (0..n).map(|i| client * 1_000_000 + i).collect()
-}
+use common::{
+    Harness, Reader, bounded, closing_line, eventually, inputs_of, ok_line, open_config,
+    read_to_end,
+};
+use stagepipe_service::app::{Config, Line};
+use stagepipe_service::upstream::UpstreamConfig;
+use tokio::time::{Instant, timeout};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_clients_each_get_exactly_their_own_results_in_order() {
@@ -309,17 +81,20 @@ async fn fifty_clients_each_get_exactly_their_own_results_in_order() {
             [("Parse", 10_000), ("Call", 10_000), ("Finish", 10_000)]
         );
 
-        let metrics = h
-            .client
-            .get(h.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        assert!(metrics.contains("\nstagepipe_requests_done_total 10000\n"));
-        assert!(metrics.contains("stagepipe_stage_runs_total{stage=\"Call\"} 10000\n"));
+        let metrics = h.metrics().await;
+        // The library's metrics and the service's own (tests/metrics.rs checks their values:
+        // here other tests of this process add to them).
+        for name in [
+            "stagepipe_call_calls_total{name=\"upstream\"} ",
+            "stagepipe_stage_runs_total{name=\"stagepipe_service::app::Stage\",stage=\"Call\"} ",
+            "stagepipe_service_jobs_admitted_total ",
+        ] {
+            let value = metrics
+                .lines()
+                .find_map(|line| line.strip_prefix(name))
+                .unwrap_or_else(|| panic!("{name} in {metrics}"));
+            assert!(value.parse::<f64>().unwrap() >= 50.0, "{name}{value}");
+        }
     })
     .await;
 }
@@ -592,11 +367,12 @@ async fn a_disconnecting_client_frees_its_share() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_lets_open_jobs_finish_then_the_server_exits() {
+async fn shutdown_drains_open_jobs_then_the_server_exits() {
     bounded(async {
         let mut h = Harness::start(
             Config {
                 upstream_in_flight: 2,
+                job_window: 4,
                 ..open_config()
             },
             UpstreamConfig {
@@ -605,43 +381,103 @@ async fn shutdown_lets_open_jobs_finish_then_the_server_exits() {
             },
         )
         .await;
-        let a = inputs_of(0, 100);
-        let b = inputs_of(1, 100);
-        let mut readers = vec![
+        // 2 × 1,000 calls, 2 at a time: ≥ 5 s of upstream work, far beyond what a job has
+        // submitted (its window of 4 and as many waiting) when the shutdown begins.
+        let a = inputs_of(0, 1_000);
+        let b = inputs_of(1, 1_000);
+        let mut readers = [
             Reader::new(h.post(&a, "continue").await),
             Reader::new(h.post(&b, "continue").await),
         ];
-        let first = readers[0].next().await.unwrap();
-        assert_eq!(first, Some(ok_line(0, a[0])));
+        for (reader, inputs) in readers.iter_mut().zip([&a, &b]) {
+            assert_eq!(reader.next().await.unwrap(), Some(ok_line(0, inputs[0])));
+        }
+        // Two upstream calls in flight: two requests running, beyond the lines read.
+        eventually("two upstream calls in flight", || async {
+            h.service.stats().upstream.in_flight == 2
+        })
+        .await;
 
         h.begin_shutdown();
-        // Open jobs finish in full, every line whole.
-        let mut lines_a = vec![first.unwrap()];
-        while let Some(line) = readers[0].next().await.expect("a clean end") {
-            lines_a.push(line);
+        // Every request submitted before the shutdown completes and its line is delivered, in
+        // order; then the response ends with a closing line counting the rest.
+        let mut done = 2; // the first line of each, read before the shutdown
+        for (reader, inputs) in readers.iter_mut().zip([&a, &b]) {
+            let (lines, closing) = read_to_end(reader).await;
+            let expected: Vec<Line> = (1..=lines.len()).map(|i| ok_line(i, inputs[i])).collect();
+            assert_eq!(lines, expected);
+            // A job cut short: its inputs not yet submitted were abandoned, and counted.
+            assert_eq!(closing, Some(closing_line(inputs.len() - 1 - lines.len())));
+            done += lines.len();
         }
-        let mut lines_b = Vec::new();
-        while let Some(line) = readers[1].next().await.expect("a clean end") {
-            lines_b.push(line);
-        }
-        let expect = |inputs: &[i64]| -> Vec<Line> {
-            inputs
-                .iter()
-                .enumerate()
-                .map(|(i, x)| ok_line(i, *x))
-                .collect()
-        };
-        assert_eq!(lines_a, expect(&a));
-        assert_eq!(lines_b, expect(&b));
+        eprintln!("{done} results delivered");
+        // The 2 lines read and at least the 2 requests whose upstream calls were in flight.
+        assert!(done >= 4, "{done} results");
         drop(readers);
 
         // Then the server exits, and refuses new connections.
         h.server_exit().await.unwrap();
         assert!(h.client.get(h.url("/stats")).send().await.is_err());
+        // The abandoned inputs never ran: the pipeline and the upstream saw exactly the
+        // delivered ones.
         let stats = h.service.stats();
         assert_eq!(stats.pipeline.groups_open, 0);
-        assert_eq!(stats.pipeline.requests_done, 200);
+        assert_eq!(stats.pipeline.requests_done, done as u64);
         assert_eq!(stats.server.responses_open, 0);
+        assert_eq!(stats.server.lines_ok, done as u64);
+        assert_eq!(h.upstream.report().calls, done as u64);
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_posted_once_the_shutdown_began_is_refused() {
+    bounded(async {
+        let h = Harness::start(
+            Config {
+                upstream_in_flight: 1,
+                job_window: 4,
+                ..open_config()
+            },
+            UpstreamConfig {
+                latency: Duration::from_millis(5),
+                ..UpstreamConfig::default()
+            },
+        )
+        .await;
+        let inputs = inputs_of(0, 1_000);
+        let mut reader = Reader::new(h.post(&inputs, "continue").await);
+        assert_eq!(reader.next().await.unwrap(), Some(ok_line(0, inputs[0])));
+
+        // The jobs' shutdown, without the server's: the listener still accepts connections.
+        let shutdown = h.service.shutdown();
+        let response = h.post(&[1, 2, 3], "continue").await;
+        assert_eq!(response.status(), 503);
+        let refused: Line = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        assert_eq!(
+            refused,
+            Line {
+                error: Some("the server is shutting down: no new jobs".to_string()),
+                ..Line::default()
+            }
+        );
+
+        // The open job ends with what it had submitted; then the shutdown resolves, in time.
+        let (lines, closing) = read_to_end(&mut reader).await;
+        let expected: Vec<Line> = (1..=lines.len()).map(|i| ok_line(i, inputs[i])).collect();
+        assert_eq!(lines, expected);
+        assert_eq!(closing, Some(closing_line(inputs.len() - 1 - lines.len())));
+        assert!(
+            timeout(Duration::from_secs(20), shutdown).await.unwrap(),
+            "every job ended before the deadline"
+        );
+        let stats = h.settled().await;
+        assert_eq!(
+            stats.pipeline.groups_opened, 1,
+            "the refused job opened no group"
+        );
+        assert_eq!(stats.pipeline.requests_done, 1 + lines.len() as u64);
+        assert_eq!(stats.server.jobs, 1);
     })
     .await;
 }

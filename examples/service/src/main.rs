@@ -2,41 +2,53 @@
 //! callers at once, one set of workers and one set of limits toward the upstream API.
 //!
 //! ```text
-//! cargo run --release --example service                      # starts its own flaky upstream
-//! cargo run --release --example service -- --upstream http://127.0.0.1:9000 --addr 127.0.0.1:3000
+//! cargo run --release -p stagepipe-service                      # starts its own flaky upstream
+//! cargo run --release -p stagepipe-service -- --upstream http://127.0.0.1:9000 --addr 127.0.0.1:3000
+//! cargo run --release -p stagepipe-service -- --max-open-jobs 64 --admission-wait-ms 200 \
+//!     --job-deadline-ms 5000 --max-items 10000
 //!
-//! curl -sN -X POST 'http://127.0.0.1:3000/jobs?on_error=continue' \
+//! curl -sN -X POST 'http://127.0.0.1:3000/jobs?on_error=continue&deadline_ms=2000' \
 //!      -H 'content-type: application/json' -d '[1,2,3,-4,5]'
 //! curl -s http://127.0.0.1:3000/stats
 //! curl -s http://127.0.0.1:3000/metrics
 //! curl -s -X POST 'http://UPSTREAM/control?down=true'        # switch the upstream down / up
 //! ```
 //!
-//! Ctrl-C (or SIGTERM) shuts down gracefully: no new connections, open jobs finish within the
-//! deadline, then the process exits.
-
-mod app;
-mod upstream;
+//! Overload (see the `app` module): past `--max-open-jobs` open jobs a job is refused with 429
+//! and a `Retry-After` (after waiting up to `--admission-wait-ms` for room); a job runs at most
+//! `--job-deadline-ms` (or its `deadline_ms`, if shorter), then ends with a closing line; a job
+//! of more than `--max-items` inputs is refused with 413.
+//!
+//! Ctrl-C (or SIGTERM) shuts down gracefully: no new connections or jobs, open jobs finish the
+//! inputs already submitted (at the latest at the deadline) and say how many they abandoned,
+//! then the process exits.
 
 use std::time::Duration;
 
-use app::{Config, Service};
+use stagepipe_service::app::{Config, Service};
+use stagepipe_service::upstream::{Upstream, UpstreamConfig};
 use tokio::net::TcpListener;
-use upstream::{Upstream, UpstreamConfig};
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
     let mut addr = "127.0.0.1:3000".to_string();
     let mut upstream_url = None;
+    let mut config = Config::default();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        match (arg.as_str(), args.next()) {
-            ("--addr", Some(value)) => addr = value,
-            ("--upstream", Some(value)) => upstream_url = Some(value),
-            _ => {
-                eprintln!("usage: service [--addr HOST:PORT] [--upstream URL]");
-                std::process::exit(2);
-            }
+        let Some(value) = args.next() else {
+            usage();
+        };
+        let number = || value.parse::<u64>().ok().filter(|n| *n > 0);
+        match (arg.as_str(), number()) {
+            ("--addr", _) => addr = value,
+            ("--upstream", _) => upstream_url = Some(value),
+            ("--max-open-jobs", Some(n)) => config.max_open_jobs = n as usize,
+            ("--admission-wait-ms", _) if value == "0" => config.admission_wait = Duration::ZERO,
+            ("--admission-wait-ms", Some(ms)) => config.admission_wait = Duration::from_millis(ms),
+            ("--job-deadline-ms", Some(ms)) => config.job_deadline = Duration::from_millis(ms),
+            ("--max-items", Some(n)) => config.max_items_per_job = n as usize,
+            _ => usage(),
         }
     }
 
@@ -54,9 +66,10 @@ async fn main() -> std::io::Result<()> {
     };
     let upstream_url = upstream_url.unwrap_or_else(|| local.as_ref().unwrap().url());
 
+    // It installs the Prometheus recorder before it creates any stagepipe handle.
     let service = Service::new(&Config {
         upstream: Some(upstream_url.clone()),
-        ..Config::default()
+        ..config
     });
     let listener = TcpListener::bind(&addr).await?;
     let addr = listener.local_addr()?;
@@ -68,6 +81,7 @@ async fn main() -> std::io::Result<()> {
         "  curl -sN -X POST 'http://{addr}/jobs?on_error=continue' -H 'content-type: application/json' -d '[1,2,3,-4,5]'"
     );
     println!("  curl -s http://{addr}/stats");
+    println!("  curl -s http://{addr}/metrics");
     println!("Ctrl-C to stop.");
 
     service.clone().serve(listener, shutdown_signal()).await?;
@@ -79,6 +93,14 @@ async fn main() -> std::io::Result<()> {
         local.stop().await;
     }
     Ok(())
+}
+
+fn usage() -> ! {
+    eprintln!(
+        "usage: stagepipe-service [--addr HOST:PORT] [--upstream URL] [--max-open-jobs N] \
+         [--admission-wait-ms MS] [--job-deadline-ms MS] [--max-items N]"
+    );
+    std::process::exit(2);
 }
 
 /// Ctrl-C, or SIGTERM on Unix.
@@ -101,5 +123,7 @@ async fn shutdown_signal() {
         () = ctrl_c => {}
         () = term => {}
     }
-    println!("shutting down: no new connections; open jobs get until the deadline");
+    println!(
+        "shutting down: no new connections or jobs; open jobs finish what they submitted, until the deadline"
+    );
 }

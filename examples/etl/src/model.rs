@@ -100,7 +100,7 @@ pub struct Columns {
 
 impl Columns {
     /// Maps the file's header onto [`HEADER`]; names are matched trimmed (a byte-order mark
-    /// too) and case-insensitively, and a column may go by one of its [aliases](ALIASES).
+    /// too) and case-insensitively, and a column may go by one of its aliases (`viollevel` for `viol_level`).
     ///
     /// Fails naming every column the job needs that the header lacks.
     pub fn from_header(header: &StringRecord) -> Result<Self, String> {

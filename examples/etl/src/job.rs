@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt, TryStreamExt, future};
+use stagepipe::PipelineGraph;
 use stagepipe::prelude::*;
 
 use crate::db::{Db, Faults, TopRow, Written, is_transient};
@@ -176,6 +177,8 @@ pub struct Report {
     pub totals: Totals,
     /// Per-stage stats, one line per stage.
     pub stats: String,
+    /// The staged pipeline as it ran: stages, routes taken, counts.
+    pub graph: PipelineGraph<Stage>,
     /// The top 10 businesses by severe violations.
     pub top: Vec<TopRow>,
     /// Wall-clock time of the load.
@@ -206,13 +209,14 @@ pub async fn run(config: &Config) -> Result<Report, BoxError> {
     let db = Db::connect(&config.db_url, connections).await?;
     db.ensure_schema().await?;
     let started = Instant::now();
-    let (totals, stats) = run_pipeline(rows, cols, &db, config).await?;
+    let (totals, stats, graph) = run_pipeline(rows, cols, &db, config).await?;
     let elapsed = started.elapsed();
     let top = db.top_severe(10).await?;
     db.close().await;
     Ok(Report {
         totals,
         stats,
+        graph,
         top,
         elapsed,
         backend: db.backend(),
@@ -223,7 +227,8 @@ pub async fn run(config: &Config) -> Result<Report, BoxError> {
 /// Loads `config.input` into `db` (whose schema exists): the totals and the stats table.
 pub async fn load(db: &Db, config: &Config) -> Result<(Totals, String), BoxError> {
     let (cols, rows) = read_csv(&config.input, config.limit, config.progress.clone())?;
-    run_pipeline(rows, cols, db, config).await
+    let (totals, stats, _graph) = run_pipeline(rows, cols, db, config).await?;
+    Ok((totals, stats))
 }
 
 /// Opens `input`, maps its header, and streams its first `limit` records from a blocking
@@ -372,13 +377,13 @@ impl StateMachine for Etl {
 
 /// The streaming part of the job: the staged pipeline (parse/validate → transform → route)
 /// → batches → batched inserts in flight, each in a transaction retried on transient errors,
-/// with stats at each step.
+/// with stats at each step. Returns the totals, the stats table and the pipeline's graph.
 pub async fn run_pipeline<S>(
     rows: S,
     cols: Columns,
     db: &Db,
     config: &Config,
-) -> Result<(Totals, String), BoxError>
+) -> Result<(Totals, String, PipelineGraph<Stage>), BoxError>
 where
     S: Stream<Item = Result<RawRow, csv::Error>> + Send,
 {
@@ -493,7 +498,7 @@ where
             .collect::<Vec<_>>()
             .join("\n")
     );
-    Ok((totals, stats))
+    Ok((totals, stats, pipeline.graph()))
 }
 
 fn split(batch: Vec<Outcome>) -> (Vec<Inspection>, Vec<Reject>) {

@@ -1,33 +1,18 @@
-//! The ETL example end to end, into SQLite and into Postgres.
+//! The ETL end to end, into SQLite and into Postgres.
 //!
 //! Each load is checked against an independent, straightforward computation over the same CSV
 //! (written here, not the job's own functions). The Postgres tests need a server: run them
 //! through `scripts/with-postgres`, which starts a throwaway one and sets
 //! `STAGEPIPE_TEST_POSTGRES`; without it they fail and say so.
 
-#[path = "../examples/etl/cli.rs"]
-#[allow(dead_code)]
-mod cli;
-#[path = "../examples/etl/db.rs"]
-#[allow(dead_code)]
-mod db;
-#[path = "../examples/etl/generator.rs"]
-#[allow(dead_code)]
-mod generator;
-#[path = "../examples/etl/job.rs"]
-#[allow(dead_code)]
-mod job;
-#[path = "../examples/etl/model.rs"]
-#[allow(dead_code)]
-mod model;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use db::{Db, Faults, TopRow};
-use job::Config;
 use stagepipe::Backoff;
+use stagepipe_etl::db::{Db, Faults, TopRow};
+use stagepipe_etl::job::Config;
+use stagepipe_etl::{cli, generator, job, model};
 
 /// A scratch directory for one test, removed when dropped.
 struct Scratch(PathBuf);
@@ -522,7 +507,7 @@ async fn sqlite_missing_column_is_refused_before_the_database_is_created() {
 /// Runs the command line with `args`: (exit code, stdout, stderr).
 async fn cli(args: &[&str]) -> (u8, String, String) {
     let (mut out, mut err) = (Vec::new(), Vec::new());
-    let argv = std::iter::once("etl").chain(args.iter().copied());
+    let argv = std::iter::once("stagepipe-etl").chain(args.iter().copied());
     let code = cli::run(argv, &mut out, &mut err).await;
     (
         code,
@@ -537,7 +522,7 @@ async fn cli_help_exits_0_on_stdout_with_the_defaults() {
     assert_eq!(code, 0);
     assert_eq!(err, "");
     for s in [
-        "Usage: etl [OPTIONS] [FILE]",
+        "Usage: stagepipe-etl [OPTIONS] [FILE]",
         "DATABASE_URL",
         "[default: sqlite://etl.sqlite]",
         "--batch",
@@ -627,6 +612,38 @@ async fn cli_without_a_file_loads_the_built_in_sample() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/data/violations-sample.csv");
         std::fs::metadata(path).unwrap().len()
     });
+}
+
+/// `--graph` prints the pipeline as it ran: every record enters `Parse`, the rejects leave
+/// there as errors, the rest go through `Transform` and `Route` to done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_graph_prints_the_routes_taken_with_their_counts() {
+    let s = Scratch::new("cli-graph");
+    let url = s.sqlite_url();
+    let (code, out, err) = cli(&["--db", &url, "--graph", "--quiet"]).await;
+    assert_eq!((code, err.as_str()), (0, ""));
+    let want = expected(Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/data/violations-sample.csv"
+    )));
+    let graph = out.split("```mermaid\n").nth(1).expect("a mermaid block");
+    let parsed = want.read - want.rejects.len() as u64;
+    assert!(graph.starts_with("flowchart LR\n"), "{graph}");
+    for edge in [
+        format!("start -->|{}| s1", want.read),
+        format!("s1 -->|{parsed}| s2"),
+        format!("s1 -->|{}| failed", want.rejects.len()),
+        format!("s3 -->|{parsed}| done"),
+    ] {
+        assert!(graph.contains(&edge), "{edge} in {graph}");
+    }
+    assert!(graph.trim_end().ends_with("```"));
+
+    let (code, out, _) = cli(&["--db", &url, "--graph", "dot", "--quiet"]).await;
+    assert_eq!(code, 0);
+    let dot = &out[out.find("digraph pipeline {").expect("a DOT graph")..];
+    assert!(dot.contains(&format!("s1 -> failed [label=\"{}\"];", want.rejects.len())));
+    assert!(dot.trim_end().ends_with('}'));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -724,8 +741,9 @@ async fn pg_database(name: &str) -> String {
         .unwrap_or_else(|| {
             panic!(
                 "the Postgres tests need a PostgreSQL server: run them through \
-                 `scripts/with-postgres cargo test --test etl` (it starts a throwaway local \
-                 server), or set STAGEPIPE_TEST_POSTGRES=postgres://user@host:port/db"
+                 `scripts/with-postgres cargo test -p stagepipe-etl` from the repository's \
+                 root (it starts a throwaway local server), or set \
+                 STAGEPIPE_TEST_POSTGRES=postgres://user@host:port/db"
             )
         });
     let admin = sqlx::postgres::PgPoolOptions::new()

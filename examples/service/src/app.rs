@@ -1,0 +1,851 @@
+//! The service: an axum app holding one shared `Pipeline`.
+//!
+//! * `POST /jobs?on_error=cancel|continue&deadline_ms=N` with a JSON array of integers opens a
+//!   request group for that caller and streams its results back as NDJSON, one line per input
+//!   in submission order, each line written as soon as it and every earlier one are done.
+//! * `GET /stats`: the pipeline's, the upstream call's and the server's figures as JSON;
+//!   `GET /metrics`: every metric as a Prometheus text exposition (see [`crate::telemetry`]).
+//!
+//! Every caller shares one set of workers (the pipeline's pool) and one `Call` toward the
+//! upstream: its timeout, rate limit, in-flight limit, circuit breaker, retries and stats are
+//! shared by all callers. A caller that disconnects drops its response body, which drops its
+//! group's results and so cancels its unfinished requests.
+//!
+//! # Overload
+//!
+//! Backpressure alone would let a service under more load than it can take hold every job it
+//! is sent, each waiting longer than the last. The service bounds what it holds instead, and
+//! says so:
+//!
+//! * **Load shedding.** At most [`Config::max_open_jobs`] jobs are open at once, holding at
+//!   most [`Config::max_pending_inputs`] inputs without a line yet. A job that finds no room is
+//!   refused with `429 Too Many Requests`, a `Retry-After` header (whole seconds) and a JSON
+//!   line saying which bound was full. `Retry-After` is the time the room it needs takes to
+//!   free at the rate jobs ended (inputs were answered) over the last ten seconds: the jobs
+//!   waiting ahead of it plus one, over the job rate; or the inputs it lacks over the input
+//!   rate. It is rounded, at least 1, 1 while there is less than a second of history, and at
+//!   most [`Config::retry_after_max`] (also when nothing ended at all). With
+//!   [`Config::admission_wait`], a job first waits up to that long for room, in arrival order
+//!   (at most `max_open_jobs` requests wait at once; more are refused at once).
+//! * **Deadline.** A job may run at most [`Config::job_deadline`], counted from its arrival
+//!   (the admission wait included); `?deadline_ms=N` shortens it for one job (a longer one is
+//!   capped; `0` is refused with 400). A job that passes it ends with the closing line
+//!   `{"error":"the job's deadline of N ms passed before it finished","abandoned":M}`, `M`
+//!   inputs left without a line, and its group is cancelled: its queued inputs never run and
+//!   its upstream calls in flight are dropped.
+//! * **Size.** A job of more than [`Config::max_items_per_job`] inputs (or more than
+//!   `max_pending_inputs`, which it could never fit) is refused up front with
+//!   `413 Payload Too Large` and a JSON line, never truncated. The request body is limited to
+//!   24 bytes per allowed input (plus 1 KiB); a longer body is refused with 413 by axum before
+//!   it is parsed.
+//!
+//! Every admitted job is answered in full: one line per input, in order, unless a closing line
+//! (deadline or shutdown) says how many inputs were abandoned.
+
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::serve::ListenerExt;
+use axum::{Json, Router};
+use futures::future::BoxFuture;
+use futures::{Stream, StreamExt, stream};
+use serde::{Deserialize, Serialize};
+use stagepipe::Retrying;
+use stagepipe::prelude::*;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::time::{Instant, Sleep};
+
+use crate::admission::{Admission, Bound, Ticket};
+use crate::telemetry::{self, ServiceMetrics};
+
+/// How the service is set up. The limits toward the upstream are shared by every caller.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Base URL of the upstream (`http://host:port`); `None` answers locally (for benchmarks).
+    pub upstream: Option<String>,
+    /// Workers of the shared pipeline (stage runs at once); well above the in-flight limit,
+    /// since the upstream stage is I/O-bound.
+    pub workers: usize,
+    /// The most upstream attempts in flight at once.
+    pub upstream_in_flight: usize,
+    /// Timeout of one upstream attempt.
+    pub upstream_timeout: Duration,
+    /// The most upstream attempts per second (retries included), and the burst after a lull.
+    pub rate_per_second: u32,
+    pub burst: u32,
+    /// Consecutive failed attempts (timeouts included) that open the circuit breaker, and how
+    /// long it stays open before a trial call.
+    pub breaker_threshold: u32,
+    pub breaker_open_for: Duration,
+    /// Attempts per item, the first included, and the first backoff delay (doubling, with
+    /// full jitter, at most 100 ms).
+    pub retry_attempts: u32,
+    pub retry_initial: Duration,
+    /// How many of one job's inputs may be in the pipeline at once (its group's window); as
+    /// many again wait submitted. A shutdown lets the inputs submitted finish and abandons the
+    /// rest, so this also bounds how much of a job a shutdown waits for.
+    pub job_window: usize,
+    /// On shutdown, how long open responses may keep going before they are ended.
+    pub shutdown_deadline: Duration,
+    /// The most jobs open at once (admitted, their response not ended); more are refused with
+    /// 429 (see the [module docs](self)). `usize::MAX`: no bound.
+    pub max_open_jobs: usize,
+    /// The most inputs of the open jobs without a line yet, across jobs; a job that would pass
+    /// it is refused with 429. `usize::MAX`: no bound.
+    pub max_pending_inputs: usize,
+    /// How long a job that finds no room waits for it before it is refused; zero refuses at
+    /// once.
+    pub admission_wait: Duration,
+    /// The longest a job may run, from its arrival; `?deadline_ms=` can shorten it, not
+    /// lengthen it. `Duration::MAX`: no deadline.
+    pub job_deadline: Duration,
+    /// The most inputs in one job (at most `u32::MAX`); a larger job is refused with 413.
+    pub max_items_per_job: usize,
+    /// The longest `Retry-After` a refused job is told, in whole seconds (at least 1): when the
+    /// service sees no job end at all, and the cap of every estimate.
+    pub retry_after_max: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            upstream: None,
+            workers: 64,
+            upstream_in_flight: 16,
+            upstream_timeout: Duration::from_secs(5),
+            rate_per_second: 2000,
+            burst: 50,
+            breaker_threshold: 20,
+            breaker_open_for: Duration::from_secs(1),
+            retry_attempts: 3,
+            retry_initial: Duration::from_millis(5),
+            job_window: 256,
+            shutdown_deadline: Duration::from_secs(10),
+            max_open_jobs: 512,
+            max_pending_inputs: 1 << 20,
+            admission_wait: Duration::ZERO,
+            job_deadline: Duration::from_secs(60),
+            max_items_per_job: 100_000,
+            retry_after_max: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The stages of a job item.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub enum Stage {
+    /// Check the input (negative numbers are refused).
+    Parse,
+    /// Ask the upstream (it doubles the number).
+    Call,
+    /// Add one.
+    Finish,
+}
+
+/// One item of a job, from stage to stage.
+#[derive(Debug)]
+pub struct Item {
+    input: i64,
+    value: i64,
+}
+
+impl From<i64> for Item {
+    fn from(input: i64) -> Self {
+        Self {
+            input,
+            value: input,
+        }
+    }
+}
+
+/// Why an item failed: its input, and a message.
+#[derive(Debug)]
+pub struct ItemError {
+    input: i64,
+    message: String,
+}
+
+/// One upstream request, without any policy.
+type Fetch = Box<dyn Fn(i64) -> BoxFuture<'static, Result<i64, String>> + Send + Sync>;
+/// The upstream call: `Fetch` behind every policy, shared by all callers.
+type UpstreamCall = Call<Fetch, Retrying<fn(&CallError<String>) -> bool>>;
+
+/// The state machine of the service; also holds the one `Call` toward the upstream.
+#[derive(Debug)]
+pub struct Jobs {
+    upstream: UpstreamCall,
+}
+
+impl Jobs {
+    /// The machine for `config`.
+    ///
+    /// Its `Call`'s stats and breaker (both named `upstream`) and its rate limiter publish
+    /// their metrics to the global `metrics` recorder installed when they are created:
+    /// [`Service::new`] installs the service's ([`telemetry::prometheus`]) first.
+    pub fn new(config: &Config) -> Self {
+        let client = reqwest::Client::builder().tcp_nodelay(true).build();
+        let client = client.expect("an HTTP client without TLS always builds");
+        let base = config.upstream.clone();
+        let fetch: Fetch = Box::new(move |x| Box::pin(fetch(client.clone(), base.clone(), x)));
+        let backoff = Backoff::exponential(config.retry_initial)
+            .max_attempts(config.retry_attempts)
+            .max_delay(Duration::from_millis(100))
+            .jitter();
+        // Retry failures and timeouts, not rejections: an open breaker fails fast.
+        let retryable: fn(&CallError<String>) -> bool = |e| !e.is_rejected();
+        let upstream = Call::new(fetch)
+            .timeout(config.upstream_timeout)
+            .rate_limit(RateLimiter::per_second(config.rate_per_second).burst(config.burst))
+            .in_flight(config.upstream_in_flight)
+            .circuit_breaker(
+                CircuitBreaker::new(config.breaker_threshold, config.breaker_open_for)
+                    .named("upstream"),
+            )
+            .retry_if(backoff, retryable)
+            .stats(CallStats::new("upstream"));
+        Self { upstream }
+    }
+
+    /// Runs one input through every stage inline, without a pipeline (the baseline of the
+    /// benchmark: the same work, a task per item).
+    pub async fn process(&self, input: i64) -> Result<i64, String> {
+        let (mut stage, mut item) = (self.start(), Item::from(input));
+        loop {
+            match self.run(stage, item).await {
+                Ok(Next::Stage(next, i)) => (stage, item) = (next, i),
+                Ok(Next::Done(i)) => return Ok(i.value),
+                Err(e) => return Err(e.message),
+            }
+        }
+    }
+}
+
+/// One upstream request: `GET {base}/work?x=N` answers `2 * N` (computed here without a base).
+async fn fetch(client: reqwest::Client, base: Option<String>, x: i64) -> Result<i64, String> {
+    let Some(base) = base else {
+        return Ok(x.wrapping_mul(2));
+    };
+    let unreachable = |e: reqwest::Error| format!("upstream unreachable: {e}");
+    let response = client.get(format!("{base}/work?x={x}")).send().await;
+    let response = response.map_err(unreachable)?;
+    let status = response.status();
+    let text = response.text().await.map_err(unreachable)?;
+    if !status.is_success() {
+        return Err(format!("upstream answered {status}: {text}"));
+    }
+    text.trim()
+        .parse()
+        .map_err(|e| format!("upstream answered {text:?}: {e}"))
+}
+
+impl StateMachine for Jobs {
+    type Stage = Stage;
+    type Data = Item;
+    type Error = ItemError;
+
+    fn start(&self) -> Stage {
+        Stage::Parse
+    }
+
+    async fn run(&self, stage: Stage, mut item: Item) -> Result<Next<Stage, Item>, ItemError> {
+        let input = item.input;
+        let fail = move |message| ItemError { input, message };
+        match stage {
+            Stage::Parse if item.input < 0 => Err(fail("negative input".to_string())),
+            Stage::Parse => Ok(Next::Stage(Stage::Call, item)),
+            Stage::Call => match self.upstream.run(item.value).await {
+                Ok(value) => Ok(Next::Stage(Stage::Finish, Item { value, ..item })),
+                Err(CallError::Failed { error, .. }) => Err(fail(error)),
+                Err(e) if e.is_rejected() => {
+                    Err(fail("circuit open: the upstream is failing".into()))
+                }
+                Err(e) => Err(fail(format!("upstream: {e}"))),
+            },
+            Stage::Finish => {
+                item.value += 1;
+                Ok(Next::Done(item))
+            }
+        }
+    }
+}
+
+/// One NDJSON line of a `POST /jobs` response: the input's position, the input, and its result
+/// (`2 * input + 1`) or why there is none: `{"index":0,"input":1,"output":3}`,
+/// `{"index":1,"input":-2,"error":"..."}`.
+///
+/// A response cut short closes with `{"error":"...","abandoned":N}`, `N` inputs left without a
+/// line: by a shutdown (inputs not yet submitted when it began, or still unfinished at the
+/// shutdown deadline), or by the job's deadline. A refused job gets one such line without
+/// `abandoned` as its whole body: 503 once the shutdown has begun, 429 when the service is
+/// full, 413 when it has too many inputs, 400 for `deadline_ms=0`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Line {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub abandoned: Option<usize>,
+}
+
+/// `GET /stats`: the shared pipeline, the calls toward the upstream, and the HTTP side.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatsReport {
+    pub pipeline: PipelineReport,
+    pub upstream: UpstreamLimits,
+    pub server: ServerReport,
+}
+
+/// The pipeline's part of `/stats`: its pool, its request groups (jobs) opened and still open,
+/// its requests (items) finished and failed, stage runs occupying a worker now, and per stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PipelineReport {
+    pub workers: usize,
+    pub groups_opened: u64,
+    pub groups_open: u64,
+    pub requests_done: u64,
+    pub requests_failed: u64,
+    pub stage_runs_running: usize,
+    pub stages: Vec<StageReport>,
+}
+
+/// One stage in `/stats`: runs (failed ones included), failed runs, mean and longest run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StageReport {
+    pub stage: String,
+    pub runs: u64,
+    pub errors: u64,
+    pub mean_us: u64,
+    pub max_us: u64,
+}
+
+/// The upstream part of `/stats`, from the `Call`'s `CallStats` and its shared handles.
+///
+/// `calls` counts attempts made (past the breaker; each took a cell of the rate limit, so
+/// `rate_taken` is the same figure), `failures` those that failed or timed out, `retries` the
+/// attempts after an item's first; `breaker_rejected` counts attempts refused at once by the
+/// open breaker (not retried: each ends its item). Latencies are of an item's whole call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpstreamLimits {
+    pub in_flight: usize,
+    pub in_flight_limit: usize,
+    pub calls: u64,
+    pub failures: u64,
+    pub retries: u64,
+    pub timeouts: u64,
+    pub rate_per_second: f64,
+    pub burst: u32,
+    pub rate_taken: u64,
+    pub rate_waited_ms: u64,
+    /// `closed`, `open` or `half-open`.
+    pub breaker: String,
+    pub breaker_rejected: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+}
+
+/// The HTTP side of `/stats`: jobs accepted (each opens one group), responses still streaming,
+/// result lines and error lines written; and the overload figures: jobs admitted and open,
+/// requests waiting for room, inputs of the open jobs without a line yet, and jobs refused
+/// with 429 (`jobs_shed`), refused with 413 (`jobs_too_large`) and ended by their deadline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServerReport {
+    pub jobs: u64,
+    pub responses_open: usize,
+    pub lines_ok: u64,
+    pub lines_error: u64,
+    pub jobs_open: usize,
+    pub jobs_waiting: usize,
+    pub inputs_pending: usize,
+    pub jobs_shed: u64,
+    pub jobs_too_large: u64,
+    pub jobs_deadline_exceeded: u64,
+}
+
+#[derive(Debug)]
+struct AppState {
+    pipeline: Pipeline<Jobs>,
+    /// The lines written: results as items, errors as errors.
+    lines: Stats,
+    /// Set when the shutdown begins: new jobs are refused.
+    shutting_down: AtomicBool,
+    /// Set when the shutdown deadline has passed: open responses end at once.
+    abort: watch::Sender<bool>,
+    job_window: usize,
+    shutdown_deadline: Duration,
+    admission: Arc<Admission>,
+    admission_wait: Duration,
+    job_deadline: Duration,
+    /// `max_items_per_job`, or `max_pending_inputs` if lower (at most `u32::MAX`).
+    max_items_per_job: usize,
+    max_open_jobs: usize,
+    max_pending_inputs: usize,
+    too_large: AtomicU64,
+    deadline_exceeded: AtomicU64,
+    metrics: ServiceMetrics,
+}
+
+/// The closing line's error of a job cut short by a shutdown.
+const SHUT_DOWN: &str = "the server shut down before this job finished";
+/// The error line of a job posted once the shutdown has begun.
+const SHUTTING_DOWN: &str = "the server is shutting down: no new jobs";
+
+/// The service: one shared pipeline behind an HTTP API. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Service(Arc<AppState>);
+
+impl Service {
+    /// A service for `config`.
+    ///
+    /// First installs the process's Prometheus recorder ([`telemetry::prometheus`], once per
+    /// process), so that every handle created here publishes to it; inside a tokio runtime,
+    /// starts a task running its upkeep while the service lives.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `max_open_jobs`, `max_pending_inputs`, `max_items_per_job` or `job_deadline`
+    /// is zero.
+    pub fn new(config: &Config) -> Self {
+        // The recorder first: the handles below register their metrics as they are created.
+        let _ = telemetry::prometheus();
+        for (name, zero) in [
+            ("max_open_jobs", config.max_open_jobs == 0),
+            ("max_pending_inputs", config.max_pending_inputs == 0),
+            ("max_items_per_job", config.max_items_per_job == 0),
+            ("job_deadline", config.job_deadline.is_zero()),
+        ] {
+            assert!(!zero, "{name} must be greater than zero");
+        }
+        let metrics = ServiceMetrics::register();
+        let pipeline = Pipeline::builder(Jobs::new(config)).workers(config.workers);
+        let admission = Admission::new(
+            config.max_open_jobs,
+            config.max_pending_inputs,
+            config.retry_after_max,
+            metrics.clone(),
+        );
+        let app = Arc::new(AppState {
+            pipeline: pipeline.dag().build(),
+            lines: Stats::new("lines"),
+            shutting_down: AtomicBool::new(false),
+            abort: watch::Sender::new(false),
+            job_window: config.job_window,
+            shutdown_deadline: config.shutdown_deadline,
+            admission: Arc::new(admission),
+            admission_wait: config.admission_wait,
+            job_deadline: config.job_deadline,
+            // A job's inputs are counted in `u32` permits.
+            max_items_per_job: (config.max_items_per_job)
+                .min(config.max_pending_inputs)
+                .min(u32::MAX as usize),
+            max_open_jobs: config.max_open_jobs,
+            max_pending_inputs: config.max_pending_inputs,
+            too_large: AtomicU64::new(0),
+            deadline_exceeded: AtomicU64::new(0),
+            metrics,
+        });
+        telemetry::spawn_upkeep(&app);
+        Self(app)
+    }
+
+    /// The axum router.
+    pub fn router(&self) -> Router {
+        let stats = |State(app): State<Arc<AppState>>| async move { Json(stats_report(&app)) };
+        // Room for the largest job allowed, written loosely; a longer body is refused (413).
+        let body_limit = self.0.max_items_per_job.saturating_mul(24);
+        Router::new()
+            .route("/jobs", post(post_jobs))
+            .route("/stats", get(stats))
+            .route("/metrics", get(get_metrics))
+            .layer(DefaultBodyLimit::max(body_limit.saturating_add(1024)))
+            .with_state(self.0.clone())
+    }
+
+    /// The figures served at `/stats`.
+    pub fn stats(&self) -> StatsReport {
+        stats_report(&self.0)
+    }
+
+    /// Shuts the jobs down gracefully, for [`serve`](Self::serve) or a server of one's own
+    /// around [`router`](Self::router). From the call on, `POST /jobs` is refused (503). The
+    /// pipeline is drained (`Pipeline::drain`): every open job runs the inputs already
+    /// submitted to it, its response streams their lines, and then ends with a closing line
+    /// counting the inputs it abandoned (none if it was submitted in full). Resolves `true` once
+    /// every open job has ended; or `false` at the shutdown deadline, when the responses still
+    /// open are ended at once with a closing line (which cancels their groups' unfinished
+    /// inputs).
+    ///
+    /// The shutdown runs on a task of its own, started by the call: dropping the returned
+    /// future does not stop it.
+    ///
+    /// # Panics
+    ///
+    /// Panics if called outside a tokio runtime.
+    pub fn shutdown(&self) -> impl Future<Output = bool> + Send + 'static {
+        let app = self.0.clone();
+        app.shutting_down.store(true, Ordering::Release);
+        let shutdown = tokio::spawn(async move {
+            let drained = tokio::time::timeout(app.shutdown_deadline, app.pipeline.drain());
+            if drained.await.is_ok() {
+                return true;
+            }
+            app.abort.send_replace(true);
+            false
+        });
+        async move { shutdown.await.expect("the shutdown task does not panic") }
+    }
+
+    /// Serves on `listener` until `shutdown` completes, then shuts down gracefully: no new
+    /// connections or jobs, open jobs end as [`shutdown`](Self::shutdown) says (their submitted
+    /// inputs finish, at the latest at the shutdown deadline); a client that still does not
+    /// read its response 2 s after the deadline is dropped. Returns once every connection is
+    /// closed. Connections are served with `TCP_NODELAY`: each line leaves as it is written.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let (give_up, gave_up) = oneshot::channel::<()>();
+        let service = self.clone();
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
+        let server = axum::serve(listener, self.router()).with_graceful_shutdown(async move {
+            shutdown.await;
+            let deadline = tokio::time::Instant::now() + service.0.shutdown_deadline;
+            drop(service.shutdown());
+            tokio::spawn(async move {
+                tokio::time::sleep_until(deadline + Duration::from_secs(2)).await;
+                let _ = give_up.send(());
+            });
+        });
+        tokio::select! {
+            result = server.into_future() => result,
+            Ok(()) = gave_up => Ok(()),
+        }
+    }
+}
+
+/// `?on_error=cancel` ends a job at its first error (in submission order); `continue` (the
+/// default) reports errors and carries on. `?deadline_ms=N` shortens the job's deadline.
+#[derive(Deserialize)]
+struct JobsQuery {
+    on_error: Option<OnError>,
+    deadline_ms: Option<u64>,
+}
+
+#[derive(Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+enum OnError {
+    Cancel,
+    Continue,
+}
+
+/// A refused job's response: `status` and one JSON line saying why.
+fn refusal(status: StatusCode, error: String) -> Response {
+    let line = Line {
+        error: Some(error),
+        ..Line::default()
+    };
+    (status, Json(line)).into_response()
+}
+
+async fn post_jobs(
+    State(app): State<Arc<AppState>>,
+    Query(query): Query<JobsQuery>,
+    Json(inputs): Json<Vec<i64>>,
+) -> Response {
+    let arrived = Instant::now();
+    if app.shutting_down.load(Ordering::Acquire) {
+        return refusal(StatusCode::SERVICE_UNAVAILABLE, SHUTTING_DOWN.to_string());
+    }
+    let total = inputs.len();
+    if total > app.max_items_per_job {
+        app.too_large.fetch_add(1, Ordering::AcqRel);
+        app.metrics.jobs_too_large.increment(1);
+        let error = format!(
+            "too many inputs: a job may have at most {}, this one has {total}",
+            app.max_items_per_job
+        );
+        return refusal(StatusCode::PAYLOAD_TOO_LARGE, error);
+    }
+    let deadline_len = match query.deadline_ms {
+        Some(0) => {
+            let error = "deadline_ms must be greater than zero".to_string();
+            return refusal(StatusCode::BAD_REQUEST, error);
+        }
+        Some(ms) => Duration::from_millis(ms).min(app.job_deadline),
+        None => app.job_deadline,
+    };
+    let wait = app.admission_wait.min(deadline_len);
+    let ticket = match app.admission.admit(total, arrived, wait).await {
+        Ok(ticket) => ticket,
+        Err(full) => {
+            let bound = match full.bound {
+                Bound::Jobs => format!("max_open_jobs = {}", app.max_open_jobs),
+                Bound::Inputs => format!("max_pending_inputs = {}", app.max_pending_inputs),
+            };
+            let error = format!(
+                "the service is full ({bound}): retry after {} s",
+                full.retry_after
+            );
+            let mut response = refusal(StatusCode::TOO_MANY_REQUESTS, error);
+            let retry_after = header::HeaderValue::from(full.retry_after);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, retry_after);
+            return response;
+        }
+    };
+    // The shutdown may have begun while the job waited for room.
+    if app.shutting_down.load(Ordering::Acquire) {
+        return refusal(StatusCode::SERVICE_UNAVAILABLE, SHUTTING_DOWN.to_string());
+    }
+    let cancel_on_error = query.on_error == Some(OnError::Cancel);
+    let group = app.pipeline.group().ordered().window(app.job_window);
+    let (tx, results) = if cancel_on_error {
+        group.cancel_on_error().open()
+    } else {
+        group.open()
+    };
+    // Submit in the background, waiting while the group's window is full; stop if it ends.
+    tokio::spawn(async move {
+        for input in inputs {
+            if tx.submit(input.into()).await.is_err() {
+                break;
+            }
+        }
+    });
+    let lines = results
+        .try_with_stats(&app.lines)
+        .enumerate()
+        .map(|(index, result)| {
+            let (input, output, error) = match result {
+                Ok(item) => (Some(item.input), Some(item.value), None),
+                Err(StageError::Failed { stage, error: e }) => (
+                    Some(e.input),
+                    None,
+                    Some(format!("{stage:?}: {}", e.message)),
+                ),
+                Err(other) => (None, None, Some(format!("{other:?}"))),
+            };
+            let index = Some(index);
+            let abandoned = None;
+            Line {
+                index,
+                input,
+                output,
+                error,
+                abandoned,
+            }
+        });
+    // The body owns the group's results: a client that goes away drops them, which cancels
+    // the group; so does a closing line (the body ends with it).
+    let deadline = arrived
+        .checked_add(deadline_len)
+        .map(|at| (Box::pin(tokio::time::sleep_until(at)), deadline_len));
+    let job = JobBody {
+        lines: Box::pin(lines),
+        total,
+        written: 0,
+        failed: false,
+        cancel_on_error,
+        abort: app.abort.subscribe(),
+        deadline,
+        ticket,
+        app,
+    };
+    let body = stream::unfold(Some(job), |job| async move {
+        let mut job = job?;
+        match job.step().await {
+            Step::Line(line) => Some((ndjson(&line), Some(job))),
+            // Dropping the job here cancels its group and gives its room back.
+            Step::Close(line) => Some((ndjson(&line), None)),
+            Step::End => None,
+        }
+    });
+    let ndjson_type = [(header::CONTENT_TYPE, "application/x-ndjson")];
+    (StatusCode::OK, ndjson_type, Body::from_stream(body)).into_response()
+}
+
+/// An admitted job's response as it is written: its result lines, then, if it is cut short, a
+/// closing line. Owns the job's group results and its admission ticket.
+struct JobBody {
+    lines: Pin<Box<dyn Stream<Item = Line> + Send>>,
+    /// Inputs of the job, and lines written so far.
+    total: usize,
+    written: usize,
+    /// Whether an error line was written (which ends a job under `on_error=cancel`).
+    failed: bool,
+    cancel_on_error: bool,
+    abort: watch::Receiver<bool>,
+    /// The job's deadline, and its length for the closing line; `None`: none.
+    deadline: Option<(Pin<Box<Sleep>>, Duration)>,
+    ticket: Ticket,
+    app: Arc<AppState>,
+}
+
+/// What a job's response writes next.
+enum Step {
+    /// A result line.
+    Line(Line),
+    /// The closing line of a job cut short, its last.
+    Close(Line),
+    /// Nothing: the job is complete.
+    End,
+}
+
+impl JobBody {
+    async fn step(&mut self) -> Step {
+        /// What woke the response.
+        enum Woken {
+            Line(Option<Line>),
+            Aborted,
+            Deadline,
+        }
+        let (lines, abort, deadline) = (&mut self.lines, &mut self.abort, &mut self.deadline);
+        let deadline = async move {
+            match deadline {
+                Some((sleep, _)) => sleep.as_mut().await,
+                None => std::future::pending().await,
+            }
+        };
+        let woken = tokio::select! {
+            biased;
+            line = lines.next() => Woken::Line(line),
+            _ = abort.wait_for(|abort| *abort) => Woken::Aborted,
+            () = deadline => Woken::Deadline,
+        };
+        match woken {
+            Woken::Line(Some(line)) => {
+                self.written += 1;
+                self.failed |= line.error.is_some();
+                self.ticket.answered();
+                Step::Line(line)
+            }
+            // The results ended before every input had a line: the drain refused the inputs
+            // not yet submitted (only an error under `on_error=cancel` ends a job early
+            // otherwise).
+            Woken::Line(None)
+                if self.written < self.total && !(self.cancel_on_error && self.failed) =>
+            {
+                Step::Close(self.closing(SHUT_DOWN.to_string()))
+            }
+            Woken::Line(None) => Step::End,
+            Woken::Aborted => Step::Close(self.closing(SHUT_DOWN.to_string())),
+            Woken::Deadline => {
+                self.app.deadline_exceeded.fetch_add(1, Ordering::AcqRel);
+                self.app.metrics.jobs_deadline_exceeded.increment(1);
+                let ms = self.deadline.as_ref().map_or(0, |(_, len)| len.as_millis());
+                let error = format!("the job's deadline of {ms} ms passed before it finished");
+                Step::Close(self.closing(error))
+            }
+        }
+    }
+
+    /// The closing line: `error`, and the inputs left without a line.
+    fn closing(&self, error: String) -> Line {
+        Line {
+            error: Some(error),
+            abandoned: Some(self.total - self.written),
+            ..Line::default()
+        }
+    }
+}
+
+fn ndjson(line: &Line) -> Result<Bytes, std::convert::Infallible> {
+    let mut bytes = serde_json::to_vec(line).expect("a line always serializes");
+    bytes.push(b'\n');
+    Ok(Bytes::from(bytes))
+}
+
+fn stats_report(app: &AppState) -> StatsReport {
+    let (stats, call) = (app.pipeline.stats(), &app.pipeline.machine().upstream);
+    let limit = call.get_in_flight().expect("set in `Jobs::new`");
+    let limiter = call.get_rate_limit().expect("set in `Jobs::new`");
+    let c = call.get_stats().unwrap().snapshot();
+    let attempts = (c.calls + c.retries).saturating_sub(c.rejected);
+    let lines = app.lines.snapshot();
+    let admission = app.admission.report();
+    let stages = stats.stages.iter().map(|(stage, s)| StageReport {
+        stage: format!("{stage:?}"),
+        runs: s.runs,
+        errors: s.errors,
+        mean_us: s.mean.as_micros() as u64,
+        max_us: s.max.as_micros() as u64,
+    });
+    StatsReport {
+        pipeline: PipelineReport {
+            workers: app.pipeline.pool().workers(),
+            groups_opened: stats.groups_opened,
+            groups_open: stats.groups_open,
+            requests_done: stats.requests_done,
+            requests_failed: stats.requests_failed,
+            stage_runs_running: app.pipeline.pool().busy(),
+            stages: stages.collect(),
+        },
+        upstream: UpstreamLimits {
+            in_flight: limit.in_use(),
+            in_flight_limit: limit.limit(),
+            calls: attempts,
+            // Every attempt made ends as a success, a failure or a timeout, or is cancelled.
+            failures: attempts.saturating_sub(c.successes + c.cancelled),
+            retries: c.retries,
+            timeouts: c.timeouts,
+            rate_per_second: 1.0 / limiter.interval().as_secs_f64(),
+            burst: limiter.burst_size(),
+            rate_taken: attempts,
+            rate_waited_ms: c.limiter_wait.as_millis() as u64,
+            breaker: call.get_circuit_breaker().unwrap().state().to_string(),
+            breaker_rejected: c.rejected,
+            p50_us: c.p50.as_micros() as u64,
+            p99_us: c.p99.as_micros() as u64,
+        },
+        server: ServerReport {
+            jobs: stats.groups_opened,
+            // A response's body owns its group's results: it is open while the group is.
+            responses_open: stats.groups_open as usize,
+            lines_ok: lines.items,
+            lines_error: lines.errors,
+            jobs_open: admission.open,
+            jobs_waiting: admission.waiting,
+            inputs_pending: admission.pending,
+            jobs_shed: admission.shed,
+            jobs_too_large: app.too_large.load(Ordering::Acquire),
+            jobs_deadline_exceeded: app.deadline_exceeded.load(Ordering::Acquire),
+        },
+    }
+}
+
+/// `GET /metrics`: the recorder's rendering, after setting the figures read at scrape time.
+async fn get_metrics(State(app): State<Arc<AppState>>) -> Response {
+    let Some(prometheus) = telemetry::prometheus() else {
+        let why = "metrics are exported through the process's own recorder";
+        return (StatusCode::NOT_IMPLEMENTED, why).into_response();
+    };
+    let stats = app.pipeline.stats();
+    let in_flight = app.pipeline.machine().upstream.get_in_flight();
+    let m = &app.metrics;
+    m.groups_opened.absolute(stats.groups_opened);
+    m.groups_open.set(stats.groups_open as f64);
+    m.requests_done.absolute(stats.requests_done);
+    m.requests_failed.absolute(stats.requests_failed);
+    m.upstream_in_flight
+        .set(in_flight.map_or(0, |limit| limit.in_use()) as f64);
+    let text_format = [(header::CONTENT_TYPE, "text/plain; version=0.0.4")];
+    (text_format, prometheus.render()).into_response()
+}
