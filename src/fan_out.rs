@@ -15,17 +15,16 @@ use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
 
 use futures::stream::{FusedStream, Stream};
-use futures::task::AtomicWaker;
 use pin_project_lite::pin_project;
 
 use crate::error::{ConfigError, or_panic, window_size};
 use crate::macros::size_hint_plus;
 use crate::pool::{self, Job, SourceId, WorkerPool};
+use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use crate::sync::{Arc, AtomicWaker, Mutex, MutexGuard, Weak};
 
 /// What a job produced: its value, or the payload of its panic.
 type Outcome<U> = Result<U, Box<dyn Any + Send + 'static>>;
@@ -640,3 +639,6 @@ fan_out_stream!(
     FanOut,
     false
 );
+
+#[cfg(all(test, stagepipe_loom))]
+mod loom_model;

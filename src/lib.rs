@@ -79,6 +79,8 @@ mod macros;
 
 mod error;
 mod ext;
+// The primitives of the thread hand-offs: `std`'s, or loom's under `--cfg stagepipe_loom`.
+mod sync;
 mod time;
 mod try_ext;
 

@@ -102,8 +102,10 @@
 //!   [`CallStats::snapshot`](crate::CallStats::snapshot), [`Pipeline::stats`](crate::Pipeline::stats)):
 //!   both are recorded at the same points.
 //! * The pool gauges change when a job is queued, started, finished, taken back or dropped,
-//!   and `stagepipe_pool_workers` when a pool is built or its last handle (and worker) goes;
-//!   an idle pool shows 0 busy and 0 queued.
+//!   and `stagepipe_pool_workers` when a pool is built or its last handle (and worker) goes,
+//!   and when an [adaptive](crate::WorkerPool::adaptive) pool adds or retires a worker (it
+//!   shows the pool's [`workers`](crate::WorkerPool::workers)); an idle pool shows 0 busy and
+//!   0 queued.
 //! * A breaker turns from open to half-open when `open_for` has passed; the gauge shows it when
 //!   a call next arrives and starts the trial (until then it still reads 2). Each state change
 //!   is counted once, as the breaker's `tracing` events report them.
@@ -507,7 +509,8 @@ impl CallMetrics {
 /// adding and subtracting so that the pools of a process add up. Takes its workers off the
 /// workers gauge when dropped with the pool.
 pub(crate) struct PoolMetrics {
-    workers: usize,
+    /// The workers this pool adds to the workers gauge (they move with an adaptive pool).
+    workers: std::sync::atomic::AtomicUsize,
     workers_gauge: Gauge,
     busy: Gauge,
     queued: Gauge,
@@ -517,7 +520,7 @@ impl PoolMetrics {
     /// The gauges of a new pool of `workers` workers.
     pub(crate) fn new(workers: usize) -> Self {
         let metrics = Registrar::with(unnamed_label(), |r| Self {
-            workers,
+            workers: std::sync::atomic::AtomicUsize::new(workers),
             workers_gauge: r.gauge(
                 POOL_WORKERS,
                 Some(Unit::Count),
@@ -536,6 +539,18 @@ impl PoolMetrics {
         });
         metrics.workers_gauge.increment(workers as f64);
         metrics
+    }
+
+    /// The pool (an adaptive one) now counts `workers` workers.
+    pub(crate) fn set_workers(&self, workers: usize) {
+        let before = self
+            .workers
+            .swap(workers, std::sync::atomic::Ordering::Relaxed);
+        if workers > before {
+            self.workers_gauge.increment((workers - before) as f64);
+        } else if workers < before {
+            self.workers_gauge.decrement((before - workers) as f64);
+        }
     }
 
     /// `n` jobs were queued.
@@ -565,7 +580,8 @@ impl PoolMetrics {
 
 impl Drop for PoolMetrics {
     fn drop(&mut self) {
-        self.workers_gauge.decrement(self.workers as f64);
+        let workers = *self.workers.get_mut();
+        self.workers_gauge.decrement(workers as f64);
     }
 }
 

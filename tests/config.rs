@@ -226,3 +226,14 @@ fn adaptive_limit_twins_name_their_parameter() {
     let limit = InFlightLimit::try_adaptive(3, 3).expect("min == max is a fixed range");
     assert_eq!((limit.current(), limit.in_use()), (3, 0));
 }
+
+#[test]
+fn adaptive_pool_twins_name_their_parameter() {
+    named(WorkerPool::try_adaptive(0, 4), "min");
+    named(WorkerPool::try_adaptive(0, 0), "min");
+    named(WorkerPool::try_adaptive(5, 4), "max");
+    panics_naming(|| WorkerPool::adaptive(0, 4), "min");
+    panics_naming(|| WorkerPool::adaptive(3, 2), "max");
+    let pool = WorkerPool::try_adaptive(4, 4).expect("min == max is a fixed size");
+    assert_eq!((pool.workers(), pool.max_workers()), (4, 4));
+}

@@ -648,3 +648,35 @@ async fn every_name_is_documented_described_and_follows_the_conventions() {
         assert_eq!(key.labels().next().unwrap().key(), "name", "{key:?}");
     }
 }
+
+/// An adaptive pool's workers gauge follows its count: `min` when built, up as it grows, down as
+/// idle workers retire, and off with the pool.
+#[tokio::test(start_paused = true)]
+async fn adaptive_pool_workers_gauge_follows_the_count() {
+    let m = store();
+    let _serial = SERIAL.lock().await;
+    let gauge = || m.gauge(names::POOL_WORKERS, UNNAMED).unwrap_or(0.0);
+    let workers0 = gauge();
+
+    let pool = WorkerPool::adaptive(2, 16);
+    assert_eq!(gauge(), workers0 + 2.0);
+    let n = stream::iter(0..1_000u32)
+        .fan_out(&pool, |x| async move {
+            sleep(ms(10)).await;
+            x
+        })
+        .count()
+        .await;
+    assert_eq!(n, 1_000);
+    let grown = pool.workers();
+    assert!(grown > 2, "{grown} workers");
+    assert_eq!(gauge(), workers0 + grown as f64);
+
+    // Idle for more than a second: back to `min`.
+    sleep(ms(1_100)).await;
+    assert_eq!(pool.workers(), 2);
+    assert_eq!(gauge(), workers0 + 2.0);
+
+    drop(pool);
+    settle("the workers gone", || gauge() == workers0).await;
+}

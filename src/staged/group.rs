@@ -4,19 +4,19 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use futures::stream::{FusedStream, Stream};
-use futures::task::AtomicWaker;
 use pin_project_lite::pin_project;
 use tokio::sync::mpsc;
 
-use super::pipeline::{Drain, Inner, Pipeline};
+use super::drain::Drain;
+use super::pipeline::{Inner, Pipeline};
 use super::{GroupClosed, StageError, StateMachine};
 use crate::error::{ConfigError, or_panic, window_size};
 use crate::fan_out::Core;
+use crate::sync::atomic::{AtomicBool, Ordering};
+use crate::sync::{Arc, AtomicWaker};
 
 type Outcome<M> = Result<<M as StateMachine>::Data, StageError<M>>;
 type KeyFn<D> = Arc<dyn Fn(&D) -> u64 + Send + Sync>;
@@ -120,7 +120,6 @@ impl<M: StateMachine> GroupBuilder<M> {
             drain: Arc::clone(&inner.drain),
         });
         let drain_waker = Arc::new(AtomicWaker::new());
-        inner.drain.register(&drain_waker);
         let gate = self.key.map(|key| KeyGate::new(key, self.window));
         let mut results = GroupResults {
             rx: Some(rx),
@@ -130,6 +129,11 @@ impl<M: StateMachine> GroupBuilder<M> {
             cancel_on_error: self.cancel_on_error,
             drain_waker,
         };
+        // Counted as open (`Run::new`) before it registers, and both before it looks at the
+        // drain: registering takes the drain's lock, which the drain takes too once it is
+        // draining, so either the drain finds the group counted (and waits for it) or the
+        // group finds the pipeline draining (and closes at once).
+        shared.drain.register(&results.drain_waker);
         if results.shared.drain.is_draining() {
             // Opened while the pipeline drains: closed at once.
             results.cancel();
@@ -230,7 +234,7 @@ struct Run<M: StateMachine> {
 
 impl<M: StateMachine> Run<M> {
     fn new(inner: Arc<Inner<M>>, ordered: bool, window: usize) -> Self {
-        inner.groups_opened.fetch_add(1, Ordering::Relaxed);
+        inner.drain.group_opened();
         let mut core = Core::new(inner.pool.clone(), ordered);
         core.set_window(window);
         Self {
@@ -271,7 +275,6 @@ impl<M: StateMachine> Run<M> {
     /// Abandons unfinished requests (the core's drop cancels them).
     fn finish(&mut self) {
         if self.core.take().is_some() {
-            self.inner.groups_closed.fetch_add(1, Ordering::AcqRel);
             self.inner.drain.group_closed();
         }
     }

@@ -14,9 +14,12 @@
 //! [`Stats`](crate::Stats) type as [`with_stats`](crate::PipelineExt::with_stats), and
 //! cancel-on-error as an adapter on the group's output.
 
+mod drain;
 mod error;
 mod graph;
 mod group;
+#[cfg(all(test, stagepipe_loom))]
+mod loom_model;
 mod pipeline;
 mod table;
 

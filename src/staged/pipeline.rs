@@ -3,15 +3,14 @@
 use std::any::Any;
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt;
-use futures::task::AtomicWaker;
-use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use super::drain::Drain;
 use super::graph::{GraphEdge, GraphNode, PipelineGraph};
 use super::group::GroupBuilder;
 use super::table::Table;
@@ -79,42 +78,9 @@ pub(super) struct Inner<M: StateMachine> {
     stages: Table<M::Stage, StageEntry<M::Stage>, STAGE_SLOTS>,
     /// The first stage of each request, counted.
     starts: Table<M::Stage, AtomicU64, ROUTE_SLOTS>,
-    pub(super) groups_opened: AtomicU64,
-    pub(super) groups_closed: AtomicU64,
     pub(super) requests_done: AtomicU64,
     pub(super) requests_failed: AtomicU64,
     pub(super) drain: Arc<Drain>,
-}
-
-/// A pipeline's drain: whether it is draining, the open groups to tell, and a signal when a
-/// group closes.
-#[derive(Default)]
-pub(super) struct Drain {
-    draining: AtomicBool,
-    /// The open groups (and some closed ones, pruned as the list grows).
-    groups: Mutex<Vec<Weak<AtomicWaker>>>,
-    /// Signalled whenever a group closes.
-    closed: Notify,
-}
-
-impl Drain {
-    pub(super) fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
-    }
-
-    /// Registers a new group's waker slot, woken when draining starts.
-    pub(super) fn register(&self, waker: &Arc<AtomicWaker>) {
-        let mut groups = self.groups.lock().unwrap_or_else(|e| e.into_inner());
-        if groups.len() >= 64 && groups.len().is_power_of_two() {
-            groups.retain(|g| g.strong_count() > 0);
-        }
-        groups.push(Arc::downgrade(waker));
-    }
-
-    /// A group has closed.
-    pub(super) fn group_closed(&self) {
-        self.closed.notify_waiters();
-    }
 }
 
 impl<M: StateMachine> Clone for Pipeline<M> {
@@ -233,8 +199,6 @@ impl<M: StateMachine> PipelineBuilder<M> {
                 dag: self.dag,
                 stages: Table::new(),
                 starts: Table::new(),
-                groups_opened: AtomicU64::new(0),
-                groups_closed: AtomicU64::new(0),
                 requests_done: AtomicU64::new(0),
                 requests_failed: AtomicU64::new(0),
                 drain: Arc::default(),
@@ -299,26 +263,7 @@ impl<M: StateMachine> Pipeline<M> {
     /// # }
     /// ```
     pub async fn drain(&self) {
-        let drain = &self.inner.drain;
-        drain.draining.store(true, Ordering::Release);
-        let groups: Vec<Weak<AtomicWaker>> = drain
-            .groups
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        for group in groups.iter().filter_map(Weak::upgrade) {
-            group.wake();
-        }
-        loop {
-            let closed = drain.closed.notified();
-            let mut closed = std::pin::pin!(closed);
-            closed.as_mut().enable();
-            let i = &self.inner;
-            if i.groups_closed.load(Ordering::Acquire) >= i.groups_opened.load(Ordering::Acquire) {
-                return;
-            }
-            closed.await;
-        }
+        self.inner.drain.drain().await;
     }
 
     /// The state machine.
@@ -416,11 +361,11 @@ impl<M: StateMachine> Pipeline<M> {
                 },
             ));
         });
-        let opened = i.groups_opened.load(Ordering::Relaxed);
+        let (opened, closed) = i.drain.groups();
         PipelineStats {
             stages,
             groups_opened: opened,
-            groups_open: opened - i.groups_closed.load(Ordering::Relaxed).min(opened),
+            groups_open: opened - closed.min(opened),
             requests_done: i.requests_done.load(Ordering::Relaxed),
             requests_failed: i.requests_failed.load(Ordering::Relaxed),
         }

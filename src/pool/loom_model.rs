@@ -1,0 +1,210 @@
+//! loom models of the pool's hand-offs (`scripts/loom`): a consumer queues jobs, workers take
+//! them, park and are woken, a finished job wakes its consumer, a source goes away with jobs
+//! queued or running, a job splits off work for another worker.
+//!
+//! The workers run the real worker loop ([`worker`]) on loom threads, counted in as
+//! [`Shared::claim_start`] counts them in on a tokio runtime. A wake-up that is lost leaves
+//! every thread waiting, which loom reports as a deadlock.
+
+use std::future::poll_fn;
+use std::sync::atomic::AtomicUsize as Count;
+use std::sync::atomic::Ordering::SeqCst;
+use std::task::Poll;
+
+use loom::future::block_on;
+use loom::thread::{self, JoinHandle};
+
+use super::*;
+use crate::sync::{AtomicWaker, model};
+
+/// The pool's workers, each on a loom thread.
+pub(crate) struct Workers {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Workers {
+    /// Starts the workers of `pool` on loom threads.
+    pub(crate) fn start(pool: &WorkerPool) -> Self {
+        let shared = pool.handle.shared.clone();
+        {
+            let mut state = shared.lock();
+            state.live = shared.workers;
+            shared.live.store(shared.workers, Ordering::Release);
+        }
+        let threads = (0..shared.workers)
+            .map(|index| {
+                let me = Presence::new(shared.clone(), index);
+                thread::spawn(move || block_on(worker(me)))
+            })
+            .collect();
+        Self { shared, threads }
+    }
+
+    /// Drops `pool`, the model's last handle (jobs still running may hold others), so that the
+    /// workers stop; waits for them, then checks that the pool is back to idle: no worker busy
+    /// or counted in, no job queued.
+    pub(crate) fn stop(self, pool: WorkerPool) {
+        drop(pool);
+        for thread in self.threads {
+            thread.join().expect("a worker never panics");
+        }
+        assert_eq!(self.shared.busy.load(Ordering::Relaxed), 0, "busy workers");
+        let state = self.shared.lock();
+        assert_eq!(state.live, 0, "workers counted in");
+        assert_eq!(self.shared.live.load(Ordering::Relaxed), 0);
+        let queued: usize = state.sources.iter().flatten().map(|q| q.jobs.len()).sum();
+        assert_eq!(queued, 0, "jobs left queued");
+    }
+}
+
+struct Nobody;
+
+impl Consumer for Nobody {
+    fn wake_consumer(&self) {}
+}
+
+fn source(pool: &WorkerPool) -> SourceId {
+    pool.register(Weak::<Nobody>::new())
+}
+
+/// What became of each job (bookkeeping of the model, not modelled itself), and the waker of
+/// the consumer waiting for them.
+struct Ledger {
+    ran: Vec<Count>,
+    dropped: Vec<Count>,
+    done: Count,
+    consumer: AtomicWaker,
+}
+
+impl Ledger {
+    fn new(jobs: usize) -> Arc<Self> {
+        Arc::new(Self {
+            ran: (0..jobs).map(|_| Count::new(0)).collect(),
+            dropped: (0..jobs).map(|_| Count::new(0)).collect(),
+            done: Count::new(0),
+            consumer: AtomicWaker::new(),
+        })
+    }
+
+    /// Waits until `n` jobs have run, as a fan-out consumer waits for results: registers its
+    /// waker, then looks.
+    fn wait_for(&self, n: usize) {
+        block_on(poll_fn(|cx| {
+            self.consumer.register(cx.waker());
+            match self.done.load(SeqCst) >= n {
+                true => Poll::Ready(()),
+                false => Poll::Pending,
+            }
+        }));
+    }
+
+    fn ran(&self) -> Vec<usize> {
+        self.ran.iter().map(|n| n.load(SeqCst)).collect()
+    }
+
+    fn dropped(&self) -> Vec<usize> {
+        self.dropped.iter().map(|n| n.load(SeqCst)).collect()
+    }
+}
+
+/// Counts the drop of job `i`.
+struct Dropped(usize, Arc<Ledger>);
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        self.1.dropped[self.0].fetch_add(1, SeqCst);
+    }
+}
+
+/// Job `i`: counts its run and hands the worker the consumer's waker, as a fan-out chunk does
+/// when its results are in.
+fn job(i: usize, ledger: &Arc<Ledger>) -> Job {
+    let dropped = Dropped(i, ledger.clone());
+    Box::pin(async move {
+        let ledger = &dropped.1;
+        ledger.ran[i].fetch_add(1, SeqCst);
+        ledger.done.fetch_add(1, SeqCst);
+        ledger.consumer.take()
+    })
+}
+
+/// Job `i` that, polled by a worker, first splits off `rest` for another worker (as a fan-out
+/// chunk does when an item has to wait) and waits once.
+fn splitting_job(i: usize, ledger: &Arc<Ledger>, rest: Job) -> Job {
+    let mut rest = Some(rest);
+    let mut finish = job(i, ledger);
+    Box::pin(poll_fn(move |cx| {
+        if let Some(rest) = rest.take() {
+            assert!(collecting(), "a worker collects split-off jobs");
+            spill(rest);
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        finish.as_mut().poll(cx)
+    }))
+}
+
+/// Two jobs queued one after the other while two workers take jobs and park: each job runs
+/// exactly once, the consumer is woken once both are done, and the pool goes back to idle.
+#[test]
+fn loom_pool_jobs_run_once_and_wake_their_consumer() {
+    model(|| {
+        let pool = WorkerPool::new(2);
+        let workers = Workers::start(&pool);
+        let ledger = Ledger::new(2);
+        let source = source(&pool);
+        pool.submit(source, &mut vec![job(0, &ledger)]);
+        pool.submit(source, &mut vec![job(1, &ledger)]);
+        ledger.wait_for(2);
+        pool.unregister(source);
+        workers.stop(pool);
+        assert_eq!(ledger.ran(), [1, 1]);
+        assert_eq!(ledger.dropped(), [1, 1]);
+    });
+}
+
+/// A job splits off the rest of its chunk, which goes back to the front of the queue for the
+/// other worker (woken for it), or for itself: both run once.
+#[test]
+fn loom_pool_split_off_jobs_run_once() {
+    model(|| {
+        let pool = WorkerPool::new(2);
+        let workers = Workers::start(&pool);
+        let ledger = Ledger::new(2);
+        let source = source(&pool);
+        let rest = job(1, &ledger);
+        pool.submit(source, &mut vec![splitting_job(0, &ledger, rest)]);
+        ledger.wait_for(2);
+        pool.unregister(source);
+        workers.stop(pool);
+        assert_eq!(ledger.ran(), [1, 1]);
+        assert_eq!(ledger.dropped(), [1, 1]);
+    });
+}
+
+/// The source goes away (its stream is dropped) while its jobs are queued, running, or being
+/// split off: every job runs at most once and is dropped exactly once, and the workers end
+/// idle.
+#[test]
+fn loom_pool_unregister_drops_each_job_once() {
+    model(|| {
+        let pool = WorkerPool::new(2);
+        let workers = Workers::start(&pool);
+        let ledger = Ledger::new(3);
+        let source = source(&pool);
+        let rest = job(1, &ledger);
+        pool.submit(
+            source,
+            &mut vec![splitting_job(0, &ledger, rest), job(2, &ledger)],
+        );
+        pool.unregister(source);
+        workers.stop(pool);
+        assert!(
+            ledger.ran().iter().all(|&n| n <= 1),
+            "ran {:?}",
+            ledger.ran()
+        );
+        assert_eq!(ledger.dropped(), [1, 1, 1]);
+    });
+}
