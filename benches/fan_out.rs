@@ -1,6 +1,7 @@
 //! `fan_out_ordered` / `fan_out` beside what a user would otherwise write, on the same input:
 //! a sequential `then`, `buffered(16)`, a spawned task per item under `buffered(16)`, a
 //! hand-rolled two-worker channel fan-out with a reorder buffer, and (CPU-bound only) rayon.
+//! Then I/O-bound items (a 1 ms sleep each) on an adaptive pool against fixed pools.
 
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -15,6 +16,7 @@ use tokio::sync::mpsc;
 const TRIVIAL_ITEMS: u64 = 1_000_000;
 const CPU_ITEMS: u64 = 4_000;
 const MIXED_ITEMS: u64 = 100_000;
+const IO_ITEMS: u64 = 2_000;
 
 /// A CPU-bound step: `rounds` rounds of a multiply-xorshift mix.
 fn spin(x: u64, rounds: u32) -> u64 {
@@ -163,11 +165,53 @@ fn mixed(x: u64) -> u64 {
     if x % 100 == 0 { cpu_bound(x) } else { x + 1 }
 }
 
+/// `fan_out` of items that each sleep 1 ms (real clock): completion time on an adaptive pool
+/// (`adaptive(1, 64)`, built fresh for each run so that it grows from one worker every time,
+/// and one kept across runs) against fixed pools of 2, 16 and 64 workers.
+fn bench_io_bound(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("io_bound_1ms");
+    group
+        .throughput(Throughput::Elements(IO_ITEMS))
+        .sample_size(10)
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(5));
+    let run = |pool: WorkerPool| async move {
+        stream::iter(0..IO_ITEMS)
+            .fan_out(&pool, |x| async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                x
+            })
+            .fold(0u64, |s, y| async move { s.wrapping_add(y) })
+            .await
+    };
+    group.bench_function(BenchmarkId::new("adaptive_1_64_fresh", IO_ITEMS), |b| {
+        b.to_async(&rt).iter(|| run(WorkerPool::adaptive(1, 64)))
+    });
+    let warm = WorkerPool::adaptive(1, 64);
+    group.bench_function(BenchmarkId::new("adaptive_1_64_kept", IO_ITEMS), |b| {
+        b.to_async(&rt).iter(|| run(warm.clone()))
+    });
+    for workers in [2, 16, 64] {
+        let pool = WorkerPool::new(workers);
+        group.bench_function(
+            BenchmarkId::new(format!("fixed_{workers}"), IO_ITEMS),
+            |b| b.to_async(&rt).iter(|| run(pool.clone())),
+        );
+    }
+    group.finish();
+}
+
 fn benches(c: &mut Criterion) {
     ROUNDS.get_or_init(calibrate);
     bench_map(c, "trivial_map", TRIVIAL_ITEMS, trivial, false);
     bench_map(c, "cpu_bound_20us", CPU_ITEMS, cpu_bound, true);
     bench_map(c, "mixed_1_in_100_heavy", MIXED_ITEMS, mixed, true);
+    bench_io_bound(c);
 }
 
 criterion_group!(fan_out, benches);

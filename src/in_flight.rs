@@ -7,23 +7,37 @@
 //! so a stream whose upstream is idle holds no permit that another stream could use. In input
 //! order, a finished future gives its permit back at once and waits in the queue for the
 //! earlier ones; the queue (running plus finished) never holds more than the limit's
-//! [`limit`](InFlightLimit::limit), as `buffered(n)` never holds more than `n`.
+//! [`limit`](InFlightLimit::limit) (of an adaptive limit: as it stood when the last item was
+//! pulled), as `buffered(n)` never holds more than `n`.
 //!
 //! The engine ([`Core`]) is shared by the whole family: it is generic over the queue of running
 //! futures ([`Queue`]: completion order or input order) and over how an upstream item starts
 //! ([`Start`]: a plain item always runs under a permit; a fallible stream's `Err` passes through
 //! as a finished future that holds none).
+//!
+//! A limit is fixed ([`InFlightLimit::new`]) or adaptive ([`InFlightLimit::adaptive`], the
+//! algorithm in [`crate::adaptive`]). Of a fixed limit, a running future holds the semaphore's
+//! permit and nothing more: no clock is read, nothing is counted. Of an adaptive one, it also
+//! holds a [`Ticket`] (when it started, in which generation of the limit, with how many in
+//! flight); when it ends, its latency travels with its output to the stream, which reports it
+//! with the outcome ([`Start::Outcome`] says whether the output is a failure). A future dropped
+//! before it ends reports nothing. The limit's units are the semaphore's permits; lowering it
+//! leaves a debt that the next permits taken pay, so giving a unit back needs no bookkeeping.
 
 use std::fmt;
 use std::future::Future;
+use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use futures::stream::{FuturesOrdered, FuturesUnordered, Stream};
 use pin_project_lite::pin_project;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
+use crate::adaptive::Adaptive;
 use crate::error::{ConfigError, count_up_to, or_panic};
 use crate::macros::size_hint_plus;
 
@@ -32,6 +46,10 @@ use crate::macros::size_hint_plus;
 /// All streams using clones of one limit together never run more than
 /// [`limit`](InFlightLimit::limit) futures at once; waiting streams are served first come, first
 /// served. A plain number converts into a private limit wherever a limit is accepted.
+///
+/// The limit is fixed ([`new`](Self::new)) or finds its own level
+/// ([`adaptive`](Self::adaptive)) from the latency and the failures of the operations it lets
+/// through.
 ///
 /// # Examples
 ///
@@ -52,7 +70,10 @@ use crate::macros::size_hint_plus;
 #[derive(Clone)]
 pub struct InFlightLimit {
     semaphore: Arc<Semaphore>,
+    /// The fixed limit (of an adaptive one: its `max`).
     limit: usize,
+    adaptive: Option<Arc<Adaptive>>,
+    name: Option<Arc<str>>,
 }
 
 impl InFlightLimit {
@@ -74,18 +95,245 @@ impl InFlightLimit {
         Ok(Self {
             semaphore: Arc::new(Semaphore::new(limit)),
             limit,
+            adaptive: None,
+            name: None,
         })
     }
 
-    /// The maximum number of operations running at once.
+    /// Creates an adaptive limit: it starts at `min` and finds its own level between `min` and
+    /// `max` from the operations it lets through, raised while their latency stays near the
+    /// lowest it has measured, lowered when latency grows or operations fail or time out.
+    ///
+    /// # The algorithm
+    ///
+    /// A gradient on the minimum round-trip time, after Netflix's
+    /// [concurrency-limits](https://github.com/Netflix/concurrency-limits) (`GradientLimit`,
+    /// `VegasLimit`, `AIMDLimit`) and TCP Vegas (Brakmo and Peterson, "TCP Vegas: End to End
+    /// Congestion Avoidance on a Global Internet", 1995). Finished operations are gathered in
+    /// windows of about one round trip (`max(4, limit)` of them, all started since the limit
+    /// last moved). A window's lowest latency is compared with the lowest of all windows (the
+    /// latency with no queue, the *baseline*):
+    ///
+    /// * within 5% of the baseline, the limit grows, if the window used it: it doubles at
+    ///   first (slow start, which ends at the first window whose mean latency is 20% over the
+    ///   baseline), then adds `max(1, log10(limit))` at a time;
+    /// * higher, the limit moves half way to the concurrency the service absorbs without a
+    ///   queue (by Little's law: what was in flight × 1.05 × baseline / latency), plus that
+    ///   allowance;
+    /// * each failure or timeout multiplies it by 0.9 at once (after a run of them, it
+    ///   climbs back by doubling up to half where the run began);
+    /// * every 30 windows it halves for one window, to measure the baseline again (so a
+    ///   service that became slower for good is not taken for a queue forever).
+    ///
+    /// Over a service whose latency is flat up to a concurrency *knee* and grows in
+    /// proportion beyond it, the limit settles just over the knee (35 for a knee of 32, 18
+    /// for 16), where throughput is highest and latency still near its floor, and it follows
+    /// the knee down when the service slows. The limit is judged by minimum latencies, so
+    /// noise that only adds latency (a coarse timer, a long tail) does not pull it down.
+    ///
+    /// # What an operation reports
+    ///
+    /// Each operation reports when it ends, through the unit it holds:
+    ///
+    /// * [`in_flight`](crate::PipelineExt::in_flight),
+    ///   [`in_flight_ordered`](crate::PipelineExt::in_flight_ordered) and [`run`](Self::run):
+    ///   a success, with its latency from taking the unit to the future's end;
+    /// * [`try_in_flight`](crate::TryPipelineExt::try_in_flight) and
+    ///   [`try_in_flight_ordered`](crate::TryPipelineExt::try_in_flight_ordered): the same, and
+    ///   an `Err` is a drop;
+    /// * a [`Call`](crate::Call) with [`in_flight`](crate::Call::in_flight): the attempt's
+    ///   outcome, an `Err` or a timeout being a drop (a timeout while still waiting for a unit
+    ///   says nothing of the service, and reports nothing);
+    /// * as a tower layer (feature `tower`), each call: a success, with its latency from the
+    ///   unit taken in `poll_ready` to the response;
+    /// * an operation cancelled (its future dropped) reports nothing.
+    ///
+    /// In input order ([`in_flight_ordered`](crate::PipelineExt::in_flight_ordered)), an
+    /// operation's latency is measured when it ends and reaches the limit when its result is
+    /// yielded.
+    ///
+    /// When the limit is lowered below what is in flight, nothing new starts until enough
+    /// have finished: the operations in flight are never cut short.
+    ///
+    /// The limit now is [`current`](Self::current), its last changes
+    /// [`history`](Self::history); each change is a `tracing` event at DEBUG (target
+    /// `stagepipe::in_flight`, fields `name`, `limit`, `previous`, `reason`), and with the
+    /// `metrics` feature the gauge `stagepipe_in_flight_limit` (see [`named`](Self::named)).
+    ///
+    /// # Panics
+    ///
+    /// Panics if `min` is zero, `max` is below `min`, or `max` is larger than tokio's
+    /// `Semaphore::MAX_PERMITS` (the message names the parameter).
+    /// [`InFlightLimit::try_adaptive`] returns the error instead.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::InFlightLimit;
+    /// use stagepipe::PipelineExt;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let limit = InFlightLimit::adaptive(1, 100);
+    /// assert_eq!(limit.current(), 1);
+    ///
+    /// // A service that answers in 10 ms with up to 20 requests in flight, and slows down in
+    /// // proportion beyond that.
+    /// let in_flight = std::sync::atomic::AtomicUsize::new(0);
+    /// let served = stream::iter(0..3000u32)
+    ///     .in_flight(&limit, |x| {
+    ///         let now = in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+    ///         let in_flight = &in_flight;
+    ///         async move {
+    ///             let ms = 10 * now.max(20) as u64 / 20;
+    ///             tokio::time::sleep(Duration::from_millis(ms)).await;
+    ///             in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    ///             x
+    ///         }
+    ///     })
+    ///     .count()
+    ///     .await;
+    /// assert_eq!(served, 3000);
+    /// // Settled near the knee (22: 1.05 × 20 + log10(22)), or at half of it while probing.
+    /// assert!((11..=24).contains(&limit.current()), "{}", limit.current());
+    /// assert!(limit.history().len() > 1);
+    /// # }
+    /// ```
+    #[track_caller]
+    pub fn adaptive(min: usize, max: usize) -> Self {
+        or_panic(Self::try_adaptive(min, max))
+    }
+
+    /// [`adaptive`](Self::adaptive), or an error naming `min` if it is zero or above `max`,
+    /// or `max` if it is larger than tokio's `Semaphore::MAX_PERMITS`.
+    ///
+    /// ```
+    /// use stagepipe::InFlightLimit;
+    ///
+    /// assert_eq!(InFlightLimit::try_adaptive(0, 10).unwrap_err().parameter(), "min");
+    /// assert_eq!(InFlightLimit::try_adaptive(20, 10).unwrap_err().parameter(), "min");
+    /// assert_eq!(InFlightLimit::try_adaptive(4, 64).unwrap().current(), 4);
+    /// ```
+    pub fn try_adaptive(min: usize, max: usize) -> Result<Self, ConfigError> {
+        Self::try_adaptive_named(min, max, None)
+    }
+
+    fn try_adaptive_named(
+        min: usize,
+        max: usize,
+        name: Option<Arc<str>>,
+    ) -> Result<Self, ConfigError> {
+        count_up_to("min", min, max, "must be at most `max`")?;
+        let too_large = "must be at most Semaphore::MAX_PERMITS";
+        count_up_to("max", max, Semaphore::MAX_PERMITS, too_large)?;
+        let semaphore = Arc::new(Semaphore::new(min));
+        let adaptive = Adaptive::new(
+            Arc::clone(&semaphore),
+            min,
+            max,
+            name.as_deref().map(Into::into),
+        );
+        Ok(Self {
+            semaphore,
+            limit: max,
+            adaptive: Some(Arc::new(adaptive)),
+            name,
+        })
+    }
+
+    /// Gives the limit a name, carried by its `tracing` events (field `name`), its `Debug`
+    /// output and, with the `metrics` feature, the `name` label of an adaptive limit's gauge
+    /// `stagepipe_in_flight_limit` (an unnamed adaptive limit publishes under
+    /// `name="unnamed"`; a fixed limit publishes nothing).
+    ///
+    /// This builds a new limit with the same configuration and no unit in use (an adaptive
+    /// one starts again at its `min`): call it before sharing the handle (clones taken
+    /// earlier keep the old limit).
+    ///
+    /// ```
+    /// use stagepipe::InFlightLimit;
+    ///
+    /// let db = InFlightLimit::adaptive(2, 64).named("db");
+    /// assert_eq!(db.name(), Some("db"));
+    /// assert_eq!(db.current(), 2);
+    /// ```
+    #[must_use]
+    pub fn named(self, name: impl Into<String>) -> Self {
+        let name: Option<Arc<str>> = Some(name.into().into());
+        match &self.adaptive {
+            Some(adaptive) => Self::try_adaptive_named(adaptive.min(), adaptive.max(), name)
+                .expect("the same configuration is valid"),
+            None => Self {
+                semaphore: Arc::new(Semaphore::new(self.limit)),
+                name,
+                ..self
+            },
+        }
+    }
+
+    /// The name given with [`named`](Self::named), if any.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// The maximum number of operations running at once: the same as
+    /// [`current`](Self::current).
+    #[inline]
     pub fn limit(&self) -> usize {
-        self.limit
+        match &self.adaptive {
+            None => self.limit,
+            Some(adaptive) => adaptive.current(),
+        }
+    }
+
+    /// The limit now: of a fixed limit, always its value; of an adaptive one, where it stands
+    /// between its `min` and `max`.
+    ///
+    /// ```
+    /// use stagepipe::InFlightLimit;
+    ///
+    /// assert_eq!(InFlightLimit::new(8).current(), 8);
+    /// assert_eq!(InFlightLimit::adaptive(2, 64).current(), 2);
+    /// ```
+    pub fn current(&self) -> usize {
+        self.limit()
+    }
+
+    /// Whether the limit is [`adaptive`](Self::adaptive).
+    pub fn is_adaptive(&self) -> bool {
+        self.adaptive.is_some()
+    }
+
+    /// The last changes of an adaptive limit, oldest first: when (on tokio's clock) and the
+    /// new limit. The first entry is the limit's start at its `min`, until more than
+    /// 64 changes have pushed it out: at most the last 64 are kept. Empty for a fixed limit.
+    ///
+    /// ```
+    /// use stagepipe::InFlightLimit;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let limit = InFlightLimit::adaptive(4, 64);
+    /// let history = limit.history();
+    /// assert_eq!(history.len(), 1);
+    /// assert_eq!(history[0].1, 4);
+    /// assert!(InFlightLimit::new(4).history().is_empty());
+    /// # }
+    /// ```
+    pub fn history(&self) -> Vec<(Instant, usize)> {
+        match &self.adaptive {
+            None => Vec::new(),
+            Some(adaptive) => adaptive.history(),
+        }
     }
 
     /// Runs `fut` while holding one unit of this limit, waiting for a free unit first: the same
     /// budget as the [`in_flight`](crate::PipelineExt::in_flight) operator, for a direct caller
     /// (inside a stage of a staged pipeline, say). Waiting callers are served first come, first
-    /// served.
+    /// served. Of an [`adaptive`](Self::adaptive) limit, a finished `fut` counts as a success
+    /// whose latency is the time `fut` ran.
     ///
     /// # Cancel safety
     ///
@@ -106,6 +354,22 @@ impl InFlightLimit {
     /// # }
     /// ```
     pub async fn run<F: Future>(&self, fut: F) -> F::Output {
+        if self.adaptive.is_some() {
+            // Boxed, so that the future of a fixed limit's run stays as small as it was.
+            return Box::pin(async {
+                let permit = self.acquire().await;
+                let out = fut.await;
+                self.finish(permit, false);
+                out
+            })
+            .await;
+        }
+        self.run_fixed(fut).await
+    }
+
+    /// [`run`](Self::run) of a fixed limit (of an adaptive one, it holds a unit but reports
+    /// nothing).
+    pub(crate) async fn run_fixed<F: Future>(&self, fut: F) -> F::Output {
         // A free unit is taken without the queue's future (no waiter can be ahead while units
         // are free, so first come, first served still holds).
         let _permit = match self.semaphore.try_acquire() {
@@ -119,10 +383,52 @@ impl InFlightLimit {
         fut.await
     }
 
+    /// Takes a unit of this limit, waiting for one first (first come, first served), for a
+    /// holder that reports the outcome itself through [`finish`](Self::finish).
+    pub(crate) async fn acquire(&self) -> Permit {
+        loop {
+            let permit = match self.semaphore.clone().try_acquire_owned() {
+                Ok(permit) => permit,
+                Err(_) => self
+                    .semaphore
+                    .clone()
+                    .acquire_owned()
+                    .await
+                    .expect("the semaphore is never closed"),
+            };
+            if let Some(permit) = self.keep(permit) {
+                return Permit {
+                    permit,
+                    ticket: self.ticket(),
+                };
+            }
+        }
+    }
+
     /// Takes a unit of this limit for a stream or service that holds it past a call: a free
     /// unit at once, else through the queue's wait in `acquire` (first come, first served),
-    /// which is kept across polls and cleared once the unit is taken.
+    /// which is kept across polls and cleared once the unit is taken. The holder then takes
+    /// its [`ticket`](Self::ticket).
     pub(crate) fn poll_permit(
+        &self,
+        acquire: &mut Option<Acquire>,
+        cx: &mut Context<'_>,
+    ) -> Poll<OwnedSemaphorePermit> {
+        if self.adaptive.is_none() {
+            return self.poll_semaphore(acquire, cx);
+        }
+        loop {
+            let permit = std::task::ready!(self.poll_semaphore(acquire, cx));
+            if let Some(permit) = self.keep(permit) {
+                return Poll::Ready(permit);
+            }
+        }
+    }
+
+    /// A permit of the semaphore: a free one at once, else through the queue's wait in
+    /// `acquire`, kept across polls and cleared once the permit is taken.
+    #[inline(always)]
+    fn poll_semaphore(
         &self,
         acquire: &mut Option<Acquire>,
         cx: &mut Context<'_>,
@@ -139,9 +445,78 @@ impl InFlightLimit {
         Poll::Ready(permit)
     }
 
+    /// Whether a permit the semaphore gave may be used: always, unless the adaptive limit is
+    /// lower than the units out (it was lowered while they ran, or after the semaphore handed
+    /// this one to its waiter): then the permit pays that debt, and the caller waits again.
+    #[inline]
+    fn keep(&self, permit: OwnedSemaphorePermit) -> Option<OwnedSemaphorePermit> {
+        match &self.adaptive {
+            None => Some(permit),
+            Some(adaptive) => Self::repay_debt(adaptive, permit),
+        }
+    }
+
+    // Out of line: a fixed limit's path stays small.
+    #[cold]
+    #[inline(never)]
+    fn repay_debt(
+        adaptive: &Adaptive,
+        permit: OwnedSemaphorePermit,
+    ) -> Option<OwnedSemaphorePermit> {
+        adaptive.repay(permit)
+    }
+
+    /// For a unit just taken: of an adaptive limit, when it was taken and how many are in
+    /// flight with it; of a fixed limit, nothing (no clock is read).
+    #[inline]
+    pub(crate) fn ticket(&self) -> Option<Ticket> {
+        self.adaptive.as_deref().map(Self::ticket_of)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn ticket_of(adaptive: &Adaptive) -> Ticket {
+        let in_flight = u32::try_from(adaptive.in_flight()).unwrap_or(u32::MAX);
+        Ticket {
+            started: Instant::now(),
+            generation: adaptive.generation(),
+            in_flight: NonZeroU32::new(in_flight).unwrap_or(NonZeroU32::MIN),
+        }
+    }
+
+    /// The operation holding `permit` ended now, failed (a drop signal) or not: reports it to
+    /// an adaptive limit, then gives the unit back.
+    pub(crate) fn finish(&self, permit: Permit, failed: bool) {
+        let Permit { permit, ticket } = permit;
+        if let Some(ticket) = ticket {
+            self.report(ticket.end(), failed);
+        }
+        // Given back after the report, so that a lowered limit is in force first.
+        drop(permit);
+    }
+
+    /// Reports an operation's end to an adaptive limit: a drop if `failed`, else a success.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn report(&self, ended: Ended, failed: bool) {
+        if let Some(adaptive) = &self.adaptive {
+            match failed {
+                true => adaptive.dropped(),
+                false => adaptive.success(
+                    ended.generation,
+                    ended.in_flight.get() as usize,
+                    Duration::try_from_secs_f32(ended.latency).unwrap_or(Duration::MAX),
+                ),
+            }
+        }
+    }
+
     /// How many operations are running now, across every stream sharing this limit.
     pub fn in_use(&self) -> usize {
-        self.limit - self.semaphore.available_permits()
+        match &self.adaptive {
+            None => self.limit - self.semaphore.available_permits(),
+            Some(adaptive) => adaptive.in_flight(),
+        }
     }
 }
 
@@ -160,23 +535,115 @@ impl From<usize> for InFlightLimit {
 
 from_ref_handle!(impl[] InFlightLimit, "the limit");
 
-impl_debug!(impl[] InFlightLimit => InFlightLimit |this| {
-    limit: &this.limit,
-    in_use: &this.in_use(),
-});
+impl fmt::Debug for InFlightLimit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("InFlightLimit");
+        if let Some(name) = &self.name {
+            d.field("name", name);
+        }
+        d.field("limit", &self.limit());
+        if let Some(adaptive) = &self.adaptive {
+            d.field("min", &adaptive.min())
+                .field("max", &adaptive.max());
+        }
+        d.field("in_use", &self.in_use()).finish()
+    }
+}
+
+/// A unit of an [`InFlightLimit`], given back when dropped, and (of an adaptive limit) its
+/// [`Ticket`], for [`InFlightLimit::finish`].
+pub(crate) struct Permit {
+    pub(crate) permit: OwnedSemaphorePermit,
+    pub(crate) ticket: Option<Ticket>,
+}
+
+/// When an adaptive limit's unit was taken, in which generation of the limit, and how many
+/// were in flight then (itself included). A plain value (no drop glue, so a fixed limit's
+/// futures pay nothing for it): a unit dropped without a report (a cancelled operation)
+/// reports nothing.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ticket {
+    started: Instant,
+    generation: u32,
+    in_flight: NonZeroU32,
+}
+
+impl Ticket {
+    /// The operation ends now.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn end(self) -> Ended {
+        Ended {
+            generation: self.generation,
+            in_flight: self.in_flight,
+            latency: self.started.elapsed().as_secs_f32(),
+        }
+    }
+}
+
+/// An operation of an adaptive limit that ended: its generation, in-flight count and latency
+/// (in seconds). Kept small, and a plain value: it travels with the operation's output to the
+/// stream that reports it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Ended {
+    generation: u32,
+    in_flight: NonZeroU32,
+    latency: f32,
+}
+
+/// How an operation's output counts for an adaptive limit.
+pub(crate) trait Outcome<T> {
+    /// Whether `out` is a failure (a drop signal).
+    fn failed(out: &T) -> bool;
+}
+
+/// Every output is a success.
+#[derive(Debug)]
+pub(crate) struct Succeeds;
+
+impl<T> Outcome<T> for Succeeds {
+    #[inline]
+    fn failed(_: &T) -> bool {
+        false
+    }
+}
+
+/// An `Err` is a failure.
+#[derive(Debug)]
+pub(crate) struct ErrFails;
+
+impl<T, E> Outcome<Result<T, E>> for ErrFails {
+    #[inline]
+    fn failed(out: &Result<T, E>) -> bool {
+        out.is_err()
+    }
+}
 
 pin_project! {
     /// A future that holds a permit of the limit (if it was given one) until it completes.
+    /// Its output comes with the operation's end, if it holds a ticket of an adaptive limit,
+    /// for its holder to report (a fixed limit's future carries `None`, and reads no clock).
     pub(crate) struct WithPermit<Fut> {
         #[pin]
         fut: Fut,
         permit: Option<OwnedSemaphorePermit>,
+        ticket: Option<Ticket>,
     }
 }
 
 impl<Fut> WithPermit<Fut> {
-    pub(crate) fn new(fut: Fut, permit: Option<OwnedSemaphorePermit>) -> Self {
-        Self { fut, permit }
+    /// `fut`, holding `permit` (if any) with its `ticket` (of an adaptive limit).
+    #[inline]
+    pub(crate) fn new(
+        fut: Fut,
+        permit: Option<OwnedSemaphorePermit>,
+        ticket: Option<Ticket>,
+    ) -> Self {
+        Self {
+            fut,
+            permit,
+            ticket,
+        }
     }
 
     #[cfg(feature = "tower")]
@@ -186,13 +653,14 @@ impl<Fut> WithPermit<Fut> {
 }
 
 impl<Fut: Future> Future for WithPermit<Fut> {
-    type Output = Fut::Output;
+    type Output = (Fut::Output, Option<Ended>);
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Fut::Output> {
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let out = std::task::ready!(this.fut.poll(cx));
         this.permit.take();
-        Poll::Ready(out)
+        Poll::Ready((out, this.ticket.take().map(Ticket::end)))
     }
 }
 
@@ -200,6 +668,8 @@ impl<Fut: Future> Future for WithPermit<Fut> {
 pub(crate) trait Start<I> {
     /// The future an item becomes.
     type Fut: Future;
+    /// How its output counts for an adaptive limit.
+    type Outcome: Outcome<<Self::Fut as Future>::Output>;
     /// Whether `item` runs under a permit. One that does not is started at once, holding none.
     fn needs_permit(&self, item: &I) -> bool;
     /// Makes the item's future.
@@ -215,6 +685,7 @@ where
     Fut: Future,
 {
     type Fut = Fut;
+    type Outcome = Succeeds;
 
     #[inline]
     fn needs_permit(&self, _: &I) -> bool {
@@ -340,8 +811,9 @@ impl<S, C, Q> Core<S, C, Q>
 where
     S: Stream,
     C: Start<S::Item>,
-    Q: Queue<Fut = WithPermit<C::Fut>> + Stream<Item = <C::Fut as Future>::Output>,
+    Q: Queue<Fut = WithPermit<C::Fut>> + Stream<Item = (<C::Fut as Future>::Output, Option<Ended>)>,
 {
+    #[inline]
     pub(crate) fn poll_next(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -351,14 +823,14 @@ where
         // the limit may be queued (running, or finished behind an earlier item).
         loop {
             if this.waiting.is_none() {
-                if *this.upstream_done || (Q::ORDERED && this.running.len() >= this.limit.limit) {
+                if *this.upstream_done || (Q::ORDERED && this.running.len() >= this.limit.limit()) {
                     break;
                 }
                 match this.stream.as_mut().poll_next(cx) {
                     Poll::Ready(Some(item)) => {
                         if !this.start.needs_permit(&item) {
                             let fut = this.start.start(item);
-                            this.running.push(WithPermit::new(fut, None));
+                            this.running.push(WithPermit::new(fut, None, None));
                             continue;
                         }
                         *this.waiting = Some(item);
@@ -373,12 +845,19 @@ where
             let Poll::Ready(permit) = this.limit.poll_permit(this.acquire, cx) else {
                 break;
             };
+            let ticket = this.limit.ticket();
             let item = this.waiting.take().expect("an item waits for the permit");
             let fut = this.start.start(item);
-            this.running.push(WithPermit::new(fut, Some(permit)));
+            this.running
+                .push(WithPermit::new(fut, Some(permit), ticket));
         }
         match Pin::new(&mut *this.running).poll_next(cx) {
-            Poll::Ready(Some(out)) => Poll::Ready(Some(out)),
+            Poll::Ready(Some((out, ended))) => {
+                if let Some(ended) = ended {
+                    this.limit.report(ended, C::Outcome::failed(&out));
+                }
+                Poll::Ready(Some(out))
+            }
             Poll::Ready(None) if *this.upstream_done && this.waiting.is_none() => Poll::Ready(None),
             _ => Poll::Pending,
         }

@@ -36,7 +36,8 @@
 //!
 //! Through `tracing`: a [`with_stats`](PipelineExt::with_stats) stream's summary when it ends,
 //! at DEBUG (target `stagepipe::stats`); circuit breaker state changes at INFO/WARN (target
-//! `stagepipe::circuit_breaker`). Metrics (counters, gauges and histograms for a Prometheus or
+//! `stagepipe::circuit_breaker`); each change of an adaptive [`InFlightLimit`] at DEBUG
+//! (target `stagepipe::in_flight`). Metrics (counters, gauges and histograms for a Prometheus or
 //! OpenTelemetry exporter): feature `metrics`, below.
 //!
 //! # Cargo features
@@ -46,7 +47,8 @@
 //!   `RateLimitService`, `InFlightService`, `BreakerService`, `CallService`), and [`Call`] as a
 //!   tower `Service`. Adds the small `tower-layer` and `tower-service` crates.
 //! * `metrics`: counters, gauges and histograms of [`Stats`], [`CallStats`], pipeline stages,
-//!   [`WorkerPool`], [`RateLimiter`] and named [`CircuitBreaker`]s, published through the
+//!   [`WorkerPool`], [`RateLimiter`], adaptive [`InFlightLimit`]s and named
+//!   [`CircuitBreaker`]s, published through the
 //!   [`metrics`](https://docs.rs/metrics) facade to whatever recorder (Prometheus or
 //!   OpenTelemetry exporter) the application installs; names, labels and units in the
 //!   `metrics` module. Adds the small `metrics` crate.
@@ -82,7 +84,8 @@ mod sync;
 mod time;
 mod try_ext;
 
-// -- core: pool, fan_out, in_flight, stats --
+// -- core: pool, fan_out, in_flight (fixed or adaptive), stats --
+mod adaptive;
 mod by_key;
 mod fan_out;
 mod in_flight;

@@ -2,11 +2,12 @@
 //! (feature `metrics`).
 //!
 //! With the feature on, [`Stats`](crate::Stats), [`CallStats`](crate::CallStats), staged
-//! pipelines, [`WorkerPool`](crate::WorkerPool), [`RateLimiter`](crate::RateLimiter) and named
-//! [`CircuitBreaker`](crate::CircuitBreaker)s publish what they count to whatever recorder the
-//! application installed: `metrics-exporter-prometheus` for a Prometheus scrape, a bridge to
-//! OpenTelemetry, or any other [`metrics::Recorder`]. With the feature off, none of this code
-//! exists and the handles cost what they always did.
+//! pipelines, [`WorkerPool`](crate::WorkerPool), [`RateLimiter`](crate::RateLimiter), adaptive
+//! [`InFlightLimit`](crate::InFlightLimit)s and named [`CircuitBreaker`](crate::CircuitBreaker)s
+//! publish what they count to whatever recorder the application installed:
+//! `metrics-exporter-prometheus` for a Prometheus scrape, a bridge to OpenTelemetry, or any
+//! other [`metrics::Recorder`]. With the feature off, none of this code exists and the handles
+//! cost what they always did.
 //!
 //! # When handles register: install the recorder first
 //!
@@ -26,6 +27,7 @@
 //! | [`WorkerPool`](crate::WorkerPool) | at [`WorkerPool::new`](crate::WorkerPool::new) (also a private pool made from a number) |
 //! | [`RateLimiter`](crate::RateLimiter) | at construction (and again for the new limiter [`burst`](crate::RateLimiter::burst) builds) |
 //! | [`CircuitBreaker`](crate::CircuitBreaker) | at [`named`](crate::CircuitBreaker::named); an unnamed breaker publishes nothing |
+//! | adaptive [`InFlightLimit`](crate::InFlightLimit) | at [`adaptive`](crate::InFlightLimit::adaptive) (under `name="unnamed"`), and again for the new limit [`named`](crate::InFlightLimit::named) builds; a fixed limit publishes nothing |
 //!
 //! Registering describes the metrics too (unit and help text), for exporters that print them.
 //! Recording costs one call through the recorder's handle per event (an atomic add for a
@@ -41,6 +43,10 @@
 //! * A [`WorkerPool`](crate::WorkerPool) or [`RateLimiter`](crate::RateLimiter) has no name:
 //!   they publish under `name="unnamed"` ([`UNNAMED`]), summed over every pool (every limiter)
 //!   of the process. The pool gauges are kept by adding and subtracting, so the sum is exact.
+//! * An adaptive [`InFlightLimit`](crate::InFlightLimit) publishes under its
+//!   [`named`](crate::InFlightLimit::named) name, else under `name="unnamed"`. Its gauge is kept
+//!   by adding and subtracting, like the pool gauges: the limits of one name add up, and a
+//!   limit's share leaves the gauge with its last handle.
 //! * A [`CircuitBreaker`](crate::CircuitBreaker) publishes only once it is
 //!   [`named`](crate::CircuitBreaker::named): a state is a breaker's own and cannot be summed.
 //! * A staged pipeline has no name either: its `name` label is the type name of its stages
@@ -48,7 +54,8 @@
 //!   `my_service::Step`), and each stage metric adds the label `stage`, the stage's `Debug`
 //!   (e.g. `Parse`). Pipelines whose machines share a stage type share their series.
 //!
-//! Not published: [`InFlightLimit`](crate::InFlightLimit),
+//! Not published: a fixed [`InFlightLimit`](crate::InFlightLimit) (its limit never moves, and
+//! its use is [`in_use`](crate::InFlightLimit::in_use)),
 //! [`KeyedRateLimiter`](crate::KeyedRateLimiter), and a pipeline's group and request counts
 //! (they stay in [`Pipeline::stats`](crate::Pipeline::stats)).
 //!
@@ -84,6 +91,7 @@
 //! | `stagepipe_pool_queued_jobs` | gauge | jobs | `name` | jobs queued and not started (a job is a chunk of one stream's items) |
 //! | `stagepipe_rate_limit_cells_total` | counter | cells | `name` | cells the limiter let through (streams, [`until_ready`](crate::RateLimiter::until_ready), successful [`check`](crate::RateLimiter::check)s) |
 //! | `stagepipe_rate_limit_wait_seconds` | histogram | seconds | `name` | one per cell that had to wait (a stream's item, an `until_ready` call): from the request to its release |
+//! | `stagepipe_in_flight_limit` | gauge | operations | `name` | the current limit of the adaptive in-flight limits (summed over the limits of one name) |
 //! | `stagepipe_circuit_breaker_state` | gauge | state | `name` | 0 closed, 1 half-open, 2 open |
 //! | `stagepipe_circuit_breaker_transitions_total` | counter | transitions | `name`, `to` | state changes, by the state entered: `to` is `closed`, `half-open` or `open` |
 //! | `stagepipe_circuit_breaker_rejected_total` | counter | calls | `name` | calls rejected without running (open, or half-open with its trial running) |
@@ -94,8 +102,10 @@
 //!   [`CallStats::snapshot`](crate::CallStats::snapshot), [`Pipeline::stats`](crate::Pipeline::stats)):
 //!   both are recorded at the same points.
 //! * The pool gauges change when a job is queued, started, finished, taken back or dropped,
-//!   and `stagepipe_pool_workers` when a pool is built or its last handle (and worker) goes;
-//!   an idle pool shows 0 busy and 0 queued.
+//!   and `stagepipe_pool_workers` when a pool is built or its last handle (and worker) goes,
+//!   and when an [adaptive](crate::WorkerPool::adaptive) pool adds or retires a worker (it
+//!   shows the pool's [`workers`](crate::WorkerPool::workers)); an idle pool shows 0 busy and
+//!   0 queued.
 //! * A breaker turns from open to half-open when `open_for` has passed; the gauge shows it when
 //!   a call next arrives and starts the trial (until then it still reads 2). Each state change
 //!   is counted once, as the breaker's `tracing` events report them.
@@ -233,6 +243,10 @@ pub const RATE_LIMIT_CELLS: &str = "stagepipe_rate_limit_cells_total";
 /// for the cells that had to wait.
 pub const RATE_LIMIT_WAIT: &str = "stagepipe_rate_limit_wait_seconds";
 
+/// `stagepipe_in_flight_limit`, gauge, label `name`: the current limit of the adaptive
+/// [`InFlightLimit`](crate::InFlightLimit)s of that name.
+pub const IN_FLIGHT_LIMIT: &str = "stagepipe_in_flight_limit";
+
 /// `stagepipe_circuit_breaker_state`, gauge, label `name`: 0 closed, 1 half-open, 2 open.
 pub const BREAKER_STATE: &str = "stagepipe_circuit_breaker_state";
 /// `stagepipe_circuit_breaker_transitions_total`, counter, labels `name` and `to` (`closed`,
@@ -267,13 +281,15 @@ pub const NAMES: &[&str] = &[
     POOL_QUEUED_JOBS,
     RATE_LIMIT_CELLS,
     RATE_LIMIT_WAIT,
+    IN_FLIGHT_LIMIT,
     BREAKER_STATE,
     BREAKER_TRANSITIONS,
     BREAKER_REJECTED,
 ];
 
 /// The `name` label of the handles that have no name: every [`WorkerPool`](crate::WorkerPool)
-/// and [`RateLimiter`](crate::RateLimiter).
+/// and [`RateLimiter`](crate::RateLimiter), and adaptive [`InFlightLimit`](crate::InFlightLimit)s
+/// not [`named`](crate::InFlightLimit::named).
 pub const UNNAMED: &str = "unnamed";
 
 static METADATA: Metadata<'static> = Metadata::new("stagepipe", Level::INFO, Some(module_path!()));
@@ -493,7 +509,8 @@ impl CallMetrics {
 /// adding and subtracting so that the pools of a process add up. Takes its workers off the
 /// workers gauge when dropped with the pool.
 pub(crate) struct PoolMetrics {
-    workers: usize,
+    /// The workers this pool adds to the workers gauge (they move with an adaptive pool).
+    workers: std::sync::atomic::AtomicUsize,
     workers_gauge: Gauge,
     busy: Gauge,
     queued: Gauge,
@@ -503,7 +520,7 @@ impl PoolMetrics {
     /// The gauges of a new pool of `workers` workers.
     pub(crate) fn new(workers: usize) -> Self {
         let metrics = Registrar::with(unnamed_label(), |r| Self {
-            workers,
+            workers: std::sync::atomic::AtomicUsize::new(workers),
             workers_gauge: r.gauge(
                 POOL_WORKERS,
                 Some(Unit::Count),
@@ -522,6 +539,18 @@ impl PoolMetrics {
         });
         metrics.workers_gauge.increment(workers as f64);
         metrics
+    }
+
+    /// The pool (an adaptive one) now counts `workers` workers.
+    pub(crate) fn set_workers(&self, workers: usize) {
+        let before = self
+            .workers
+            .swap(workers, std::sync::atomic::Ordering::Relaxed);
+        if workers > before {
+            self.workers_gauge.increment((workers - before) as f64);
+        } else if workers < before {
+            self.workers_gauge.decrement((before - workers) as f64);
+        }
     }
 
     /// `n` jobs were queued.
@@ -551,7 +580,8 @@ impl PoolMetrics {
 
 impl Drop for PoolMetrics {
     fn drop(&mut self) {
-        self.workers_gauge.decrement(self.workers as f64);
+        let workers = *self.workers.get_mut();
+        self.workers_gauge.decrement(workers as f64);
     }
 }
 
@@ -598,6 +628,37 @@ impl RateLimitMetrics {
     /// A cell was released `nanos` after it was asked for.
     pub(crate) fn waited(&self, nanos: u64) {
         self.wait.record(Duration::from_nanos(nanos).as_secs_f64());
+    }
+}
+
+/// An adaptive [`InFlightLimit`](crate::InFlightLimit)'s gauge (`stagepipe_in_flight_limit`),
+/// kept by adding and subtracting so that the limits of one name add up.
+pub(crate) struct InFlightMetrics {
+    limit: Gauge,
+}
+
+impl InFlightMetrics {
+    /// The gauge of a new limit named `name` (else `name="unnamed"`), standing at `limit`.
+    pub(crate) fn new(name: Option<&str>, limit: usize) -> Self {
+        let labels = name.map_or_else(unnamed_label, name_label);
+        let metrics = Registrar::with(labels, |r| Self {
+            limit: r.gauge(
+                IN_FLIGHT_LIMIT,
+                Some(Unit::Count),
+                "The current limit of the adaptive in-flight limits.",
+            ),
+        });
+        metrics.limit.increment(limit as f64);
+        metrics
+    }
+
+    /// The limit moved from `from` to `to` (to 0 when the limit goes).
+    pub(crate) fn changed(&self, from: usize, to: usize) {
+        if to > from {
+            self.limit.increment((to - from) as f64);
+        } else {
+            self.limit.decrement((from - to) as f64);
+        }
     }
 }
 

@@ -14,10 +14,11 @@ use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
 use crate::error::{ConfigError, nonzero, or_panic};
-use crate::sync::atomic::{AtomicUsize, Ordering};
+use crate::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use crate::sync::{Arc, Mutex, MutexGuard, Weak, sync_thread_local};
 #[cfg(stagepipe_loom)]
 use crate::sync::{LocalCell as _, LocalRefCell as _};
+use std::time::Duration;
 
 sync_thread_local! {
     /// The pool (its `Shared`'s address) whose worker is polling a job on this thread, or 0.
@@ -100,6 +101,9 @@ pub(crate) type Job = Pin<Box<dyn Future<Output = Option<Waker>> + Send + 'stati
 /// inside a job of the pool; a nested stream moved into a separately spawned task that an outer
 /// item awaits is an ordinary consumer and can still exhaust the pool.
 ///
+/// [`WorkerPool::adaptive`] builds a pool that sizes itself between two bounds, for I/O-bound
+/// work whose best concurrency is not known in advance.
+///
 /// A plain number converts into a private pool wherever a pool is accepted:
 /// `s.fan_out_ordered(4, f)` is `s.fan_out_ordered(WorkerPool::new(4), f)`.
 ///
@@ -132,7 +136,18 @@ struct Handle {
 }
 
 pub(crate) struct Shared {
+    /// The workers a fresh set starts with: all of a fixed pool's, an adaptive pool's `min`.
     workers: usize,
+    /// The most workers alive at once: `workers` for a fixed pool.
+    max: usize,
+    /// Whether the pool sizes itself (see [`WorkerPool::adaptive`]).
+    adaptive: bool,
+    /// Workers of an adaptive pool whose job is waiting on a pending future (see
+    /// [`Controller`]). Untouched by a fixed pool.
+    waiting: AtomicUsize,
+    /// Whether the runtime of an adaptive pool's workers refused a timer (no time driver): its
+    /// idle workers then stay.
+    untimed: AtomicBool,
     /// Workers running jobs now.
     busy: AtomicUsize,
     /// A copy of [`State::live`], written under the lock, read without it by a consumer about
@@ -160,6 +175,11 @@ struct State {
     /// Wakers of idle workers, by worker index.
     parked: Vec<Option<Waker>>,
     parked_ids: Vec<usize>,
+    /// Worker indexes not in use by a live worker of an adaptive pool (indexes at or above
+    /// `parked.len()` are free too). Unused by a fixed pool.
+    free_workers: Vec<usize>,
+    /// The sizing controller of an adaptive pool.
+    controller: Option<Controller>,
 }
 
 /// One source's queued jobs.
@@ -252,22 +272,160 @@ impl WorkerPool {
             parked: (0..workers).map(|_| None).collect(),
             ..State::default()
         };
+        Ok(Self::build(workers, workers, state))
+    }
+
+    /// Creates a pool that sizes itself between `min` and `max` workers: it starts `min`,
+    /// adds workers while they raise throughput and retires the ones that idle.
+    ///
+    /// Meant for I/O-bound work, whose futures mostly wait: a worker whose future is pending
+    /// keeps it, so concurrency is the number of workers, and the right number depends on the
+    /// latency of whatever the futures wait for. An adaptive pool finds it instead of being told.
+    /// For CPU-bound work it stays where it started (see below): a fixed pool of one worker per
+    /// runtime thread is the right size there.
+    ///
+    /// # How it sizes itself
+    ///
+    /// A hill-climbing controller, in the manner of the .NET thread pool's "hill climbing"
+    /// (Fuentes, Hellerstein et al., *Optimizing concurrency levels in the .NET ThreadPool*,
+    /// 2008), reduced to single steps of one worker:
+    ///
+    /// * Throughput is measured over samples of job ends (a job is a chunk of one stream's
+    ///   items): a sample ends at the first job end after at least
+    ///   4 × [`workers`](Self::workers) (and at least 8) job ends, and its throughput is job ends
+    ///   per second of tokio's clock (so that it runs on a paused clock in tests).
+    /// * **Grow**: at the end of a sample, one worker is added (up to `max`) if every worker is
+    ///   busy (none is parked), jobs are queued, and at least one worker's job is *waiting on a
+    ///   pending future*. A worker that is polling (CPU-bound work) never counts as waiting, so
+    ///   CPU-bound work never grows the pool, whatever the timing.
+    /// * **Keep or undo**: the sample after a step is compared with the one before it. With `n`
+    ///   workers before the step, the step added `1/n` of the workers; it is kept if throughput
+    ///   rose by at least half of that (`1/(2n)`), so linear scaling keeps growing and a
+    ///   plateau stops it (a flat margin such as 10% would stop linear scaling at ten workers).
+    ///   Otherwise the step is undone (one worker retires at its next job end) and growth stops
+    ///   until the load changes: a sample's throughput moves more than 10% from where it
+    ///   stopped, or a worker runs out of work and parks.
+    /// * **Shrink**: a worker that has been parked with nothing to do for one second (tokio's
+    ///   clock) retires, as long as more than `min` are alive.
+    ///
+    /// [`workers`](Self::workers) reports the current count, which moves;
+    /// [`max_workers`](Self::max_workers) the bound. Each change is logged through `tracing`
+    /// at DEBUG level, target `stagepipe::pool`; with feature `metrics`, the
+    /// `stagepipe_pool_workers` gauge follows the count.
+    ///
+    /// A fixed pool ([`new`](Self::new)) does none of this: its workers run a loop without
+    /// the sampling, the counting of waiting jobs or the idle timer.
+    ///
+    /// The idle timer is a tokio timer, so the runtime that runs the workers needs its time
+    /// driver (`enable_time` or `enable_all` on a runtime builder; `#[tokio::main]` and
+    /// `#[tokio::test]` enable it). Without it the pool still grows, but its idle workers stay
+    /// (the panic hook reports tokio's refusal of the timer).
+    ///
+    /// # Panics
+    ///
+    /// Panics if `min` is zero or greater than `max`. [`WorkerPool::try_adaptive`] returns an
+    /// error instead.
+    ///
+    /// # Examples
+    ///
+    /// Requests that each wait 10 ms: the pool grows from one worker to serve them
+    /// concurrently.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let pool = WorkerPool::adaptive(1, 16);
+    /// let started = tokio::time::Instant::now();
+    /// let out: Vec<u32> = stream::iter(0..400u32)
+    ///     .fan_out(&pool, |x| async move {
+    ///         tokio::time::sleep(Duration::from_millis(10)).await;
+    ///         x
+    ///     })
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(out.len(), 400);
+    /// // One worker would have taken 4 s.
+    /// assert!(started.elapsed() < Duration::from_secs(2));
+    /// assert!(pool.workers() > 1 && pool.workers() <= pool.max_workers());
+    /// # }
+    /// ```
+    #[track_caller]
+    pub fn adaptive(min: usize, max: usize) -> Self {
+        or_panic(Self::try_adaptive(min, max))
+    }
+
+    /// Creates a pool that sizes itself between `min` and `max` workers (see
+    /// [`WorkerPool::adaptive`]), or an error naming `min` if it is zero, or `max` if it is
+    /// less than `min`.
+    ///
+    /// ```
+    /// use stagepipe::WorkerPool;
+    ///
+    /// let pool = WorkerPool::try_adaptive(2, 8).unwrap();
+    /// assert_eq!((pool.workers(), pool.max_workers()), (2, 8));
+    /// assert_eq!(WorkerPool::try_adaptive(0, 8).unwrap_err().parameter(), "min");
+    /// assert_eq!(WorkerPool::try_adaptive(4, 2).unwrap_err().parameter(), "max");
+    /// ```
+    pub fn try_adaptive(min: usize, max: usize) -> Result<Self, ConfigError> {
+        nonzero("min", min as u64)?;
+        if max < min {
+            return Err(ConfigError::new("max", "must be at least `min`"));
+        }
+        // Worker indexes (and their parking slots) are taken as the pool grows.
+        let state = State {
+            controller: Some(Controller::default()),
+            ..State::default()
+        };
+        Ok(Self::build(min, max, state))
+    }
+
+    fn build(workers: usize, max: usize, state: State) -> Self {
         let shared = Arc::new(Shared {
             workers,
+            max,
+            adaptive: state.controller.is_some(),
+            waiting: AtomicUsize::new(0),
+            untimed: AtomicBool::new(false),
             busy: AtomicUsize::new(0),
             live: AtomicUsize::new(0),
             state: Mutex::new(state),
             #[cfg(feature = "metrics")]
             metrics: crate::metrics::PoolMetrics::new(workers),
         });
-        Ok(Self {
+        Self {
             handle: Arc::new(Handle { shared }),
-        })
+        }
     }
 
     /// The number of workers: at most this many user futures run at once on the pool.
+    ///
+    /// For an [adaptive](Self::adaptive) pool, the workers alive now (`min` while none are,
+    /// before the first job or after their runtime shut down): it moves as the pool grows and
+    /// shrinks, between `min` and [`max_workers`](Self::max_workers).
     pub fn workers(&self) -> usize {
-        self.handle.shared.workers
+        let shared = &self.handle.shared;
+        if shared.adaptive {
+            shared.live.load(Ordering::Relaxed).max(shared.workers)
+        } else {
+            shared.workers
+        }
+    }
+
+    /// The most workers the pool runs at once: [`workers`](Self::workers) for a fixed pool,
+    /// `max` for an [adaptive](Self::adaptive) one.
+    ///
+    /// ```
+    /// use stagepipe::WorkerPool;
+    ///
+    /// assert_eq!(WorkerPool::new(3).max_workers(), 3);
+    /// assert_eq!(WorkerPool::adaptive(1, 32).max_workers(), 32);
+    /// ```
+    pub fn max_workers(&self) -> usize {
+        self.handle.shared.max
     }
 
     /// How many workers are running jobs now (at most [`workers`](Self::workers)).
@@ -278,7 +436,7 @@ impl WorkerPool {
     /// The default window of a stream on this pool: how many of its items may be in the pool at
     /// once (queued, running, or finished and waiting to be consumed).
     pub(crate) fn default_window(&self) -> usize {
-        self.workers().saturating_mul(4).max(DEFAULT_MIN_WINDOW)
+        self.max_workers().saturating_mul(4).max(DEFAULT_MIN_WINDOW)
     }
 
     /// Registers a new source, owned by `consumer`.
@@ -425,9 +583,32 @@ impl Shared {
             return Ok(None);
         }
         let runtime = tokio::runtime::Handle::try_current().map_err(|_| NoRuntime)?;
-        state.live = self.workers;
-        self.live.store(self.workers, Ordering::Release);
+        if let Some(controller) = &mut state.controller {
+            // No worker is alive: every index is free; the fresh set takes `0..workers`.
+            controller.restart();
+            self.untimed.store(false, Ordering::Relaxed);
+            let slots = state.parked.len().max(self.workers);
+            state.parked.resize_with(slots, || None);
+            state.free_workers = (self.workers..slots).rev().collect();
+            tracing::debug!(
+                target: "stagepipe::pool",
+                workers = self.workers,
+                "adaptive pool: starting workers"
+            );
+        }
+        self.set_live(state, self.workers);
         Ok(Some(runtime))
+    }
+
+    /// Counts `live` workers alive (under the lock), keeping the lock-free copy and, for an
+    /// adaptive pool, the workers gauge in step.
+    fn set_live(&self, state: &mut State, live: usize) {
+        state.live = live;
+        self.live.store(live, Ordering::Release);
+        #[cfg(feature = "metrics")]
+        if self.adaptive {
+            self.metrics.set_workers(live.max(self.workers));
+        }
     }
 
     /// Starts a fresh set of workers if none is alive (see [`WorkerPool::keep_serving`]).
@@ -452,11 +633,12 @@ impl Shared {
     /// the lock to count it out.
     fn spawn_workers(self: &Arc<Self>, runtime: &tokio::runtime::Handle) {
         for index in 0..self.workers {
-            runtime.spawn(worker(Presence {
-                shared: self.clone(),
-                index,
-                job: None,
-            }));
+            let me = Presence::new(self.clone(), index);
+            if self.adaptive {
+                runtime.spawn(run::<true>(me));
+            } else {
+                runtime.spawn(worker(me));
+            }
         }
         // Workers die only with their runtime (or the pool): none left already means that the
         // runtime refused them, and waiting on it would never end.
@@ -495,10 +677,14 @@ impl Shared {
 
     /// The next job for worker `index`, after charging the last job's time (`charge`, taken).
     /// Returns `Ready(None)` on shutdown, or `Pending` after parking the worker.
-    fn poll_job(
+    ///
+    /// A worker of an adaptive pool may also be told to retire (`Ready(None)`, with `counted`
+    /// cleared: it is already counted out), to undo a growth step that did not pay.
+    fn poll_job<const ADAPTIVE: bool>(
         &self,
         index: usize,
         charge: &mut Option<(SourceId, u64)>,
+        counted: &mut bool,
         cx: &mut Context<'_>,
     ) -> Poll<Option<(SourceId, Job)>> {
         let mut state = self.lock();
@@ -506,6 +692,10 @@ impl Shared {
             state.charge(source, nanos);
         }
         if state.shutdown {
+            return Poll::Ready(None);
+        }
+        if ADAPTIVE && self.retire_undone(&mut state, index) {
+            *counted = false;
             return Poll::Ready(None);
         }
         if let Some(next) = state.next_job() {
@@ -516,6 +706,12 @@ impl Shared {
                 state.parked_ids.retain(|&i| i != index);
             }
             return Poll::Ready(Some(next));
+        }
+        if ADAPTIVE {
+            if let Some(controller) = &mut state.controller {
+                // Out of work: the load changed.
+                controller.stalled = None;
+            }
         }
         let slot = &mut state.parked[index];
         match slot {
@@ -658,6 +854,24 @@ struct Presence {
     /// The job being run, and its source: put back at the front of its queue if the worker is
     /// dropped before it ends, so that no item is lost.
     job: Option<(SourceId, Job)>,
+    /// Whether the worker is counted in [`State::live`] and owns its index: a worker of an
+    /// adaptive pool that retires counts itself out (and frees its index) before it goes.
+    counted: bool,
+    /// Whether the job being run (by a worker of an adaptive pool) has waited on a pending
+    /// future, counted in [`Shared::waiting`].
+    waiting: bool,
+}
+
+impl Presence {
+    fn new(shared: Arc<Shared>, index: usize) -> Self {
+        Self {
+            shared,
+            index,
+            job: None,
+            counted: true,
+            waiting: false,
+        }
+    }
 }
 
 impl Drop for Presence {
@@ -669,16 +883,17 @@ impl Drop for Presence {
         if job.is_some() {
             shared.busy.fetch_sub(1, Ordering::Relaxed);
         }
+        if self.waiting {
+            shared.waiting.fetch_sub(1, Ordering::Relaxed);
+        }
         let mut wake = Vec::new();
         let mut consumers = Vec::new();
         let orphan = {
             let mut state = shared.lock();
-            if state.parked[self.index].take().is_some() {
-                state.parked_ids.retain(|&i| i != self.index);
+            if self.counted {
+                debug_assert!(state.live > 0, "a worker counted out twice");
+                shared.count_out(&mut state, self.index);
             }
-            debug_assert!(state.live > 0, "a worker counted out twice");
-            state.live = state.live.saturating_sub(1);
-            shared.live.store(state.live, Ordering::Release);
             let orphan = match job {
                 Some((source, job)) => match state.queue(source) {
                     Some(queue) => {
@@ -715,10 +930,25 @@ impl Drop for Presence {
     }
 }
 
-async fn worker(mut me: Presence) {
+/// The worker loop of a fixed pool.
+async fn worker(me: Presence) {
+    run::<false>(me).await;
+}
+
+/// The worker loop; an adaptive pool's workers (`ADAPTIVE`) also feed its [`Controller`], retire
+/// when it says so or when idle, and count the jobs that wait on a pending future.
+async fn run<const ADAPTIVE: bool>(mut me: Presence) {
     let shared = me.shared.clone();
     let mut charge = None;
-    while let Some((source, job)) = poll_fn(|cx| shared.poll_job(me.index, &mut charge, cx)).await {
+    loop {
+        let next = if ADAPTIVE {
+            next_or_retire(&shared, &mut me, &mut charge).await
+        } else {
+            poll_fn(|cx| shared.poll_job::<false>(me.index, &mut charge, &mut me.counted, cx)).await
+        };
+        let Some((source, job)) = next else {
+            break;
+        };
         // The scheduler's charge is the CPU time the job took, so it reads the real clock: on a
         // paused tokio clock every job would look free. Nothing shown to users uses this clock.
         let started = std::time::Instant::now();
@@ -726,15 +956,29 @@ async fn worker(mut me: Presence) {
         #[cfg(feature = "metrics")]
         let busy = shared.metrics.busy();
         let (_, job) = me.job.insert((source, job));
+        let waiting = &mut me.waiting;
         let unblocked = poll_fn(|cx| {
             let _on = OnWorker::enter(&shared);
             let (poll, spilled) = poll_collecting(job, cx);
             shared.requeue(source, spilled);
+            if ADAPTIVE && poll.is_pending() && !*waiting {
+                *waiting = true;
+                shared.waiting.fetch_add(1, Ordering::Relaxed);
+            }
             poll
         })
         .await;
         let job = me.job.take();
         shared.busy.fetch_sub(1, Ordering::Relaxed);
+        if ADAPTIVE {
+            // Still counted as waiting while the sample is judged: this worker is busy with
+            // work that waits as much as the others are.
+            shared.job_ended();
+            if me.waiting {
+                me.waiting = false;
+                shared.waiting.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
         #[cfg(feature = "metrics")]
         drop(busy);
         let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(job)));
@@ -745,6 +989,256 @@ async fn worker(mut me: Presence) {
         let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         charge = Some((source, nanos));
         tokio::task::consume_budget().await;
+    }
+}
+
+/// The next job of a worker of an adaptive pool, or `None` when it stops: the pool shut down,
+/// the controller undid a growth step, or the worker has been parked for [`IDLE`] with more
+/// than `min` workers alive.
+async fn next_or_retire(
+    shared: &Arc<Shared>,
+    me: &mut Presence,
+    charge: &mut Option<(SourceId, u64)>,
+) -> Option<(SourceId, Job)> {
+    let mut idle: Option<Pin<Box<tokio::time::Sleep>>> = None;
+    poll_fn(|cx| {
+        loop {
+            if let Poll::Ready(next) =
+                shared.poll_job::<true>(me.index, charge, &mut me.counted, cx)
+            {
+                return Poll::Ready(next);
+            }
+            // Parked. At `min` workers, nobody retires: no timer to keep.
+            if shared.live.load(Ordering::Relaxed) <= shared.workers
+                || shared.untimed.load(Ordering::Relaxed)
+            {
+                idle = None;
+                return Poll::Pending;
+            }
+            let timer = match &mut idle {
+                Some(timer) => timer,
+                // tokio panics here if the runtime has no time driver.
+                None => match std::panic::catch_unwind(|| Box::pin(tokio::time::sleep(IDLE))) {
+                    Ok(timer) => idle.insert(timer),
+                    Err(_) => {
+                        shared.untimed.store(true, Ordering::Relaxed);
+                        return Poll::Pending;
+                    }
+                },
+            };
+            if timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            idle = None;
+            if shared.retire_idle(me.index) {
+                me.counted = false;
+                return Poll::Ready(None);
+            }
+        }
+    })
+    .await
+}
+
+/// How long a worker of an adaptive pool stays parked with nothing to do before it retires
+/// (when more than `min` are alive), on tokio's clock.
+const IDLE: Duration = Duration::from_secs(1);
+
+/// A sample of an adaptive pool's throughput lasts at least this many job ends per worker...
+const SAMPLE_JOBS_PER_WORKER: u64 = 4;
+
+/// ...and at least this many.
+const MIN_SAMPLE_JOBS: u64 = 8;
+
+/// Growth that stopped resumes when a sample's throughput moves this far (a fraction) from
+/// where it stopped: the load changed.
+const STALL_BAND: f64 = 0.1;
+
+/// The hill-climbing controller of an adaptive pool (see [`WorkerPool::adaptive`]), kept under
+/// the pool's lock and fed by every job end.
+#[derive(Default)]
+struct Controller {
+    /// Start of the current sample, on tokio's clock (`None` until the workers start).
+    since: Option<tokio::time::Instant>,
+    /// Job ends in the current sample.
+    ended: u64,
+    /// Throughput before the growth step that the current sample measures, if it measures one.
+    probing: Option<f64>,
+    /// Throughput at which growth stopped (a step did not pay), while it is stopped.
+    stalled: Option<f64>,
+    /// Workers to retire at their next job end, to undo a step.
+    retire: usize,
+}
+
+impl Controller {
+    /// A fresh set of workers starts: nothing measured yet.
+    fn restart(&mut self) {
+        *self = Self {
+            since: Some(tokio::time::Instant::now()),
+            ..Self::default()
+        };
+    }
+}
+
+/// What the controller does at the end of a sample.
+enum Step {
+    Grow,
+    Undo,
+    Hold,
+}
+
+impl Controller {
+    /// Ends a sample of `rate` job ends per second with `workers` workers (those due to
+    /// retire not counted); `pressure` says whether every worker is busy, jobs are queued and
+    /// some job waits on a pending future.
+    fn decide(&mut self, rate: f64, workers: usize, pressure: bool, max: usize) -> Step {
+        if let Some(before) = self.probing.take() {
+            // The step took the pool from `workers - 1` to `workers`: keep it if it raised
+            // throughput by half of the workers it added, or more.
+            let added = 1.0 / workers.saturating_sub(1).max(1) as f64;
+            if rate < before * (1.0 + added / 2.0) {
+                self.stalled = Some(before);
+                self.retire += 1;
+                return Step::Undo;
+            }
+        } else if let Some(at) = self.stalled {
+            if (rate - at).abs() <= at * STALL_BAND {
+                return Step::Hold;
+            }
+            self.stalled = None;
+        }
+        if pressure && workers < max {
+            self.probing = Some(rate);
+            return Step::Grow;
+        }
+        Step::Hold
+    }
+}
+
+impl Shared {
+    /// Counts worker `index` out (under the lock): it no longer parks, its index is free, and
+    /// one fewer worker is alive.
+    fn count_out(&self, state: &mut State, index: usize) {
+        if state.parked[index].take().is_some() {
+            state.parked_ids.retain(|&i| i != index);
+        }
+        if self.adaptive {
+            state.free_workers.push(index);
+        }
+        let live = state.live.saturating_sub(1);
+        self.set_live(state, live);
+    }
+
+    /// Whether worker `index` of an adaptive pool retires to undo a growth step (counted out
+    /// if so).
+    fn retire_undone(&self, state: &mut State, index: usize) -> bool {
+        let Some(controller) = &mut state.controller else {
+            return false;
+        };
+        if controller.retire == 0 {
+            return false;
+        }
+        controller.retire -= 1;
+        if state.live <= self.workers {
+            return false;
+        }
+        self.count_out(state, index);
+        tracing::debug!(
+            target: "stagepipe::pool",
+            workers = state.live,
+            "adaptive pool: retired a worker, the last one added did not raise throughput"
+        );
+        true
+    }
+
+    /// Whether worker `index` of an adaptive pool, idle for [`IDLE`], retires (counted out if
+    /// so): it does if it is still parked (nobody handed it work) and more than `min` are alive.
+    fn retire_idle(&self, index: usize) -> bool {
+        let mut state = self.lock();
+        if state.live <= self.workers || state.parked[index].is_none() {
+            return false;
+        }
+        self.count_out(&mut state, index);
+        tracing::debug!(
+            target: "stagepipe::pool",
+            workers = state.live,
+            "adaptive pool: retired an idle worker"
+        );
+        true
+    }
+
+    /// A job of an adaptive pool ended: counts it in the sample and, at the sample's end,
+    /// grows the pool by one worker or undoes the last step as the controller says.
+    fn job_ended(self: &Arc<Self>) {
+        let mut wake = None;
+        let grow = {
+            let mut state = self.lock();
+            let live = state.live;
+            let Some(controller) = &mut state.controller else {
+                return;
+            };
+            controller.ended += 1;
+            if controller.ended < (SAMPLE_JOBS_PER_WORKER * live as u64).max(MIN_SAMPLE_JOBS) {
+                return;
+            }
+            let now = tokio::time::Instant::now();
+            let since = *controller.since.get_or_insert(now);
+            let elapsed = now.saturating_duration_since(since);
+            if elapsed.is_zero() {
+                return;
+            }
+            let rate = controller.ended as f64 / elapsed.as_secs_f64();
+            controller.since = Some(now);
+            controller.ended = 0;
+            let workers = live.saturating_sub(controller.retire);
+            let pressure = state.parked_ids.is_empty()
+                && self.waiting.load(Ordering::Relaxed) > 0
+                && state.has_queued();
+            let controller = state.controller.as_mut().expect("an adaptive pool");
+            match controller.decide(rate, workers, pressure, self.max) {
+                Step::Hold => None,
+                Step::Undo => {
+                    // A parked worker retires at once; otherwise the next to end a job does.
+                    if let Some(index) = state.parked_ids.pop() {
+                        wake = state.parked[index].take();
+                    }
+                    None
+                }
+                Step::Grow => {
+                    let index = state.free_workers.pop().unwrap_or_else(|| {
+                        state.parked.push(None);
+                        state.parked.len() - 1
+                    });
+                    self.set_live(&mut state, live + 1);
+                    tracing::debug!(
+                        target: "stagepipe::pool",
+                        workers = live + 1,
+                        jobs_per_second = rate,
+                        "adaptive pool: added a worker"
+                    );
+                    Some(index)
+                }
+            }
+        };
+        if let Some(waker) = wake {
+            waker.wake();
+        }
+        if let Some(index) = grow {
+            // Called on a worker, so on the runtime the workers live on.
+            let me = Presence::new(self.clone(), index);
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn(run::<true>(me))),
+                Err(_) => drop(me),
+            }
+        }
+    }
+}
+
+impl State {
+    /// Whether any source has jobs queued.
+    fn has_queued(&self) -> bool {
+        self.ready.iter().any(|source| {
+            matches!(self.sources.get(source.id), Some(Some(queue)) if queue.epoch == source.epoch && !queue.jobs.is_empty())
+        })
     }
 }
 
@@ -864,6 +1358,40 @@ mod tests {
             state.charge(source, MAX_DEBT);
         }
         assert!(state.next_job().is_none());
+    }
+
+    /// The controller grows only under pressure (every worker busy, jobs queued, a job waiting
+    /// on a pending future): CPU-bound work, whose jobs never wait, never grows the pool.
+    #[test]
+    fn the_controller_grows_only_under_pressure() {
+        let mut c = Controller::default();
+        for rate in [100.0, 1_000.0, 10_000.0] {
+            assert!(matches!(c.decide(rate, 2, false, 32), Step::Hold));
+        }
+        assert!(matches!(c.decide(100.0, 2, true, 32), Step::Grow));
+        assert_eq!(c.probing, Some(100.0));
+        assert!(matches!(
+            Controller::default().decide(100.0, 32, true, 32),
+            Step::Hold
+        ));
+    }
+
+    /// A step from `n` to `n + 1` workers is kept if throughput rose by `1/(2n)` or more, and
+    /// undone otherwise; growth then stays stopped until throughput moves by more than 10%.
+    #[test]
+    fn the_controller_keeps_steps_that_pay_and_undoes_the_others() {
+        let mut c = Controller::default();
+        assert!(matches!(c.decide(100.0, 4, true, 32), Step::Grow));
+        // 4 -> 5 workers: at least 12.5% more needed.
+        assert!(matches!(c.decide(113.0, 5, true, 32), Step::Grow));
+        assert!(matches!(c.decide(118.0, 6, true, 32), Step::Undo));
+        assert_eq!((c.retire, c.stalled), (1, Some(113.0)));
+        // Stalled while throughput stays within 10%...
+        assert!(matches!(c.decide(120.0, 5, true, 32), Step::Hold));
+        assert!(matches!(c.decide(105.0, 5, true, 32), Step::Hold));
+        // ...and growing again once it moves further.
+        assert!(matches!(c.decide(130.0, 5, true, 32), Step::Grow));
+        assert_eq!(c.stalled, None);
     }
 
     /// Equal jobs are still served strictly in turn.

@@ -211,3 +211,29 @@ async fn keyed_fan_out_window_twins_name_their_parameter() {
         "window",
     );
 }
+
+#[test]
+fn adaptive_limit_twins_name_their_parameter() {
+    named(InFlightLimit::try_adaptive(0, 10), "min");
+    named(InFlightLimit::try_adaptive(0, 0), "min");
+    named(InFlightLimit::try_adaptive(11, 10), "min");
+    named(InFlightLimit::try_adaptive(1, usize::MAX), "max");
+    let err = InFlightLimit::try_adaptive(11, 10).unwrap_err();
+    assert!(err.to_string().contains("max"), "{err}");
+    panics_naming(|| InFlightLimit::adaptive(0, 10), "min");
+    panics_naming(|| InFlightLimit::adaptive(5, 4), "min");
+    panics_naming(|| InFlightLimit::adaptive(1, usize::MAX), "max");
+    let limit = InFlightLimit::try_adaptive(3, 3).expect("min == max is a fixed range");
+    assert_eq!((limit.current(), limit.in_use()), (3, 0));
+}
+
+#[test]
+fn adaptive_pool_twins_name_their_parameter() {
+    named(WorkerPool::try_adaptive(0, 4), "min");
+    named(WorkerPool::try_adaptive(0, 0), "min");
+    named(WorkerPool::try_adaptive(5, 4), "max");
+    panics_naming(|| WorkerPool::adaptive(0, 4), "min");
+    panics_naming(|| WorkerPool::adaptive(3, 2), "max");
+    let pool = WorkerPool::try_adaptive(4, 4).expect("min == max is a fixed size");
+    assert_eq!((pool.workers(), pool.max_workers()), (4, 4));
+}

@@ -1,5 +1,5 @@
-//! The `tracing` events the crate emits: `CircuitBreaker`'s state changes, and the summary of a
-//! `with_stats` stream when it ends.
+//! The `tracing` events the crate emits: `CircuitBreaker`'s state changes, the summary of a
+//! `with_stats` stream when it ends, and the changes of an adaptive `InFlightLimit`.
 //!
 //! In a test binary of their own: `tracing` caches whether a call site is wanted the first time
 //! it is hit, and another test hitting these call sites on another thread, with no subscriber,
@@ -108,4 +108,28 @@ async fn stream_summary_is_a_debug_event() {
     assert_eq!(*level, tracing::Level::DEBUG);
     assert_eq!(target, "stagepipe::stats");
     assert!(message.contains("parse"), "{message}");
+}
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn adaptive_limit_changes_are_debug_events() {
+    let events = Arc::new(Mutex::new(Vec::new()));
+    let _guard = tracing::subscriber::set_default(Recorder(events.clone()));
+    let limit = InFlightLimit::adaptive(1, 64).named("db");
+    // Instant operations never queue: the limit doubles up to `max`.
+    let n = stream::iter(0..200)
+        .in_flight(&limit, |x| async move { x })
+        .count()
+        .await;
+    assert_eq!(n, 200);
+    assert_eq!(limit.current(), 64);
+    let events = events.lock().unwrap().clone();
+    let changes: Vec<_> = events
+        .iter()
+        .filter(|(_, target, _)| target == "stagepipe::in_flight")
+        .collect();
+    assert_eq!(changes.len(), limit.history().len() - 1, "one per change");
+    for (level, _, message) in changes {
+        assert_eq!(*level, tracing::Level::DEBUG);
+        assert_eq!(message, "in-flight limit changed");
+    }
 }

@@ -395,6 +395,36 @@ async fn a_rate_limiter_counts_cells_and_their_waits() {
     assert_eq!(cells() - cells0, 8);
 }
 
+#[tokio::test(start_paused = true)]
+async fn an_adaptive_limit_publishes_its_current_limit() {
+    let m = store();
+    let gauge = || m.gauge(names::IN_FLIGHT_LIMIT, &[("name", "metrics-adaptive")]);
+    let limit = InFlightLimit::adaptive(2, 64).named("metrics-adaptive");
+    assert_eq!(gauge(), Some(2.0));
+    // Instant operations never queue: the limit grows, and the gauge with it.
+    let n = stream::iter(0..200)
+        .in_flight(&limit, |x| async move { x })
+        .count()
+        .await;
+    assert_eq!(n, 200);
+    assert!(limit.current() > 2);
+    assert_eq!(gauge(), Some(limit.current() as f64));
+    // A second limit of the same name adds up; each leaves the gauge with its last handle.
+    let other = InFlightLimit::adaptive(3, 64).named("metrics-adaptive");
+    assert_eq!(gauge(), Some((limit.current() + 3) as f64));
+    drop(limit);
+    assert_eq!(gauge(), Some(3.0));
+    drop(other);
+    assert_eq!(gauge(), Some(0.0));
+    // A fixed limit publishes nothing.
+    let _ = InFlightLimit::new(4).named("metrics-fixed");
+    assert!(
+        m.keys()
+            .iter()
+            .all(|k| k.labels().all(|l| l.value() != "metrics-fixed"))
+    );
+}
+
 /// The queued jobs of `pool`, as its `Debug` shows them.
 fn queued(pool: &WorkerPool) -> f64 {
     let debug = format!("{pool:?}");
@@ -580,6 +610,7 @@ async fn every_name_is_documented_described_and_follows_the_conventions() {
     let _ = CallStats::new("metrics-names");
     let _ = CircuitBreaker::new(1, Duration::from_secs(1)).named("metrics-names");
     let _ = RateLimiter::per_second(1);
+    let _ = InFlightLimit::adaptive(1, 2).named("metrics-names");
     drop(WorkerPool::new(1)); // never started: its workers leave the gauge at once
     let workers0 = m.gauge(names::POOL_WORKERS, UNNAMED).unwrap_or(0.0);
     let pipeline = Pipeline::builder(Echo).workers(1).build();
@@ -616,4 +647,36 @@ async fn every_name_is_documented_described_and_follows_the_conventions() {
         assert!(names::NAMES.contains(&key.name()), "{key:?}");
         assert_eq!(key.labels().next().unwrap().key(), "name", "{key:?}");
     }
+}
+
+/// An adaptive pool's workers gauge follows its count: `min` when built, up as it grows, down as
+/// idle workers retire, and off with the pool.
+#[tokio::test(start_paused = true)]
+async fn adaptive_pool_workers_gauge_follows_the_count() {
+    let m = store();
+    let _serial = SERIAL.lock().await;
+    let gauge = || m.gauge(names::POOL_WORKERS, UNNAMED).unwrap_or(0.0);
+    let workers0 = gauge();
+
+    let pool = WorkerPool::adaptive(2, 16);
+    assert_eq!(gauge(), workers0 + 2.0);
+    let n = stream::iter(0..1_000u32)
+        .fan_out(&pool, |x| async move {
+            sleep(ms(10)).await;
+            x
+        })
+        .count()
+        .await;
+    assert_eq!(n, 1_000);
+    let grown = pool.workers();
+    assert!(grown > 2, "{grown} workers");
+    assert_eq!(gauge(), workers0 + grown as f64);
+
+    // Idle for more than a second: back to `min`.
+    sleep(ms(1_100)).await;
+    assert_eq!(pool.workers(), 2);
+    assert_eq!(gauge(), workers0 + 2.0);
+
+    drop(pool);
+    settle("the workers gone", || gauge() == workers0).await;
 }

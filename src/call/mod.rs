@@ -545,9 +545,13 @@ impl<R> Policy<R> {
                 Some(limiter) => self.take_cell(limiter, now).await,
                 None => now,
             };
+            if let Some(limit) = self.in_flight.as_ref().filter(|l| l.is_adaptive()) {
+                // Boxed: a fixed limit's attempt keeps the size it had.
+                return Box::pin(self.timed_adaptive(limit, f, item, now)).await;
+            }
             let call = async {
                 match &self.in_flight {
-                    Some(limit) => limit.run(async { f(item).await }).await,
+                    Some(limit) => limit.run_fixed(async { f(item).await }).await,
                     None => f(item).await,
                 }
             };
@@ -579,6 +583,42 @@ impl<R> Policy<R> {
             }
         }
         result
+    }
+
+    /// timeout( in-flight( f(item) )) with an adaptive in-flight limit: the unit is kept out
+    /// here, outside the timeout, so that the attempt's outcome reaches the limit (a success
+    /// with its latency; a failure or a timeout, both drop signals). A unit dropped with a
+    /// cancelled run reports nothing.
+    async fn timed_adaptive<T, U, E, A, Fut>(
+        &self,
+        limit: &InFlightLimit,
+        f: &mut A,
+        item: T,
+        now: Option<Instant>,
+    ) -> Result<U, Fault<E>>
+    where
+        A: FnMut(T) -> Fut,
+        Fut: Future<Output = Result<U, E>>,
+    {
+        let mut held = None;
+        let call = async {
+            held = Some(limit.acquire().await);
+            f(item).await
+        };
+        let result = match self.timeout {
+            Some(timeout) => {
+                let now = now.unwrap_or_else(Instant::now);
+                Timeout::new(call, now, timeout).await
+            }
+            None => Ok(call.await),
+        };
+        if let Some(permit) = held {
+            limit.finish(permit, !matches!(result, Ok(Ok(_))));
+        }
+        match result {
+            Ok(result) => result.map_err(Fault::Failed),
+            Err(Elapsed) => Err(Fault::Timeout),
+        }
     }
 
     /// Waits for a cell of `limiter`, adding the wait to the stats. Returns the current instant

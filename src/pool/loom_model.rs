@@ -34,11 +34,7 @@ impl Workers {
         }
         let threads = (0..shared.workers)
             .map(|index| {
-                let me = Presence {
-                    shared: shared.clone(),
-                    index,
-                    job: None,
-                };
+                let me = Presence::new(shared.clone(), index);
                 thread::spawn(move || block_on(worker(me)))
             })
             .collect();

@@ -6,11 +6,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use pin_project_lite::pin_project;
-use tokio::sync::OwnedSemaphorePermit;
 use tower_service::Service;
 
 use crate::InFlightLimit;
-use crate::in_flight::{Acquire, WithPermit};
+use crate::in_flight::{Acquire, Permit, WithPermit};
 
 /// A service that holds one unit of a shared [`InFlightLimit`] per call, from `poll_ready`
 /// until its response future completes or is dropped: made by using the limit as a [`Layer`](tower_layer::Layer).
@@ -37,7 +36,7 @@ use crate::in_flight::{Acquire, WithPermit};
 pub struct InFlightService<S> {
     inner: S,
     limit: InFlightLimit,
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<Permit>,
     acquire: Option<Acquire>,
 }
 
@@ -69,7 +68,9 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         if self.permit.is_none() {
-            self.permit = Some(ready!(self.limit.poll_permit(&mut self.acquire, cx)));
+            let permit = ready!(self.limit.poll_permit(&mut self.acquire, cx));
+            let ticket = self.limit.ticket();
+            self.permit = Some(Permit { permit, ticket });
         }
         self.inner.poll_ready(cx)
     }
@@ -77,7 +78,9 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let permit = self.permit.take().expect(super::NOT_READY);
         InFlightFuture {
-            inner: WithPermit::new(self.inner.call(req), Some(permit)),
+            // An adaptive limit hears of the call's end (a success, with its latency).
+            limit: permit.ticket.map(|_| self.limit.clone()),
+            inner: WithPermit::new(self.inner.call(req), Some(permit.permit), permit.ticket),
         }
     }
 }
@@ -102,6 +105,7 @@ pin_project! {
     pub struct InFlightFuture<F> {
         #[pin]
         inner: WithPermit<F>,
+        limit: Option<InFlightLimit>,
     }
 }
 
@@ -109,7 +113,12 @@ impl<F: Future> Future for InFlightFuture<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        self.project().inner.poll(cx)
+        let this = self.project();
+        let (out, ended) = ready!(this.inner.poll(cx));
+        if let (Some(limit), Some(ended)) = (this.limit.take(), ended) {
+            limit.report(ended, false);
+        }
+        Poll::Ready(out)
     }
 }
 

@@ -1,7 +1,8 @@
 //! `try_in_flight` and `try_in_flight_ordered`: the `in_flight` engine over a fallible stream.
 //!
 //! An `Ok` item runs `f(value)` under a permit of the shared limit; an `Err` item becomes a
-//! finished future that holds no permit and never calls `f`, queued at its place.
+//! finished future that holds no permit and never calls `f`, queued at its place. A call that
+//! returns `Err` reports a drop to an adaptive limit.
 
 use std::fmt;
 use std::pin::Pin;
@@ -12,7 +13,7 @@ use futures::future::TryFuture;
 use futures::stream::{FuturesOrdered, FuturesUnordered, IntoStream, TryStream};
 use pin_project_lite::pin_project;
 
-use crate::in_flight::{Core, InFlightLimit, Start, WithPermit};
+use crate::in_flight::{Core, ErrFails, InFlightLimit, Start, WithPermit};
 
 pin_project! {
     /// An item's future: the user's call for an `Ok`, or the upstream `Err`, ready at once.
@@ -46,6 +47,7 @@ where
     Fut: TryFuture<Error = E>,
 {
     type Fut = TryFut<Fut>;
+    type Outcome = ErrFails;
 
     #[inline]
     fn needs_permit(&self, item: &Result<T, E>) -> bool {
