@@ -24,13 +24,13 @@ pub(crate) struct Workers {
 }
 
 impl Workers {
-    /// Starts the workers of `pool` on loom threads.
+    /// Starts the workers of `pool` (a fixed one) on loom threads.
     pub(crate) fn start(pool: &WorkerPool) -> Self {
         let shared = pool.handle.shared.clone();
+        assert!(!shared.adaptive, "the models run a fixed pool's workers");
         {
             let mut state = shared.lock();
-            state.live = shared.workers;
-            shared.live.store(shared.workers, Ordering::Release);
+            shared.set_live(&mut state, shared.workers);
         }
         let threads = (0..shared.workers)
             .map(|index| {
