@@ -12,13 +12,13 @@ use std::future::{Future, poll_fn};
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use crate::error::{ConfigError, nonzero, or_panic};
 use crate::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use crate::sync::{Arc, Mutex, MutexGuard, Weak, sync_thread_local};
 #[cfg(stagepipe_loom)]
 use crate::sync::{LocalCell as _, LocalRefCell as _};
-use std::time::Duration;
 
 sync_thread_local! {
     /// The pool (its `Shared`'s address) whose worker is polling a job on this thread, or 0.
