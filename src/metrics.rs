@@ -323,6 +323,11 @@ impl Registrar<'_> {
         self.recorder.register_gauge(&self.key(name), &METADATA)
     }
 
+    /// A gauge of a number of things (workers, jobs, operations).
+    fn count_gauge(&self, name: &'static str, help: &'static str) -> Gauge {
+        self.gauge(name, Some(Unit::Count), help)
+    }
+
     fn seconds(&self, name: &'static str, help: &'static str) -> Histogram {
         self.recorder.describe_histogram(
             KeyName::from_const_str(name),
@@ -521,19 +526,10 @@ impl PoolMetrics {
     pub(crate) fn new(workers: usize) -> Self {
         let metrics = Registrar::with(unnamed_label(), |r| Self {
             workers: std::sync::atomic::AtomicUsize::new(workers),
-            workers_gauge: r.gauge(
-                POOL_WORKERS,
-                Some(Unit::Count),
-                "Workers of the pools alive.",
-            ),
-            busy: r.gauge(
-                POOL_BUSY_WORKERS,
-                Some(Unit::Count),
-                "Workers of the pools running a job now.",
-            ),
-            queued: r.gauge(
+            workers_gauge: r.count_gauge(POOL_WORKERS, "Workers of the pools alive."),
+            busy: r.count_gauge(POOL_BUSY_WORKERS, "Workers of the pools running a job now."),
+            queued: r.count_gauge(
                 POOL_QUEUED_JOBS,
-                Some(Unit::Count),
                 "Jobs queued on the pools and not started.",
             ),
         });
@@ -642,9 +638,8 @@ impl InFlightMetrics {
     pub(crate) fn new(name: Option<&str>, limit: usize) -> Self {
         let labels = name.map_or_else(unnamed_label, name_label);
         let metrics = Registrar::with(labels, |r| Self {
-            limit: r.gauge(
+            limit: r.count_gauge(
                 IN_FLIGHT_LIMIT,
-                Some(Unit::Count),
                 "The current limit of the adaptive in-flight limits.",
             ),
         });

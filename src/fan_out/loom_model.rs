@@ -9,7 +9,7 @@
 use std::sync::atomic::AtomicUsize as Count;
 use std::sync::atomic::Ordering::SeqCst;
 
-use futures::{StreamExt, stream};
+use futures::{Stream, StreamExt, stream};
 use loom::future::block_on;
 
 use super::*;
@@ -79,49 +79,60 @@ fn assert_idle<U>(core: &Core<U>, items: u64) {
     }
 }
 
+/// Runs `body` in a loom model on a two-worker pool whose workers run on loom threads; `body`
+/// gets the pool and a maker of `Item`s, and returns how many items it made. Afterwards every
+/// item made has been dropped exactly once.
+fn on_pool(
+    body: impl Fn(&WorkerPool, &dyn Fn(u32, Option<u32>) -> Item) -> usize + Sync + Send + 'static,
+) {
+    model(move || {
+        let pool = WorkerPool::new(2);
+        let workers = Workers::start(&pool);
+        let ledger = Arc::new(Ledger::default());
+        let made = body(&pool, &|x, waits| Item::new(x, waits, &ledger));
+        workers.stop(pool);
+        assert_eq!(ledger.made.load(SeqCst), made);
+        assert_eq!(ledger.dropped.load(SeqCst), made);
+    });
+}
+
+/// Polls `s` to its end; checks that its core (`core(&s)`) is idle after `items` items.
+fn run_to_end<S: Stream<Item = u32> + Unpin>(
+    mut s: S,
+    core: fn(&S) -> &Core<u32>,
+    items: u64,
+) -> Vec<u32> {
+    let out = block_on(s.by_ref().collect());
+    assert_idle(core(&s), items);
+    out
+}
+
 /// Three items on two workers, the middle one waiting once: every result reaches the consumer
 /// once, in input order, and the consumer is always woken for it.
 #[test]
 fn loom_fan_out_ordered_delivers_in_order() {
-    model(|| {
-        let pool = WorkerPool::new(2);
-        let workers = Workers::start(&pool);
-        let ledger = Arc::new(Ledger::default());
+    on_pool(|pool, item| {
         let waits = [0, 1, 0];
-        let items = stream::iter(0..3u32);
-        let l = ledger.clone();
-        let mut s = FanOutOrdered::new(items, pool.clone(), move |x| {
-            Item::new(x, Some(waits[x as usize]), &l)
-        });
-        let out: Vec<u32> = block_on(s.by_ref().collect());
-        assert_eq!(out, [0, 10, 20]);
-        assert_idle(&s.core, 3);
-        drop(s);
-        workers.stop(pool);
-        assert_eq!(ledger.dropped.load(SeqCst), 3);
+        let make = |x: u32| item(x, Some(waits[x as usize]));
+        let s = FanOutOrdered::new(stream::iter(0..3u32), pool.clone(), make);
+        assert_eq!(run_to_end(s, |s| &s.core, 3), [0, 10, 20]);
+        3
     });
 }
 
-/// The same in completion order: every result once.
+/// The same in completion order, the first item waiting: every result once.
 #[test]
 fn loom_fan_out_unordered_delivers_each_once() {
-    model(|| {
-        let pool = WorkerPool::new(2);
-        let workers = Workers::start(&pool);
-        let ledger = Arc::new(Ledger::default());
-        let waits = [1, 0, 0];
-        let items = stream::iter(0..3u32);
-        let l = ledger.clone();
-        let mut s = FanOut::new(items, pool.clone(), move |x| {
-            Item::new(x, Some(waits[x as usize]), &l)
-        });
-        let mut out: Vec<u32> = block_on(s.by_ref().collect());
+    on_pool(|pool, item| {
+        let make = |x: u32| item(x, Some(u32::from(x == 0)));
+        let mut out = run_to_end(
+            FanOut::new(stream::iter(0..3u32), pool.clone(), make),
+            |s| &s.core,
+            3,
+        );
         out.sort_unstable();
         assert_eq!(out, [0, 10, 20]);
-        assert_idle(&s.core, 3);
-        drop(s);
-        workers.stop(pool);
-        assert_eq!(ledger.dropped.load(SeqCst), 3);
+        3
     });
 }
 
@@ -130,23 +141,14 @@ fn loom_fan_out_unordered_delivers_each_once() {
 /// order, each once.
 #[test]
 fn loom_fan_out_split_chunks_keep_order() {
-    model(|| {
-        let pool = WorkerPool::new(2);
-        let workers = Workers::start(&pool);
-        let ledger = Arc::new(Ledger::default());
-        let items = stream::iter(0..8u32);
-        let l = ledger.clone();
-        let mut s = FanOutOrdered::new(items, pool.clone(), move |x| {
-            Item::new(x, Some(u32::from(x == 0)), &l)
-        });
+    on_pool(|pool, item| {
+        let make = |x: u32| item(x, Some(u32::from(x == 0)));
+        let s = FanOutOrdered::new(stream::iter(0..8u32), pool.clone(), make);
         // Measured light: chunks of n / (2 * workers) = 2 items.
         s.core.chan.item_nanos.store(0, Ordering::Relaxed);
-        let out: Vec<u32> = block_on(s.by_ref().collect());
-        assert_eq!(out, (0..8).map(|x| x * 10).collect::<Vec<_>>());
-        assert_idle(&s.core, 8);
-        drop(s);
-        workers.stop(pool);
-        assert_eq!(ledger.dropped.load(SeqCst), 8);
+        let want: Vec<u32> = (0..8).map(|x| x * 10).collect();
+        assert_eq!(run_to_end(s, |s| &s.core, 8), want);
+        8
     });
 }
 
@@ -155,19 +157,11 @@ fn loom_fan_out_split_chunks_keep_order() {
 /// exactly once, and the pool ends idle.
 #[test]
 fn loom_fan_out_dropped_stream_cancels_running_items() {
-    model(|| {
-        let pool = WorkerPool::new(2);
-        let workers = Workers::start(&pool);
-        let ledger = Arc::new(Ledger::default());
-        let items = stream::iter(0..2u32);
-        let l = ledger.clone();
-        let mut s = FanOutOrdered::new(items, pool.clone(), move |x| {
-            Item::new(x, (x == 0).then_some(0), &l)
+    on_pool(|pool, item| {
+        let mut s = FanOutOrdered::new(stream::iter(0..2u32), pool.clone(), |x| {
+            item(x, (x == 0).then_some(0))
         });
         assert_eq!(block_on(s.next()), Some(0));
-        drop(s);
-        workers.stop(pool);
-        assert_eq!(ledger.made.load(SeqCst), 2);
-        assert_eq!(ledger.dropped.load(SeqCst), 2);
+        2
     });
 }

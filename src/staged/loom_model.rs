@@ -60,16 +60,26 @@ fn submit_all(tx: &super::Submitter<Echo>, data: &[u32]) -> (Vec<u32>, Vec<u32>)
     (accepted, refused)
 }
 
+/// Runs `body` in a loom model with a one-worker pool whose worker runs on a loom thread and a
+/// pipeline on it (request `fail` fails, if any); afterwards the worker is stopped.
+fn on_pipeline(fail: Option<u32>, body: impl Fn(&Pipeline<Echo>) + Send + Sync + 'static) {
+    model(move || {
+        let pool = WorkerPool::new(1);
+        let workers = Workers::start(&pool);
+        let pipeline = pipeline(&pool, fail);
+        body(&pipeline);
+        drop(pipeline);
+        workers.stop(pool);
+    });
+}
+
 /// Submissions race the pipeline's drain, then the group's results are read: each is accepted
 /// and its result delivered (in order), or refused with its data back; the results end exactly
 /// once, after the last accepted request; the drain resolves only once the group has closed,
 /// and refuses every submission after it.
 #[test]
 fn loom_group_submit_races_drain() {
-    model(|| {
-        let pool = WorkerPool::new(1);
-        let workers = Workers::start(&pool);
-        let pipeline = pipeline(&pool, None);
+    on_pipeline(None, |pipeline| {
         let (tx, mut results) = pipeline.group().ordered().open();
         let late = tx.clone();
         let drainer = {
@@ -98,8 +108,6 @@ fn loom_group_submit_races_drain() {
         refused.extend(&accepted);
         refused.sort_unstable();
         assert_eq!(refused, [1, 2], "a request neither accepted nor given back");
-        drop((tx, results, pipeline));
-        workers.stop(pool);
     });
 }
 
@@ -108,10 +116,7 @@ fn loom_group_submit_races_drain() {
 /// the group refuses submissions once its results have ended.
 #[test]
 fn loom_group_cancel_on_error_races_submit() {
-    model(|| {
-        let pool = WorkerPool::new(1);
-        let workers = Workers::start(&pool);
-        let pipeline = pipeline(&pool, Some(1));
+    on_pipeline(Some(1), |pipeline| {
         let (tx, mut results) = pipeline.group().ordered().cancel_on_error().open();
         let late = tx.clone();
         let submitter = thread::spawn(move || submit_all(&tx, &[1, 2]));
@@ -126,8 +131,6 @@ fn loom_group_cancel_on_error_races_submit() {
         assert!(block_on(results.next()).is_none());
         assert_eq!(block_on(late.submit(3)), Err(GroupClosed(3)));
         block_on(pipeline.drain());
-        drop((late, results, pipeline));
-        workers.stop(pool);
     });
 }
 
