@@ -37,6 +37,19 @@ fn error_line(error: &str) -> Line {
     }
 }
 
+/// Posts a job of `n` inputs and checks it is refused up front: 413 and the error line naming
+/// the limit `max`.
+async fn assert_refused_as_too_large(h: &Harness, n: i64, max: i64) {
+    let refused = h.post(&inputs_of(0, n), "continue").await;
+    assert_eq!(refused.status(), 413);
+    assert_eq!(
+        refusal_line(refused).await,
+        error_line(&format!(
+            "too many inputs: a job may have at most {max}, this one has {n}"
+        ))
+    );
+}
+
 /// A 429's `Retry-After`, in seconds.
 fn retry_after(response: &reqwest::Response) -> u64 {
     assert_eq!(response.status(), 429);
@@ -318,12 +331,7 @@ async fn a_job_with_too_many_inputs_is_refused_up_front() {
             upstream(Duration::from_millis(5)),
         )
         .await;
-        let refused = h.post(&inputs_of(0, 11), "continue").await;
-        assert_eq!(refused.status(), 413);
-        assert_eq!(
-            refusal_line(refused).await,
-            error_line("too many inputs: a job may have at most 10, this one has 11")
-        );
+        assert_refused_as_too_large(&h, 11, 10).await;
         // Nothing of it ran; a job at the limit runs in full.
         let stats = h.service.stats();
         assert_eq!(stats.pipeline.groups_opened, 0);
@@ -361,12 +369,7 @@ async fn the_bound_on_pending_inputs_sheds_by_inputs() {
         )
         .await;
         // More inputs than the bound could ever hold: refused as too large.
-        let refused = h.post(&inputs_of(0, 11), "continue").await;
-        assert_eq!(refused.status(), 413);
-        assert_eq!(
-            refusal_line(refused).await,
-            error_line("too many inputs: a job may have at most 10, this one has 11")
-        );
+        assert_refused_as_too_large(&h, 11, 10).await;
 
         let a = inputs_of(1, 8);
         let mut a_reader = Reader::new(h.post(&a, "continue").await);

@@ -366,21 +366,27 @@ async fn a_disconnecting_client_frees_its_share() {
     .await;
 }
 
+/// A service for the shutdown tests: jobs with a window of 4, `upstream_in_flight` calls at
+/// once to an upstream that takes 5 ms a call.
+async fn shutdown_harness(upstream_in_flight: usize) -> Harness {
+    Harness::start(
+        Config {
+            upstream_in_flight,
+            job_window: 4,
+            ..open_config()
+        },
+        UpstreamConfig {
+            latency: Duration::from_millis(5),
+            ..UpstreamConfig::default()
+        },
+    )
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_drains_open_jobs_then_the_server_exits() {
     bounded(async {
-        let mut h = Harness::start(
-            Config {
-                upstream_in_flight: 2,
-                job_window: 4,
-                ..open_config()
-            },
-            UpstreamConfig {
-                latency: Duration::from_millis(5),
-                ..UpstreamConfig::default()
-            },
-        )
-        .await;
+        let mut h = shutdown_harness(2).await;
         // 2 × 1,000 calls, 2 at a time: ≥ 5 s of upstream work, far beyond what a job has
         // submitted (its window of 4 and as many waiting) when the shutdown begins.
         let a = inputs_of(0, 1_000);
@@ -433,18 +439,7 @@ async fn shutdown_drains_open_jobs_then_the_server_exits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_posted_once_the_shutdown_began_is_refused() {
     bounded(async {
-        let h = Harness::start(
-            Config {
-                upstream_in_flight: 1,
-                job_window: 4,
-                ..open_config()
-            },
-            UpstreamConfig {
-                latency: Duration::from_millis(5),
-                ..UpstreamConfig::default()
-            },
-        )
-        .await;
+        let h = shutdown_harness(1).await;
         let inputs = inputs_of(0, 1_000);
         let mut reader = Reader::new(h.post(&inputs, "continue").await);
         assert_eq!(reader.next().await.unwrap(), Some(ok_line(0, inputs[0])));
