@@ -64,7 +64,9 @@ pub struct Config {
     pub batch_max: usize,
     /// How long a partial batch waits for more rows before it is written.
     pub batch_wait: Duration,
-    /// Batches being written at once (writer connections).
+    /// Batches being written at once (writer connections). With one writer, batches commit in
+    /// input order, so of rows sharing a key the first in the input is kept; with several,
+    /// the kept one is the one whose batch commits first (the counts are the same either way).
     pub in_flight: usize,
     /// Workers of the pool that runs parse/validate, transform and route (default: one per
     /// core).

@@ -363,8 +363,15 @@ async fn both_header_spellings(url_a: &str, url_b: &str, csv: &Path, scratch: &P
     let head = std::fs::read_to_string(&other).unwrap();
     assert!(head.lines().next().unwrap().contains(",viollevel,"));
     let want = expected(csv);
-    let a = job::run(&Config::new(csv, url_a)).await.unwrap().totals;
-    let b = job::run(&Config::new(&other, url_b)).await.unwrap().totals;
+    // One writer each: with several, which of a key's duplicate rows is kept depends on which
+    // batch commits first, and this test compares whole rows.
+    let one_writer = |input: &Path, url: &str| {
+        let mut config = Config::new(input, url);
+        config.in_flight = 1;
+        config
+    };
+    let a = job::run(&one_writer(csv, url_a)).await.unwrap().totals;
+    let b = job::run(&one_writer(&other, url_b)).await.unwrap().totals;
     assert_eq!(a.loaded, want.loaded);
     assert_eq!(
         (b.read, b.loaded, b.skipped, b.rejected, b.duplicates),
