@@ -131,6 +131,11 @@ pub use tower::{
 #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub mod metrics;
 
+// -- shared state in Redis (feature `redis`) --
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
+
 // -- batching: batch, batch_dedupe, debounce, dedupe_by --
 mod batch;
 mod debounce;

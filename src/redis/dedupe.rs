@@ -1,0 +1,9 @@
+//! (being written) A dedupe window over `SET NX PX`.
+
+/// (being written)
+#[derive(Debug)]
+pub struct DedupeWindow;
+
+/// (being written)
+#[derive(Debug)]
+pub struct Claim;

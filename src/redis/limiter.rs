@@ -1,0 +1,5 @@
+//! (being written) The shared state of `RateLimiter::redis`.
+
+/// (being written)
+#[derive(Debug)]
+pub(crate) struct RedisGcra;
