@@ -33,7 +33,10 @@ pub(crate) use breaker::RedisBreaker;
 pub use dedupe::{Claim, DedupeWindow};
 #[allow(unused_imports)]
 pub(crate) use limiter::RedisGcra;
-pub use stream::{Ack, Message, StreamSource};
+pub use stream::{
+    Ack, Entry, FieldError, Message, SourceHandle, SourceStats, StreamError, StreamSource,
+    StreamSourceBuilder,
+};
 
 /// How long one command may take before it fails (and the handle's [`Unavailable`] policy
 /// applies), as set by [`connect`].
