@@ -440,16 +440,20 @@ impl Reader {
             };
             ids
         };
-        let sent: Result<Value, _> = ::redis::cmd("XACK")
+        let sent: Result<i64, _> = ::redis::cmd("XACK")
             .arg(&self.cfg.stream)
             .arg(&self.cfg.group)
             .arg(&ids)
             .query_async(&mut self.conn)
             .await;
         match sent {
-            Ok(_) => {
+            Ok(confirmed) => {
                 Counters::add(&self.shared.counters.ack_commands, 1);
                 Counters::add(&self.shared.counters.acked, ids.len());
+                let stale = ids
+                    .len()
+                    .saturating_sub(usize::try_from(confirmed).unwrap_or(0));
+                Counters::add(&self.shared.counters.stale_acks, stale);
                 self.backoff = MIN_BACKOFF;
                 Ok(())
             }

@@ -48,6 +48,7 @@ pub(super) struct Counters {
     pub(super) dead_lettered: AtomicU64,
     pub(super) acked: AtomicU64,
     pub(super) ack_commands: AtomicU64,
+    pub(super) stale_acks: AtomicU64,
     pub(super) errors: AtomicU64,
 }
 
@@ -155,6 +156,7 @@ impl Shared {
             dead_lettered: c.dead_lettered.load(Ordering::Relaxed),
             acked: c.acked.load(Ordering::Relaxed),
             ack_commands: c.ack_commands.load(Ordering::Relaxed),
+            stale_acks: c.stale_acks.load(Ordering::Relaxed),
             errors: c.errors.load(Ordering::Relaxed),
             outstanding,
             unsent_acks,
@@ -221,10 +223,13 @@ pub struct SourceStats {
     pub claimed: u64,
     /// Entries moved to the dead-letter stream.
     pub dead_lettered: u64,
-    /// Ids acknowledged in Redis.
+    /// Ids sent in an `XACK`.
     pub acked: u64,
     /// `XACK` commands sent (each acknowledges a batch of ids).
     pub ack_commands: u64,
+    /// Ids sent in an `XACK` that Redis found no longer pending: acknowledged already by
+    /// another consumer that had it (one too slow for `claim_idle`), or dead-lettered.
+    pub stale_acks: u64,
     /// Commands that failed.
     pub errors: u64,
     /// Messages handed out (or about to be) and not yet acknowledged or dropped.
