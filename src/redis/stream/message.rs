@@ -14,7 +14,7 @@ pub(super) type Fields = Vec<(Vec<u8>, Vec<u8>)>;
 /// were added) and how many times the group has delivered it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Entry {
-    pub(super) id: String,
+    pub(super) id: Arc<str>,
     pub(super) fields: Fields,
     pub(super) deliveries: u32,
 }
@@ -155,31 +155,30 @@ impl Message {
 /// after the source has stopped (dropped, or drained) are not sent: those entries stay
 /// pending too.
 pub struct Ack {
-    pub(super) id: String,
+    /// `None` once settled.
+    pub(super) id: Option<Arc<str>>,
     pub(super) shared: Arc<Shared>,
-    pub(super) settled: bool,
 }
 
 impl Ack {
     /// The id of the entry it acknowledges.
     pub fn id(&self) -> &str {
-        &self.id
+        self.id.as_deref().unwrap_or_default()
     }
 
     /// Acknowledges the entry: its id joins the source's next `XACK` batch, sent when the
     /// batch is full or its wait has passed (see
     /// [`StreamSourceBuilder::ack_batch`](super::StreamSourceBuilder::ack_batch)).
     pub fn ack(mut self) {
-        self.settled = true;
-        let id = std::mem::take(&mut self.id);
-        self.shared.settle(id, true);
+        if let Some(id) = self.id.take() {
+            self.shared.settle(id, true);
+        }
     }
 }
 
 impl Drop for Ack {
     fn drop(&mut self) {
-        if !self.settled {
-            let id = std::mem::take(&mut self.id);
+        if let Some(id) = self.id.take() {
             self.shared.settle(id, false);
         }
     }
@@ -187,7 +186,7 @@ impl Drop for Ack {
 
 impl fmt::Debug for Ack {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Ack").field("id", &self.id).finish()
+        f.debug_struct("Ack").field("id", &self.id()).finish()
     }
 }
 

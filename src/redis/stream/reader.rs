@@ -409,9 +409,8 @@ impl Reader {
             state.outstanding.insert(e.id.clone());
             out.push(Message {
                 ack: Ack {
-                    id: e.id.clone(),
+                    id: Some(e.id.clone()),
                     shared: self.shared.clone(),
-                    settled: false,
                 },
                 entry: Entry {
                     id: e.id,
@@ -425,7 +424,7 @@ impl Reader {
 
     /// Sends one batch of the queued acknowledgements: one `XACK` of up to `ack_max` ids.
     async fn flush(&mut self) -> Result<(), StreamError> {
-        let ids: Vec<String> = {
+        let ids: Vec<Arc<str>> = {
             let mut state = self.shared.lock();
             let n = state.queued.len().min(self.cfg.ack_max);
             if n == 0 {
@@ -440,12 +439,12 @@ impl Reader {
             };
             ids
         };
-        let sent: Result<i64, _> = ::redis::cmd("XACK")
-            .arg(&self.cfg.stream)
-            .arg(&self.cfg.group)
-            .arg(&ids)
-            .query_async(&mut self.conn)
-            .await;
+        let mut xack = ::redis::cmd("XACK");
+        xack.arg(&self.cfg.stream).arg(&self.cfg.group);
+        for id in &ids {
+            xack.arg(&**id);
+        }
+        let sent: Result<i64, _> = xack.query_async(&mut self.conn).await;
         match sent {
             Ok(confirmed) => {
                 Counters::add(&self.shared.counters.ack_commands, 1);

@@ -1,6 +1,8 @@
 //! The replies the source reads, taken apart by hand: fields stay bytes (a field name need not
 //! be UTF-8 either), and nothing is copied twice.
 
+use std::sync::Arc;
+
 use ::redis::{ErrorKind, RedisError, Value};
 
 use super::message::Fields;
@@ -8,7 +10,7 @@ use super::message::Fields;
 /// An entry as Redis returned it, before it becomes a [`Message`](super::Message).
 #[derive(Debug)]
 pub(super) struct RawEntry {
-    pub(super) id: String,
+    pub(super) id: Arc<str>,
     pub(super) fields: Fields,
     pub(super) deliveries: u32,
 }
@@ -80,7 +82,7 @@ fn entry(v: Value, deliveries: u32) -> Result<Option<RawEntry>, RedisError> {
         return Ok(None);
     }
     Ok(Some(RawEntry {
-        id: string(id)?,
+        id: string(id)?.into(),
         fields: fields(f)?,
         deliveries,
     }))
@@ -159,7 +161,7 @@ mod tests {
         ])]);
         let entries = read(reply).unwrap();
         assert_eq!(entries.len(), 1);
-        assert_eq!(entries[0].id, "1-0");
+        assert_eq!(&*entries[0].id, "1-0");
         assert_eq!(entries[0].fields, vec![(b"f".to_vec(), b"\xff".to_vec())]);
         assert_eq!(entries[0].deliveries, 1);
         assert!(read(Value::Nil).unwrap().is_empty());
@@ -178,7 +180,7 @@ mod tests {
         ]);
         let c = claimed(reply).unwrap();
         assert_eq!(c.cursor, "0-0");
-        assert_eq!(c.entries[0].id, "3-1");
+        assert_eq!(&*c.entries[0].id, "3-1");
         assert_eq!(c.entries[0].deliveries, 4);
         assert_eq!(c.dead, ["2-0"]);
     }

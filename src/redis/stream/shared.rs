@@ -30,9 +30,9 @@ pub(super) struct State {
     pub(super) stopped: bool,
     /// Ids handed out (in a message still alive, or waiting in the channel to the stream)
     /// and neither acknowledged nor dropped.
-    pub(super) outstanding: HashSet<String>,
+    pub(super) outstanding: HashSet<Arc<str>, foldhash::fast::RandomState>,
     /// Ids acknowledged and not yet sent.
-    pub(super) queued: Vec<String>,
+    pub(super) queued: Vec<Arc<str>>,
     /// When the oldest of `queued` was acknowledged.
     pub(super) queued_since: Option<Instant>,
     /// The last acknowledgements that could not be sent when the source stopped.
@@ -76,7 +76,7 @@ impl Shared {
                 phase: Phase::Idle,
                 draining: false,
                 stopped: false,
-                outstanding: HashSet::new(),
+                outstanding: HashSet::default(),
                 queued: Vec::new(),
                 queued_since: None,
                 final_error: None,
@@ -93,7 +93,7 @@ impl Shared {
     }
 
     /// An id handed out has been acknowledged (`acked`) or dropped.
-    pub(super) fn settle(&self, id: String, acked: bool) {
+    pub(super) fn settle(&self, id: Arc<str>, acked: bool) {
         let mut state = self.lock();
         state.outstanding.remove(&id);
         let mut wake = state.draining && state.outstanding.is_empty();
