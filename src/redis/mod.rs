@@ -31,8 +31,7 @@ pub use ::redis::aio::ConnectionManager;
 #[allow(unused_imports)]
 pub(crate) use breaker::RedisBreaker;
 pub use dedupe::{Claim, DedupeWindow};
-#[allow(unused_imports)]
-pub(crate) use limiter::RedisGcra;
+pub(crate) use limiter::{RedisLimiter, Wait};
 pub use stream::{Ack, Message, StreamSource};
 
 /// How long one command may take before it fails (and the handle's [`Unavailable`] policy
