@@ -296,6 +296,10 @@ where
                 let (item, _) = this.waiting.take().expect("an item is waiting");
                 return Poll::Ready(Some(item));
             }
+            if this.held.is_some() {
+                // An in-memory limiter's item, waiting for its slot.
+                return Self::poll_held(this, cx, None);
+            }
             let Some(item) = ready!(this.stream.as_mut().poll_next(cx)) else {
                 return Poll::Ready(None);
             };
