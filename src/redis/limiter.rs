@@ -308,7 +308,11 @@ impl RedisGcra {
         loop {
             match Arc::clone(&self).request(key.clone(), policy).await {
                 Grant::Cell(mut cell) => {
-                    sleep_until(cell.at).await;
+                    // (A timer for an instant already past would still wait for the timer's
+                    // next tick.)
+                    if cell.at > Instant::now() {
+                        sleep_until(cell.at).await;
+                    }
                     cell.armed = false;
                     return;
                 }
