@@ -291,7 +291,10 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
     /// # Cancel safety
     ///
     /// Dropping the future before it completes gives the key's slot back, whatever the order in
-    /// which that key's waiters are dropped.
+    /// which that key's waiters are dropped. On a Redis-backed limiter, as
+    /// [`RateLimiter::until_ready`](crate::RateLimiter::until_ready) says: to a queued waiter of
+    /// the same key, else back to Redis if no later reservation of the key was made since,
+    /// else spent.
     pub async fn until_key_ready(&self, key: &K) {
         #[cfg(feature = "redis")]
         if let Some(redis) = &self.redis {

@@ -56,6 +56,14 @@ pub use stream::{RateLimit, RateLimitBy};
 /// quota, by more on a busy runtime. A larger burst absorbs the lateness: no slot is lost while
 /// a waiter's timer is late by at most one tick plus `burst - 1` intervals.
 ///
+/// # Shared across processes
+///
+/// With the cargo feature `redis`, [`RateLimiter::redis`] makes a handle whose budget lives in
+/// Redis, shared by every process that uses the same name: the same methods and operators,
+/// one round trip per decision (shared by the waiters that queue meanwhile), and a policy for
+/// the time Redis cannot be reached. The accuracy notes above are the in-memory limiter's;
+/// a Redis-backed one has its own bound (see [`RateLimiter::redis`]).
+///
 /// ```
 /// use std::time::Duration;
 /// use stagepipe::RateLimiter;
@@ -309,11 +317,21 @@ impl RateLimiter {
     /// below the timer's resolution. Clones have their own credit; other handles and streams
     /// never see it.
     ///
+    /// On a Redis-backed limiter ([`RateLimiter::redis`]), the call joins this process's queue
+    /// for the next round trip, then sleeps until its cell's deadline converted to the local
+    /// clock (never before it); the timer credit does not apply. While Redis cannot be reached,
+    /// the handle's [`Unavailable`](crate::redis::Unavailable) policy decides.
+    ///
     /// # Cancel safety
     ///
     /// Dropping the future before it completes gives its slot back: waiters dropped in any
     /// order leave the limiter as if they had never come (the next caller does not wait for
     /// their slots), and it never runs faster than its quota.
+    ///
+    /// On a Redis-backed limiter, a dropped waiter's cell goes to a waiter of this process
+    /// queued for the next round trip if there is one, else back to Redis if no later
+    /// reservation was made since (a compare-and-set); otherwise it is spent (the fleet runs
+    /// one cell below its quota, never above).
     ///
     /// ```
     /// use stagepipe::RateLimiter;
