@@ -131,6 +131,21 @@ async fn clones_share_the_budget() {
 }
 
 #[tokio::test]
+async fn burst_keeps_the_redis_budget() {
+    let name = name("burst");
+    let limiter = RateLimiter::redis(&conn().await, &name, slow(1)).burst(3);
+    assert_eq!(limiter.burst_size(), 3);
+    assert!(limiter.round_trips().is_some(), "still in Redis");
+    for _ in 0..3 {
+        assert!(guard(limiter.try_acquire()).await);
+    }
+    assert!(!guard(limiter.try_acquire()).await);
+    // the same name: the same budget
+    let other = RateLimiter::redis(&conn().await, &name, slow(3));
+    assert!(!guard(other.try_acquire()).await);
+}
+
+#[tokio::test]
 async fn names_isolate_budgets() {
     let c = conn().await;
     let a = RateLimiter::redis(&c, &name("iso-a"), slow(1));
@@ -332,6 +347,52 @@ async fn a_dropped_waiter_gives_its_cell_back() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_dropped_waiters_cell_goes_to_a_queued_waiter_without_a_round_trip() {
+    let name = name("hand-over");
+    let mut c = conn().await;
+    let key = format!("stagepipe:limiter:{{{name}}}");
+    let limiter = RateLimiter::redis(&c, &name, slow(1));
+    assert!(guard(limiter.try_acquire()).await);
+    let tat = get_tat(&mut c, &key).await.expect("the key is set");
+    let next = tat + 10_000_000;
+    // A reserves the next cell (due in 10 s)
+    let mut a = Box::pin(limiter.until_ready());
+    assert!(futures::poll!(a.as_mut()).is_pending());
+    let start = std::time::Instant::now();
+    while get_tat(&mut c, &key).await != Some(next) {
+        assert!(
+            start.elapsed() < GUARD,
+            "hang guard: A's reservation never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(limiter.round_trips(), Some(2));
+    // B queues, then A leaves: B gets A's cell, and no round trip is made for B
+    let mut b = Box::pin(limiter.until_ready());
+    assert!(futures::poll!(b.as_mut()).is_pending());
+    drop(a);
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(
+            futures::poll!(b.as_mut()).is_pending(),
+            "B waits for A's cell"
+        );
+    }
+    assert_eq!(limiter.round_trips(), Some(2));
+    assert_eq!(get_tat(&mut c, &key).await, Some(next));
+    // B leaves too: its cell is the last one reserved, so it goes back to Redis
+    drop(b);
+    while get_tat(&mut c, &key).await != Some(tat) {
+        assert!(
+            start.elapsed() < GUARD,
+            "hang guard: the cell never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(limiter.round_trips(), Some(3));
 }
 
 #[tokio::test]
