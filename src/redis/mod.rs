@@ -8,7 +8,9 @@
 //!
 //! * [`RateLimiter::redis`](crate::RateLimiter::redis) and
 //!   [`KeyedRateLimiter::redis`](crate::KeyedRateLimiter::redis): a GCRA evaluated by one
-//!   atomic server-side script on Redis's own clock;
+//!   atomic server-side script on Redis's own clock, one round trip serving every waiter of a
+//!   process queued meanwhile, deadlines converted so that no cell goes out early (the fleet's
+//!   bound is in [`RateLimiter::redis`](crate::RateLimiter::redis));
 //! * [`CircuitBreaker::redis`](crate::CircuitBreaker::redis): a shared failure count and state,
 //!   with one half-open trial across the fleet;
 //! * [`DedupeWindow`]: a dedupe window over `SET NX PX`;
