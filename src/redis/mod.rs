@@ -11,7 +11,9 @@
 //!   atomic server-side script on Redis's own clock;
 //! * [`CircuitBreaker::redis`](crate::CircuitBreaker::redis): a shared failure count and state,
 //!   with one half-open trial across the fleet;
-//! * [`DedupeWindow`]: a dedupe window over `SET NX PX`;
+//! * [`DedupeWindow`]: a dedupe window over `SET NX PX`, for streams
+//!   ([`dedupe_with`](crate::PipelineExt::dedupe_with)) and for effectively-once processing of
+//!   an at-least-once queue ([`DedupeWindow::claim`]);
 //! * [`StreamSource`]: a consumer-group reader of a Redis stream, acknowledged after processing.
 //!
 //! Every handle takes a [`ConnectionManager`] (see [`connect`]) and a policy for the time Redis
@@ -28,9 +30,8 @@ use std::time::Duration;
 pub use ::redis::RedisError;
 pub use ::redis::aio::ConnectionManager;
 
-#[allow(unused_imports)]
-pub(crate) use breaker::RedisBreaker;
-pub use dedupe::{Claim, DedupeWindow};
+pub(crate) use breaker::{RedisBreaker, RedisPermit};
+pub use dedupe::{Claim, DedupeWindow, DedupeWith};
 #[allow(unused_imports)]
 pub(crate) use limiter::RedisGcra;
 pub use stream::{Ack, Message, StreamSource};
