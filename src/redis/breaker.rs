@@ -44,7 +44,9 @@
 //!
 //! # While Redis is away
 //!
-//! Each round trip is bounded by [`RESPONSE_TIMEOUT`]. A failed *admit* follows the handle's
+//! Each round trip is bounded by [`RESPONSE_TIMEOUT`]. Once one has failed, the handle sends
+//! one round trip every 200 ms to Redis (a probe); the others fail at once, so that calls do
+//! not each wait out a timeout during an outage. A failed *admit* follows the handle's
 //! [`Unavailable`] policy ([`when_unavailable`](CircuitBreaker::when_unavailable)):
 //! `FailClosed` (the default) rejects the call, `FailOpen` admits it without recording its
 //! outcome, `Local` asks the handle's own in-memory breaker (with the same threshold and
@@ -170,10 +172,13 @@ const REOPENED: i64 = 3;
 const CLOSED_BY_TRIAL: i64 = 4;
 
 /// Runs one round trip, failing with a timeout error after [`RESPONSE_TIMEOUT`] whatever the
-/// connection does meanwhile (a reconnection in progress, say).
+/// connection does meanwhile (a reconnection in progress, say). While `reach` says Redis is
+/// away, fails at once unless it is this handle's turn to probe (see [`Reachability`]).
 pub(super) async fn bounded<T>(
+    reach: &Reachability,
     round_trip: impl Future<Output = Result<T, RedisError>>,
 ) -> Result<T, RedisError> {
+    reach.gate()?;
     match tokio::time::timeout(RESPONSE_TIMEOUT, round_trip).await {
         Ok(result) => result,
         Err(_) => Err(RedisError::from((
@@ -191,19 +196,56 @@ pub(super) fn spawn(fut: impl Future<Output = ()> + Send + 'static) {
     }
 }
 
-/// Whether Redis answered a handle's last round trip: a handle warns once when Redis goes
-/// away, and once when it answers again.
+/// How often a handle tries Redis again while it is away; the calls in between follow the
+/// handle's policy at once instead of each waiting out a timeout.
+const PROBE_EVERY: Duration = Duration::from_millis(200);
+
+/// The instant `Reachability` counts from.
+static BASE: LazyLock<std::time::Instant> = LazyLock::new(std::time::Instant::now);
+
+fn elapsed_ms() -> u64 {
+    u64::try_from(BASE.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Whether Redis answered a handle's last round trip. A handle warns once when Redis goes
+/// away and once when it answers again; while it is away, one round trip every
+/// [`PROBE_EVERY`] goes to Redis (a probe) and the others fail at once.
 #[derive(Debug, Default)]
 pub(super) struct Reachability {
     away: AtomicBool,
+    /// When the last probe started (or Redis went away), in ms since `BASE`.
+    last_try: AtomicU64,
 }
 
 impl Reachability {
+    /// `Ok` if a round trip may go to Redis now.
+    fn gate(&self) -> Result<(), RedisError> {
+        if !self.away.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let now = elapsed_ms();
+        let last = self.last_try.load(Ordering::Relaxed);
+        let due = now >= last.saturating_add(PROBE_EVERY.as_millis() as u64);
+        if due
+            && self
+                .last_try
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Ok(());
+        }
+        Err(RedisError::from((
+            ::redis::ErrorKind::Io,
+            "Redis unavailable: its last round trip failed (tried again every 200 ms)",
+        )))
+    }
+
     /// A round trip failed with `error`.
     pub(super) fn failed(&self, kind: &str, name: &str, policy: Unavailable, error: &RedisError) {
         if self.away.swap(true, Ordering::Relaxed) {
             tracing::debug!(target: "stagepipe::redis", kind, name, %error, "Redis still unavailable");
         } else {
+            self.last_try.store(elapsed_ms(), Ordering::Relaxed);
             tracing::warn!(
                 target: "stagepipe::redis",
                 kind,
@@ -373,7 +415,7 @@ impl RedisBreaker {
                 .arg(token)
                 .arg(millis(inner.trial_lease));
             let reply: Result<(i64, i64, i64, i64), _> =
-                bounded(invocation.invoke_async(&mut conn)).await;
+                bounded(&inner.reach, invocation.invoke_async(&mut conn)).await;
             match reply {
                 Ok((code, period, failures, open_ms)) => {
                     inner.reach.answered("circuit_breaker", &inner.name);
@@ -428,7 +470,7 @@ impl RedisBreaker {
                 .arg(inner.failure_threshold)
                 .arg(inner.open_for_ms);
             let reply: Result<(i64, i64, i64, i64), _> =
-                bounded(invocation.invoke_async(&mut conn)).await;
+                bounded(&inner.reach, invocation.invoke_async(&mut conn)).await;
             match reply {
                 Ok((open, failures, open_ms, effect)) => {
                     inner.reach.answered("circuit_breaker", &inner.name);
@@ -485,7 +527,8 @@ impl RedisBreaker {
         let mut conn = inner.conn.clone();
         let mut invocation = RELEASE.prepare_invoke();
         invocation.key(&inner.trial_key).arg(permit.token);
-        let released: Result<i64, _> = bounded(invocation.invoke_async(&mut conn)).await;
+        let released: Result<i64, _> =
+            bounded(&inner.reach, invocation.invoke_async(&mut conn)).await;
         if let Err(error) = released {
             inner
                 .reach

@@ -46,8 +46,9 @@
 //!
 //! # While Redis is away
 //!
-//! Each round trip is bounded by [`RESPONSE_TIMEOUT`](super::RESPONSE_TIMEOUT) and then
-//! follows the handle's [`Unavailable`] policy:
+//! Each round trip is bounded by [`RESPONSE_TIMEOUT`](super::RESPONSE_TIMEOUT); once one has
+//! failed, the handle probes Redis with one round trip every 200 ms and fails the others at
+//! once. A failed round trip follows the handle's [`Unavailable`] policy:
 //!
 //! | policy | `dedupe_with` | `claim` |
 //! |---|---|---|
@@ -300,7 +301,12 @@ impl DedupeWindow {
             .arg("NX")
             .arg("PX")
             .arg(millis(self.lease));
-        let backing = match bounded(set.query_async::<Option<String>>(&mut conn)).await {
+        let backing = match bounded(
+            &self.inner.reach,
+            set.query_async::<Option<String>>(&mut conn),
+        )
+        .await
+        {
             Ok(reply) => {
                 self.answered();
                 if reply.is_none() {
@@ -347,8 +353,10 @@ impl DedupeWindow {
                 .arg("PX")
                 .arg(window);
         }
+        let inner = Arc::clone(&self.inner);
         Box::pin(async move {
-            let replies: Vec<Option<String>> = bounded(pipe.query_async(&mut conn)).await?;
+            let replies: Vec<Option<String>> =
+                bounded(&inner.reach, pipe.query_async(&mut conn)).await?;
             Ok(replies.iter().map(Option::is_some).collect())
         })
     }
@@ -426,7 +434,12 @@ impl Claim {
                     .key(window.redis_key(&self.key))
                     .arg(format!("claim:{}", self.token))
                     .arg(millis(window.inner.window));
-                match bounded(invocation.invoke_async::<i64>(&mut conn)).await {
+                match bounded(
+                    &window.inner.reach,
+                    invocation.invoke_async::<i64>(&mut conn),
+                )
+                .await
+                {
                     Ok(marked) => {
                         window.answered();
                         Ok(marked == 1)
@@ -471,7 +484,12 @@ async fn release(
             invocation
                 .key(window.redis_key(key))
                 .arg(format!("claim:{token}"));
-            match bounded(invocation.invoke_async::<i64>(&mut conn)).await {
+            match bounded(
+                &window.inner.reach,
+                invocation.invoke_async::<i64>(&mut conn),
+            )
+            .await
+            {
                 Ok(_) => {
                     window.answered();
                     Ok(())
