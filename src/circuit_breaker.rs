@@ -559,6 +559,7 @@ impl CircuitBreaker {
     /// `Ready(false)` if it is rejected. At once for an in-memory breaker; after a round trip
     /// for a Redis-backed one (kept in `passage` while pending).
     #[inline]
+    #[cfg_attr(not(feature = "redis"), allow(unused_variables))]
     fn poll_admit(&self, passage: &mut Passage, cx: &mut Context<'_>) -> Poll<bool> {
         #[cfg(feature = "redis")]
         if let Some(redis) = &self.redis {
@@ -577,6 +578,7 @@ impl CircuitBreaker {
     /// Records the outcome of the call `passage` let through: at once, but for a ticket of the
     /// shared state in Redis (whose round trip is kept in `passage` while pending).
     #[inline]
+    #[cfg_attr(not(feature = "redis"), allow(unused_variables))]
     fn poll_record(&self, passage: &mut Passage, ok: bool, cx: &mut Context<'_>) -> Poll<()> {
         #[cfg(feature = "redis")]
         if let Some(trip) = &mut passage.trip {

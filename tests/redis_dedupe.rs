@@ -26,7 +26,9 @@ fn url() -> String {
 }
 
 async fn conn() -> ConnectionManager {
-    stagepipe::redis::connect(&url()).await.expect("the test Redis answers")
+    stagepipe::redis::connect(&url())
+        .await
+        .expect("the test Redis answers")
 }
 
 fn unique(test: &str) -> String {

@@ -1,60 +1,6 @@
 //! The shared state of [`CircuitBreaker::redis`]: one breaker for a whole fleet.
 //!
-//! # Design
-//!
-//! A breaker named `N` is two keys (the braces make them one hash slot):
-//!
-//! * `stagepipe:breaker:{N}`, a hash: `open` (`1` while open), `failures` (the
-//!   consecutive-failure count), `until` (when the opening ends, in milliseconds of Redis's own
-//!   clock) and `gen` (the period, see below);
-//! * `stagepipe:breaker:{N}:trial`, the half-open trial's lease: a random token, set with
-//!   `SET NX PX` so that exactly one caller across the fleet holds it, and with an expiry so
-//!   that a holder that crashed does not wedge the breaker.
-//!
-//! Every call makes two round trips, each one atomic Lua script: *admit* before the call runs
-//! and *record* once it has its outcome. Both read the time with Redis's `TIME`, so the
-//! replicas' clocks never matter.
-//!
-//! * **admit**: closed admits; open rejects until `until`; after it, the caller that takes the
-//!   trial lease is admitted as the trial (this starts a new period) and every other caller is
-//!   rejected while the lease is held.
-//! * **record**: as [`CircuitBreaker`]'s in-memory algorithm. While closed, a failure adds one to
-//!   the count and opens the breaker at `failure_threshold` (for `open_for` from Redis's now); a
-//!   success resets the count. The trial's success closes the breaker, its failure opens it
-//!   again; either way its lease is deleted (only if it still holds the trial's token).
-//!
-//! Like the in-memory breaker, every state change starts a new period (`gen`), each permit
-//! carries the period it was issued in, and an outcome from a period that is over is ignored:
-//! a call that started while closed and fails after the breaker opened does not re-open it.
-//!
-//! # Guarantees
-//!
-//! * Once the count reaches `failure_threshold`, every handle on every process rejects until
-//!   `open_for` has passed on Redis's clock: a rejection costs one round trip, no call.
-//! * After `open_for`, exactly one trial call runs at a time across the fleet, as long as each
-//!   trial ends within its lease ([`trial_lease`](CircuitBreaker::trial_lease), 10 s by
-//!   default: keep it above the trial's timeout). A trial dropped unfinished gives its lease
-//!   back at once (in a background task); one whose process died holds it until it expires,
-//!   then the next caller becomes the trial. A trial that outlives its lease may overlap with
-//!   the next one; only the outcome of the latest counts.
-//! * `failure_threshold` and `open_for` travel with each outcome: handles on the same name
-//!   should agree on them (each recorded outcome applies the recording handle's values).
-//! * The state has no expiry: a breaker is one small hash that lives as long as Redis keeps it.
-//!   A Redis that restarts without persistence starts every breaker closed.
-//!
-//! # While Redis is away
-//!
-//! Each round trip is bounded by [`RESPONSE_TIMEOUT`]. Once one has failed, the handle sends
-//! one round trip every 200 ms to Redis (a probe); the others fail at once, so that calls do
-//! not each wait out a timeout during an outage. A failed *admit* follows the handle's
-//! [`Unavailable`] policy ([`when_unavailable`](CircuitBreaker::when_unavailable)):
-//! `FailClosed` (the default) rejects the call, `FailOpen` admits it without recording its
-//! outcome, `Local` asks the handle's own in-memory breaker (with the same threshold and
-//! period), which then records the outcome. A failed *record* loses the outcome (under
-//! `Local`, it is counted by the in-memory breaker while that is closed); a trial's lease then
-//! expires by itself. The first failure after an answer, and the first answer after a failure,
-//! are `tracing` warnings (target `stagepipe::redis`); the failures in between are debug
-//! events. Nothing panics.
+#![doc = include_str!("breaker.md")]
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -576,12 +522,13 @@ impl CircuitBreaker {
     /// [`call`](Self::call), [`Call`](crate::Call), the tower layer): each call makes a round
     /// trip before it runs and one to record its outcome. While Redis is away, the handle
     /// follows its [`Unavailable`] policy, [`FailClosed`](Unavailable::FailClosed) (reject)
-    /// unless set with [`when_unavailable`](Self::when_unavailable). The design and its
-    /// guarantees: the [`redis`](crate::redis) module.
+    /// unless set with [`when_unavailable`](Self::when_unavailable).
     ///
     /// The handle's `tracing` events carry `name`. [`state`](Self::state) and
     /// [`consecutive_failures`](Self::consecutive_failures) make no round trip: they report
     /// what this handle saw last.
+    ///
+    #[doc = include_str!("breaker.md")]
     ///
     /// # Panics
     ///

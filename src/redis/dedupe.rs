@@ -1,65 +1,6 @@
 //! [`DedupeWindow`]: a dedupe window shared by a fleet, over `SET NX PX`.
 //!
-//! # Design
-//!
-//! A window named `N` keeps one key per item key `K`: `stagepipe:dedupe:{N}:K`, whose value
-//! is `done`, or `claim:<token>` while a [`Claim`] holds it. Every mark has an expiry (`PX`),
-//! so Redis forgets keys by itself and the window needs no sweeping.
-//!
-//! * The [`dedupe_with`](crate::PipelineExt::dedupe_with) operator marks each item's key with
-//!   `SET K done NX PX window`: the item passes if the key was new. The commands of the items
-//!   that are ready together (up to [`DedupeWindow::MAX_BATCH`]) go to Redis as one pipeline: one round trip
-//!   per batch. Items keep their order, and an item's key is marked before the item is
-//!   yielded.
-//! * [`claim`](DedupeWindow::claim) takes the key with `SET K claim:<token> NX PX lease` (the
-//!   lease is [`claim_lease`](DedupeWindow::claim_lease), 30 s by default);
-//!   [`Claim::done`] turns it into `done` for the window; a [`Claim`] dropped without `done`
-//!   deletes it, only if it still holds its own token (a compare in Lua), so a redelivery
-//!   can be processed; a claim whose holder died expires with its lease.
-//!
-//! # The guarantee of `claim` / `done` (effectively once)
-//!
-//! With an at-least-once queue, process a message only under a claim, and acknowledge it after
-//! [`done`](Claim::done):
-//!
-//! ```text
-//! match window.claim(&id).await? {
-//!     Some(claim) => { process(msg).await?; claim.done().await?; ack(msg).await? }
-//!     None => { /* done already, or another consumer holds it */ }
-//! }
-//! ```
-//!
-//! * **At most one holder.** While a claim's lease runs and it is neither done nor released,
-//!   no other claim on its key succeeds, in any process.
-//! * **Done means skipped.** After `done`, every claim on the key within `window` returns
-//!   `None`: a redelivery within the window is not processed again.
-//! * **A failure is retried.** A claim dropped without `done` (the processing failed or was
-//!   cancelled) is released, and a redelivery can claim it at once. A holder that died holds
-//!   the key until its lease expires.
-//! * **What it does not promise.** A processing that outlives its lease can overlap with a
-//!   second claimer's (keep the lease above the processing's timeout); its `done` then does
-//!   not overwrite the newer claim ([`done`](Claim::done) returns `false`). A redelivery after
-//!   the window has passed is processed again; so is one whose `done` did not reach Redis.
-//!   Effects outside Redis are not transactional with the mark: if the process dies between
-//!   the processing and `done`, the message is processed again once the lease expires. So the
-//!   promise is *at least once, and at most once per window while Redis answers*.
-//!
-//! # While Redis is away
-//!
-//! Each round trip is bounded by [`RESPONSE_TIMEOUT`](super::RESPONSE_TIMEOUT); once one has
-//! failed, the handle probes Redis with one round trip every 200 ms and fails the others at
-//! once. A failed round trip follows the handle's [`Unavailable`] policy:
-//!
-//! | policy | `dedupe_with` | `claim` |
-//! |---|---|---|
-//! | `FailClosed` (default) | waits: the batch is retried with backoff (10 ms doubling to 1 s); upstream is not pulled meanwhile | `Err`: leave the message unacknowledged, it is redelivered |
-//! | `FailOpen` | every item passes | `Some(claim)` not recorded anywhere |
-//! | `Local { .. }` | the handle's in-memory window decides | a claim in the in-memory window |
-//!
-//! The in-memory window (shared by the handle's clones, at most [`DedupeWindow::LOCAL_CAPACITY`] keys) only
-//! sees this process's keys, and is not copied to Redis when it answers again. The first
-//! failure after an answer, and the first answer after a failure, are `tracing` warnings
-//! (target `stagepipe::redis`); nothing panics.
+#![doc = include_str!("dedupe.md")]
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -108,8 +49,7 @@ return 0
 /// A cheap [`Clone`] handle. Use it on a stream with
 /// [`dedupe_with`](crate::PipelineExt::dedupe_with), or for effectively-once processing of an
 /// at-least-once queue with [`claim`](Self::claim) and [`Claim::done`]. The design and the
-/// exact guarantees: the [module](self) docs.
-///
+/// exact guarantees are below the example.
 /// ```no_run
 /// use std::time::Duration;
 /// use stagepipe::redis::{self, DedupeWindow, Unavailable};
@@ -125,6 +65,8 @@ return 0
 /// # Ok(())
 /// # }
 /// ```
+///
+#[doc = include_str!("dedupe.md")]
 #[derive(Clone)]
 pub struct DedupeWindow {
     inner: Arc<Inner>,
@@ -184,8 +126,8 @@ impl DedupeWindow {
         })
     }
 
-    /// What this handle does while Redis cannot be reached (see the table in the
-    /// [module](self) docs). The policy belongs to this handle and the clones taken from it
+    /// What this handle does while Redis cannot be reached (see the table in
+    /// [`DedupeWindow`]'s docs). The policy belongs to this handle and the clones taken from it
     /// afterwards.
     #[must_use]
     pub fn when_unavailable(mut self, policy: Unavailable) -> Self {
@@ -262,7 +204,7 @@ impl DedupeWindow {
     ///
     /// Process the item only under the claim, then call [`Claim::done`]; a claim dropped
     /// without `done` releases the key, so a redelivery can be processed. The exact
-    /// guarantee: the [module](self) docs.
+    /// guarantee: [`DedupeWindow`]'s docs.
     ///
     /// # Errors
     ///
