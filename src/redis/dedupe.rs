@@ -721,3 +721,62 @@ where
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn the_local_window_is_set_nx_with_expiry_and_token_checks() {
+        let mut w = LocalWindow::default();
+        let now = Instant::now();
+        let later = |ms| now + Duration::from_millis(ms);
+        assert!(w.set_nx("a", Some(1), later(100), now));
+        assert!(!w.set_nx("a", Some(2), later(100), now), "held");
+        w.release("a", 2);
+        assert!(
+            !w.set_nx("a", Some(2), later(100), later(50)),
+            "not 2's to release"
+        );
+        assert!(!w.mark_done("a", 2, later(500), later(50)), "1 holds it");
+        assert!(
+            w.set_nx("a", Some(2), later(200), later(100)),
+            "1's lease expired"
+        );
+        assert!(w.mark_done("a", 2, later(300), later(150)));
+        w.release("a", 2);
+        assert!(
+            !w.set_nx("a", Some(3), later(400), later(299)),
+            "done until 300"
+        );
+        assert!(w.set_nx("a", None, later(400), later(300)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_local_window_forgets_the_first_expiry_when_full() {
+        let mut w = LocalWindow::default();
+        let now = Instant::now();
+        for i in 0..DedupeWindow::LOCAL_CAPACITY {
+            let until = now + Duration::from_secs(10 + i as u64);
+            assert!(w.set_nx(&i.to_string(), None, until, now));
+        }
+        assert!(w.set_nx("new", None, now + Duration::from_secs(1), now));
+        assert_eq!(w.keys.len(), DedupeWindow::LOCAL_CAPACITY);
+        assert!(
+            !w.keys.contains_key("0"),
+            "the first to expire is forgotten"
+        );
+        assert!(w.keys.contains_key("1"));
+    }
+
+    #[test]
+    fn milliseconds_round_up_and_saturate() {
+        assert_eq!(millis(Duration::from_nanos(1)), 1);
+        assert_eq!(millis(Duration::from_micros(1500)), 2);
+        assert_eq!(millis(Duration::from_secs(3)), 3000);
+        assert_eq!(
+            millis(Duration::MAX),
+            crate::time::FAR_FUTURE.as_millis() as u64
+        );
+    }
+}
