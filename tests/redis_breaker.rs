@@ -126,6 +126,10 @@ async fn opened_by_failures_through_one_handle_rejects_through_another() {
     assert_eq!(ran.load(Ordering::SeqCst), 0, "rejected without running");
     assert_eq!(b.state(), CircuitState::Open);
     assert_eq!(b.consecutive_failures(), 3);
+    // Two round trips per call that ran (admit, record), one per rejection.
+    assert_eq!(a.round_trips(), Some(2 * 5));
+    assert_eq!(b.round_trips(), Some(2 + 1));
+    assert_eq!(CircuitBreaker::new(1, LONG).round_trips(), None);
 }
 
 #[tokio::test]

@@ -78,11 +78,16 @@ async fn many_items_keep_their_order_through_batches() {
     // 1000 items ready at once (several batches), each key five times.
     let items: Vec<(usize, u32)> = (0..1000).map(|i| (i, (i % 200) as u32)).collect();
     let passed: Vec<(usize, u32)> = stream::iter(items)
-        .dedupe_with(window, |(_, k)| format!("k{k}"))
+        .dedupe_with(&window, |(_, k)| format!("k{k}"))
         .collect()
         .await;
     let expected: Vec<(usize, u32)> = (0..200).map(|i| (i, i as u32)).collect();
     assert_eq!(passed, expected);
+    // One pipelined round trip per batch of ready items.
+    assert_eq!(
+        window.round_trips(),
+        1000u64.div_ceil(DedupeWindow::MAX_BATCH as u64)
+    );
 }
 
 #[tokio::test]
@@ -127,6 +132,7 @@ async fn claim_done_and_drop() {
     let a = DedupeWindow::redis(&conn().await, &name, LONG);
     let b = DedupeWindow::redis(&conn().await, &name, LONG);
     let claim = a.claim("m1").await.unwrap().expect("a new key is claimed");
+    assert_eq!(a.round_trips(), 1);
     assert_eq!(claim.key(), "m1");
     assert!(b.claim("m1").await.unwrap().is_none(), "held by a's claim");
     // Dropped without `done` (a failed processing): released for a redelivery.

@@ -125,6 +125,7 @@ pub(super) async fn bounded<T>(
     round_trip: impl Future<Output = Result<T, RedisError>>,
 ) -> Result<T, RedisError> {
     reach.gate()?;
+    reach.sent.fetch_add(1, Ordering::Relaxed);
     match tokio::time::timeout(RESPONSE_TIMEOUT, round_trip).await {
         Ok(result) => result,
         Err(_) => Err(RedisError::from((
@@ -161,6 +162,8 @@ pub(super) struct Reachability {
     away: AtomicBool,
     /// When the last probe started (or Redis went away), in ms since `BASE`.
     last_try: AtomicU64,
+    /// Round trips sent to Redis.
+    sent: AtomicU64,
 }
 
 impl Reachability {
@@ -208,6 +211,11 @@ impl Reachability {
         if self.away.load(Ordering::Relaxed) && self.away.swap(false, Ordering::Relaxed) {
             tracing::warn!(target: "stagepipe::redis", kind, name, "Redis answers again");
         }
+    }
+
+    /// How many round trips went to Redis (answered or not).
+    pub(super) fn round_trips(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
     }
 
     /// Whether the last round trip failed.
@@ -652,6 +660,15 @@ impl CircuitBreaker {
             );
         }
         Ok(self)
+    }
+
+    /// The number of round trips to Redis this handle and its clones have made (two per call
+    /// it let through, one per call it rejected, fewer while Redis is away); `None` for an
+    /// in-memory breaker.
+    pub fn round_trips(&self) -> Option<u64> {
+        self.redis
+            .as_ref()
+            .map(|redis| redis.inner.reach.round_trips())
     }
 
     /// The policy this handle follows while Redis is away, if it is

@@ -173,6 +173,14 @@ impl DedupeWindow {
         self.lease
     }
 
+    /// The number of round trips to Redis this window's handles in this process have made
+    /// (every clone counts): one per [`claim`](Self::claim), [`Claim::done`] and release, and
+    /// one per batch of [`dedupe_with`](crate::PipelineExt::dedupe_with), however many items
+    /// it holds.
+    pub fn round_trips(&self) -> u64 {
+        self.inner.reach.round_trips()
+    }
+
     /// The policy this handle follows while Redis is away.
     pub fn unavailable_policy(&self) -> Unavailable {
         self.policy
