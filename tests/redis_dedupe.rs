@@ -135,12 +135,15 @@ async fn claim_done_and_drop() {
     assert_eq!(a.round_trips(), 1);
     assert_eq!(claim.key(), "m1");
     assert!(b.claim("m1").await.unwrap().is_none(), "held by a's claim");
+    assert!(!b.is_done("m1").await.unwrap(), "held, not done");
     // Dropped without `done` (a failed processing): released for a redelivery.
     drop(claim);
     until_gone(&key(&name, "m1")).await;
     let claim = b.claim("m1").await.unwrap().expect("released: claimable");
     assert!(claim.done().await.unwrap());
     assert!(a.claim("m1").await.unwrap().is_none(), "done: skipped");
+    assert!(a.is_done("m1").await.unwrap());
+    assert!(!a.is_done("never").await.unwrap());
     assert!(b.claim("m1").await.unwrap().is_none());
     let mut c = conn().await;
     let value: String = c.get(key(&name, "m1")).await.unwrap();
@@ -238,6 +241,8 @@ async fn while_redis_is_away_each_handle_follows_its_policy() {
         let claim = local.claim("a").await.unwrap().expect("released");
         assert!(claim.done().await.unwrap());
         assert!(local.claim("a").await.unwrap().is_none(), "done");
+        assert!(local.is_done("a").await.unwrap());
+        assert!(closed.is_done("a").await.is_err());
         let fresh: Vec<u32> = stream::iter([1u32, 1, 2, 1])
             .dedupe_with(&local, |x| *x)
             .collect()

@@ -174,7 +174,8 @@ impl DedupeWindow {
     }
 
     /// The number of round trips to Redis this window's handles in this process have made
-    /// (every clone counts): one per [`claim`](Self::claim), [`Claim::done`] and release, and
+    /// (every clone counts): one per [`claim`](Self::claim), [`is_done`](Self::is_done),
+    /// [`Claim::done`] and release, and
     /// one per batch of [`dedupe_with`](crate::PipelineExt::dedupe_with), however many items
     /// it holds.
     pub fn round_trips(&self) -> u64 {
@@ -212,7 +213,8 @@ impl DedupeWindow {
     ///
     /// Process the item only under the claim, then call [`Claim::done`]; a claim dropped
     /// without `done` releases the key, so a redelivery can be processed. The exact
-    /// guarantee: [`DedupeWindow`]'s docs.
+    /// guarantee: [`DedupeWindow`]'s docs. [`is_done`](Self::is_done) tells the two cases of
+    /// `None` apart.
     ///
     /// # Errors
     ///
@@ -287,6 +289,39 @@ impl DedupeWindow {
             backing,
             open: true,
         }))
+    }
+
+    /// Whether `key` is marked done (or seen by
+    /// [`dedupe_with`](crate::PipelineExt::dedupe_with)) within the window: tells the two
+    /// cases of a [`claim`](Self::claim) that returned `None` apart (done: acknowledge the
+    /// message; held by a live claim: leave it for redelivery).
+    ///
+    /// # Errors
+    ///
+    /// Redis did not answer (under `Local`, the in-memory window answers instead).
+    pub async fn is_done(&self, key: impl fmt::Display) -> Result<bool, RedisError> {
+        let key = key.to_string();
+        let mut conn = self.inner.conn.clone();
+        let mut get = ::redis::cmd("GET");
+        get.arg(self.redis_key(&key));
+        match bounded(
+            &self.inner.reach,
+            get.query_async::<Option<String>>(&mut conn),
+        )
+        .await
+        {
+            Ok(value) => {
+                self.answered();
+                Ok(value.as_deref() == Some(DONE))
+            }
+            Err(error) => {
+                self.failed(&error);
+                if matches!(self.policy, Unavailable::Local { .. }) {
+                    return Ok(self.local().is_done(&key, Instant::now()));
+                }
+                Err(error)
+            }
+        }
     }
 
     /// One round trip marking every key of `keys` with `SET NX PX window`: whether each was
@@ -526,6 +561,13 @@ impl LocalWindow {
                 true
             }
         }
+    }
+
+    /// Whether `key` is marked done (or seen) at `now`.
+    fn is_done(&self, key: &str, now: Instant) -> bool {
+        self.keys
+            .get(key)
+            .is_some_and(|(expiry, holder)| *expiry > now && holder.is_none())
     }
 
     /// Forgets `key` if `token` holds it.
