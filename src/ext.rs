@@ -809,8 +809,8 @@ pub trait PipelineExt: Stream {
     /// handle on the window, in any process, marked it within the window. The marks of the
     /// items that are ready together (at most
     /// [`DedupeWindow::MAX_BATCH`](crate::redis::DedupeWindow::MAX_BATCH)) go to Redis as one
-    /// pipeline, in one round trip; upstream is not pulled while a batch is under way, and
-    /// items keep their input order. Within a batch the first of two equal keys wins.
+    /// batch, in one round trip; upstream is not pulled while a batch is under way, and items
+    /// keep their input order. Within a batch the first of two equal keys wins.
     ///
     /// While Redis is away the window's [`Unavailable`](crate::redis::Unavailable) policy
     /// applies: `FailClosed` holds the batch and retries it with backoff, `FailOpen` lets

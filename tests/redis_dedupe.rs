@@ -276,3 +276,22 @@ fn a_zero_window_or_lease_is_refused_with_its_name() {
     let err = window.try_claim_lease(Duration::ZERO).unwrap_err();
     assert_eq!(err.parameter(), "lease");
 }
+
+#[tokio::test]
+async fn handles_are_shared_and_their_streams_and_claims_are_send() {
+    fn shared<T: Clone + Send + Sync + 'static>(_: &T) {}
+    fn send_sync<T: Send + Sync + 'static>(_: &T) {}
+    let window = DedupeWindow::redis(&dead_conn(), "traits", LONG);
+    shared(&window);
+    let s = stream::iter([1u32]).dedupe_with(&window, |x| *x);
+    send_sync(&s);
+    let breaker = stagepipe::CircuitBreaker::redis(&dead_conn(), "traits", 1, LONG);
+    shared(&breaker);
+    let s = stream::iter([1u32]).circuit_breaker(&breaker, |x| async move { Ok::<_, ()>(x) });
+    send_sync(&s);
+    fn send_future<F: Future + Send>(_: &F) {}
+    send_future(&breaker.call(async { Ok::<_, ()>(1) }));
+    send_future(&window.claim("k"));
+    fn send_claim<T: Send + Sync + 'static>() {}
+    send_claim::<stagepipe::redis::Claim>();
+}

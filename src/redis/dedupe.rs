@@ -28,6 +28,31 @@ const DEFAULT_LEASE: Duration = Duration::from_secs(30);
 /// The value of a key marked done.
 const DONE: &str = "done";
 
+/// KEYS: the keys of a batch, in order. ARGV: the batch's value (`done:<token>`), the window
+/// (ms). Marks each key with `SET NX PX`; returns 1 for each that was new, 0 for the others
+/// (and for a key repeated in the batch). A key already holding the batch's own value counts
+/// as new: the batch is being retried after an attempt whose answer was lost.
+static MARK_BATCH: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        r"
+local fresh, seen = {}, {}
+for i, key in ipairs(KEYS) do
+  if seen[key] then
+    fresh[i] = 0
+  elseif redis.call('SET', key, ARGV[1], 'NX', 'PX', ARGV[2]) then
+    fresh[i] = 1
+  elseif redis.call('GET', key) == ARGV[1] then
+    fresh[i] = 1
+  else
+    fresh[i] = 0
+  end
+  seen[key] = true
+end
+return fresh
+",
+    )
+});
+
 /// KEYS: the key. ARGV: the claim's value, the window (ms). Marks the key done for the window
 /// if the claim still holds it, or if nobody does; returns 1 if it did.
 static MARK_DONE: LazyLock<Script> = LazyLock::new(|| {
@@ -85,7 +110,7 @@ struct Inner {
 
 impl DedupeWindow {
     /// The most items [`dedupe_with`](crate::PipelineExt::dedupe_with) reads before it sends
-    /// their keys to Redis in one pipeline (and so the most it holds).
+    /// their keys to Redis in one round trip (and so the most it holds).
     pub const MAX_BATCH: usize = 128;
 
     /// The most keys the in-memory window of [`Unavailable::Local`] remembers; beyond it, the
@@ -225,8 +250,8 @@ impl DedupeWindow {
     ///
     /// # Cancel safety
     ///
-    /// Dropping the future after Redis granted the claim but before it returned leaves the
-    /// key claimed until the lease expires.
+    /// Dropping the future after Redis granted the claim but before it returned (or a
+    /// response lost to the timeout) leaves the key claimed until the lease expires.
     ///
     /// ```no_run
     /// # use std::time::Duration;
@@ -312,7 +337,7 @@ impl DedupeWindow {
         {
             Ok(value) => {
                 self.answered();
-                Ok(value.as_deref() == Some(DONE))
+                Ok(value.is_some_and(|v| v.starts_with(DONE)))
             }
             Err(error) => {
                 self.failed(&error);
@@ -324,25 +349,25 @@ impl DedupeWindow {
         }
     }
 
-    /// One round trip marking every key of `keys` with `SET NX PX window`: whether each was
-    /// new.
-    fn mark_batch(&self, keys: Vec<String>) -> BoxFuture<'static, Result<Vec<bool>, RedisError>> {
+    /// One round trip marking every key of `keys` with `SET NX PX window` (the value
+    /// `done:<token>`, the batch's own): whether each was new.
+    fn mark_batch(
+        &self,
+        keys: Vec<String>,
+        token: u64,
+    ) -> BoxFuture<'static, Result<Vec<bool>, RedisError>> {
         let mut conn = self.inner.conn.clone();
-        let window = millis(self.inner.window);
-        let mut pipe = ::redis::pipe();
-        for key in keys {
-            pipe.cmd("SET")
-                .arg(key)
-                .arg(DONE)
-                .arg("NX")
-                .arg("PX")
-                .arg(window);
+        let mut invocation = MARK_BATCH.prepare_invoke();
+        for key in &keys {
+            invocation.key(key);
         }
+        invocation
+            .arg(format!("{DONE}:{token}"))
+            .arg(millis(self.inner.window));
         let inner = Arc::clone(&self.inner);
         Box::pin(async move {
-            let replies: Vec<Option<String>> =
-                bounded(&inner.reach, pipe.query_async(&mut conn)).await?;
-            Ok(replies.iter().map(Option::is_some).collect())
+            let fresh: Vec<i64> = bounded(&inner.reach, invocation.invoke_async(&mut conn)).await?;
+            Ok(fresh.iter().map(|&f| f == 1).collect())
         })
     }
 
@@ -498,9 +523,10 @@ impl Drop for Claim {
         if !self.open {
             return;
         }
-        if self.backing == Backing::Local {
-            self.window.local().release(&self.key, self.token);
-            return;
+        match self.backing {
+            Backing::Local => return self.window.local().release(&self.key, self.token),
+            Backing::Nowhere => return,
+            Backing::Redis => {}
         }
         let window = self.window.clone();
         let key = std::mem::take(&mut self.key);
@@ -603,6 +629,8 @@ pin_project! {
         key: F,
         // Items read together, with their Redis keys, waiting for their round trip.
         batch: Vec<(S::Item, String)>,
+        // The value the batch marks its keys with, the same for each retry of it.
+        token: u64,
         marking: Option<Marking>,
         // `FailClosed`: the wait before the batch is retried.
         pause: Option<Pin<Box<Sleep>>>,
@@ -625,6 +653,7 @@ where
             window,
             key,
             batch: Vec::new(),
+            token: 0,
             marking: None,
             pause: None,
             backoff: FIRST_BACKOFF,
@@ -665,7 +694,8 @@ where
             if this.marking.is_none() && !this.batch.is_empty() {
                 // A batch read, or one to retry.
                 let keys = this.batch.iter().map(|(_, key)| key.clone()).collect();
-                *this.marking = Some(Mutex::new(this.window.mark_batch(keys)));
+                let marking = this.window.mark_batch(keys, *this.token);
+                *this.marking = Some(Mutex::new(marking));
             }
             if let Some(marking) = this.marking {
                 let reply = ready!(
@@ -725,6 +755,7 @@ where
                     Poll::Ready(None) | Poll::Pending => break,
                 }
             }
+            *this.token = fastrand::u64(..);
             if this.batch.is_empty() {
                 return if this.stream.is_terminated() {
                     Poll::Ready(None)
