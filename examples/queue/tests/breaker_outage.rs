@@ -123,3 +123,53 @@ async fn each_policy_holds_through_an_outage_and_the_breaker_works_again_after()
         .unwrap();
     assert!(claim.is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dedupe_stream_failing_closed_waits_for_redis_and_then_carries_on() {
+    use futures::StreamExt;
+    use stagepipe::PipelineExt;
+
+    let mut server = RedisServer::start();
+    let conn = stagepipe::redis::connect(&server.url()).await.unwrap();
+    let window = DedupeWindow::redis(&conn, "outage-stream", LONG);
+    let (tx, rx) = tokio::sync::mpsc::channel::<u32>(4);
+    let mut fresh = tokio_stream_from(rx).dedupe_with(&window, |x| *x);
+
+    tx.send(1).await.unwrap();
+    assert_eq!(timeout(ONE_CALL, fresh.next()).await.unwrap(), Some(1));
+    server.stop();
+    // FailClosed: the items wait (retried with backoff) while Redis is away...
+    tx.send(1).await.unwrap();
+    tx.send(2).await.unwrap();
+    let (out_tx, mut out) = tokio::sync::mpsc::unbounded_channel();
+    let forward = tokio::spawn(async move {
+        while let Some(x) = fresh.next().await {
+            out_tx.send(x).unwrap();
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        out.try_recv().is_err(),
+        "nothing passes while Redis is away"
+    );
+    // ...and go through once it answers (empty after the restart: 1 is new again).
+    server.restart();
+    tx.send(2).await.unwrap();
+    tx.send(3).await.unwrap();
+    drop(tx);
+    timeout(RECONNECT, forward).await.unwrap().unwrap();
+    let mut passed = Vec::new();
+    while let Ok(x) = out.try_recv() {
+        passed.push(x);
+    }
+    assert_eq!(passed, [1, 2, 3]);
+}
+
+/// A stream of what the channel receives.
+fn tokio_stream_from(
+    rx: tokio::sync::mpsc::Receiver<u32>,
+) -> impl futures::Stream<Item = u32> + Send + Unpin + 'static {
+    Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|x| (x, rx))
+    }))
+}
