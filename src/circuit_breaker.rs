@@ -465,11 +465,11 @@ impl CircuitBreaker {
     /// The current state. `Open` turns into `HalfOpen` once `open_for` has passed, even before
     /// a call arrives.
     ///
-    /// For a [Redis-backed](Self::redis) breaker this makes no round trip: it is the state this
-    /// handle (or a clone) saw in its last exchange with Redis (`Closed` before the first),
-    /// turning from `Open` into `HalfOpen` when the opening it saw ends; while Redis is away
-    /// and the handle falls back to [`Unavailable::Local`](crate::redis::Unavailable::Local),
-    /// it is the local breaker's.
+    /// For a Redis-backed breaker (`CircuitBreaker::redis`, feature `redis`) this makes no
+    /// round trip: it is the state this handle (or a clone) saw in its last exchange with Redis
+    /// (`Closed` before the first), turning from `Open` into `HalfOpen` when the opening it saw
+    /// ends; while Redis is away and the handle falls back to `Unavailable::Local`, it is the
+    /// local breaker's.
     pub fn state(&self) -> CircuitState {
         #[cfg(feature = "redis")]
         if let Some(redis) = &self.redis {
@@ -492,7 +492,7 @@ impl CircuitBreaker {
     /// The number of consecutive failures counted while closed (while open or half-open, the
     /// count that opened the breaker).
     ///
-    /// For a [Redis-backed](Self::redis) breaker, the count this handle saw in its last
+    /// For a Redis-backed breaker (feature `redis`), the count this handle saw in its last
     /// exchange with Redis (as [`state`](Self::state)).
     pub fn consecutive_failures(&self) -> u32 {
         #[cfg(feature = "redis")]
@@ -520,9 +520,9 @@ impl CircuitBreaker {
     /// Runs `fut` if the breaker lets it through and records its outcome; rejects it at once,
     /// without polling it, while the breaker is open.
     ///
-    /// A [Redis-backed](Self::redis) breaker asks Redis before running `fut` and records the
-    /// outcome before returning it: two round trips, each bounded by
-    /// [`RESPONSE_TIMEOUT`](crate::redis::RESPONSE_TIMEOUT).
+    /// A Redis-backed breaker (feature `redis`) asks Redis before running `fut` and records the
+    /// outcome before returning it: two round trips, each bounded by the Redis response
+    /// timeout (1 s).
     ///
     /// # Cancel safety
     ///
