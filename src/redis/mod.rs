@@ -13,7 +13,9 @@
 //!   bound is in [`RateLimiter::redis`](crate::RateLimiter::redis));
 //! * [`CircuitBreaker::redis`](crate::CircuitBreaker::redis): a shared failure count and state,
 //!   with one half-open trial across the fleet;
-//! * [`DedupeWindow`]: a dedupe window over `SET NX PX`;
+//! * [`DedupeWindow`]: a dedupe window over `SET NX PX`, for streams
+//!   ([`dedupe_with`](crate::PipelineExt::dedupe_with)) and for effectively-once processing of
+//!   an at-least-once queue ([`DedupeWindow::claim`]);
 //! * [`StreamSource`]: a consumer-group reader of a Redis stream, acknowledged after processing.
 //!
 //! Every handle takes a [`ConnectionManager`] (see [`connect`]) and a policy for the time Redis
@@ -30,9 +32,8 @@ use std::time::Duration;
 pub use ::redis::RedisError;
 pub use ::redis::aio::ConnectionManager;
 
-#[allow(unused_imports)]
-pub(crate) use breaker::RedisBreaker;
-pub use dedupe::{Claim, DedupeWindow};
+pub(crate) use breaker::{RedisBreaker, RedisPermit};
+pub use dedupe::{Claim, DedupeWindow, DedupeWith};
 pub(crate) use limiter::{RedisLimiter, Wait};
 pub use stream::{Ack, Message, StreamSource};
 
