@@ -176,10 +176,14 @@ fn next_period(word: u64, state: u64, failures: u32) -> u64 {
 /// ```
 #[derive(Clone)]
 pub struct CircuitBreaker {
-    shared: Arc<Shared>,
+    /// The in-memory state: the breaker itself, or a Redis-backed breaker's local fallback.
+    pub(crate) shared: Arc<Shared>,
+    /// The state in Redis, for a breaker made by [`CircuitBreaker::redis`].
+    #[cfg(feature = "redis")]
+    pub(crate) redis: Option<crate::redis::RedisBreaker>,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     failure_threshold: u32,
     open_for: Duration,
     base: Instant,
@@ -197,14 +201,18 @@ struct Shared {
 
 /// What a caller was let through as, and in which period.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Permit {
+pub(crate) struct Permit {
     trial: bool,
     /// The period bits of the state word when the permit was issued.
     period: u64,
 }
 
 impl Shared {
-    fn new(failure_threshold: u32, open_for: Duration, name: Option<Box<str>>) -> Arc<Self> {
+    pub(crate) fn new(
+        failure_threshold: u32,
+        open_for: Duration,
+        name: Option<Box<str>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             failure_threshold,
             open_for,
@@ -229,7 +237,7 @@ impl Shared {
     }
 
     #[inline]
-    fn acquire(&self) -> Option<Permit> {
+    pub(crate) fn acquire(&self) -> Option<Permit> {
         let word = self.word.load(Ordering::Acquire);
         match state_of(word) {
             CLOSED => Some(Permit {
@@ -264,7 +272,7 @@ impl Shared {
     }
 
     #[inline]
-    fn succeeded(&self, permit: Permit) {
+    pub(crate) fn succeeded(&self, permit: Permit) {
         let Some(mut word) = self.current(permit) else {
             return;
         };
@@ -297,7 +305,7 @@ impl Shared {
         }
     }
 
-    fn failed(&self, permit: Permit) {
+    pub(crate) fn failed(&self, permit: Permit) {
         let Some(mut word) = self.current(permit) else {
             return;
         };
@@ -360,8 +368,33 @@ impl Shared {
         }
     }
 
+    /// Records an outcome that did not reach the shared state of a Redis-backed breaker, if
+    /// this (local) breaker is closed: its `Unavailable::Local` fallback counts this process's
+    /// failures.
+    #[cfg(feature = "redis")]
+    pub(crate) fn record_closed(&self, ok: bool) {
+        let word = self.word.load(Ordering::Acquire);
+        if state_of(word) == CLOSED {
+            let permit = Permit {
+                trial: false,
+                period: word & PERIOD,
+            };
+            if ok {
+                self.succeeded(permit);
+            } else {
+                self.failed(permit);
+            }
+        }
+    }
+
+    /// The breaker's metrics (a Redis-backed breaker reports the state changes it makes).
+    #[cfg(all(feature = "redis", feature = "metrics"))]
+    pub(crate) fn metrics(&self) -> &crate::metrics::BreakerMetrics {
+        &self.metrics
+    }
+
     /// A call let through as `permit` ended without an outcome (dropped, or panicked).
-    fn abandoned(&self, permit: Permit) {
+    pub(crate) fn abandoned(&self, permit: Permit) {
         if !permit.trial {
             return;
         }
@@ -395,6 +428,8 @@ impl CircuitBreaker {
         nonzero_duration("open_for", open_for)?;
         Ok(Self {
             shared: Shared::new(failure_threshold, open_for, None),
+            #[cfg(feature = "redis")]
+            redis: None,
         })
     }
 
@@ -402,7 +437,8 @@ impl CircuitBreaker {
     /// output, to tell the breakers of several services apart.
     ///
     /// This builds a new, closed breaker with the same configuration: call it before sharing
-    /// the handle (clones taken earlier keep the old breaker and its state).
+    /// the handle (clones taken earlier keep the old breaker and its state). A Redis-backed
+    /// breaker keeps its shared state (and its name in Redis); only its local part is new.
     ///
     /// ```
     /// use std::time::Duration;
@@ -416,6 +452,8 @@ impl CircuitBreaker {
         let name = Some(name.into().into_boxed_str());
         Self {
             shared: Shared::new(self.shared.failure_threshold, self.shared.open_for, name),
+            #[cfg(feature = "redis")]
+            redis: self.redis,
         }
     }
 
@@ -426,7 +464,22 @@ impl CircuitBreaker {
 
     /// The current state. `Open` turns into `HalfOpen` once `open_for` has passed, even before
     /// a call arrives.
+    ///
+    /// For a Redis-backed breaker (`CircuitBreaker::redis`, feature `redis`) this makes no
+    /// round trip: it is the state this handle (or a clone) saw in its last exchange with Redis
+    /// (`Closed` before the first), turning from `Open` into `HalfOpen` when the opening it saw
+    /// ends; while Redis is away and the handle falls back to `Unavailable::Local`, it is the
+    /// local breaker's.
     pub fn state(&self) -> CircuitState {
+        #[cfg(feature = "redis")]
+        if let Some(redis) = &self.redis {
+            return redis.state(self);
+        }
+        self.local_state()
+    }
+
+    /// The state of the in-memory breaker.
+    pub(crate) fn local_state(&self) -> CircuitState {
         let shared = &self.shared;
         match state_of(shared.word.load(Ordering::Acquire)) {
             CLOSED => CircuitState::Closed,
@@ -438,7 +491,19 @@ impl CircuitBreaker {
 
     /// The number of consecutive failures counted while closed (while open or half-open, the
     /// count that opened the breaker).
+    ///
+    /// For a Redis-backed breaker (feature `redis`), the count this handle saw in its last
+    /// exchange with Redis (as [`state`](Self::state)).
     pub fn consecutive_failures(&self) -> u32 {
+        #[cfg(feature = "redis")]
+        if let Some(redis) = &self.redis {
+            return redis.consecutive_failures(self);
+        }
+        self.local_failures()
+    }
+
+    /// The consecutive-failure count of the in-memory breaker.
+    pub(crate) fn local_failures(&self) -> u32 {
         failures_of(self.shared.word.load(Ordering::Relaxed))
     }
 
@@ -455,10 +520,16 @@ impl CircuitBreaker {
     /// Runs `fut` if the breaker lets it through and records its outcome; rejects it at once,
     /// without polling it, while the breaker is open.
     ///
+    /// A Redis-backed breaker (feature `redis`) asks Redis before running `fut` and records the
+    /// outcome before returning it: two round trips, each bounded by the Redis response
+    /// timeout (1 s).
+    ///
     /// # Cancel safety
     ///
     /// Dropping the returned future drops `fut`; the outcome is not recorded (a dropped trial
-    /// call leaves the breaker half-open for the next call).
+    /// call leaves the breaker half-open for the next call). With a Redis-backed breaker, a
+    /// round trip already under way is finished in a background task (and a trial lease it
+    /// obtained released), if a tokio runtime is running.
     ///
     /// ```
     /// use std::time::Duration;
@@ -476,36 +547,145 @@ impl CircuitBreaker {
         Fut: Future<Output = Result<U, E>>,
     {
         Call {
-            shared: &self.shared,
+            breaker: self,
             fut,
-            permit: None,
-            started: false,
+            passage: Passage::default(),
+            admitted: false,
+            output: None,
         }
     }
+
+    /// Asks for a permit: `Ready(true)` once the call may run (its ticket in `passage`),
+    /// `Ready(false)` if it is rejected. At once for an in-memory breaker; after a round trip
+    /// for a Redis-backed one (kept in `passage` while pending).
+    #[inline]
+    #[cfg_attr(not(feature = "redis"), allow(unused_variables))]
+    fn poll_admit(&self, passage: &mut Passage, cx: &mut Context<'_>) -> Poll<bool> {
+        #[cfg(feature = "redis")]
+        if let Some(redis) = &self.redis {
+            let trip = passage
+                .trip
+                .get_or_insert_with(|| std::sync::Mutex::new(redis.admit(&self.shared)));
+            let ticket = ready!(poll_trip(trip, cx));
+            passage.trip = None;
+            passage.ticket = ticket;
+            return Poll::Ready(ticket.is_some());
+        }
+        passage.ticket = self.shared.acquire().map(Ticket::Local);
+        Poll::Ready(passage.ticket.is_some())
+    }
+
+    /// Records the outcome of the call `passage` let through: at once, but for a ticket of the
+    /// shared state in Redis (whose round trip is kept in `passage` while pending).
+    #[inline]
+    #[cfg_attr(not(feature = "redis"), allow(unused_variables))]
+    fn poll_record(&self, passage: &mut Passage, ok: bool, cx: &mut Context<'_>) -> Poll<()> {
+        #[cfg(feature = "redis")]
+        if let Some(trip) = &mut passage.trip {
+            ready!(poll_trip(trip, cx));
+            passage.trip = None;
+            return Poll::Ready(());
+        }
+        match passage.ticket.take() {
+            Some(Ticket::Local(permit)) if ok => self.shared.succeeded(permit),
+            Some(Ticket::Local(permit)) => self.shared.failed(permit),
+            #[cfg(feature = "redis")]
+            Some(Ticket::Shared(permit)) => {
+                if let Some(redis) = &self.redis {
+                    let mut trip = redis.record(permit, ok, &self.shared);
+                    if trip.as_mut().poll(cx).is_pending() {
+                        passage.trip = Some(std::sync::Mutex::new(trip));
+                        return Poll::Pending;
+                    }
+                }
+            }
+            _ => {}
+        }
+        Poll::Ready(())
+    }
+
+    /// The call `passage` let through (or was asking for) ends without an outcome: dropped, or
+    /// panicked.
+    fn abandon(&self, passage: &mut Passage) {
+        #[cfg(feature = "redis")]
+        if let (Some(trip), Some(redis)) = (passage.trip.take(), &self.redis) {
+            let trip = trip
+                .into_inner()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            redis.finish_in_background(trip, &self.shared);
+        }
+        match passage.ticket.take() {
+            Some(Ticket::Local(permit)) => self.shared.abandoned(permit),
+            #[cfg(feature = "redis")]
+            Some(Ticket::Shared(permit)) => {
+                if let Some(redis) = &self.redis {
+                    redis.abandoned(permit);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// What a call was let through as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ticket {
+    /// By the in-memory breaker (the handle's own, or a Redis-backed one's local fallback).
+    Local(Permit),
+    /// By the shared state in Redis.
+    #[cfg(feature = "redis")]
+    Shared(crate::redis::RedisPermit),
+    /// Without any state (a Redis-backed breaker failing open while Redis is away): its
+    /// outcome is not recorded.
+    #[cfg(feature = "redis")]
+    Unrecorded,
+}
+
+/// A round trip to the shared state in Redis: asking for a permit, or recording an outcome
+/// (which yields `None`). In a `Mutex` only so that the futures and streams holding it stay
+/// `Sync`; it is never locked (`get_mut`).
+#[cfg(feature = "redis")]
+pub(crate) type Trip = std::sync::Mutex<futures::future::BoxFuture<'static, Option<Ticket>>>;
+
+#[cfg(feature = "redis")]
+fn poll_trip(trip: &mut Trip, cx: &mut Context<'_>) -> Poll<Option<Ticket>> {
+    trip.get_mut()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .as_mut()
+        .poll(cx)
+}
+
+/// One call's way through a breaker: the ticket it was let through with, and the round trip to
+/// Redis under way, if any.
+#[derive(Default)]
+struct Passage {
+    ticket: Option<Ticket>,
+    #[cfg(feature = "redis")]
+    trip: Option<Trip>,
 }
 
 pin_project! {
     /// The future of [`CircuitBreaker::call`]: asks for a permit on its first poll, then runs
     /// the call and records its outcome (a hand-written future, so the call is not moved again).
-    struct Call<'a, Fut> {
-        shared: &'a Shared,
+    struct Call<'a, Fut, O> {
+        breaker: &'a CircuitBreaker,
         #[pin]
         fut: Fut,
-        permit: Option<Permit>,
-        started: bool,
+        passage: Passage,
+        admitted: bool,
+        // The call's output, held while its outcome is recorded.
+        output: Option<O>,
     }
 
-    impl<'a, Fut> PinnedDrop for Call<'a, Fut> {
+    impl<'a, Fut, O> PinnedDrop for Call<'a, Fut, O> {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Some(permit) = this.permit.take() {
-                this.shared.abandoned(permit);
-            }
+            this.breaker.abandon(this.passage);
         }
     }
 }
 
-impl<Fut, U, E> Future for Call<'_, Fut>
+impl<Fut, U, E> Future for Call<'_, Fut, Result<U, E>>
 where
     Fut: Future<Output = Result<U, E>>,
 {
@@ -514,24 +694,20 @@ where
     #[inline]
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
-        if !*this.started {
-            *this.started = true;
-            match this.shared.acquire() {
-                Some(permit) => *this.permit = Some(permit),
-                None => {
-                    #[cfg(feature = "metrics")]
-                    this.shared.metrics.rejected();
-                    return Poll::Ready(Err(BreakerError::Open(())));
-                }
+        if !*this.admitted {
+            if !ready!(this.breaker.poll_admit(this.passage, cx)) {
+                #[cfg(feature = "metrics")]
+                this.breaker.shared.metrics.rejected();
+                return Poll::Ready(Err(BreakerError::Open(())));
             }
+            *this.admitted = true;
         }
-        let result = ready!(this.fut.poll(cx));
-        if let Some(permit) = this.permit.take() {
-            match &result {
-                Ok(_) => this.shared.succeeded(permit),
-                Err(_) => this.shared.failed(permit),
-            }
+        if this.output.is_none() {
+            *this.output = Some(ready!(this.fut.poll(cx)));
         }
+        let ok = matches!(this.output, Some(Ok(_)));
+        ready!(this.breaker.poll_record(this.passage, ok, cx));
+        let result = this.output.take().expect("the call's output is held");
         Poll::Ready(result.map_err(BreakerError::Failed))
     }
 }
@@ -549,22 +725,32 @@ impl_debug!(impl[] CircuitBreaker => CircuitBreaker |this| {
 pin_project! {
     /// Stream for the [`circuit_breaker`](crate::PipelineExt::circuit_breaker) method.
     #[must_use = "streams do nothing unless polled"]
-    pub struct Breaker<S, F, Fut> {
+    pub struct Breaker<S, F, Fut>
+    where
+        S: Stream,
+        Fut: TryFuture,
+    {
         #[pin]
         stream: Fuse<S>,
         breaker: CircuitBreaker,
         f: F,
+        // An item waiting for the breaker's answer (a round trip, for a Redis-backed breaker).
+        item: Option<S::Item>,
         #[pin]
         call: Option<Fut>,
-        permit: Option<Permit>,
+        // A call's outcome, held while it is recorded.
+        outcome: Option<Result<Fut::Ok, Fut::Error>>,
+        passage: Passage,
     }
 
-    impl<S, F, Fut> PinnedDrop for Breaker<S, F, Fut> {
+    impl<S, F, Fut> PinnedDrop for Breaker<S, F, Fut>
+    where
+        S: Stream,
+        Fut: TryFuture,
+    {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
-            if let Some(permit) = this.permit.take() {
-                this.breaker.shared.abandoned(permit);
-            }
+            this.breaker.abandon(this.passage);
         }
     }
 }
@@ -580,13 +766,19 @@ where
             stream: stream.fuse(),
             breaker,
             f,
+            item: None,
             call: None,
-            permit: None,
+            outcome: None,
+            passage: Passage::default(),
         }
     }
 }
 
-impl<S, F, Fut> Breaker<S, F, Fut> {
+impl<S, F, Fut> Breaker<S, F, Fut>
+where
+    S: Stream,
+    Fut: TryFuture,
+{
     /// The breaker this stream obeys.
     pub fn breaker(&self) -> &CircuitBreaker {
         &self.breaker
@@ -605,37 +797,39 @@ where
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let mut this = self.project();
-        if this.call.is_none() {
-            let Some(item) = ready!(this.stream.poll_next(cx)) else {
-                return Poll::Ready(None);
-            };
-            let Some(permit) = this.breaker.shared.acquire() else {
-                #[cfg(feature = "metrics")]
-                this.breaker.shared.metrics.rejected();
-                return Poll::Ready(Some(Err(BreakerError::Open(item))));
-            };
-            *this.permit = Some(permit);
-            this.call.set(Some((this.f)(item)));
+        if this.outcome.is_none() {
+            if this.call.is_none() {
+                if this.item.is_none() {
+                    let Some(item) = ready!(this.stream.poll_next(cx)) else {
+                        return Poll::Ready(None);
+                    };
+                    *this.item = Some(item);
+                }
+                let admitted = ready!(this.breaker.poll_admit(this.passage, cx));
+                let item = this.item.take().expect("an item waits for the breaker");
+                if !admitted {
+                    #[cfg(feature = "metrics")]
+                    this.breaker.shared.metrics.rejected();
+                    return Poll::Ready(Some(Err(BreakerError::Open(item))));
+                }
+                this.call.set(Some((this.f)(item)));
+            }
+            let fut = this.call.as_mut().as_pin_mut().expect("a call is running");
+            let result = ready!(fut.try_poll(cx));
+            this.call.set(None);
+            *this.outcome = Some(result);
         }
-        let fut = this.call.as_mut().as_pin_mut().expect("a call is running");
-        let result = ready!(fut.try_poll(cx));
-        this.call.set(None);
-        let shared = &this.breaker.shared;
-        let permit = this.permit.take().expect("a running call holds a permit");
-        Poll::Ready(Some(match result {
-            Ok(value) => {
-                shared.succeeded(permit);
-                Ok(value)
-            }
-            Err(error) => {
-                shared.failed(permit);
-                Err(BreakerError::Failed(error))
-            }
-        }))
+        let ok = matches!(this.outcome, Some(Ok(_)));
+        ready!(this.breaker.poll_record(this.passage, ok, cx));
+        let outcome = this.outcome.take().expect("a call's outcome is held");
+        Poll::Ready(Some(outcome.map_err(BreakerError::Failed)))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        size_hint_plus(usize::from(self.call.is_some()), self.stream.size_hint())
+        let held = usize::from(self.item.is_some())
+            + usize::from(self.call.is_some())
+            + usize::from(self.outcome.is_some());
+        size_hint_plus(held, self.stream.size_hint())
     }
 }
 
@@ -643,13 +837,17 @@ impl<S, F, Fut> FusedStream for Breaker<S, F, Fut>
 where
     Self: Stream,
     S: Stream,
+    Fut: TryFuture,
 {
     fn is_terminated(&self) -> bool {
-        self.stream.is_terminated() && self.call.is_none()
+        self.stream.is_terminated()
+            && self.item.is_none()
+            && self.call.is_none()
+            && self.outcome.is_none()
     }
 }
 
-impl_debug!(impl[S: fmt::Debug, F, Fut] Breaker<S, F, Fut> => Breaker |this| {
+impl_debug!(impl[S: fmt::Debug + Stream, F, Fut: TryFuture] Breaker<S, F, Fut> => Breaker |this| {
     stream: this.stream.get_ref(),
     breaker: &this.breaker,
     running: &this.call.is_some(),

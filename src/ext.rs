@@ -555,7 +555,7 @@ pub trait PipelineExt: Stream {
         crate::Breaker::new(self, breaker.into(), f)
     }
 
-    // -- batching: batch_dedupe, batch, debounce, dedupe_by --
+    // -- batching: batch_dedupe, batch, debounce, dedupe_by, dedupe_with --
     /// Groups items into batches of at most `max` items with distinct keys, emitted when full,
     /// when `wait` has passed since the batch's first item, or when the input ends.
     ///
@@ -799,6 +799,57 @@ pub trait PipelineExt: Stream {
         F: FnMut(&Self::Item) -> K,
     {
         crate::error::or_panic(crate::DedupeBy::try_new(self, window, capacity, key))
+    }
+
+    /// Drops items whose key was seen within the window by any process sharing it: a
+    /// [`DedupeWindow`](crate::redis::DedupeWindow) kept in Redis (feature `redis`).
+    ///
+    /// `key(&item)` renders (with `Display`) to the item's key in the window. Each key is
+    /// marked with `SET NX PX`: an item passes if its key was new, and is dropped if any
+    /// handle on the window, in any process, marked it within the window. The marks of the
+    /// items that are ready together (at most
+    /// [`DedupeWindow::MAX_BATCH`](crate::redis::DedupeWindow::MAX_BATCH)) go to Redis as one
+    /// batch, in one round trip; upstream is not pulled while a batch is under way, and items
+    /// keep their input order. Within a batch the first of two equal keys wins.
+    ///
+    /// While Redis is away the window's [`Unavailable`](crate::redis::Unavailable) policy
+    /// applies: `FailClosed` holds the batch and retries it with backoff, `FailOpen` lets
+    /// every item pass, `Local` asks the handle's in-memory window.
+    ///
+    /// # Panics
+    ///
+    /// Does not panic on its own. Needs a tokio runtime (for Redis's connection and its
+    /// timeouts).
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::PipelineExt;
+    /// use stagepipe::redis::{self, DedupeWindow};
+    ///
+    /// # async fn run() -> Result<(), stagepipe::redis::RedisError> {
+    /// let conn = redis::connect("redis://127.0.0.1/").await?;
+    /// let window = DedupeWindow::redis(&conn, "webhooks", Duration::from_secs(600));
+    /// let events = stream::iter([(1, "paid"), (2, "paid"), (1, "paid")]);
+    /// let fresh: Vec<(u32, &str)> = events.dedupe_with(&window, |(id, _)| *id).collect().await;
+    /// // Event 1 arrives twice: only its first delivery passes (unless another process
+    /// // handled it within the last 10 minutes, which drops it too).
+    /// assert!(fresh.len() <= 2);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "redis")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+    fn dedupe_with<W, K, F>(self, window: W, key: F) -> crate::redis::DedupeWith<Self, K, F>
+    where
+        Self: Sized,
+        W: Into<crate::redis::DedupeWindow>,
+        F: FnMut(&Self::Item) -> K,
+        K: std::fmt::Display,
+    {
+        crate::redis::DedupeWith::new(self, window.into(), key)
     }
 
     // -- staged pipelines: through --

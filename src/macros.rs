@@ -198,7 +198,7 @@ macro_rules! quota_methods {
         /// if it is zero.
         pub fn try_burst(self, b: u32) -> Result<Self, $crate::ConfigError> {
             $crate::error::nonzero("b", u64::from(b))?;
-            Ok(Self::from_gcra(self.shared.gcra.with_burst(b)))
+            Ok(self.with_gcra(self.shared.gcra.with_burst(b)))
         }
 
         #[doc = concat!("The average time between two cells", $each, ".")]

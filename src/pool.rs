@@ -359,8 +359,8 @@ impl WorkerPool {
     }
 
     /// Creates a pool that sizes itself between `min` and `max` workers (see
-    /// [`WorkerPool::adaptive`]), or an error naming `min` if it is zero, or `max` if it is
-    /// less than `min`.
+    /// [`WorkerPool::adaptive`]), or an error naming `min` if it is zero or above `max` (as
+    /// [`InFlightLimit::try_adaptive`](crate::InFlightLimit::try_adaptive) does).
     ///
     /// ```
     /// use stagepipe::WorkerPool;
@@ -368,12 +368,12 @@ impl WorkerPool {
     /// let pool = WorkerPool::try_adaptive(2, 8).unwrap();
     /// assert_eq!((pool.workers(), pool.max_workers()), (2, 8));
     /// assert_eq!(WorkerPool::try_adaptive(0, 8).unwrap_err().parameter(), "min");
-    /// assert_eq!(WorkerPool::try_adaptive(4, 2).unwrap_err().parameter(), "max");
+    /// assert_eq!(WorkerPool::try_adaptive(4, 2).unwrap_err().parameter(), "min");
     /// ```
     pub fn try_adaptive(min: usize, max: usize) -> Result<Self, ConfigError> {
         nonzero("min", min as u64)?;
         if max < min {
-            return Err(ConfigError::new("max", "must be at least `min`"));
+            return Err(ConfigError::new("min", "must be at most `max`"));
         }
         // Worker indexes (and their parking slots) are taken as the pool grows.
         let state = State {

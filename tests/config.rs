@@ -231,9 +231,9 @@ fn adaptive_limit_twins_name_their_parameter() {
 fn adaptive_pool_twins_name_their_parameter() {
     named(WorkerPool::try_adaptive(0, 4), "min");
     named(WorkerPool::try_adaptive(0, 0), "min");
-    named(WorkerPool::try_adaptive(5, 4), "max");
+    named(WorkerPool::try_adaptive(5, 4), "min");
     panics_naming(|| WorkerPool::adaptive(0, 4), "min");
-    panics_naming(|| WorkerPool::adaptive(3, 2), "max");
+    panics_naming(|| WorkerPool::adaptive(3, 2), "min");
     let pool = WorkerPool::try_adaptive(4, 4).expect("min == max is a fixed size");
     assert_eq!((pool.workers(), pool.max_workers()), (4, 4));
 }

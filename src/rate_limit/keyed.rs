@@ -48,6 +48,9 @@ pub struct KeyedRateLimiter<K> {
     /// This handle's own credit for timer lateness, and the key it was earned on, for
     /// [`until_key_ready`](Self::until_key_ready).
     credit: Mutex<Option<(K, Credit)>>,
+    /// The quotas' state in Redis, for a handle made by [`redis`](Self::redis).
+    #[cfg(feature = "redis")]
+    redis: Option<crate::redis::RedisLimiter<K>>,
 }
 
 pub(super) struct Shared<K> {
@@ -155,11 +158,125 @@ impl<K> KeyedRateLimiter<K> {
         Self {
             shared,
             credit: Mutex::new(None),
+            #[cfg(feature = "redis")]
+            redis: None,
         }
+    }
+
+    /// An in-memory keyed limiter of the quota `gcra`.
+    #[cfg(feature = "redis")]
+    pub(crate) fn in_memory(gcra: Gcra) -> Self {
+        Self::from_gcra(gcra)
+    }
+
+    /// The same kind of limiter (in memory, or in Redis under the same name and policy) with
+    /// the quota `gcra`: a new budget in memory, the same keys in Redis.
+    fn with_gcra(&self, gcra: Gcra) -> Self {
+        #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
+        let mut limiter = Self::from_gcra(gcra);
+        #[cfg(feature = "redis")]
+        {
+            limiter.redis = self.redis.as_ref().map(|r| r.with_gcra(&gcra));
+        }
+        limiter
     }
 
     pub(super) fn shared(&self) -> &Arc<Shared<K>> {
         &self.shared
+    }
+
+    /// The Redis side of a handle made by [`redis`](Self::redis).
+    #[cfg(feature = "redis")]
+    pub(super) fn redis_side(&self) -> Option<&crate::redis::RedisLimiter<K>> {
+        self.redis.as_ref()
+    }
+}
+
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+impl<K: std::fmt::Display> KeyedRateLimiter<K> {
+    /// A keyed limiter whose budgets are kept in Redis under `name`: each key's quota is the
+    /// Redis key `stagepipe:limiter:{name}:KEY` (the key formatted with `Display`), shared by
+    /// every handle made with the same name and quota, in this process or any other. Clones
+    /// share it as usual; waiters of one process queued while a round trip is in flight are
+    /// served together by the next one, whatever their keys (one script call for them all).
+    ///
+    /// Everything [`RateLimiter::redis`](crate::RateLimiter::redis) says holds per key: the
+    /// script, the bound, the conversion to local time, the [`Unavailable`](crate::redis::Unavailable)
+    /// policy (fail closed unless set with [`when_unavailable`](Self::when_unavailable)).
+    /// [`until_key_ready`](Self::until_key_ready),
+    /// [`try_acquire_key`](Self::try_acquire_key) and
+    /// [`rate_limit_by`](crate::PipelineExt::rate_limit_by) work with it;
+    /// [`check_key`](Self::check_key) cannot make a round trip and refuses. No key's state is
+    /// kept in memory ([`len`](Self::len) is 0): Redis expires each key once idle.
+    ///
+    /// ```no_run
+    /// use std::num::NonZeroU32;
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    /// use stagepipe::Quota;
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), stagepipe::redis::RedisError> {
+    /// let conn = stagepipe::redis::connect("redis://127.0.0.1/").await?;
+    /// // 10 requests a second per tenant, for the whole fleet
+    /// let quota = Quota::per_second(NonZeroU32::new(10).unwrap());
+    /// let per_tenant = KeyedRateLimiter::<u64>::redis(&conn, "tenants", quota);
+    /// let requests = [(1_u64, "a"), (2, "b"), (1, "c")];
+    /// let done = stream::iter(requests)
+    ///     .rate_limit_by(&per_tenant, |(tenant, _)| *tenant)
+    ///     .count()
+    ///     .await;
+    /// assert_eq!(done, 3);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn redis(conn: &crate::redis::ConnectionManager, name: &str, quota: Quota) -> Self {
+        let gcra = Gcra::from_quota(&quota);
+        let mut limiter = Self::from_gcra(gcra);
+        limiter.redis = Some(crate::redis::RedisLimiter::keyed(conn, name, &gcra));
+        limiter
+    }
+}
+
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+impl<K> KeyedRateLimiter<K> {
+    /// Sets what this handle does while Redis cannot be reached (see
+    /// [`Unavailable`](crate::redis::Unavailable)); the default is
+    /// [`FailClosed`](crate::redis::Unavailable::FailClosed). With
+    /// [`Local`](crate::redis::Unavailable::Local), each key gets an in-memory quota of its
+    /// own. An in-memory limiter never needs Redis: the policy has no effect on it.
+    ///
+    /// ```no_run
+    /// use std::num::NonZeroU32;
+    /// use stagepipe::{KeyedRateLimiter, Quota, redis::Unavailable};
+    ///
+    /// let conn = stagepipe::redis::connect_lazy("redis://127.0.0.1/").unwrap();
+    /// let quota = Quota::per_second(NonZeroU32::new(5).unwrap());
+    /// let per_host = KeyedRateLimiter::<String>::redis(&conn, "hosts", quota)
+    ///     .when_unavailable(Unavailable::Local { replicas: NonZeroU32::new(3).unwrap() });
+    /// assert!(per_host.unavailable_policy().is_some());
+    /// ```
+    #[must_use]
+    pub fn when_unavailable(mut self, policy: crate::redis::Unavailable) -> Self {
+        if let Some(redis) = &mut self.redis {
+            redis.policy = policy;
+        }
+        self
+    }
+
+    /// The number of round trips to Redis this limiter's handles in this process have made
+    /// (see [`RateLimiter::round_trips`](crate::RateLimiter::round_trips)); `None` for an
+    /// in-memory limiter.
+    pub fn round_trips(&self) -> Option<u64> {
+        self.redis.as_ref().map(|r| r.gcra.round_trips())
+    }
+
+    /// The policy this handle follows while Redis cannot be reached; `None` for an in-memory
+    /// limiter.
+    pub fn unavailable_policy(&self) -> Option<crate::redis::Unavailable> {
+        self.redis.as_ref().map(|r| r.policy)
     }
 }
 
@@ -174,8 +291,20 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
     /// # Cancel safety
     ///
     /// Dropping the future before it completes gives the key's slot back, whatever the order in
-    /// which that key's waiters are dropped.
+    /// which that key's waiters are dropped. On a Redis-backed limiter, as
+    /// [`RateLimiter::until_ready`](crate::RateLimiter::until_ready) says: to a queued waiter of
+    /// the same key, else back to Redis if no later reservation of the key was made since,
+    /// else spent.
     pub async fn until_key_ready(&self, key: &K) {
+        #[cfg(feature = "redis")]
+        if let Some(redis) = &self.redis {
+            return redis.acquire(key).await;
+        }
+        self.until_key_ready_in_memory(key).await;
+    }
+
+    /// [`until_key_ready`](Self::until_key_ready) on the in-memory state.
+    pub(crate) async fn until_key_ready_in_memory(&self, key: &K) {
         let shared = &*self.shared;
         let now = shared.clock.now();
         let arrival = match &*self.lock_credit() {
@@ -195,7 +324,15 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
     /// Takes one cell for `key` if it conforms now, without waiting: `true` if it was taken.
     ///
     /// A check never makes up any waiter's timer lateness: it sees the key's quota as of now.
+    ///
+    /// On a Redis-backed limiter ([`KeyedRateLimiter::redis`]) a check cannot make the round
+    /// trip a decision takes, and it never decides without one: it returns `false` and takes
+    /// nothing. Use [`try_acquire_key`](Self::try_acquire_key), which works on both.
     pub fn check_key(&self, key: &K) -> bool {
+        #[cfg(feature = "redis")]
+        if self.redis.is_some() {
+            return false;
+        }
         let gcra = &self.shared.gcra;
         let now = self.shared.clock.now();
         let mut keys = self.shared.lock();
@@ -209,6 +346,35 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
         };
         *keys.entry(gcra, key, now) = KeyState { tat, released };
         true
+    }
+
+    /// Takes one cell for `key` if it conforms now, without waiting for a later one: `true` if
+    /// it was taken. On an in-memory limiter this is [`check_key`](Self::check_key); on a
+    /// Redis-backed one it is one round trip, and while Redis is unavailable the handle's
+    /// policy decides, as for [`RateLimiter::try_acquire`](crate::RateLimiter::try_acquire).
+    ///
+    /// ```
+    /// use stagepipe::KeyedRateLimiter;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let limiter = KeyedRateLimiter::per_second(1);
+    /// assert!(limiter.try_acquire_key(&"a").await);
+    /// assert!(!limiter.try_acquire_key(&"a").await);
+    /// assert!(limiter.try_acquire_key(&"b").await); // another key's quota
+    /// # }
+    /// ```
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before it completes takes no cell on an in-memory limiter; on a
+    /// Redis-backed one, a round trip already sent may have taken one.
+    pub async fn try_acquire_key(&self, key: &K) -> bool {
+        #[cfg(feature = "redis")]
+        if let Some(redis) = &self.redis {
+            return redis.try_acquire(key).await;
+        }
+        self.check_key(key)
     }
 
     /// Drops the state of every key that has regained its full burst for at least one timer
@@ -233,7 +399,12 @@ impl<K> Clone for KeyedRateLimiter<K> {
     /// Another handle on the same per-key state, with a credit of its own (see
     /// [`until_key_ready`](Self::until_key_ready)).
     fn clone(&self) -> Self {
-        Self::from_shared(Arc::clone(&self.shared))
+        Self {
+            shared: Arc::clone(&self.shared),
+            credit: Mutex::new(None),
+            #[cfg(feature = "redis")]
+            redis: self.redis.clone(),
+        }
     }
 }
 
@@ -246,8 +417,16 @@ impl<K: Hash + Eq + Clone> From<Quota> for KeyedRateLimiter<K> {
 
 from_ref_handle!(impl[K] KeyedRateLimiter<K>, "the per-key state");
 
-impl_debug!(impl[K] KeyedRateLimiter<K> => KeyedRateLimiter |this| {
-    interval: &this.interval(),
-    burst: &this.burst_size(),
-    keys: &this.shared.lock().states.len(),
-} ..);
+impl<K> std::fmt::Debug for KeyedRateLimiter<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut s = f.debug_struct("KeyedRateLimiter");
+        s.field("interval", &self.interval())
+            .field("burst", &self.burst_size())
+            .field("keys", &self.shared.lock().states.len());
+        #[cfg(feature = "redis")]
+        if let Some(redis) = &self.redis {
+            s.field("redis", redis);
+        }
+        s.finish_non_exhaustive()
+    }
+}

@@ -2,7 +2,7 @@
 //! [`rate_limit`](crate::PipelineExt::rate_limit) / [`rate_limit_by`](crate::PipelineExt::rate_limit_by)
 //! streams.
 
-mod gcra;
+pub(crate) mod gcra;
 mod keyed;
 mod quota;
 mod stream;
@@ -56,6 +56,14 @@ pub use stream::{RateLimit, RateLimitBy};
 /// quota, by more on a busy runtime. A larger burst absorbs the lateness: no slot is lost while
 /// a waiter's timer is late by at most one tick plus `burst - 1` intervals.
 ///
+/// # Shared across processes
+///
+/// With the cargo feature `redis`, [`RateLimiter::redis`] makes a handle whose budget lives in
+/// Redis, shared by every process that uses the same name: the same methods and operators,
+/// one round trip per decision (shared by the waiters that queue meanwhile), and a policy for
+/// the time Redis cannot be reached. The accuracy notes above are the in-memory limiter's;
+/// a Redis-backed one has its own bound (see [`RateLimiter::redis`]).
+///
 /// ```
 /// use std::time::Duration;
 /// use stagepipe::RateLimiter;
@@ -78,6 +86,9 @@ pub struct RateLimiter {
     shared: Arc<Shared>,
     /// This handle's own credit for timer lateness, for [`until_ready`](Self::until_ready).
     credit: HandleCredit,
+    /// The quota's state in Redis, for a handle made by [`redis`](Self::redis).
+    #[cfg(feature = "redis")]
+    redis: Option<crate::redis::RedisLimiter<()>>,
 }
 
 #[derive(Debug)]
@@ -249,13 +260,35 @@ impl RateLimiter {
         Self {
             shared,
             credit: HandleCredit::default(),
+            #[cfg(feature = "redis")]
+            redis: None,
         }
+    }
+
+    /// The same kind of limiter (in memory, or in Redis under the same name and policy) with
+    /// the quota `gcra`: a new budget in memory, the same keys in Redis.
+    fn with_gcra(&self, gcra: Gcra) -> Self {
+        #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
+        let mut limiter = Self::from_gcra(gcra);
+        #[cfg(feature = "redis")]
+        {
+            limiter.redis = self.redis.as_ref().map(|r| r.with_gcra(&gcra));
+        }
+        limiter
     }
 
     /// Takes one cell if it conforms now, without waiting: `true` if it was taken.
     ///
     /// A check never makes up any waiter's timer lateness: it sees the quota as of now.
+    ///
+    /// On a Redis-backed limiter ([`RateLimiter::redis`]) a check cannot make the round trip
+    /// a decision takes, and it never decides without one: it returns `false` and takes
+    /// nothing. Use [`try_acquire`](Self::try_acquire), which works on both.
     pub fn check(&self) -> bool {
+        #[cfg(feature = "redis")]
+        if self.redis.is_some() {
+            return false;
+        }
         let shared = &*self.shared;
         let now = shared.clock.now();
         if !shared.released.conforms(&shared.gcra, now) {
@@ -284,11 +317,21 @@ impl RateLimiter {
     /// below the timer's resolution. Clones have their own credit; other handles and streams
     /// never see it.
     ///
+    /// On a Redis-backed limiter ([`RateLimiter::redis`]), the call joins this process's queue
+    /// for the next round trip, then sleeps until its cell's deadline converted to the local
+    /// clock (never before it); the timer credit does not apply. While Redis cannot be reached,
+    /// the handle's [`Unavailable`](crate::redis::Unavailable) policy decides.
+    ///
     /// # Cancel safety
     ///
     /// Dropping the future before it completes gives its slot back: waiters dropped in any
     /// order leave the limiter as if they had never come (the next caller does not wait for
     /// their slots), and it never runs faster than its quota.
+    ///
+    /// On a Redis-backed limiter, a dropped waiter's cell goes to a waiter of this process
+    /// queued for the next round trip if there is one, else back to Redis if no later
+    /// reservation was made since (a compare-and-set); otherwise it is spent (the fleet runs
+    /// one cell below its quota, never above).
     ///
     /// ```
     /// use stagepipe::RateLimiter;
@@ -304,11 +347,142 @@ impl RateLimiter {
     /// # }
     /// ```
     pub async fn until_ready(&self) {
+        #[cfg(feature = "redis")]
+        if let Some(redis) = &self.redis {
+            return redis.acquire(&()).await;
+        }
         let shared = &*self.shared;
         let now = shared.clock.now();
         if let Some(credit) = take(shared, &(), self.credit.get().arrival(now), now).await {
             self.credit.set(credit);
         }
+    }
+
+    /// Takes one cell if it conforms now, without waiting for a later one: `true` if it was
+    /// taken. On an in-memory limiter this is [`check`](Self::check); on a Redis-backed one
+    /// ([`RateLimiter::redis`]) it is one round trip, and while Redis is unavailable the
+    /// handle's policy decides: [`FailOpen`](crate::redis::Unavailable::FailOpen) takes,
+    /// [`FailClosed`](crate::redis::Unavailable::FailClosed) refuses (a try never waits for
+    /// Redis to come back), [`Local`](crate::redis::Unavailable::Local) checks the local
+    /// fallback quota.
+    ///
+    /// ```
+    /// use stagepipe::RateLimiter;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let limiter = RateLimiter::per_second(10).burst(2);
+    /// assert!(limiter.try_acquire().await);
+    /// assert!(limiter.try_acquire().await);
+    /// assert!(!limiter.try_acquire().await); // the burst is spent
+    /// # }
+    /// ```
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before it completes takes no cell on an in-memory limiter; on a
+    /// Redis-backed one, a round trip already sent may have taken one.
+    pub async fn try_acquire(&self) -> bool {
+        #[cfg(feature = "redis")]
+        if let Some(redis) = &self.redis {
+            return redis.try_acquire(&()).await;
+        }
+        self.check()
+    }
+}
+
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+impl RateLimiter {
+    /// A limiter whose budget is kept in Redis under `name`: every handle made with the same
+    /// name and quota, in this process or any other on the same Redis, draws on one budget
+    /// (and clones share it as usual). All the operators and methods of a limiter work with it:
+    /// [`until_ready`](Self::until_ready), [`try_acquire`](Self::try_acquire),
+    /// [`rate_limit`](crate::PipelineExt::rate_limit), [`Call::rate_limit`](crate::Call::rate_limit)
+    /// and the tower layer. [`check`](Self::check) cannot make a round trip and refuses.
+    ///
+    /// Each decision is one atomic script on Redis's clock (GCRA, absolute deadlines); waiters
+    /// of one process that arrive while a round trip is in flight are served together by the
+    /// next one. A deadline is converted to the local clock so that a cell is never released
+    /// before it: in any window of length `T`, the fleet releases at most
+    /// `burst + ⌊(T + D) / interval⌋` cells, where `D` is how late a release came after its
+    /// Redis deadline (the reply's trip back and the timer's lateness): one cell more than
+    /// `burst + T / interval` while `D` is below one interval. The interval is rounded up to
+    /// whole microseconds. See the [module docs](crate::redis) and `src/redis/limiter.rs` for
+    /// the design.
+    ///
+    /// Handles sharing a name must share the quota too (each reservation is computed with the
+    /// caller's quota). The Redis key is `stagepipe:limiter:{name}`; it expires once idle.
+    /// While Redis cannot be reached, the handle follows its [`Unavailable`](crate::redis::Unavailable)
+    /// policy: fail closed (wait) unless set with [`when_unavailable`](Self::when_unavailable).
+    ///
+    /// No round trip is made here: the connection is used by the first decision. Waiting
+    /// spawns a task on the current tokio runtime for each round trip.
+    ///
+    /// ```no_run
+    /// use std::num::NonZeroU32;
+    /// use futures::{stream, StreamExt};
+    /// use stagepipe::prelude::*;
+    /// use stagepipe::{Quota, redis::Unavailable};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() -> Result<(), stagepipe::redis::RedisError> {
+    /// let conn = stagepipe::redis::connect("redis://127.0.0.1/").await?;
+    /// // 100 calls a second to the partner API, for the whole fleet
+    /// let quota = Quota::per_second(NonZeroU32::new(100).unwrap());
+    /// let limiter = RateLimiter::redis(&conn, "partner-api", quota)
+    ///     .when_unavailable(Unavailable::Local { replicas: NonZeroU32::new(4).unwrap() });
+    /// let sent = stream::iter(0..10).rate_limit(&limiter).count().await;
+    /// assert_eq!(sent, 10);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn redis(conn: &crate::redis::ConnectionManager, name: &str, quota: Quota) -> Self {
+        let gcra = Gcra::from_quota(&quota);
+        let mut limiter = Self::from_gcra(gcra);
+        limiter.redis = Some(crate::redis::RedisLimiter::direct(conn, name, &gcra));
+        limiter
+    }
+
+    /// Sets what this handle does while Redis cannot be reached (see
+    /// [`Unavailable`](crate::redis::Unavailable)); the default is
+    /// [`FailClosed`](crate::redis::Unavailable::FailClosed). Clones made afterwards keep it;
+    /// the budget is the same. An in-memory limiter never needs Redis: the policy has no
+    /// effect on it.
+    ///
+    /// ```no_run
+    /// use std::num::NonZeroU32;
+    /// use stagepipe::{Quota, RateLimiter, redis::Unavailable};
+    ///
+    /// # #[tokio::main]
+    /// # async fn main() {
+    /// let conn = stagepipe::redis::connect_lazy("redis://127.0.0.1/").unwrap();
+    /// let quota = Quota::per_second(NonZeroU32::new(50).unwrap());
+    /// let best_effort = RateLimiter::redis(&conn, "thumbnails", quota)
+    ///     .when_unavailable(Unavailable::FailOpen);
+    /// best_effort.until_ready().await; // goes at once if Redis is down
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn when_unavailable(mut self, policy: crate::redis::Unavailable) -> Self {
+        if let Some(redis) = &mut self.redis {
+            redis.policy = policy;
+        }
+        self
+    }
+
+    /// The number of round trips to Redis this limiter's handles in this process have made
+    /// (every clone of it counts; reservations and refunds); `None` for an in-memory limiter.
+    /// With many waiters at once it grows by far less than one per cell: one round trip
+    /// reserves cells for every waiter queued while the previous one was in flight.
+    pub fn round_trips(&self) -> Option<u64> {
+        self.redis.as_ref().map(|r| r.gcra.round_trips())
+    }
+
+    /// The policy this handle follows while Redis cannot be reached; `None` for an in-memory
+    /// limiter.
+    pub fn unavailable_policy(&self) -> Option<crate::redis::Unavailable> {
+        self.redis.as_ref().map(|r| r.policy)
     }
 }
 
@@ -330,13 +504,26 @@ impl Clone for RateLimiter {
     /// Another handle on the same quota, with a credit of its own (see
     /// [`until_ready`](Self::until_ready)).
     fn clone(&self) -> Self {
-        Self::from_shared(Arc::clone(&self.shared))
+        Self {
+            shared: Arc::clone(&self.shared),
+            credit: HandleCredit::default(),
+            #[cfg(feature = "redis")]
+            redis: self.redis.clone(),
+        }
     }
 }
 
 from_ref_handle!(impl[] RateLimiter, "the quota");
 
-impl_debug!(impl[] RateLimiter => RateLimiter |this| {
-    interval: &this.interval(),
-    burst: &this.burst_size(),
-} ..);
+impl std::fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut s = f.debug_struct("RateLimiter");
+        s.field("interval", &self.interval())
+            .field("burst", &self.burst_size());
+        #[cfg(feature = "redis")]
+        if let Some(redis) = &self.redis {
+            s.field("redis", redis);
+        }
+        s.finish_non_exhaustive()
+    }
+}

@@ -22,6 +22,10 @@ trait Handle {
     type Shared;
     type Key;
     fn shared(&self) -> &Arc<Self::Shared>;
+
+    /// For a Redis-backed handle, the wait for one cell of `key`.
+    #[cfg(feature = "redis")]
+    fn redis_wait(&self, key: &Self::Key) -> Option<crate::redis::Wait>;
 }
 
 impl Handle for RateLimiter {
@@ -32,6 +36,11 @@ impl Handle for RateLimiter {
     fn shared(&self) -> &Arc<Shared> {
         &self.shared
     }
+
+    #[cfg(feature = "redis")]
+    fn redis_wait(&self, (): &()) -> Option<crate::redis::Wait> {
+        self.redis.as_ref().map(|r| r.wait(&()))
+    }
 }
 
 impl<K> Handle for KeyedRateLimiter<K> {
@@ -41,6 +50,11 @@ impl<K> Handle for KeyedRateLimiter<K> {
     #[inline]
     fn shared(&self) -> &Arc<KeyedShared<K>> {
         KeyedRateLimiter::shared(self)
+    }
+
+    #[cfg(feature = "redis")]
+    fn redis_wait(&self, key: &K) -> Option<crate::redis::Wait> {
+        self.redis_side().map(|r| r.wait(key))
     }
 }
 
@@ -197,9 +211,17 @@ fn poll_release(
     }
 }
 
+/// An item waiting for its cell of a Redis-backed limiter, and the wait.
+#[cfg(feature = "redis")]
+type Waiting<T> = Option<(T, crate::redis::Wait)>;
+/// Without Redis, never an item.
+#[cfg(not(feature = "redis"))]
+type Waiting<T> = Option<(T, std::convert::Infallible)>;
+
 pin_project! {
     /// The engine of [`RateLimit`] (on a [`RateLimiter`]) and [`RateLimitBy`] (on a
     /// [`KeyedRateLimiter`]): at most one item held, waiting for its key's slot.
+    #[project = CoreProj]
     struct Core<S: Stream, H: Handle, KF> {
         #[pin]
         stream: Fuse<S>,
@@ -209,6 +231,9 @@ pin_project! {
         timer: Timer,
         // This stream's own credit for its timer's lateness, and the key it was earned on.
         credit: Option<(H::Key, Credit)>,
+        // On a Redis-backed limiter: the item waiting for its cell, and the wait (dropping it
+        // gives the cell back).
+        waiting: Waiting<S::Item>,
     }
 }
 
@@ -221,17 +246,23 @@ impl<S: Stream, H: Handle, KF> Core<S, H, KF> {
             held: None,
             timer: Timer::default(),
             credit: None,
+            waiting: None,
         }
+    }
+
+    /// Whether an item is held, waiting for its cell.
+    fn holds(&self) -> bool {
+        self.held.is_some() || self.waiting.is_some()
     }
 
     delegate_access_inner!(stream, Fuse<S>, ());
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        size_hint_plus(usize::from(self.held.is_some()), self.stream.size_hint())
+        size_hint_plus(usize::from(self.holds()), self.stream.size_hint())
     }
 
     fn is_terminated(&self) -> bool {
-        self.stream.is_terminated() && self.held.is_none()
+        self.stream.is_terminated() && !self.holds()
     }
 
     fn fmt_as(&self, name: &str, f: &mut fmt::Formatter<'_>) -> fmt::Result
@@ -242,7 +273,7 @@ impl<S: Stream, H: Handle, KF> Core<S, H, KF> {
         f.debug_struct(name)
             .field("stream", self.stream.get_ref())
             .field("limiter", &self.limiter)
-            .field("waiting", &self.held.is_some())
+            .field("waiting", &self.holds())
             .finish_non_exhaustive()
     }
 }
@@ -256,16 +287,54 @@ where
     KF: KeyFn<S::Item, Key = H::Key>,
 {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<S::Item>> {
-        let this = self.project();
+        #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
+        let mut this = self.project();
+        #[cfg(feature = "redis")]
+        loop {
+            if let Some((_, wait)) = this.waiting {
+                ready!(wait.as_mut().poll(cx));
+                let (item, _) = this.waiting.take().expect("an item is waiting");
+                return Poll::Ready(Some(item));
+            }
+            if this.held.is_some() {
+                // An in-memory limiter's item, waiting for its slot.
+                return Self::poll_held(this, cx, None);
+            }
+            let Some(item) = ready!(this.stream.as_mut().poll_next(cx)) else {
+                return Poll::Ready(None);
+            };
+            let key = this.key.key(&item);
+            let Some(wait) = this.limiter.redis_wait(&key) else {
+                // An in-memory limiter: the item goes the usual way below.
+                return Self::poll_held(this, cx, Some((item, key)));
+            };
+            *this.waiting = Some((item, wait));
+        }
+        #[cfg(not(feature = "redis"))]
+        Self::poll_held(this, cx, None)
+    }
+
+    /// The in-memory engine: `pulled` is an item already pulled from upstream, with its key.
+    fn poll_held(
+        this: CoreProj<'_, S, H, KF>,
+        cx: &mut Context<'_>,
+        pulled: Option<(S::Item, H::Key)>,
+    ) -> Poll<Option<S::Item>> {
         let shared = this.limiter.shared();
         let clock = shared.clock();
         let held = match this.held {
             Some(held) => held,
             None => {
-                let Some(item) = ready!(this.stream.poll_next(cx)) else {
-                    return Poll::Ready(None);
+                let (item, key) = match pulled {
+                    Some(pulled) => pulled,
+                    None => {
+                        let Some(item) = ready!(this.stream.poll_next(cx)) else {
+                            return Poll::Ready(None);
+                        };
+                        let key = this.key.key(&item);
+                        (item, key)
+                    }
                 };
-                let key = this.key.key(&item);
                 let now = clock.now();
                 let arrival = match this.credit {
                     Some((credited, credit)) if *credited == key => credit.arrival(now),

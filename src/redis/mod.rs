@@ -8,10 +8,14 @@
 //!
 //! * [`RateLimiter::redis`](crate::RateLimiter::redis) and
 //!   [`KeyedRateLimiter::redis`](crate::KeyedRateLimiter::redis): a GCRA evaluated by one
-//!   atomic server-side script on Redis's own clock;
+//!   atomic server-side script on Redis's own clock, one round trip serving every waiter of a
+//!   process queued meanwhile, deadlines converted so that no cell goes out early (the fleet's
+//!   bound is in [`RateLimiter::redis`](crate::RateLimiter::redis));
 //! * [`CircuitBreaker::redis`](crate::CircuitBreaker::redis): a shared failure count and state,
 //!   with one half-open trial across the fleet;
-//! * [`DedupeWindow`]: a dedupe window over `SET NX PX`;
+//! * [`DedupeWindow`]: a dedupe window over `SET NX PX`, for streams
+//!   ([`dedupe_with`](crate::PipelineExt::dedupe_with)) and for effectively-once processing of
+//!   an at-least-once queue ([`DedupeWindow::claim`]);
 //! * [`StreamSource`]: a consumer-group reader of a Redis stream, acknowledged after processing.
 //!
 //! Every handle takes a [`ConnectionManager`] (see [`connect`]) and a policy for the time Redis
@@ -28,11 +32,9 @@ use std::time::Duration;
 pub use ::redis::RedisError;
 pub use ::redis::aio::ConnectionManager;
 
-#[allow(unused_imports)]
-pub(crate) use breaker::RedisBreaker;
-pub use dedupe::{Claim, DedupeWindow};
-#[allow(unused_imports)]
-pub(crate) use limiter::RedisGcra;
+pub(crate) use breaker::{RedisBreaker, RedisPermit};
+pub use dedupe::{Claim, DedupeWindow, DedupeWith};
+pub(crate) use limiter::{RedisLimiter, Wait};
 pub use stream::{
     Ack, Entry, FieldError, Message, SourceHandle, SourceStats, StreamError, StreamSource,
     StreamSourceBuilder,

@@ -16,7 +16,10 @@ use crate::RateLimiter;
 /// spends the cell. Clones share the limiter's quota with every other holder of the handle. A
 /// clone starts without a cell; a cell taken by `poll_ready` and never spent by a `call` is
 /// lost (the quota is never exceeded), and a service dropped while it waits gives its slot back
-/// as [`RateLimiter::until_ready`] does.
+/// as [`RateLimiter::until_ready`] does. With a Redis-backed limiter
+/// ([`RateLimiter::redis`], feature `redis`), `poll_ready` always waits through
+/// [`until_ready`](RateLimiter::until_ready): the synchronous check it tries first cannot
+/// make a round trip.
 ///
 /// ```
 /// use std::convert::Infallible;
