@@ -60,10 +60,10 @@ pub struct ConsumeArgs {
     /// Jobs of a batch worked on at once.
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
-    /// The most jobs per second this consumer starts (no limit if absent).
+    /// The most jobs per second the whole fleet starts (no limit if absent).
     #[arg(long)]
     pub rate: Option<u32>,
-    /// Consecutive failed jobs that open the circuit breaker.
+    /// Consecutive failed jobs (fleet-wide) that open the circuit breaker.
     #[arg(long, default_value_t = 20)]
     pub breaker_threshold: u32,
     /// How long the breaker stays open, in milliseconds.
@@ -81,6 +81,13 @@ pub struct ConsumeArgs {
     /// Simulated work per job, in milliseconds.
     #[arg(long, default_value_t = 0)]
     pub work_ms: u64,
+    /// How long a job done stays remembered by the fleet's dedupe window, in milliseconds.
+    #[arg(long, default_value_t = 86_400_000)]
+    pub dedupe_window_ms: u64,
+    /// How long a consumer's claim on a job holds before it lapses (the consumer died), in
+    /// milliseconds. Keep it above the job timeout.
+    #[arg(long, default_value_t = 15_000)]
+    pub dedupe_lease_ms: u64,
 }
 
 /// Everything a consumer needs, resolved.
@@ -116,6 +123,10 @@ pub struct ConsumeConfig {
     pub max_deliveries: u32,
     /// Simulated work per job.
     pub work: Duration,
+    /// How long a job done stays remembered.
+    pub dedupe_window: Duration,
+    /// How long a claim on a job holds.
+    pub dedupe_lease: Duration,
 }
 
 impl ConsumeConfig {
@@ -140,6 +151,8 @@ impl ConsumeConfig {
             claim_idle: Duration::from_millis(args.claim_idle_ms),
             max_deliveries: args.max_deliveries,
             work: Duration::from_millis(args.work_ms),
+            dedupe_window: Duration::from_millis(args.dedupe_window_ms),
+            dedupe_lease: Duration::from_millis(args.dedupe_lease_ms),
         }
     }
 }
