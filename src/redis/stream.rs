@@ -55,7 +55,12 @@ use crate::ConfigError;
 ///
 /// Errors (Redis unreachable, a timeout, a malformed reply) are items, never panics: the
 /// source then backs off (50 ms, doubling up to 1 s) and tries again, so the stream goes on
-/// after an error; stop at the first one with `take_while` if that suits.
+/// after an error; stop at the first one with `take_while` if that suits. A source has no
+/// [`Unavailable`](super::Unavailable) policy: while Redis is away there is nothing to read,
+/// so it yields those errors and waits; acknowledgements that fail stay queued and are sent
+/// again. If Redis comes back empty (restarted without persistence), the group is created
+/// again on the new stream (unless `create_group(false)`), and acknowledgements of entries it
+/// no longer knows are counted in [`SourceStats::stale_acks`].
 ///
 /// **Bounded.** The source reads only while the stream has room for one more reply: at most
 /// two replies (`2 × count` messages) are read and not yet taken from the stream, so a slow
