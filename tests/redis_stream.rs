@@ -210,7 +210,7 @@ async fn a_batch_not_full_goes_out_after_its_wait() {
     }
     // Nobody polls the stream now: the source's own task sends the batch.
     until("the ack batch's wait", async || {
-        pending(&mut c, &stream, "g").await == 0
+        pending(&mut c, &stream, "g").await == 0 && handle.stats().acked == 3
     })
     .await;
     let stats = handle.stats();
