@@ -53,6 +53,12 @@
 //!   OpenTelemetry exporter) the application installs; names, labels and units in the
 //!   `metrics` module. Adds the small `metrics` crate.
 //! * `governor`: `From<governor::Quota>` for [`Quota`], for code written against governor.
+//! * `redis`: state shared across processes in Redis, behind the same handles and operators
+//!   (`RateLimiter::redis`, `KeyedRateLimiter::redis`, `CircuitBreaker::redis`, a
+//!   `redis::DedupeWindow` for `dedupe_with` and effectively-once processing), and
+//!   `redis::StreamSource`, a consumer-group reader of a Redis stream acknowledged after
+//!   processing; see the `redis` module. Adds the `redis` crate (tokio, connection manager,
+//!   streams, scripts).
 //!
 //! ```
 //! use futures::{stream, StreamExt};
