@@ -646,3 +646,17 @@ async fn a_message_still_out_is_not_handed_out_again_when_its_own_source_claims_
     assert_eq!(pending(&mut c, &stream, "g").await, 0);
     assert_eq!(handle.stats().acked, 2);
 }
+
+#[test]
+fn the_public_types_cross_threads() {
+    fn send<T: Send + 'static>() {}
+    fn send_sync<T: Send + Sync + 'static>() {}
+    send::<StreamSource>();
+    send_sync::<Message>();
+    send_sync::<stagepipe::redis::Ack>();
+    send_sync::<stagepipe::redis::Entry>();
+    send_sync::<stagepipe::redis::SourceHandle>();
+    send_sync::<StreamError>();
+    send_sync::<FieldError>();
+    send::<stagepipe::redis::StreamSourceBuilder>();
+}

@@ -71,8 +71,8 @@ use crate::ConfigError;
 /// sends the last acknowledgements, and resolves; the stream ends after the messages it had
 /// read. **Dropping** the stream (a `take(n)` that is done, say) stops the reading at once,
 /// sends the acknowledgements made so far and ends the task; a message acknowledged after
-/// that is not acknowledged in Redis (it stays pending and is claimed again), nor is one the
-/// stream had read and not handed out. A read already sent to Redis when the stream is
+/// that may not be acknowledged in Redis (it then stays pending and is claimed again), nor is
+/// one the stream had read and not handed out. A read already sent to Redis when the stream is
 /// dropped may still take up to `count` entries for this consumer during its last `block`:
 /// they stay pending too.
 ///
