@@ -7,7 +7,8 @@
 //! A run ends when Redis has acknowledged every message. Each figure is the median of
 //! `ROUNDS` runs on a private `redis-server`.
 //!
-//! `cargo bench -p stagepipe-queue` (set `QUEUE_BENCH_MESSAGES` for another run length).
+//! `cargo bench -p stagepipe-queue` (set `QUEUE_BENCH_MESSAGES` for another run length,
+//! `QUEUE_BENCH_CONSUMERS=1,4` for some consumer counts only).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -211,7 +212,12 @@ fn main() {
         "consumers", "", "StreamSource", "hand loop", "ratio"
     );
     let mut run = 0;
-    for consumers in [1, 2, 4] {
+    // `QUEUE_BENCH_CONSUMERS=1,4` runs those counts only.
+    let counts: Vec<usize> = std::env::var("QUEUE_BENCH_CONSUMERS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 2, 4]);
+    for consumers in counts {
         let (mut ours, mut hand) = (Vec::new(), Vec::new());
         for _ in 0..rounds {
             run += 1;

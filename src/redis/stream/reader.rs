@@ -176,45 +176,29 @@ impl Reader {
             if self.draining() {
                 return;
             }
-            let Some(tx) = self.tx.clone() else { return };
             let ack_deadline = self.ack_deadline();
-            let acks_due = ack_deadline.is_some_and(|d| d <= Instant::now());
-            let permit = if acks_due {
-                match tx.try_reserve() {
-                    // The next read carries the acknowledgements (one round trip for both).
-                    Ok(permit) => permit,
-                    // No room for a read: the acknowledgements go alone.
-                    Err(mpsc::error::TrySendError::Full(())) => {
-                        if let Err(e) = self.flush().await {
-                            self.report = Some(e);
-                            self.pause().await;
-                        }
-                        continue;
-                    }
-                    Err(mpsc::error::TrySendError::Closed(())) => {
-                        self.shared.lock().stopped = true;
-                        return;
-                    }
+            if ack_deadline.is_some_and(|d| d <= Instant::now()) {
+                if let Err(e) = self.flush().await {
+                    self.report = Some(e);
+                    self.pause().await;
                 }
-            } else {
-                match wait(&self.shared, Some(&tx), ack_deadline).await {
-                    Woken::Permit(p) => p,
-                    Woken::Closed => {
-                        self.shared.lock().stopped = true;
-                        return;
-                    }
-                    Woken::Other => continue,
+                continue;
+            }
+            let Some(tx) = self.tx.clone() else { return };
+            let permit = match wait(&self.shared, Some(&tx), ack_deadline).await {
+                Woken::Permit(p) => p,
+                Woken::Closed => {
+                    self.shared.lock().stopped = true;
+                    return;
                 }
+                Woken::Other => continue,
             };
             if let Some(e) = self.report.take() {
                 permit.send(Err(e));
                 continue;
             }
             let result = if self.next_claim <= Instant::now() {
-                match self.flush_due().await {
-                    Ok(()) => self.claim().await,
-                    Err(e) => Err(e),
-                }
+                self.claim().await
             } else {
                 self.read().await
             };
@@ -230,15 +214,6 @@ impl Reader {
                     self.pause().await;
                 }
             }
-        }
-    }
-
-    /// Sends the acknowledgements whose time has come, if any.
-    async fn flush_due(&mut self) -> Result<(), StreamError> {
-        if self.ack_deadline().is_some_and(|d| d <= Instant::now()) {
-            self.flush().await
-        } else {
-            Ok(())
         }
     }
 
@@ -338,24 +313,11 @@ impl Reader {
         block.max(Duration::from_millis(1))
     }
 
-    /// Reads new entries; acknowledgements whose time has come go in the same round trip
-    /// (`XACK` pipelined before the `XREADGROUP`).
     async fn read(&mut self) -> Result<Vec<Message>, StreamError> {
         for attempt in 0..2 {
-            let acks = if self.ack_deadline().is_some_and(|d| d <= Instant::now()) {
-                self.take_acks()
-            } else {
-                Vec::new()
-            };
             let block = self.block_for(Instant::now());
-            let mut pipe = ::redis::pipe();
-            if !acks.is_empty() {
-                pipe.cmd("XACK").arg(&self.cfg.stream).arg(&self.cfg.group);
-                for id in &acks {
-                    pipe.arg(&**id);
-                }
-            }
-            pipe.cmd("XREADGROUP")
+            Counters::add(&self.shared.counters.read_commands, 1);
+            let reply: Result<Value, _> = ::redis::cmd("XREADGROUP")
                 .arg("GROUP")
                 .arg(&self.cfg.group)
                 .arg(&self.cfg.consumer)
@@ -365,33 +327,17 @@ impl Reader {
                 .arg(u64::try_from(block.as_millis()).unwrap_or(u64::MAX))
                 .arg("STREAMS")
                 .arg(&self.cfg.stream)
-                .arg(">");
-            Counters::add(&self.shared.counters.read_commands, 1);
-            let reply: Result<Vec<Value>, _> = pipe.query_async(&mut self.conn).await;
+                .arg(">")
+                .query_async(&mut self.conn)
+                .await;
             match reply {
-                Ok(mut replies) => {
-                    let read = replies.pop().unwrap_or(Value::Nil);
-                    if !acks.is_empty() {
-                        let confirmed = match replies.pop() {
-                            Some(Value::Int(n)) => n,
-                            _ => 0,
-                        };
-                        self.acked(acks.len(), confirmed);
-                    }
-                    let entries = reply::read(read).map_err(|e| self.failed("XREADGROUP", e))?;
+                Ok(v) => {
+                    let entries = reply::read(v).map_err(|e| self.failed("XREADGROUP", e))?;
                     Counters::add(&self.shared.counters.read, entries.len());
                     return Ok(self.hand_out(entries));
                 }
-                Err(e) => {
-                    // Whether the `XACK` went through is unknown: it is sent again (an id
-                    // acknowledged twice is only counted as stale).
-                    self.requeue(acks);
-                    if is_nogroup(&e) && attempt == 0 {
-                        self.no_group().await?;
-                    } else {
-                        return Err(self.failed("XREADGROUP", e));
-                    }
-                }
+                Err(e) if is_nogroup(&e) && attempt == 0 => self.no_group().await?,
+                Err(e) => return Err(self.failed("XREADGROUP", e)),
             }
         }
         Ok(Vec::new())
@@ -476,45 +422,23 @@ impl Reader {
         out
     }
 
-    /// Takes the next batch of acknowledgements to send: up to `ack_max` ids.
-    fn take_acks(&self) -> Vec<Arc<str>> {
-        let mut state = self.shared.lock();
-        let n = state.queued.len().min(self.cfg.ack_max);
-        let ids = state.queued.drain(..n).collect();
-        state.queued_since = if state.queued.is_empty() {
-            None
-        } else {
-            Some(Instant::now())
-        };
-        ids
-    }
-
-    /// Puts back acknowledgements that could not be sent, first in line.
-    fn requeue(&self, ids: Vec<Arc<str>>) {
-        if ids.is_empty() {
-            return;
-        }
-        let mut state = self.shared.lock();
-        state.queued.splice(0..0, ids);
-        state.queued_since.get_or_insert_with(Instant::now);
-    }
-
-    /// Counts `sent` ids acknowledged by one `XACK`, of which Redis found `confirmed` pending.
-    fn acked(&mut self, sent: usize, confirmed: i64) {
-        let counters = &self.shared.counters;
-        Counters::add(&counters.ack_commands, 1);
-        Counters::add(&counters.acked, sent);
-        let stale = sent.saturating_sub(usize::try_from(confirmed).unwrap_or(0));
-        Counters::add(&counters.stale_acks, stale);
-        self.backoff = MIN_BACKOFF;
-    }
-
     /// Sends one batch of the queued acknowledgements: one `XACK` of up to `ack_max` ids.
     async fn flush(&mut self) -> Result<(), StreamError> {
-        let ids = self.take_acks();
-        if ids.is_empty() {
-            return Ok(());
-        }
+        let ids: Vec<Arc<str>> = {
+            let mut state = self.shared.lock();
+            let n = state.queued.len().min(self.cfg.ack_max);
+            if n == 0 {
+                state.queued_since = None;
+                return Ok(());
+            }
+            let ids = state.queued.drain(..n).collect();
+            state.queued_since = if state.queued.is_empty() {
+                None
+            } else {
+                Some(Instant::now())
+            };
+            ids
+        };
         let mut xack = ::redis::cmd("XACK");
         xack.arg(&self.cfg.stream).arg(&self.cfg.group);
         for id in &ids {
@@ -523,11 +447,20 @@ impl Reader {
         let sent: Result<i64, _> = xack.query_async(&mut self.conn).await;
         match sent {
             Ok(confirmed) => {
-                self.acked(ids.len(), confirmed);
+                Counters::add(&self.shared.counters.ack_commands, 1);
+                Counters::add(&self.shared.counters.acked, ids.len());
+                let stale = ids
+                    .len()
+                    .saturating_sub(usize::try_from(confirmed).unwrap_or(0));
+                Counters::add(&self.shared.counters.stale_acks, stale);
+                self.backoff = MIN_BACKOFF;
                 Ok(())
             }
             Err(e) => {
-                self.requeue(ids);
+                let mut state = self.shared.lock();
+                state.queued.splice(0..0, ids);
+                state.queued_since.get_or_insert_with(Instant::now);
+                drop(state);
                 Err(self.failed("XACK", e))
             }
         }
