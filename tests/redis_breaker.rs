@@ -20,23 +20,8 @@ use tokio::time::timeout;
 /// A hang guard: far longer than anything here takes, even on a loaded machine.
 const GUARD: Duration = Duration::from_secs(20);
 
-fn url() -> String {
-    std::env::var("STAGEPIPE_TEST_REDIS").expect(
-        "STAGEPIPE_TEST_REDIS is not set: run these tests through `scripts/with-redis`, e.g. \
-         `scripts/with-redis cargo test --features redis --test redis_breaker`",
-    )
-}
-
-async fn conn() -> ConnectionManager {
-    stagepipe::redis::connect(&url())
-        .await
-        .expect("the test Redis answers")
-}
-
-/// A breaker name no other test (or earlier run) uses.
-fn unique(test: &str) -> String {
-    format!("{test}-{}-{}", std::process::id(), fastrand::u64(..))
-}
+mod common;
+use common::redis_env::{conn, unique};
 
 fn state_key(name: &str) -> String {
     format!("stagepipe:breaker:{{{name}}}")

@@ -18,22 +18,8 @@ use tokio::time::timeout;
 const GUARD: Duration = Duration::from_secs(20);
 const LONG: Duration = Duration::from_secs(60);
 
-fn url() -> String {
-    std::env::var("STAGEPIPE_TEST_REDIS").expect(
-        "STAGEPIPE_TEST_REDIS is not set: run these tests through `scripts/with-redis`, e.g. \
-         `scripts/with-redis cargo test --features redis --test redis_dedupe`",
-    )
-}
-
-async fn conn() -> ConnectionManager {
-    stagepipe::redis::connect(&url())
-        .await
-        .expect("the test Redis answers")
-}
-
-fn unique(test: &str) -> String {
-    format!("{test}-{}-{}", std::process::id(), fastrand::u64(..))
-}
+mod common;
+use common::redis_env::{conn, unique};
 
 fn key(name: &str, key: &str) -> String {
     format!("stagepipe:dedupe:{{{name}}}:{key}")

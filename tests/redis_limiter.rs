@@ -18,25 +18,8 @@ use tokio::time::Instant;
 /// A hang guard: far above anything a test waits for.
 const GUARD: Duration = Duration::from_secs(20);
 
-fn url() -> String {
-    std::env::var("STAGEPIPE_TEST_REDIS").expect(
-        "STAGEPIPE_TEST_REDIS is not set: run these tests through `scripts/with-redis`, e.g. \
-         `./scripts/with-redis cargo test --features redis --test redis_limiter`",
-    )
-}
-
-async fn conn() -> ConnectionManager {
-    redis::connect(&url()).await.expect("the test server")
-}
-
-/// A limiter name no other test (or earlier run) uses.
-fn name(test: &str) -> String {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!("test-{test}-{}-{nanos}", std::process::id())
-}
+mod common;
+use common::redis_env::{conn, unique as name};
 
 fn n(v: u32) -> NonZeroU32 {
     NonZeroU32::new(v).unwrap()

@@ -6,41 +6,17 @@
 
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+
 use std::time::Duration;
 
 use futures::StreamExt;
 use redis::Value;
 use stagepipe::redis::{
-    ConnectionManager, FieldError, Message, StreamError, StreamSource, connect, connect_lazy,
+    ConnectionManager, FieldError, Message, StreamError, StreamSource, connect_lazy,
 };
 
-fn url() -> String {
-    std::env::var("STAGEPIPE_TEST_REDIS").unwrap_or_else(|_| {
-        panic!(
-            "STAGEPIPE_TEST_REDIS is not set: run these tests through `scripts/with-redis`, e.g. \
-             `./scripts/with-redis cargo test --features redis --test redis_stream`"
-        )
-    })
-}
-
-/// A stream name no other test (or earlier run) uses.
-fn unique(name: &str) -> String {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos();
-    format!(
-        "test:stream:{name}:{}:{nanos}:{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-async fn conn() -> ConnectionManager {
-    connect(&url()).await.expect("the test server")
-}
+mod common;
+use common::redis_env::{conn, unique};
 
 /// Fails the test instead of hanging it.
 async fn guard<T>(what: &str, f: impl Future<Output = T>) -> T {

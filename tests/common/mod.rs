@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
+#[cfg(feature = "redis")]
+pub mod redis_env;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
