@@ -109,6 +109,20 @@ macro_rules! impl_debug {
     };
 }
 
+/// A builder method that panics (naming the parameter) where its `try_` twin returns the
+/// [`ConfigError`](crate::ConfigError): `or_panic_setter! { /// docs
+/// pub fn timeout(timeout: Duration) => try_timeout; }`.
+macro_rules! or_panic_setter {
+    ($(#[$doc:meta])* $vis:vis fn $name:ident($arg:ident: $ty:ty) => $try_name:ident;) => {
+        $(#[$doc])*
+        #[track_caller]
+        #[must_use]
+        $vis fn $name(self, $arg: $ty) -> Self {
+            $crate::error::or_panic(self.$try_name($arg))
+        }
+    };
+}
+
 /// `From<&Handle> for Handle`, a clone of a shared handle, so that everything taking a handle
 /// also takes `&handle`; `$shared` says what the clones share.
 macro_rules! from_ref_handle {
@@ -201,6 +215,18 @@ macro_rules! quota_methods {
             Ok(self.with_gcra(self.shared.gcra.with_burst(b)))
         }
 
+        /// The same kind of limiter (in memory, or in Redis under the same name and policy)
+        /// with the quota `gcra`: a new budget in memory, the same keys in Redis.
+        fn with_gcra(&self, gcra: $crate::rate_limit::gcra::Gcra) -> Self {
+            #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
+            let mut limiter = Self::from_gcra(gcra);
+            #[cfg(feature = "redis")]
+            {
+                limiter.redis = self.redis.as_ref().map(|r| r.with_gcra(&gcra));
+            }
+            limiter
+        }
+
         #[doc = concat!("The average time between two cells", $each, ".")]
         pub fn interval(&self) -> ::std::time::Duration {
             self.shared.gcra.interval()
@@ -252,5 +278,37 @@ macro_rules! fan_out_window {
         }
 
         delegate_access_inner!(pub stream, S, ());
+    };
+}
+
+/// The Redis accessors of a rate limiter (`RateLimiter`, `KeyedRateLimiter`), whose
+/// `redis: Option<RedisLimiter>` holds the Redis side: `when_unavailable` (documented by the
+/// attributes given), `round_trips` and `unavailable_policy`.
+#[cfg(feature = "redis")]
+macro_rules! redis_limiter_accessors {
+    ($(#[$when:meta])*) => {
+        $(#[$when])*
+        #[must_use]
+        pub fn when_unavailable(mut self, policy: crate::redis::Unavailable) -> Self {
+            if let Some(redis) = &mut self.redis {
+                redis.policy = policy;
+            }
+            self
+        }
+
+        /// The number of round trips to Redis this limiter's handles in this process have
+        /// made (every clone of it counts; reservations and refunds); `None` for an in-memory
+        /// limiter. With many waiters at once it grows by far less than one per cell: one
+        /// round trip reserves cells for every waiter queued while the previous one was in
+        /// flight.
+        pub fn round_trips(&self) -> Option<u64> {
+            self.redis.as_ref().map(|r| r.gcra.round_trips())
+        }
+
+        /// The policy this handle follows while Redis cannot be reached; `None` for an
+        /// in-memory limiter.
+        pub fn unavailable_policy(&self) -> Option<crate::redis::Unavailable> {
+            self.redis.as_ref().map(|r| r.policy)
+        }
     };
 }

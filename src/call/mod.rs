@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::error::{ConfigError, nonzero_duration, or_panic};
+use crate::error::{ConfigError, nonzero_duration};
 use crate::{Backoff, BreakerError, CircuitBreaker, InFlightLimit, RateLimiter};
 
 pub use cached::CachedCall;
@@ -214,35 +214,33 @@ impl<F, R: Clone> Call<F, R> {
         }
     }
 
-    /// Times out each attempt after `timeout` (counted from the moment the attempt has its
-    /// rate-limit cell; the wait for an in-flight unit is included). A timed-out attempt is a
-    /// failure for the breaker and ends as [`CallError::Timeout`] unless it is retried.
-    ///
-    /// Any duration is accepted, `Duration::MAX` included: a timeout beyond about 30 years
-    /// times out after about 30 years (never, in practice).
-    ///
-    /// # Panics
-    ///
-    /// If `timeout` is zero. [`try_timeout`](Self::try_timeout) returns the error instead.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use stagepipe::{Call, CallError};
-    ///
-    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
-    /// # async fn main() {
-    /// let slow = Call::new(|_: ()| async {
-    ///     tokio::time::sleep(Duration::from_secs(5)).await;
-    ///     Ok::<_, String>(())
-    /// })
-    /// .timeout(Duration::from_secs(1));
-    /// assert!(matches!(slow.run(()).await, Err(CallError::Timeout { attempts: 1, .. })));
-    /// # }
-    /// ```
-    #[track_caller]
-    #[must_use]
-    pub fn timeout(self, timeout: Duration) -> Self {
-        or_panic(self.try_timeout(timeout))
+    or_panic_setter! {
+        /// Times out each attempt after `timeout` (counted from the moment the attempt has its
+        /// rate-limit cell; the wait for an in-flight unit is included). A timed-out attempt is a
+        /// failure for the breaker and ends as [`CallError::Timeout`] unless it is retried.
+        ///
+        /// Any duration is accepted, `Duration::MAX` included: a timeout beyond about 30 years
+        /// times out after about 30 years (never, in practice).
+        ///
+        /// # Panics
+        ///
+        /// If `timeout` is zero. [`try_timeout`](Self::try_timeout) returns the error instead.
+        ///
+        /// ```
+        /// use std::time::Duration;
+        /// use stagepipe::{Call, CallError};
+        ///
+        /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+        /// # async fn main() {
+        /// let slow = Call::new(|_: ()| async {
+        ///     tokio::time::sleep(Duration::from_secs(5)).await;
+        ///     Ok::<_, String>(())
+        /// })
+        /// .timeout(Duration::from_secs(1));
+        /// assert!(matches!(slow.run(()).await, Err(CallError::Timeout { attempts: 1, .. })));
+        /// # }
+        /// ```
+        pub fn timeout(timeout: Duration) => try_timeout;
     }
 
     /// [`timeout`](Self::timeout), returning a [`ConfigError`] naming `timeout` if it is zero.

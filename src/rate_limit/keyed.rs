@@ -169,18 +169,6 @@ impl<K> KeyedRateLimiter<K> {
         Self::from_gcra(gcra)
     }
 
-    /// The same kind of limiter (in memory, or in Redis under the same name and policy) with
-    /// the quota `gcra`: a new budget in memory, the same keys in Redis.
-    fn with_gcra(&self, gcra: Gcra) -> Self {
-        #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
-        let mut limiter = Self::from_gcra(gcra);
-        #[cfg(feature = "redis")]
-        {
-            limiter.redis = self.redis.as_ref().map(|r| r.with_gcra(&gcra));
-        }
-        limiter
-    }
-
     pub(super) fn shared(&self) -> &Arc<Shared<K>> {
         &self.shared
     }
@@ -242,41 +230,23 @@ impl<K: std::fmt::Display> KeyedRateLimiter<K> {
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 impl<K> KeyedRateLimiter<K> {
-    /// Sets what this handle does while Redis cannot be reached (see
-    /// [`Unavailable`](crate::redis::Unavailable)); the default is
-    /// [`FailClosed`](crate::redis::Unavailable::FailClosed). With
-    /// [`Local`](crate::redis::Unavailable::Local), each key gets an in-memory quota of its
-    /// own. An in-memory limiter never needs Redis: the policy has no effect on it.
-    ///
-    /// ```no_run
-    /// use std::num::NonZeroU32;
-    /// use stagepipe::{KeyedRateLimiter, Quota, redis::Unavailable};
-    ///
-    /// let conn = stagepipe::redis::connect_lazy("redis://127.0.0.1/").unwrap();
-    /// let quota = Quota::per_second(NonZeroU32::new(5).unwrap());
-    /// let per_host = KeyedRateLimiter::<String>::redis(&conn, "hosts", quota)
-    ///     .when_unavailable(Unavailable::Local { replicas: NonZeroU32::new(3).unwrap() });
-    /// assert!(per_host.unavailable_policy().is_some());
-    /// ```
-    #[must_use]
-    pub fn when_unavailable(mut self, policy: crate::redis::Unavailable) -> Self {
-        if let Some(redis) = &mut self.redis {
-            redis.policy = policy;
-        }
-        self
-    }
-
-    /// The number of round trips to Redis this limiter's handles in this process have made
-    /// (see [`RateLimiter::round_trips`](crate::RateLimiter::round_trips)); `None` for an
-    /// in-memory limiter.
-    pub fn round_trips(&self) -> Option<u64> {
-        self.redis.as_ref().map(|r| r.gcra.round_trips())
-    }
-
-    /// The policy this handle follows while Redis cannot be reached; `None` for an in-memory
-    /// limiter.
-    pub fn unavailable_policy(&self) -> Option<crate::redis::Unavailable> {
-        self.redis.as_ref().map(|r| r.policy)
+    redis_limiter_accessors! {
+        /// Sets what this handle does while Redis cannot be reached (see
+        /// [`Unavailable`](crate::redis::Unavailable)); the default is
+        /// [`FailClosed`](crate::redis::Unavailable::FailClosed). With
+        /// [`Local`](crate::redis::Unavailable::Local), each key gets an in-memory quota of its
+        /// own. An in-memory limiter never needs Redis: the policy has no effect on it.
+        ///
+        /// ```no_run
+        /// use std::num::NonZeroU32;
+        /// use stagepipe::{KeyedRateLimiter, Quota, redis::Unavailable};
+        ///
+        /// let conn = stagepipe::redis::connect_lazy("redis://127.0.0.1/").unwrap();
+        /// let quota = Quota::per_second(NonZeroU32::new(5).unwrap());
+        /// let per_host = KeyedRateLimiter::<String>::redis(&conn, "hosts", quota)
+        ///     .when_unavailable(Unavailable::Local { replicas: NonZeroU32::new(3).unwrap() });
+        /// assert!(per_host.unavailable_policy().is_some());
+        /// ```
     }
 }
 

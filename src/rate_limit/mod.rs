@@ -265,18 +265,6 @@ impl RateLimiter {
         }
     }
 
-    /// The same kind of limiter (in memory, or in Redis under the same name and policy) with
-    /// the quota `gcra`: a new budget in memory, the same keys in Redis.
-    fn with_gcra(&self, gcra: Gcra) -> Self {
-        #[cfg_attr(not(feature = "redis"), allow(unused_mut))]
-        let mut limiter = Self::from_gcra(gcra);
-        #[cfg(feature = "redis")]
-        {
-            limiter.redis = self.redis.as_ref().map(|r| r.with_gcra(&gcra));
-        }
-        limiter
-    }
-
     /// Takes one cell if it conforms now, without waiting: `true` if it was taken.
     ///
     /// A check never makes up any waiter's timer lateness: it sees the quota as of now.
@@ -444,45 +432,26 @@ impl RateLimiter {
         limiter
     }
 
-    /// Sets what this handle does while Redis cannot be reached (see
-    /// [`Unavailable`](crate::redis::Unavailable)); the default is
-    /// [`FailClosed`](crate::redis::Unavailable::FailClosed). Clones made afterwards keep it;
-    /// the budget is the same. An in-memory limiter never needs Redis: the policy has no
-    /// effect on it.
-    ///
-    /// ```no_run
-    /// use std::num::NonZeroU32;
-    /// use stagepipe::{Quota, RateLimiter, redis::Unavailable};
-    ///
-    /// # #[tokio::main]
-    /// # async fn main() {
-    /// let conn = stagepipe::redis::connect_lazy("redis://127.0.0.1/").unwrap();
-    /// let quota = Quota::per_second(NonZeroU32::new(50).unwrap());
-    /// let best_effort = RateLimiter::redis(&conn, "thumbnails", quota)
-    ///     .when_unavailable(Unavailable::FailOpen);
-    /// best_effort.until_ready().await; // goes at once if Redis is down
-    /// # }
-    /// ```
-    #[must_use]
-    pub fn when_unavailable(mut self, policy: crate::redis::Unavailable) -> Self {
-        if let Some(redis) = &mut self.redis {
-            redis.policy = policy;
-        }
-        self
-    }
-
-    /// The number of round trips to Redis this limiter's handles in this process have made
-    /// (every clone of it counts; reservations and refunds); `None` for an in-memory limiter.
-    /// With many waiters at once it grows by far less than one per cell: one round trip
-    /// reserves cells for every waiter queued while the previous one was in flight.
-    pub fn round_trips(&self) -> Option<u64> {
-        self.redis.as_ref().map(|r| r.gcra.round_trips())
-    }
-
-    /// The policy this handle follows while Redis cannot be reached; `None` for an in-memory
-    /// limiter.
-    pub fn unavailable_policy(&self) -> Option<crate::redis::Unavailable> {
-        self.redis.as_ref().map(|r| r.policy)
+    redis_limiter_accessors! {
+        /// Sets what this handle does while Redis cannot be reached (see
+        /// [`Unavailable`](crate::redis::Unavailable)); the default is
+        /// [`FailClosed`](crate::redis::Unavailable::FailClosed). Clones made afterwards keep it;
+        /// the budget is the same. An in-memory limiter never needs Redis: the policy has no
+        /// effect on it.
+        ///
+        /// ```no_run
+        /// use std::num::NonZeroU32;
+        /// use stagepipe::{Quota, RateLimiter, redis::Unavailable};
+        ///
+        /// # #[tokio::main]
+        /// # async fn main() {
+        /// let conn = stagepipe::redis::connect_lazy("redis://127.0.0.1/").unwrap();
+        /// let quota = Quota::per_second(NonZeroU32::new(50).unwrap());
+        /// let best_effort = RateLimiter::redis(&conn, "thumbnails", quota)
+        ///     .when_unavailable(Unavailable::FailOpen);
+        /// best_effort.until_ready().await; // goes at once if Redis is down
+        /// # }
+        /// ```
     }
 }
 

@@ -173,14 +173,10 @@ impl Timer {
     }
 }
 
-impl fmt::Debug for Timer {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Timer")
-            .field("target", &self.target)
-            .field("late", &self.late)
-            .finish_non_exhaustive()
-    }
-}
+impl_debug!(impl[] Timer => Timer |this| {
+    target: &this.target,
+    late: &this.late,
+} ..);
 
 /// Waits on the stream's timer (armed) until the held slot is due and its cell may be released
 /// (`release` returns when it may, if not now), and releases it: `Ready(now)`.

@@ -625,22 +625,20 @@ impl CircuitBreaker {
         self
     }
 
-    /// How long a half-open trial call holds the fleet-wide trial lease (10 s unless set): if
-    /// its process dies, the next trial can start that long after. Keep it above the trial's
-    /// timeout, or a slow trial may overlap with the next one. An in-memory breaker ignores
-    /// it.
-    ///
-    /// Call it before sharing the handle: the handle it returns starts over what it has seen
-    /// of the shared state (clones taken earlier keep the old lease).
-    ///
-    /// # Panics
-    ///
-    /// If `lease` is zero. [`try_trial_lease`](Self::try_trial_lease) returns the error
-    /// instead.
-    #[track_caller]
-    #[must_use]
-    pub fn trial_lease(self, lease: Duration) -> Self {
-        or_panic(self.try_trial_lease(lease))
+    or_panic_setter! {
+        /// How long a half-open trial call holds the fleet-wide trial lease (10 s unless set): if
+        /// its process dies, the next trial can start that long after. Keep it above the trial's
+        /// timeout, or a slow trial may overlap with the next one. An in-memory breaker ignores
+        /// it.
+        ///
+        /// Call it before sharing the handle: the handle it returns starts over what it has seen
+        /// of the shared state (clones taken earlier keep the old lease).
+        ///
+        /// # Panics
+        ///
+        /// If `lease` is zero. [`try_trial_lease`](Self::try_trial_lease) returns the error
+        /// instead.
+        pub fn trial_lease(lease: Duration) => try_trial_lease;
     }
 
     /// [`trial_lease`](Self::trial_lease), returning a [`ConfigError`] naming `lease` if it

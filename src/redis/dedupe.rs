@@ -160,19 +160,17 @@ impl DedupeWindow {
         self
     }
 
-    /// How long a [`claim`](Self::claim) holds its key before it expires by itself (30 s
-    /// unless set): the longest a dead holder blocks a redelivery. Keep it above the
-    /// processing's timeout. Applies to the claims of this handle and of the clones taken from
-    /// it afterwards.
-    ///
-    /// # Panics
-    ///
-    /// If `lease` is zero. [`try_claim_lease`](Self::try_claim_lease) returns the error
-    /// instead.
-    #[track_caller]
-    #[must_use]
-    pub fn claim_lease(self, lease: Duration) -> Self {
-        or_panic(self.try_claim_lease(lease))
+    or_panic_setter! {
+        /// How long a [`claim`](Self::claim) holds its key before it expires by itself (30 s
+        /// unless set): the longest a dead holder blocks a redelivery. Keep it above the
+        /// processing's timeout. Applies to the claims of this handle and of the clones taken from
+        /// it afterwards.
+        ///
+        /// # Panics
+        ///
+        /// If `lease` is zero. [`try_claim_lease`](Self::try_claim_lease) returns the error
+        /// instead.
+        pub fn claim_lease(lease: Duration) => try_claim_lease;
     }
 
     /// [`claim_lease`](Self::claim_lease), returning a [`ConfigError`] naming `lease` if it is
@@ -233,6 +231,19 @@ impl DedupeWindow {
         self.inner.reach.answered("dedupe", &self.inner.name);
     }
 
+    /// Sends `request`, bounded by the response timeout, and notes whether Redis answered.
+    async fn ask<T>(
+        &self,
+        request: impl Future<Output = Result<T, RedisError>>,
+    ) -> Result<T, RedisError> {
+        let reply = bounded(&self.inner.reach, request).await;
+        match &reply {
+            Ok(_) => self.answered(),
+            Err(error) => self.failed(error),
+        }
+        reply
+    }
+
     /// Claims `key` for processing: `Some(claim)` if nobody has it (in any process), `None` if
     /// it was marked done within the window or another claim holds it.
     ///
@@ -278,34 +289,25 @@ impl DedupeWindow {
             .arg("NX")
             .arg("PX")
             .arg(millis(self.lease));
-        let backing = match bounded(
-            &self.inner.reach,
-            set.query_async::<Option<String>>(&mut conn),
-        )
-        .await
-        {
+        let backing = match self.ask(set.query_async::<Option<String>>(&mut conn)).await {
             Ok(reply) => {
-                self.answered();
                 if reply.is_none() {
                     return Ok(None);
                 }
                 Backing::Redis
             }
-            Err(error) => {
-                self.failed(&error);
-                match self.policy {
-                    Unavailable::FailOpen => Backing::Nowhere,
-                    Unavailable::Local { .. } => {
-                        let now = Instant::now();
-                        let lease = crate::time::deadline(now, self.lease);
-                        if !self.local().set_nx(&key, Some(token), lease, now) {
-                            return Ok(None);
-                        }
-                        Backing::Local
+            Err(error) => match self.policy {
+                Unavailable::FailOpen => Backing::Nowhere,
+                Unavailable::Local { .. } => {
+                    let now = Instant::now();
+                    let lease = crate::time::deadline(now, self.lease);
+                    if !self.local().set_nx(&key, Some(token), lease, now) {
+                        return Ok(None);
                     }
-                    _ => return Err(error),
+                    Backing::Local
                 }
-            }
+                _ => return Err(error),
+            },
         };
         Ok(Some(Claim {
             window: self.clone(),
@@ -329,18 +331,9 @@ impl DedupeWindow {
         let mut conn = self.inner.conn.clone();
         let mut get = ::redis::cmd("GET");
         get.arg(self.redis_key(&key));
-        match bounded(
-            &self.inner.reach,
-            get.query_async::<Option<String>>(&mut conn),
-        )
-        .await
-        {
-            Ok(value) => {
-                self.answered();
-                Ok(value.is_some_and(|v| v.starts_with(DONE)))
-            }
+        match self.ask(get.query_async::<Option<String>>(&mut conn)).await {
+            Ok(value) => Ok(value.is_some_and(|v| v.starts_with(DONE))),
             Err(error) => {
-                self.failed(&error);
                 if matches!(self.policy, Unavailable::Local { .. }) {
                     return Ok(self.local().is_done(&key, Instant::now()));
                 }
@@ -444,21 +437,10 @@ impl Claim {
                     .key(window.redis_key(&self.key))
                     .arg(format!("claim:{}", self.token))
                     .arg(millis(window.inner.window));
-                match bounded(
-                    &window.inner.reach,
-                    invocation.invoke_async::<i64>(&mut conn),
-                )
-                .await
-                {
-                    Ok(marked) => {
-                        window.answered();
-                        Ok(marked == 1)
-                    }
-                    Err(error) => {
-                        window.failed(&error);
-                        Err(error)
-                    }
-                }
+                let marked = window
+                    .ask(invocation.invoke_async::<i64>(&mut conn))
+                    .await?;
+                Ok(marked == 1)
             }
             Backing::Local => {
                 let now = Instant::now();
@@ -494,21 +476,10 @@ async fn release(
             invocation
                 .key(window.redis_key(key))
                 .arg(format!("claim:{token}"));
-            match bounded(
-                &window.inner.reach,
-                invocation.invoke_async::<i64>(&mut conn),
-            )
-            .await
-            {
-                Ok(_) => {
-                    window.answered();
-                    Ok(())
-                }
-                Err(error) => {
-                    window.failed(&error);
-                    Err(error)
-                }
-            }
+            window
+                .ask(invocation.invoke_async::<i64>(&mut conn))
+                .await
+                .map(drop)
         }
         Backing::Local => {
             window.local().release(key, token);

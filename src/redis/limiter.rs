@@ -607,12 +607,8 @@ fn unavailable(groups: Vec<(String, Vec<Waiter>)>) {
     }
 }
 
-impl fmt::Debug for RedisGcra {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RedisGcra")
-            .field("name", &self.name)
-            .field("interval_us", &self.t)
-            .field("tolerance_us", &self.tol)
-            .finish_non_exhaustive()
-    }
-}
+impl_debug!(impl[] RedisGcra => RedisGcra |this| {
+    name: &this.name,
+    interval_us: &this.t,
+    tolerance_us: &this.tol,
+} ..);

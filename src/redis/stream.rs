@@ -385,14 +385,10 @@ impl StreamSourceBuilder {
     }
 }
 
-impl fmt::Debug for StreamSourceBuilder {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("StreamSourceBuilder")
-            .field("config", &self.cfg)
-            .field("claim_every", &self.claim_every)
-            .finish_non_exhaustive()
-    }
-}
+impl_debug!(impl[] StreamSourceBuilder => StreamSourceBuilder |this| {
+    config: &this.cfg,
+    claim_every: &this.claim_every,
+} ..);
 
 /// An error item of a [`StreamSource`]. The source goes on after it (backing off first).
 #[derive(Debug, Clone)]

@@ -111,15 +111,11 @@ pub struct PipelineBuilder<M> {
     dag: bool,
 }
 
-impl<M> fmt::Debug for PipelineBuilder<M> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PipelineBuilder")
-            .field("workers", &self.workers)
-            .field("window", &self.window)
-            .field("dag", &self.dag)
-            .finish_non_exhaustive()
-    }
-}
+impl_debug!(impl[M] PipelineBuilder<M> => PipelineBuilder |this| {
+    workers: &this.workers,
+    window: &this.window,
+    dag: &this.dag,
+} ..);
 
 impl<M: StateMachine> PipelineBuilder<M> {
     /// Runs the pipeline on a new pool of `workers` workers (default: the machine's available
