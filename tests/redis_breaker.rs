@@ -21,7 +21,7 @@ use tokio::time::timeout;
 const GUARD: Duration = Duration::from_secs(20);
 
 mod common;
-use common::redis_env::{conn, unique};
+use common::redis_env::{conn, dead_conn, unique};
 
 fn state_key(name: &str) -> String {
     format!("stagepipe:breaker:{{{name}}}")
@@ -376,16 +376,6 @@ async fn the_tower_layer_uses_the_shared_state() {
     let mut other = b.layer(service_fn(|x: u32| async move { Ok::<u32, u32>(x) }));
     let r = other.ready().await.unwrap().call(2).await;
     assert_eq!(r, Err(BreakerError::Open(())));
-}
-
-/// A connection to a port nothing listens on: every round trip fails (fast: refused).
-fn dead_conn() -> ConnectionManager {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    stagepipe::redis::connect_lazy(&format!("redis://127.0.0.1:{port}/")).unwrap()
 }
 
 #[tokio::test]

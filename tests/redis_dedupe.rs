@@ -12,14 +12,14 @@ use std::time::Duration;
 use futures::{StreamExt, stream};
 use redis::AsyncCommands;
 use stagepipe::PipelineExt;
-use stagepipe::redis::{ConnectionManager, DedupeWindow, Unavailable};
+use stagepipe::redis::{DedupeWindow, Unavailable};
 use tokio::time::timeout;
 
 const GUARD: Duration = Duration::from_secs(20);
 const LONG: Duration = Duration::from_secs(60);
 
 mod common;
-use common::redis_env::{conn, unique};
+use common::redis_env::{conn, dead_conn, unique};
 
 fn key(name: &str, key: &str) -> String {
     format!("stagepipe:dedupe:{{{name}}}:{key}")
@@ -187,16 +187,6 @@ async fn of_many_concurrent_claimers_exactly_one_wins() {
         timeout(GUARD, task).await.unwrap().unwrap();
     }
     assert_eq!(wins.load(Ordering::SeqCst), 1);
-}
-
-/// A connection to a port nothing listens on: every round trip fails.
-fn dead_conn() -> ConnectionManager {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    stagepipe::redis::connect_lazy(&format!("redis://127.0.0.1:{port}/")).unwrap()
 }
 
 #[tokio::test]

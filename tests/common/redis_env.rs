@@ -26,6 +26,16 @@ pub async fn conn() -> ConnectionManager {
         .expect("the test Redis answers")
 }
 
+/// A connection to a port nothing listens on: every round trip fails at once (refused).
+pub fn dead_conn() -> ConnectionManager {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    stagepipe::redis::connect_lazy(&format!("redis://127.0.0.1:{port}/")).unwrap()
+}
+
 /// A name (of a limiter, breaker, window or stream) that no other test, or earlier run, uses.
 pub fn unique(test: &str) -> String {
     static N: AtomicU64 = AtomicU64::new(0);
