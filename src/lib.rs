@@ -52,6 +52,11 @@
 //!   [`metrics`](https://docs.rs/metrics) facade to whatever recorder (Prometheus or
 //!   OpenTelemetry exporter) the application installs; names, labels and units in the
 //!   `metrics` module. Adds the small `metrics` crate.
+//! * `serde`: `Serialize` and `Deserialize` for the snapshots of the figures,
+//!   [`StatsSnapshot`], [`CallStatsSnapshot`], [`PipelineStats`] and [`StageStats`], so a
+//!   service can report them as they are (JSON, say). Fields keep their names; a `Duration` is
+//!   serde's `{"secs": u64, "nanos": u32}`; `PipelineStats::stages` is a list of
+//!   `[stage, figures]` pairs. Adds `serde` (with its derive macros).
 //! * `governor`: `From<governor::Quota>` for [`Quota`], for code written against governor.
 //! * `redis`: state shared across processes in Redis, behind the same handles and operators
 //!   (`RateLimiter::redis`, `KeyedRateLimiter::redis`, `CircuitBreaker::redis`, a

@@ -262,6 +262,58 @@ impl<M: StateMachine> Pipeline<M> {
         self.inner.drain.drain().await;
     }
 
+    /// [`drain`](Self::drain), for at most `limit`: resolves `true` once every group has closed,
+    /// or `false` after `limit`, when every group still open is cancelled. Such a group's
+    /// result stream yields, at its next poll, a last item
+    /// [`StageError::DrainTimedOut`] counting its requests left without a result; its
+    /// unfinished requests are abandoned. A result already finished when the drain times out
+    /// is still yielded before it. A `limit` too large for the clock waits about 30 years.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before it resolves leaves the pipeline draining (as
+    /// [`drain`](Self::drain) does) but cancels no group.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::StreamExt;
+    /// use stagepipe::prelude::*;
+    ///
+    /// # #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)] struct S;
+    /// struct Slow;
+    /// impl StateMachine for Slow {
+    ///     type Stage = S; type Data = u64; type Error = String;
+    ///     fn start(&self) -> S { S }
+    ///     async fn run(&self, _: S, secs: u64) -> Result<Next<S, u64>, String> {
+    ///         tokio::time::sleep(Duration::from_secs(secs)).await;
+    ///         Ok(Next::Done(secs))
+    ///     }
+    /// }
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let pipeline = Pipeline::builder(Slow).workers(2).build();
+    /// let (tx, results) = pipeline.group().ordered().open();
+    /// tx.submit(1).await.unwrap();
+    /// tx.submit(100).await.unwrap();
+    /// let reader = tokio::spawn(async move { results.collect::<Vec<_>>().await });
+    /// // One request takes 100 s: the drain gives up after 5 s and cancels the group.
+    /// assert!(!pipeline.drain_timeout(Duration::from_secs(5)).await);
+    /// let results = reader.await.unwrap();
+    /// assert_eq!(results[0].as_ref().ok(), Some(&1));
+    /// assert!(matches!(results[1], Err(StageError::DrainTimedOut { abandoned: 1 })));
+    /// # }
+    /// ```
+    pub async fn drain_timeout(&self, limit: Duration) -> bool {
+        let at = crate::time::deadline(Instant::now(), limit);
+        let drained = tokio::time::timeout_at(at, self.drain()).await.is_ok();
+        if !drained {
+            self.inner.drain.abort();
+        }
+        drained
+    }
+
     /// The state machine.
     pub fn machine(&self) -> &M {
         &self.inner.machine
@@ -479,6 +531,7 @@ const DEFAULT_GROUP_WINDOW: usize = 256;
 
 /// Figures of one stage of a [`Pipeline`], from [`PipelineStats::stage`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct StageStats {
     /// Times the stage ran, failed runs included. A run counts as soon as it ends (returns,
@@ -500,6 +553,7 @@ pub struct StageStats {
 ///
 /// `Display` prints an aligned table, one line per stage.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct PipelineStats<S> {
     /// Each stage that has finished a run, in the order of their first finished runs.
