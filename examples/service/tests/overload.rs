@@ -266,8 +266,8 @@ async fn a_job_past_its_deadline_ends_with_a_closing_line_and_its_work_stops() {
         let stats = h.settled().await;
         assert_eq!(stats.pipeline.groups_open, 0);
         assert_eq!(stats.pipeline.requests_done, 4);
-        assert_eq!(stats.upstream.in_flight, 0);
-        assert_eq!(stats.server.lines_ok, 4);
+        assert_eq!(stats.limits.in_flight, 0);
+        assert_eq!(stats.lines.items, 4);
         assert_eq!(stats.server.jobs_deadline_exceeded, 1);
         assert_eq!(stats.server.jobs_open, 0);
         assert_eq!(stats.server.inputs_pending, 0);
@@ -440,7 +440,7 @@ async fn under_shedding_every_admitted_job_is_answered_exactly_once_in_order() {
         assert_eq!(stats.server.jobs_shed, refusals);
         assert_eq!(stats.pipeline.groups_opened, CLIENTS as u64);
         assert_eq!(stats.pipeline.requests_done, (CLIENTS * INPUTS) as u64);
-        assert_eq!(stats.server.lines_ok, (CLIENTS * INPUTS) as u64);
+        assert_eq!(stats.lines.items, (CLIENTS * INPUTS) as u64);
         assert_eq!(h.upstream.report().calls, (CLIENTS * INPUTS) as u64);
         assert!(h.upstream.report().max_in_flight <= 4);
         assert_eq!(stats.server.jobs_open, 0);

@@ -177,9 +177,9 @@ impl Harness {
         loop {
             let s = self.stats().await;
             if s.pipeline.groups_open == 0
-                && s.pipeline.stage_runs_running == 0
-                && s.upstream.in_flight == 0
-                && s.server.responses_open == 0
+                && s.stage_runs_running == 0
+                && s.limits.in_flight == 0
+                && s.server.jobs_open == 0
             {
                 return s;
             }
