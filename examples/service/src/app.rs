@@ -150,29 +150,6 @@ pub enum Stage {
     Finish,
 }
 
-/// One item of a job, from stage to stage.
-#[derive(Debug)]
-pub struct Item {
-    input: i64,
-    value: i64,
-}
-
-impl From<i64> for Item {
-    fn from(input: i64) -> Self {
-        Self {
-            input,
-            value: input,
-        }
-    }
-}
-
-/// Why an item failed: its input, and a message.
-#[derive(Debug)]
-pub struct ItemError {
-    input: i64,
-    message: String,
-}
-
 /// One upstream request, without any policy.
 type Fetch = Box<dyn Fn(i64) -> BoxFuture<'static, Result<i64, String>> + Send + Sync>;
 /// The upstream call: `Fetch` behind every policy, shared by all callers.
@@ -217,12 +194,11 @@ impl Jobs {
     /// Runs one input through every stage inline, without a pipeline (the baseline of the
     /// benchmark: the same work, a task per item).
     pub async fn process(&self, input: i64) -> Result<i64, String> {
-        let (mut stage, mut item) = (self.start(), Item::from(input));
+        let (mut stage, mut value) = (self.start(), input);
         loop {
-            match self.run(stage, item).await {
-                Ok(Next::Stage(next, i)) => (stage, item) = (next, i),
-                Ok(Next::Done(i)) => return Ok(i.value),
-                Err(e) => return Err(e.message),
+            match self.run(stage, value).await? {
+                Next::Stage(next, v) => (stage, value) = (next, v),
+                Next::Done(v) => return Ok(v),
             }
         }
     }
@@ -246,33 +222,27 @@ async fn fetch(client: reqwest::Client, base: Option<String>, x: i64) -> Result<
         .map_err(|e| format!("upstream answered {text:?}: {e}"))
 }
 
+/// A job item's data is its value; its input is known by its position in the job.
 impl StateMachine for Jobs {
     type Stage = Stage;
-    type Data = Item;
-    type Error = ItemError;
+    type Data = i64;
+    type Error = String;
 
     fn start(&self) -> Stage {
         Stage::Parse
     }
 
-    async fn run(&self, stage: Stage, mut item: Item) -> Result<Next<Stage, Item>, ItemError> {
-        let input = item.input;
-        let fail = move |message| ItemError { input, message };
+    async fn run(&self, stage: Stage, value: i64) -> Result<Next<Stage, i64>, String> {
         match stage {
-            Stage::Parse if item.input < 0 => Err(fail("negative input".to_string())),
-            Stage::Parse => Ok(Next::Stage(Stage::Call, item)),
-            Stage::Call => match self.upstream.run(item.value).await {
-                Ok(value) => Ok(Next::Stage(Stage::Finish, Item { value, ..item })),
-                Err(CallError::Failed { error, .. }) => Err(fail(error)),
-                Err(e) if e.is_rejected() => {
-                    Err(fail("circuit open: the upstream is failing".into()))
-                }
-                Err(e) => Err(fail(format!("upstream: {e}"))),
+            Stage::Parse if value < 0 => Err("negative input".to_string()),
+            Stage::Parse => Ok(Next::Stage(Stage::Call, value)),
+            Stage::Call => match self.upstream.run(value).await {
+                Ok(value) => Ok(Next::Stage(Stage::Finish, value)),
+                Err(CallError::Failed { error, .. }) => Err(error),
+                Err(e) if e.is_rejected() => Err("circuit open: the upstream is failing".into()),
+                Err(e) => Err(format!("upstream: {e}")),
             },
-            Stage::Finish => {
-                item.value += 1;
-                Ok(Next::Done(item))
-            }
+            Stage::Finish => Ok(Next::Done(value + 1)),
         }
     }
 }
@@ -366,15 +336,9 @@ struct AppState {
     lines: Stats,
     /// Set when the shutdown begins: new jobs are refused.
     shutting_down: AtomicBool,
-    job_window: usize,
-    shutdown_deadline: Duration,
     admission: Arc<Admission>,
-    admission_wait: Duration,
-    job_deadline: Duration,
-    /// `max_items_per_job`, or `max_pending_inputs` if lower (at most `u32::MAX`).
-    max_items_per_job: usize,
-    max_open_jobs: usize,
-    max_pending_inputs: usize,
+    /// The config, its `max_items_per_job` at most `max_pending_inputs` and `u32::MAX`.
+    config: Config,
     too_large: AtomicU64,
     deadline_exceeded: AtomicU64,
     metrics: ServiceMetrics,
@@ -423,17 +387,14 @@ impl Service {
             pipeline: pipeline.dag().build(),
             lines: Stats::new("lines"),
             shutting_down: AtomicBool::new(false),
-            job_window: config.job_window,
-            shutdown_deadline: config.shutdown_deadline,
             admission: Arc::new(admission),
-            admission_wait: config.admission_wait,
-            job_deadline: config.job_deadline,
-            // A job's inputs are counted in `u32` permits.
-            max_items_per_job: (config.max_items_per_job)
-                .min(config.max_pending_inputs)
-                .min(u32::MAX as usize),
-            max_open_jobs: config.max_open_jobs,
-            max_pending_inputs: config.max_pending_inputs,
+            config: Config {
+                // A job's inputs are counted in `u32` permits.
+                max_items_per_job: (config.max_items_per_job)
+                    .min(config.max_pending_inputs)
+                    .min(u32::MAX as usize),
+                ..config.clone()
+            },
             too_large: AtomicU64::new(0),
             deadline_exceeded: AtomicU64::new(0),
             metrics,
@@ -446,7 +407,7 @@ impl Service {
     pub fn router(&self) -> Router {
         let stats = |State(app): State<Arc<AppState>>| async move { Json(stats_report(&app)) };
         // Room for the largest job allowed, written loosely; a longer body is refused (413).
-        let body_limit = self.0.max_items_per_job.saturating_mul(24);
+        let body_limit = self.0.config.max_items_per_job.saturating_mul(24);
         Router::new()
             .route("/jobs", post(post_jobs))
             .route("/stats", get(stats))
@@ -477,8 +438,11 @@ impl Service {
     pub fn shutdown(&self) -> impl Future<Output = bool> + Send + 'static {
         let app = self.0.clone();
         app.shutting_down.store(true, Ordering::Release);
-        let shutdown =
-            tokio::spawn(async move { app.pipeline.drain_timeout(app.shutdown_deadline).await });
+        let shutdown = tokio::spawn(async move {
+            app.pipeline
+                .drain_timeout(app.config.shutdown_deadline)
+                .await
+        });
         async move { shutdown.await.expect("the shutdown task does not panic") }
     }
 
@@ -499,7 +463,7 @@ impl Service {
         });
         let server = axum::serve(listener, self.router()).with_graceful_shutdown(async move {
             shutdown.await;
-            let deadline = tokio::time::Instant::now() + service.0.shutdown_deadline;
+            let deadline = tokio::time::Instant::now() + service.0.config.shutdown_deadline;
             drop(service.shutdown());
             tokio::spawn(async move {
                 tokio::time::sleep_until(deadline + Duration::from_secs(2)).await;
@@ -547,12 +511,12 @@ async fn post_jobs(
         return refusal(StatusCode::SERVICE_UNAVAILABLE, SHUTTING_DOWN.to_string());
     }
     let total = inputs.len();
-    if total > app.max_items_per_job {
+    if total > app.config.max_items_per_job {
         app.too_large.fetch_add(1, Ordering::AcqRel);
         app.metrics.jobs_too_large.increment(1);
         let error = format!(
             "too many inputs: a job may have at most {}, this one has {total}",
-            app.max_items_per_job
+            app.config.max_items_per_job
         );
         return refusal(StatusCode::PAYLOAD_TOO_LARGE, error);
     }
@@ -561,16 +525,16 @@ async fn post_jobs(
             let error = "deadline_ms must be greater than zero".to_string();
             return refusal(StatusCode::BAD_REQUEST, error);
         }
-        Some(ms) => Duration::from_millis(ms).min(app.job_deadline),
-        None => app.job_deadline,
+        Some(ms) => Duration::from_millis(ms).min(app.config.job_deadline),
+        None => app.config.job_deadline,
     };
-    let wait = app.admission_wait.min(deadline_len);
+    let wait = app.config.admission_wait.min(deadline_len);
     let ticket = match app.admission.admit(total, arrived, wait).await {
         Ok(ticket) => ticket,
         Err(full) => {
             let bound = match full.bound {
-                Bound::Jobs => format!("max_open_jobs = {}", app.max_open_jobs),
-                Bound::Inputs => format!("max_pending_inputs = {}", app.max_pending_inputs),
+                Bound::Jobs => format!("max_open_jobs = {}", app.config.max_open_jobs),
+                Bound::Inputs => format!("max_pending_inputs = {}", app.config.max_pending_inputs),
             };
             let error = format!(
                 "the service is full ({bound}): retry after {} s",
@@ -589,7 +553,7 @@ async fn post_jobs(
         return refusal(StatusCode::SERVICE_UNAVAILABLE, SHUTTING_DOWN.to_string());
     }
     let cancel_on_error = query.on_error == Some(OnError::Cancel);
-    let mut group = app.pipeline.group().ordered().window(app.job_window);
+    let mut group = app.pipeline.group().ordered().window(app.config.job_window);
     if let Some(at) = arrived.checked_add(deadline_len) {
         group = group.deadline_at(at);
     }
@@ -599,9 +563,11 @@ async fn post_jobs(
         group.open()
     };
     // Submit in the background, waiting while the group's window is full; stop if it ends.
+    let inputs: Arc<[i64]> = inputs.into();
+    let submitted = inputs.clone();
     tokio::spawn(async move {
-        for input in inputs {
-            if tx.submit(input.into()).await.is_err() {
+        for &input in submitted.iter() {
+            if tx.submit(input).await.is_err() {
                 break;
             }
         }
@@ -628,7 +594,7 @@ async fn post_jobs(
             Some(result) => {
                 left -= 1;
                 ticket.answered();
-                let line = result_line(index, result);
+                let line = result_line(index, inputs[index], result);
                 failed |= line.error.is_some();
                 Some(line)
             }
@@ -646,17 +612,13 @@ async fn post_jobs(
 }
 
 /// The line of one result: its value, or why there is none.
-fn result_line(index: usize, result: Result<Item, StageError<Jobs>>) -> Line {
-    let (input, output, error) = match result {
-        Ok(item) => (Some(item.input), Some(item.value), None),
-        Err(StageError::Failed { stage, error: e }) => (
-            Some(e.input),
-            None,
-            Some(format!("{stage:?}: {}", e.message)),
-        ),
-        Err(other) => (None, None, Some(format!("{other:?}"))),
+fn result_line(index: usize, input: i64, result: Result<i64, StageError<Jobs>>) -> Line {
+    let (output, error) = match result {
+        Ok(output) => (Some(output), None),
+        Err(StageError::Failed { stage, error }) => (None, Some(format!("{stage:?}: {error}"))),
+        Err(other) => (None, Some(format!("{other:?}"))),
     };
-    let index = Some(index);
+    let (index, input) = (Some(index), Some(input));
     Line {
         index,
         input,
