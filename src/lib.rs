@@ -158,8 +158,9 @@ pub use dedupe::DedupeBy;
 // -- staged pipelines --
 mod staged;
 pub use staged::{
-    GraphEdge, GraphNode, GroupBuilder, GroupClosed, GroupResults, Next, Pipeline, PipelineBuilder,
-    PipelineGraph, PipelineStats, StageError, StageStats, StateMachine, Submitter, Through,
+    AdmissionBound, GraphEdge, GraphNode, GroupBuilder, GroupClosed, GroupRefused, GroupResults,
+    Next, Pipeline, PipelineBuilder, PipelineGraph, PipelineStats, StageError, StageStats,
+    StateMachine, Submitter, Through,
 };
 
 // -- fallible streams: try_fan_out_ordered, try_fan_out, try_in_flight(_ordered), try_batch,
@@ -195,7 +196,8 @@ pub mod prelude {
 
     // -- staged pipelines --
     pub use crate::{
-        GroupClosed, Next, Pipeline, PipelineStats, StageError, StageStats, StateMachine,
+        GroupClosed, GroupRefused, Next, Pipeline, PipelineStats, StageError, StageStats,
+        StateMachine,
     };
 }
 

@@ -14,6 +14,7 @@ use pin_project_lite::pin_project;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 
+use super::admission::{GroupRefused, Ticket};
 use super::drain::Drain;
 use super::pipeline::{Inner, Pipeline};
 use super::{GroupClosed, StageError, StateMachine};
@@ -188,6 +189,75 @@ impl<M: StateMachine> GroupBuilder<M> {
         self
     }
 
+    /// Opens the group once the pipeline's admission bounds
+    /// ([`max_open_groups`](super::PipelineBuilder::max_open_groups),
+    /// [`max_pending_requests`](super::PipelineBuilder::max_pending_requests)) have room for
+    /// it and its `requests` requests, as [`open`](Self::open) does; or refuses it.
+    ///
+    /// With room now, the group is admitted at once. Else it waits up to `wait` for room, in
+    /// arrival order, behind the admissions already waiting: at most `max_open_groups` wait at
+    /// once, and one that finds that many waiting is refused at once, as is every admission
+    /// when `wait` is zero. A refusal ([`GroupRefused`]) names the bound that had no room and
+    /// estimates when there will be. A group reserving more requests than
+    /// `max_pending_requests` (or `u32::MAX`) could never fit: it is refused at once.
+    ///
+    /// An admitted group holds its slot until its result stream ends or is dropped, and its
+    /// `requests` until each has its result yielded; it may submit more than it reserved (the
+    /// extra ones are not counted). The pipeline's figures ([`Pipeline::stats`]) count the
+    /// admissions waiting, the requests pending and the refusals.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future before it resolves leaves the queue, and nothing is
+    /// admitted.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::StreamExt;
+    /// use stagepipe::prelude::*;
+    /// use stagepipe::AdmissionBound;
+    ///
+    /// # #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)] struct S;
+    /// # struct Echo;
+    /// # impl StateMachine for Echo {
+    /// #     type Stage = S; type Data = u32; type Error = String;
+    /// #     fn start(&self) -> S { S }
+    /// #     async fn run(&self, _: S, n: u32) -> Result<Next<S, u32>, String> { Ok(Next::Done(n)) }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let pipeline = Pipeline::builder(Echo).workers(2).max_open_groups(1).build();
+    /// let (tx, results) = pipeline.group().admit(2, Duration::ZERO).await.unwrap();
+    /// // The one slot is taken: refused at once, or after waiting 1 s for it.
+    /// let refused = pipeline.group().admit(1, Duration::ZERO).await.unwrap_err();
+    /// assert_eq!(refused.bound, AdmissionBound::OpenGroups);
+    /// assert!(pipeline.group().admit(1, Duration::from_secs(1)).await.is_err());
+    /// assert_eq!(pipeline.stats().groups_refused, 2);
+    ///
+    /// tx.submit(1).await.unwrap();
+    /// tx.submit(2).await.unwrap();
+    /// drop(tx);
+    /// assert_eq!(results.count().await, 2);
+    /// // The group has closed: its slot is free again.
+    /// assert!(pipeline.group().admit(1, Duration::ZERO).await.is_ok());
+    /// # }
+    /// ```
+    pub async fn admit(
+        self,
+        requests: usize,
+        wait: Duration,
+    ) -> Result<(Submitter<M>, GroupResults<M>), GroupRefused> {
+        let admission = Arc::clone(&self.pipeline.inner.admission);
+        let ticket = admission.admit(requests, wait).await?;
+        let (tx, mut results) = self.open();
+        if !results.run.is_terminated() {
+            results.ticket = Some(ticket);
+        }
+        Ok((tx, results))
+    }
+
     /// Opens the group: a [`Submitter`] and the group's own result stream.
     ///
     /// Requests progress while the results are read: the result stream pulls submitted
@@ -218,6 +288,7 @@ impl<M: StateMachine> GroupBuilder<M> {
             deadline,
             timer: None,
             yielded: 0,
+            ticket: None,
         };
         // Counted as open (`Run::new`) before it registers, and both before it looks at the
         // drain: registering takes the drain's lock, which the drain takes too once it is
@@ -488,6 +559,8 @@ pub struct GroupResults<M: StateMachine> {
     timer: Option<Pin<Box<Sleep>>>,
     /// Results yielded so far.
     yielded: u64,
+    /// An admitted group's room, given back as results are yielded and when the group closes.
+    ticket: Option<Ticket>,
 }
 
 // Nothing in a group's result stream is pinned structurally: its buffers hold plain values.
@@ -503,6 +576,7 @@ impl<M: StateMachine> GroupResults<M> {
         self.rx = None;
         self.gate = None;
         self.run.finish();
+        self.ticket = None;
     }
 
     /// If the group's deadline has passed or the pipeline's drain timed out: cancels the group
@@ -552,6 +626,9 @@ impl<M: StateMachine> Stream for GroupResults<M> {
                     gate.release(key);
                 }
                 this.yielded += 1;
+                if let Some(ticket) = &mut this.ticket {
+                    ticket.answered();
+                }
                 if outcome.is_err() && this.cancel_on_error {
                     this.cancel();
                 }
