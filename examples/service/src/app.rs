@@ -56,14 +56,15 @@ use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use futures::future::BoxFuture;
 use futures::{StreamExt, stream};
+use metrics::Histogram;
 use serde::{Deserialize, Serialize};
-use stagepipe::Retrying;
 use stagepipe::prelude::*;
+use stagepipe::{AdmissionBound, Retrying};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::admission::{Admission, Bound};
+use crate::admission::retry_after;
 use crate::telemetry::{self, ServiceMetrics};
 
 /// How the service is set up. The limits toward the upstream are shared by every caller.
@@ -316,15 +317,12 @@ pub struct UpstreamLimits {
     pub failed_attempts: u64,
 }
 
-/// The overload figures: jobs admitted and open, requests waiting for room, inputs of the
-/// open jobs without a line yet, and jobs refused with 429 (`jobs_shed`), refused with 413
-/// (`jobs_too_large`) and ended by their deadline.
+/// The overload figures the pipeline does not keep: jobs refused with 413 and jobs ended by
+/// their deadline. (Jobs open, waiting for room, their inputs without a line yet and jobs
+/// refused with 429 are the pipeline's `groups_open`, `groups_waiting`, `requests_pending` and
+/// `groups_refused`.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServerReport {
-    pub jobs_open: usize,
-    pub jobs_waiting: usize,
-    pub inputs_pending: usize,
-    pub jobs_shed: u64,
     pub jobs_too_large: u64,
     pub jobs_deadline_exceeded: u64,
 }
@@ -336,7 +334,6 @@ struct AppState {
     lines: Stats,
     /// Set when the shutdown begins: new jobs are refused.
     shutting_down: AtomicBool,
-    admission: Arc<Admission>,
     /// The config, its `max_items_per_job` at most `max_pending_inputs` and `u32::MAX`.
     config: Config,
     too_large: AtomicU64,
@@ -377,17 +374,14 @@ impl Service {
         }
         let metrics = ServiceMetrics::register();
         let pipeline = Pipeline::builder(Jobs::new(config)).workers(config.workers);
-        let admission = Admission::new(
-            config.max_open_jobs,
-            config.max_pending_inputs,
-            config.retry_after_max,
-            metrics.clone(),
-        );
+        let pipeline = pipeline.max_open_groups(config.max_open_jobs);
         let app = Arc::new(AppState {
-            pipeline: pipeline.dag().build(),
+            pipeline: pipeline
+                .max_pending_requests(config.max_pending_inputs)
+                .dag()
+                .build(),
             lines: Stats::new("lines"),
             shutting_down: AtomicBool::new(false),
-            admission: Arc::new(admission),
             config: Config {
                 // A job's inputs are counted in `u32` permits.
                 max_items_per_job: (config.max_items_per_job)
@@ -528,40 +522,42 @@ async fn post_jobs(
         Some(ms) => Duration::from_millis(ms).min(app.config.job_deadline),
         None => app.config.job_deadline,
     };
+    let cancel_on_error = query.on_error == Some(OnError::Cancel);
+    let mut group = app.pipeline.group().ordered().window(app.config.job_window);
+    if let Some(at) = arrived.checked_add(deadline_len) {
+        group = group.deadline_at(at);
+    }
+    if cancel_on_error {
+        group = group.cancel_on_error();
+    }
     let wait = app.config.admission_wait.min(deadline_len);
-    let ticket = match app.admission.admit(total, arrived, wait).await {
-        Ok(ticket) => ticket,
+    let (tx, results) = match group.admit(total, wait).await {
+        Ok(group) => group,
         Err(full) => {
+            app.metrics.jobs_shed.increment(1);
             let bound = match full.bound {
-                Bound::Jobs => format!("max_open_jobs = {}", app.config.max_open_jobs),
-                Bound::Inputs => format!("max_pending_inputs = {}", app.config.max_pending_inputs),
+                AdmissionBound::OpenGroups => ("max_open_jobs", app.config.max_open_jobs),
+                _ => ("max_pending_inputs", app.config.max_pending_inputs),
             };
+            let retry_after = retry_after(full.retry_after, app.config.retry_after_max);
             let error = format!(
-                "the service is full ({bound}): retry after {} s",
-                full.retry_after
+                "the service is full ({} = {}): retry after {retry_after} s",
+                bound.0, bound.1
             );
             let mut response = refusal(StatusCode::TOO_MANY_REQUESTS, error);
-            let retry_after = header::HeaderValue::from(full.retry_after);
+            let retry_after = header::HeaderValue::from(retry_after);
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, retry_after);
             return response;
         }
     };
-    // The shutdown may have begun while the job waited for room.
+    // The shutdown may have begun while the job waited for room (its group is closed).
     if app.shutting_down.load(Ordering::Acquire) {
         return refusal(StatusCode::SERVICE_UNAVAILABLE, SHUTTING_DOWN.to_string());
     }
-    let cancel_on_error = query.on_error == Some(OnError::Cancel);
-    let mut group = app.pipeline.group().ordered().window(app.config.job_window);
-    if let Some(at) = arrived.checked_add(deadline_len) {
-        group = group.deadline_at(at);
-    }
-    let (tx, results) = if cancel_on_error {
-        group.cancel_on_error().open()
-    } else {
-        group.open()
-    };
+    app.metrics.jobs_admitted.increment(1);
+    app.metrics.admission_wait.record(arrived.elapsed());
     // Submit in the background, waiting while the group's window is full; stop if it ends.
     let inputs: Arc<[i64]> = inputs.into();
     let submitted = inputs.clone();
@@ -573,12 +569,13 @@ async fn post_jobs(
         }
     });
     // One line per result, then, if the job was cut short, a closing line counting the inputs
-    // left without one. The body owns the group's results and the ticket: a client that goes
-    // away drops them, which cancels the group and gives its room back.
+    // left without one. The body owns the group's results: a client that goes away drops them,
+    // which cancels the group and gives its room back.
     let (mut left, mut failed, mut closed) = (total, false, false);
     let results = results.try_with_stats(&app.lines).map(Some);
     let lines = results.chain(stream::iter([None])).enumerate();
-    let body = lines.scan(ticket, move |ticket, (index, result)| {
+    let timer = JobTimer(arrived, app.metrics.job_duration.clone());
+    let body = lines.scan(timer, move |_, (index, result)| {
         let closing = |error: String| Some(Line::closing(error, left));
         let line = match result {
             _ if closed => None,
@@ -593,7 +590,6 @@ async fn post_jobs(
             Some(Err(StageError::DrainTimedOut { .. })) => closing(SHUT_DOWN.to_string()),
             Some(result) => {
                 left -= 1;
-                ticket.answered();
                 let line = result_line(index, inputs[index], result);
                 failed |= line.error.is_some();
                 Some(line)
@@ -609,6 +605,15 @@ async fn post_jobs(
     });
     let ndjson_type = [(header::CONTENT_TYPE, "application/x-ndjson")];
     (StatusCode::OK, ndjson_type, Body::from_stream(body)).into_response()
+}
+
+/// Records a job's duration, from its arrival, when its response ends or is dropped.
+struct JobTimer(Instant, Histogram);
+
+impl Drop for JobTimer {
+    fn drop(&mut self) {
+        self.1.record(self.0.elapsed());
+    }
 }
 
 /// The line of one result: its value, or why there is none.
@@ -640,7 +645,6 @@ fn stats_report(app: &AppState) -> StatsReport {
     let limiter = call.get_rate_limit().expect("set in `Jobs::new`");
     let upstream = call.get_stats().expect("set in `Jobs::new`").snapshot();
     let attempts = (upstream.calls + upstream.retries).saturating_sub(upstream.rejected);
-    let admission = app.admission.report();
     StatsReport {
         pipeline: app.pipeline.stats(),
         workers: pool.workers(),
@@ -658,10 +662,6 @@ fn stats_report(app: &AppState) -> StatsReport {
         upstream,
         lines: app.lines.snapshot(),
         server: ServerReport {
-            jobs_open: admission.open,
-            jobs_waiting: admission.waiting,
-            inputs_pending: admission.pending,
-            jobs_shed: admission.shed,
             jobs_too_large: app.too_large.load(Ordering::Acquire),
             jobs_deadline_exceeded: app.deadline_exceeded.load(Ordering::Acquire),
         },
@@ -679,6 +679,9 @@ async fn get_metrics(State(app): State<Arc<AppState>>) -> Response {
     let m = &app.metrics;
     m.groups_opened.absolute(stats.groups_opened);
     m.groups_open.set(stats.groups_open as f64);
+    m.jobs_open.set(stats.groups_open as f64);
+    m.jobs_waiting.set(stats.groups_waiting as f64);
+    m.inputs_pending.set(stats.requests_pending as f64);
     m.requests_done.absolute(stats.requests_done);
     m.requests_failed.absolute(stats.requests_failed);
     m.upstream_in_flight
