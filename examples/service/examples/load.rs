@@ -312,7 +312,7 @@ async fn run(args: Args) -> Result<bool, Box<dyn Error>> {
             for n in 0u64.. {
                 tick.tick().await;
                 let s = service.stats();
-                peak_open.fetch_max(s.pipeline.groups_open as u64, Ordering::Relaxed);
+                peak_open.fetch_max(s.pipeline.groups_open, Ordering::Relaxed);
                 if n % 10 == 0 {
                     println!(
                         "  t={:>3} s  open jobs {:>5}  pending inputs {:>6}  admitted {:>6}  shed {:>6}  deadline {:>4}  RSS {:>6.1} MiB",
