@@ -415,8 +415,16 @@ impl<U: Send + 'static> Core<U> {
             self.poll_inline(cx);
         }
         let poll = self.poll_result(cx);
-        if poll.is_ready() || !self.pool.on_worker() {
+        if poll.is_ready() {
             self.yielded = false;
+            return poll;
+        }
+        if !self.pool.on_worker() {
+            // About to wait: run this stream's own queued jobs here instead, under a slot
+            // borrowed from the pool, while one is free.
+            if self.run_borrowed(cx) {
+                return self.poll_result(cx);
+            }
             return poll;
         }
         // Nested on its own pool: this task holds one of the pool's workers, and every other
@@ -433,6 +441,31 @@ impl<U: Send + 'static> Core<U> {
             return self.poll_result(cx);
         }
         Poll::Pending
+    }
+
+    /// Runs this stream's queued jobs on its own task, one at a time under a slot borrowed from
+    /// the pool (so the pool's cap on running futures holds), until a result is ready, no slot
+    /// is free, or no job is queued; returns whether it ran any. Saves the hand-off to a worker
+    /// and back, which costs more than light items do. A job that has to wait goes back to the
+    /// pool with the slot (a worker resumes it) and its unstarted items are split off as on a
+    /// worker; the consumer then waits as usual.
+    fn run_borrowed(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(mut job) = self.pool.borrow_job(self.source) else {
+            return false;
+        };
+        loop {
+            let (poll, spilled) = self.pool.poll_borrowed(&mut job, cx);
+            // A finished job hands back the waker of this very consumer: nothing to wake (the
+            // caller registers again).
+            let (pending, next) = match poll {
+                Poll::Pending => (Some(job), false),
+                Poll::Ready(_) => (None, self.chan.drain_ready(&mut self.ready) == 0),
+            };
+            match self.pool.give_back(self.source, pending, spilled, next) {
+                Some(more) => job = more,
+                None => return true,
+            }
+        }
     }
 
     /// Runs the jobs taken back from the pool, one at a time as a worker would (so the pool's

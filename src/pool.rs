@@ -163,6 +163,10 @@ struct State {
     /// Workers alive: spawned and not dropped yet. Zero before the first job and after the
     /// runtime they ran on shut down; the next stream to need them spawns a fresh set.
     live: usize,
+    /// Slots in use: workers holding a job, plus slots borrowed by consumers that run their own
+    /// jobs on their own task (see [`WorkerPool::borrow_job`]). Never above [`Shared::cap`]:
+    /// this is the cap on user futures running at once.
+    held: usize,
     shutdown: bool,
     /// Job queues by source id; `None` marks a free id.
     sources: Vec<Option<Queue>>,
@@ -228,14 +232,19 @@ impl State {
     }
 
     /// Lists `source` as ready (it has queued jobs) and takes the wakers of up to `n` idle
-    /// workers.
-    fn wake_for(&mut self, source: SourceId, n: usize, wake: &mut Vec<Waker>) {
+    /// workers (no more than there are free slots: a worker woken without one parks again).
+    fn wake_for(&mut self, source: SourceId, n: usize, cap: usize, wake: &mut Vec<Waker>) {
         if let Some(Some(queue)) = self.sources.get_mut(source.id) {
             if queue.epoch == source.epoch && !queue.listed {
                 queue.listed = true;
                 self.ready.push_back(source);
             }
         }
+        self.wake_idle(n.min(cap.saturating_sub(self.held)), wake);
+    }
+
+    /// Takes the wakers of up to `n` idle workers.
+    fn wake_idle(&mut self, n: usize, wake: &mut Vec<Waker>) {
         for _ in 0..n {
             let Some(index) = self.parked_ids.pop() else {
                 break;
@@ -524,7 +533,8 @@ impl WorkerPool {
             shared.metrics.queued(n);
             let queue = state.queue(source).expect("source registered");
             queue.extend(jobs.drain(..));
-            state.wake_for(source, n, &mut wake);
+            let cap = shared.cap(&state);
+            state.wake_for(source, n, cap, &mut wake);
             start
         };
         if let Some(runtime) = start {
@@ -551,6 +561,102 @@ impl WorkerPool {
     /// Puts `jobs` back at the front of `source`'s queue (see [`Shared::requeue`]).
     pub(crate) fn requeue(&self, source: SourceId, jobs: Vec<Job>) {
         self.handle.shared.requeue(source, jobs);
+    }
+
+    /// Borrows a slot for the consumer of `source` and takes the first of its jobs that no
+    /// worker has started, for the consumer to run on its own task (see [`Self::poll_borrowed`])
+    /// instead of waiting for a worker to: no hand-off between threads. `None` if every slot
+    /// is in use (workers and other consumers hold them all) or no job of `source` is queued.
+    ///
+    /// The slot counts against the cap like a worker's: no worker starts a job while it is
+    /// borrowed and every other slot is in use. The consumer gives it back with
+    /// [`Self::give_back`] before it returns from its poll, so a slot never waits on a consumer
+    /// that is not polled.
+    pub(crate) fn borrow_job(&self, source: SourceId) -> Option<Job> {
+        let shared = &self.handle.shared;
+        let mut state = shared.lock();
+        if state.held >= shared.cap(&state) {
+            return None;
+        }
+        let job = state.queue(source)?.pop_front()?;
+        state.held += 1;
+        #[cfg(feature = "metrics")]
+        shared.metrics.dequeued(1);
+        Some(job)
+    }
+
+    /// Polls a borrowed job on the consumer's task as a worker would: a stream polled inside it
+    /// is nested on this pool (the job holds a slot). Returns the poll and the jobs it split
+    /// off.
+    pub(crate) fn poll_borrowed(
+        &self,
+        job: &mut Job,
+        cx: &mut Context<'_>,
+    ) -> (Poll<Option<Waker>>, Vec<Job>) {
+        let _on = OnWorker::enter(&self.handle.shared);
+        poll_collecting(job, cx)
+    }
+
+    /// Gives back the slot borrowed by [`Self::borrow_job`], with the job if it has to wait
+    /// (`pending`: a worker resumes it, as it would a job put back by a worker that went away)
+    /// and the jobs it split off, both put back at the front of `source`'s queue. If `next`,
+    /// borrows the slot again at once for the next queued job of `source`, unless a worker is
+    /// parked while another stream's jobs are queued (the slot is its turn). Otherwise wakes an
+    /// idle worker if jobs are queued that the slot was keeping from the workers.
+    pub(crate) fn give_back(
+        &self,
+        source: SourceId,
+        pending: Option<Job>,
+        mut spilled: Vec<Job>,
+        next: bool,
+    ) -> Option<Job> {
+        let shared = &self.handle.shared;
+        let mut pending = pending;
+        let mut wake = Vec::new();
+        let next = {
+            let mut state = shared.lock();
+            state.held -= 1;
+            let cap = shared.cap(&state);
+            let others = !state.parked_ids.is_empty() && state.queued_besides(source);
+            match state.queue(source) {
+                Some(queue) => {
+                    #[cfg(feature = "metrics")]
+                    shared
+                        .metrics
+                        .queued(spilled.len() + usize::from(pending.is_some()));
+                    for job in spilled.drain(..).rev() {
+                        queue.push_front(job);
+                    }
+                    if let Some(job) = pending.take() {
+                        queue.push_front(job);
+                    }
+                    let job = match next && !others {
+                        true => queue.pop_front(),
+                        false => None,
+                    };
+                    let queued = queue.len();
+                    if job.is_some() {
+                        state.held += 1;
+                        #[cfg(feature = "metrics")]
+                        shared.metrics.dequeued(1);
+                    }
+                    if queued > 0 {
+                        state.wake_for(source, queued, cap, &mut wake);
+                    } else if others {
+                        let free = cap.saturating_sub(state.held);
+                        state.wake_idle(free.min(1), &mut wake);
+                    }
+                    job
+                }
+                None => None,
+            }
+        };
+        // The source is gone: its jobs are dropped outside the lock.
+        drop((pending, spilled));
+        for waker in wake {
+            waker.wake();
+        }
+        next
     }
 }
 
@@ -666,7 +772,8 @@ impl Shared {
                 for job in jobs.drain(..).rev() {
                     queue.push_front(job);
                 }
-                state.wake_for(source, n, &mut wake);
+                let cap = self.cap(&state);
+                state.wake_for(source, n, cap, &mut wake);
             }
         }
         drop(jobs);
@@ -675,22 +782,38 @@ impl Shared {
         }
     }
 
-    /// The next job for worker `index`, after charging the last job's time (`charge`, taken).
-    /// Returns `Ready(None)` on shutdown, or `Pending` after parking the worker.
+    /// The cap on slots in use ([`State::held`]): the workers alive (a fixed pool's `workers`
+    /// while none are).
+    fn cap(&self, state: &State) -> usize {
+        state.live.max(self.workers)
+    }
+
+    /// A worker's job ended after `nanos` of worker time: charges `source` for it and gives
+    /// the worker's slot back (`holding`), before the worker wakes the job's consumer, which
+    /// may then borrow the slot.
+    fn end_job(&self, source: SourceId, nanos: u64, holding: &mut bool) {
+        let mut state = self.lock();
+        state.charge(source, nanos);
+        if std::mem::take(holding) {
+            state.held -= 1;
+        }
+    }
+
+    /// The next job for worker `index`, which then holds a slot (`holding`): none is taken
+    /// while every slot is in use. Returns `Ready(None)` on shutdown, or `Pending` after
+    /// parking the worker.
     ///
     /// A worker of an adaptive pool may also be told to retire (`Ready(None)`, with `counted`
     /// cleared: it is already counted out), to undo a growth step that did not pay.
     fn poll_job<const ADAPTIVE: bool>(
         &self,
         index: usize,
-        charge: &mut Option<(SourceId, u64)>,
+        holding: &mut bool,
         counted: &mut bool,
         cx: &mut Context<'_>,
     ) -> Poll<Option<(SourceId, Job)>> {
         let mut state = self.lock();
-        if let Some((source, nanos)) = charge.take() {
-            state.charge(source, nanos);
-        }
+        debug_assert!(!*holding, "a worker asks for a job holding a slot");
         if state.shutdown {
             return Poll::Ready(None);
         }
@@ -698,7 +821,15 @@ impl Shared {
             *counted = false;
             return Poll::Ready(None);
         }
-        if let Some(next) = state.next_job() {
+        let next = match state.held < self.cap(&state) {
+            true => state.next_job(),
+            // Every slot is in use (consumers borrowed some): whoever gives one back wakes a
+            // parked worker if jobs are queued.
+            false => None,
+        };
+        if let Some(next) = next {
+            state.held += 1;
+            *holding = true;
             #[cfg(feature = "metrics")]
             self.metrics.dequeued(1);
             // Woken for another reason while parked: a submitter must not count on this worker.
@@ -860,6 +991,9 @@ struct Presence {
     /// Whether the job being run (by a worker of an adaptive pool) has waited on a pending
     /// future, counted in [`Shared::waiting`].
     waiting: bool,
+    /// Whether the worker holds a slot (counted in [`State::held`]): from taking a job until
+    /// it next asks for one (or is dropped).
+    holding: bool,
 }
 
 impl Presence {
@@ -870,6 +1004,7 @@ impl Presence {
             job: None,
             counted: true,
             waiting: false,
+            holding: false,
         }
     }
 }
@@ -883,6 +1018,7 @@ impl Drop for Presence {
         if job.is_some() {
             shared.busy.fetch_sub(1, Ordering::Relaxed);
         }
+        let holding = std::mem::take(&mut self.holding);
         if self.waiting {
             shared.waiting.fetch_sub(1, Ordering::Relaxed);
         }
@@ -890,6 +1026,9 @@ impl Drop for Presence {
         let mut consumers = Vec::new();
         let orphan = {
             let mut state = shared.lock();
+            if holding {
+                state.held -= 1;
+            }
             if self.counted {
                 debug_assert!(state.live > 0, "a worker counted out twice");
                 shared.count_out(&mut state, self.index);
@@ -900,7 +1039,8 @@ impl Drop for Presence {
                         queue.push_front(job);
                         #[cfg(feature = "metrics")]
                         shared.metrics.queued(1);
-                        state.wake_for(source, 1, &mut wake);
+                        let cap = shared.cap(&state);
+                        state.wake_for(source, 1, cap, &mut wake);
                         None
                     }
                     // Its stream is gone.
@@ -939,12 +1079,12 @@ async fn worker(me: Presence) {
 /// when it says so or when idle, and count the jobs that wait on a pending future.
 async fn run<const ADAPTIVE: bool>(mut me: Presence) {
     let shared = me.shared.clone();
-    let mut charge = None;
     loop {
         let next = if ADAPTIVE {
-            next_or_retire(&shared, &mut me, &mut charge).await
+            next_or_retire(&shared, &mut me).await
         } else {
-            poll_fn(|cx| shared.poll_job::<false>(me.index, &mut charge, &mut me.counted, cx)).await
+            poll_fn(|cx| shared.poll_job::<false>(me.index, &mut me.holding, &mut me.counted, cx))
+                .await
         };
         let Some((source, job)) = next else {
             break;
@@ -982,12 +1122,12 @@ async fn run<const ADAPTIVE: bool>(mut me: Presence) {
         #[cfg(feature = "metrics")]
         drop(busy);
         let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(job)));
+        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        shared.end_job(source, nanos, &mut me.holding);
         // The consumer a finished job's results unblocked, woken once per job (a chunk of items).
         if let Some(waker) = unblocked {
             waker.wake();
         }
-        let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        charge = Some((source, nanos));
         tokio::task::consume_budget().await;
     }
 }
@@ -995,16 +1135,12 @@ async fn run<const ADAPTIVE: bool>(mut me: Presence) {
 /// The next job of a worker of an adaptive pool, or `None` when it stops: the pool shut down,
 /// the controller undid a growth step, or the worker has been parked for [`IDLE`] with more
 /// than `min` workers alive.
-async fn next_or_retire(
-    shared: &Arc<Shared>,
-    me: &mut Presence,
-    charge: &mut Option<(SourceId, u64)>,
-) -> Option<(SourceId, Job)> {
+async fn next_or_retire(shared: &Arc<Shared>, me: &mut Presence) -> Option<(SourceId, Job)> {
     let mut idle: Option<Pin<Box<tokio::time::Sleep>>> = None;
     poll_fn(|cx| {
         loop {
             if let Poll::Ready(next) =
-                shared.poll_job::<true>(me.index, charge, &mut me.counted, cx)
+                shared.poll_job::<true>(me.index, &mut me.holding, &mut me.counted, cx)
             {
                 return Poll::Ready(next);
             }
@@ -1234,6 +1370,14 @@ impl Shared {
 }
 
 impl State {
+    /// Whether any source but `source` has jobs queued.
+    fn queued_besides(&self, source: SourceId) -> bool {
+        self.ready.iter().any(|&other| {
+            other != source
+                && matches!(self.sources.get(other.id), Some(Some(queue)) if queue.epoch == other.epoch && !queue.jobs.is_empty())
+        })
+    }
+
     /// Whether any source has jobs queued.
     fn has_queued(&self) -> bool {
         self.ready.iter().any(|source| {
