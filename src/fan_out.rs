@@ -449,7 +449,13 @@ impl<U: Send + 'static> Core<U> {
     /// and back, which costs more than light items do. A job that has to wait goes back to the
     /// pool with the slot (a worker resumes it) and its unstarted items are split off as on a
     /// worker; the consumer then waits as usual.
+    ///
+    /// Only on a thread of the runtime the workers live on: a future run here then belongs to
+    /// that runtime as it would on a worker.
     fn run_borrowed(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.pool.serves_here() {
+            return false;
+        }
         let Some(mut job) = self.pool.borrow_job(self.source) else {
             return false;
         };

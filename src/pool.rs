@@ -15,7 +15,7 @@ use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use crate::error::{ConfigError, nonzero, or_panic};
-use crate::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use crate::sync::{Arc, Mutex, MutexGuard, Weak, sync_thread_local};
 #[cfg(stagepipe_loom)]
 use crate::sync::{LocalCell as _, LocalRefCell as _};
@@ -23,6 +23,13 @@ use crate::sync::{LocalCell as _, LocalRefCell as _};
 sync_thread_local! {
     /// The pool (its `Shared`'s address) whose worker is polling a job on this thread, or 0.
     static ON_WORKER: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+sync_thread_local! {
+    /// A pool (its `Shared`'s address) and the set of its workers (see [`Shared::generation`])
+    /// that ran on this thread, or started from it: the thread belongs to the runtime those
+    /// workers live on.
+    static WORKERS_HERE: std::cell::Cell<(usize, u64)> = const { std::cell::Cell::new((0, 0)) };
 }
 
 /// Marks this thread as running a job of `shared` until dropped (restoring the previous mark).
@@ -150,6 +157,9 @@ pub(crate) struct Shared {
     untimed: AtomicBool,
     /// Workers running jobs now.
     busy: AtomicUsize,
+    /// Sets of workers started so far: tells the runtime of the live set from the runtime of
+    /// one that died (see [`WorkerPool::serves_here`]).
+    generation: AtomicU64,
     /// A copy of [`State::live`], written under the lock, read without it by a consumer about
     /// to wait (see [`WorkerPool::keep_serving`]).
     live: AtomicUsize,
@@ -167,6 +177,10 @@ struct State {
     /// jobs on their own task (see [`WorkerPool::borrow_job`]). Never above [`Shared::cap`]:
     /// this is the cap on user futures running at once.
     held: usize,
+    /// Jobs that a consumer started under a borrowed slot and that have to wait, handed over
+    /// with their slot (still counted in `held`) for the next free worker to resume. Workers
+    /// take them before any queued job, whatever the cap: the slot comes with the job.
+    handed: VecDeque<(SourceId, Job)>,
     shutdown: bool,
     /// Job queues by source id; `None` marks a free id.
     sources: Vec<Option<Queue>>,
@@ -400,6 +414,7 @@ impl WorkerPool {
             waiting: AtomicUsize::new(0),
             untimed: AtomicBool::new(false),
             busy: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
             live: AtomicUsize::new(0),
             state: Mutex::new(state),
             #[cfg(feature = "metrics")]
@@ -471,6 +486,20 @@ impl WorkerPool {
         source
     }
 
+    /// Whether the caller's thread belongs to the runtime that the pool's live workers run on
+    /// (one of them ran a job on it, or they were started from it). Only there does a consumer
+    /// borrow a slot ([`Self::borrow_job`]): the futures it runs then belong to the workers'
+    /// runtime as if a worker ran them (see "Runtimes" above). Errs on the side of `false`: a
+    /// thread of that runtime that no worker has used yet says no.
+    pub(crate) fn serves_here(&self) -> bool {
+        let shared = &self.handle.shared;
+        WORKERS_HERE.get()
+            == (
+                Arc::as_ptr(shared) as usize,
+                shared.generation.load(Ordering::Relaxed),
+            )
+    }
+
     /// Whether the caller runs inside a job of one of this pool's own workers: a stream polled
     /// there is nested on its own pool, and must not wait for jobs that no worker has started.
     pub(crate) fn on_worker(&self) -> bool {
@@ -495,10 +524,22 @@ impl WorkerPool {
 
     /// Removes a source; its queued jobs are dropped (outside the lock).
     pub(crate) fn unregister(&self, source: SourceId) {
-        let jobs = {
+        let (jobs, handed) = {
             let mut state = self.handle.shared.lock();
             if state.queue(source).is_none() {
                 return;
+            }
+            // Handed-over jobs of the source give their slots back with them.
+            let mut handed = VecDeque::new();
+            if !state.handed.is_empty() {
+                let (theirs, others) = std::mem::take(&mut state.handed)
+                    .into_iter()
+                    .partition(|(of, _)| *of == source);
+                state.handed = others;
+                handed = theirs;
+                state.held -= handed.len();
+                #[cfg(feature = "metrics")]
+                self.handle.shared.metrics.dequeued(handed.len());
             }
             let jobs = state.sources[source.id].take();
             #[cfg(feature = "metrics")]
@@ -507,8 +548,9 @@ impl WorkerPool {
                 .metrics
                 .dequeued(jobs.as_ref().map_or(0, |q| q.jobs.len()));
             state.free_ids.push(source.id);
-            jobs
+            (jobs, handed)
         };
+        drop(handed);
         drop(jobs);
     }
 
@@ -597,61 +639,66 @@ impl WorkerPool {
         poll_collecting(job, cx)
     }
 
-    /// Gives back the slot borrowed by [`Self::borrow_job`], with the job if it has to wait
-    /// (`pending`: a worker resumes it, as it would a job put back by a worker that went away)
-    /// and the jobs it split off, both put back at the front of `source`'s queue. If `next`,
-    /// borrows the slot again at once for the next queued job of `source`, unless a worker is
-    /// parked while another stream's jobs are queued (the slot is its turn). Otherwise wakes an
-    /// idle worker if jobs are queued that the slot was keeping from the workers.
+    /// Gives back the slot borrowed by [`Self::borrow_job`], and the jobs the borrowed job split
+    /// off (put back at the front of `source`'s queue). If the job has to wait (`pending`), it
+    /// keeps the slot, as it would on a worker: both are handed over to the next free worker,
+    /// which resumes the job (see [`State::handed`]); a worker is free, since the slot was. If
+    /// `next` (and the job finished), borrows the slot again at once for the next queued job of
+    /// `source`, unless a worker is parked while another stream's jobs are queued (the slot is
+    /// its turn). Otherwise wakes idle workers for the jobs queued that the slot kept from them.
     pub(crate) fn give_back(
         &self,
         source: SourceId,
-        pending: Option<Job>,
+        mut pending: Option<Job>,
         mut spilled: Vec<Job>,
         next: bool,
     ) -> Option<Job> {
         let shared = &self.handle.shared;
-        let mut pending = pending;
         let mut wake = Vec::new();
         let next = {
             let mut state = shared.lock();
-            state.held -= 1;
-            let cap = shared.cap(&state);
             let others = !state.parked_ids.is_empty() && state.queued_besides(source);
-            match state.queue(source) {
-                Some(queue) => {
-                    #[cfg(feature = "metrics")]
-                    shared
-                        .metrics
-                        .queued(spilled.len() + usize::from(pending.is_some()));
-                    for job in spilled.drain(..).rev() {
-                        queue.push_front(job);
-                    }
-                    if let Some(job) = pending.take() {
-                        queue.push_front(job);
-                    }
-                    let job = match next && !others {
-                        true => queue.pop_front(),
-                        false => None,
-                    };
-                    let queued = queue.len();
-                    if job.is_some() {
-                        state.held += 1;
+            let cap = shared.cap(&state);
+            if state.queue(source).is_none() {
+                // The source is gone, and so are its jobs (dropped below, outside the lock).
+                state.held -= 1;
+                None
+            } else {
+                let waits = pending.is_some();
+                match pending.take() {
+                    Some(job) => {
                         #[cfg(feature = "metrics")]
-                        shared.metrics.dequeued(1);
+                        shared.metrics.queued(1);
+                        state.handed.push_back((source, job));
+                        state.wake_idle(1, &mut wake);
                     }
-                    if queued > 0 {
-                        state.wake_for(source, queued, cap, &mut wake);
-                    } else if others {
-                        let free = cap.saturating_sub(state.held);
-                        state.wake_idle(free.min(1), &mut wake);
-                    }
-                    job
+                    None => state.held -= 1,
                 }
-                None => None,
+                #[cfg(feature = "metrics")]
+                shared.metrics.queued(spilled.len());
+                let queue = state.queue(source).expect("source registered");
+                for job in spilled.drain(..).rev() {
+                    queue.push_front(job);
+                }
+                let job = match next && !others && !waits {
+                    true => queue.pop_front(),
+                    false => None,
+                };
+                let queued = queue.len();
+                if job.is_some() {
+                    state.held += 1;
+                    #[cfg(feature = "metrics")]
+                    shared.metrics.dequeued(1);
+                }
+                if queued > 0 {
+                    state.wake_for(source, queued, cap, &mut wake);
+                } else if others {
+                    let free = cap.saturating_sub(state.held);
+                    state.wake_idle(free.min(1), &mut wake);
+                }
+                job
             }
         };
-        // The source is gone: its jobs are dropped outside the lock.
         drop((pending, spilled));
         for waker in wake {
             waker.wake();
@@ -703,6 +750,9 @@ impl Shared {
             );
         }
         self.set_live(state, self.workers);
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        // This thread belongs to the runtime the fresh set is spawned on.
+        WORKERS_HERE.set((self as *const Self as usize, generation));
         Ok(Some(runtime))
     }
 
@@ -816,6 +866,17 @@ impl Shared {
         debug_assert!(!*holding, "a worker asks for a job holding a slot");
         if state.shutdown {
             return Poll::Ready(None);
+        }
+        let handed = state.handed.pop_front();
+        if handed.is_some() {
+            // It brings its slot: `held` stays.
+            *holding = true;
+            #[cfg(feature = "metrics")]
+            self.metrics.dequeued(1);
+            if state.parked[index].take().is_some() {
+                state.parked_ids.retain(|&i| i != index);
+            }
+            return Poll::Ready(handed);
         }
         if ADAPTIVE && self.retire_undone(&mut state, index) {
             *counted = false;
@@ -994,17 +1055,20 @@ struct Presence {
     /// Whether the worker holds a slot (counted in [`State::held`]): from taking a job until
     /// it next asks for one (or is dropped).
     holding: bool,
+    /// The set of workers it belongs to (see [`Shared::generation`]).
+    generation: u64,
 }
 
 impl Presence {
     fn new(shared: Arc<Shared>, index: usize) -> Self {
         Self {
-            shared,
             index,
             job: None,
             counted: true,
             waiting: false,
             holding: false,
+            generation: shared.generation.load(Ordering::Relaxed),
+            shared,
         }
     }
 }
@@ -1092,6 +1156,7 @@ async fn run<const ADAPTIVE: bool>(mut me: Presence) {
         // The scheduler's charge is the CPU time the job took, so it reads the real clock: on a
         // paused tokio clock every job would look free. Nothing shown to users uses this clock.
         let started = std::time::Instant::now();
+        WORKERS_HERE.set((Arc::as_ptr(&shared) as usize, me.generation));
         shared.busy.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
         let busy = shared.metrics.busy();
@@ -1290,7 +1355,7 @@ impl Shared {
     /// so): it does if it is still parked (nobody handed it work) and more than `min` are alive.
     fn retire_idle(&self, index: usize) -> bool {
         let mut state = self.lock();
-        if state.live <= self.workers || state.parked[index].is_none() {
+        if state.live <= self.workers || state.parked[index].is_none() || !state.handed.is_empty() {
             return false;
         }
         self.count_out(&mut state, index);

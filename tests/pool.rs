@@ -390,3 +390,74 @@ fn polling_outside_a_runtime_says_so_and_leaves_the_pool_usable() {
     ));
     assert_eq!(out, [0, 2, 4]);
 }
+
+/// A leaf item: counted in `running` while it runs, it spins for a while (long enough for
+/// other threads to run leaves meanwhile) and yields to the runtime once in a while, so that
+/// its job has to wait and is resumed elsewhere.
+async fn counted_leaf(running: common::Gauge, x: u64) -> u64 {
+    let _running = running.enter();
+    let mut h = x | 1;
+    for round in 0..2_000u32 {
+        h = std::hint::black_box(h.wrapping_mul(6364136223846793005).wrapping_add(1));
+        if round == 1_000 && x % 7 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    std::hint::black_box(h);
+    x
+}
+
+/// Streams polled by their own tasks may run their queued items themselves under a slot
+/// borrowed from the pool, on threads other than the workers'. Counted across two such
+/// streams and a third whose items fan out again on the same pool (nested), on more runtime
+/// threads than workers: never more leaf futures at once than the pool has workers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn borrowed_slots_keep_the_cap_across_streams_and_nested_use() {
+    for workers in [1, 2, 3] {
+        let pool = WorkerPool::new(workers);
+        let running = common::Gauge::default();
+        let plain = |ordered: bool| {
+            let (pool, running) = (pool.clone(), running.clone());
+            tokio::spawn(async move {
+                let items = stream::iter(0..3_000u64);
+                let f = move |x| counted_leaf(running.clone(), x);
+                let mut out: Vec<u64> = match ordered {
+                    true => items.fan_out_ordered(&pool, f).collect().await,
+                    false => items.fan_out(&pool, f).collect().await,
+                };
+                out.sort_unstable();
+                out
+            })
+        };
+        let (a, b) = (plain(true), plain(false));
+        let (p, r) = (pool.clone(), running.clone());
+        let nested = tokio::spawn(
+            stream::iter(0..6u64)
+                .fan_out_ordered(&pool, move |o| {
+                    let (p, r) = (p.clone(), r.clone());
+                    async move {
+                        stream::iter(0..300u64)
+                            .fan_out(&p, move |i| counted_leaf(r.clone(), o * 1000 + i))
+                            .fold(0, |s, y| async move { s + y })
+                            .await
+                    }
+                })
+                .collect::<Vec<u64>>(),
+        );
+        let (a, b, nested) = guard("three streams on one pool", async {
+            (a.await, b.await, nested.await)
+        })
+        .await;
+        let all: Vec<u64> = (0..3_000).collect();
+        assert_eq!(a.expect("no panic"), all);
+        assert_eq!(b.expect("no panic"), all);
+        let sums: Vec<u64> = (0..6u64).map(|o| 300_000 * o + 44_850).collect();
+        assert_eq!(nested.expect("no panic"), sums);
+        assert!(
+            running.max() <= workers,
+            "{} leaf futures ran at once on a pool of {workers}",
+            running.max()
+        );
+        assert_eq!(running.live(), 0);
+    }
+}
