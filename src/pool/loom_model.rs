@@ -206,3 +206,62 @@ fn loom_pool_unregister_drops_each_job_once() {
         // The harness unregisters the source now, racing the workers.
     });
 }
+
+/// Job `i` counted in `running` from its first poll to its end (checked against the pool's
+/// one worker); if `waits`, it has to wait once (waking itself) before it ends.
+fn counted_job(i: usize, ledger: &Arc<Ledger>, running: &Arc<Count>, waits: bool) -> Job {
+    let running = running.clone();
+    let mut started = false;
+    let mut waited = !waits;
+    let mut finish = job(i, ledger);
+    Box::pin(poll_fn(move |cx| {
+        if !started {
+            started = true;
+            let now = running.fetch_add(1, SeqCst) + 1;
+            assert!(now <= 1, "{now} jobs running on a pool of one worker");
+        }
+        if !waited {
+            waited = true;
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
+        running.fetch_sub(1, SeqCst);
+        finish.as_mut().poll(cx)
+    }))
+}
+
+/// A consumer borrows the slot of a one-worker pool to run its own queued job while the worker
+/// looks for work: no two jobs run at once, a borrowed job that has to wait is handed over
+/// with its slot and resumed by the worker, every job runs once, and the slot count ends at
+/// zero.
+#[test]
+fn loom_pool_borrowed_slots_keep_the_cap() {
+    for waits in [false, true] {
+        model(move || {
+            let pool = WorkerPool::new(1);
+            let workers = Workers::start(&pool);
+            let ledger = Ledger::new(2);
+            let running = Arc::new(Count::new(0));
+            let source = source(&pool);
+            pool.submit(
+                source,
+                &mut vec![
+                    counted_job(0, &ledger, &running, waits),
+                    counted_job(1, &ledger, &running, false),
+                ],
+            );
+            if let Some(mut job) = pool.borrow_job(source) {
+                let mut cx = Context::from_waker(futures::task::noop_waker_ref());
+                let (poll, spilled) = pool.poll_borrowed(&mut job, &mut cx);
+                let pending = poll.is_pending().then_some(job);
+                assert!(pool.give_back(source, pending, spilled, false).is_none());
+            }
+            ledger.wait_for(2);
+            assert_eq!(ledger.ran(), vec![1, 1]);
+            pool.unregister(source);
+            let shared = pool.handle.shared.clone();
+            workers.stop(pool);
+            assert_eq!(shared.lock().held, 0, "slots left in use");
+        });
+    }
+}
