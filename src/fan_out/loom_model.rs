@@ -85,9 +85,21 @@ fn assert_idle<U>(core: &Core<U>, items: u64) {
 fn on_pool(
     body: impl Fn(&WorkerPool, &dyn Fn(u32, Option<u32>) -> Item) -> usize + Sync + Send + 'static,
 ) {
+    on_pool_borrowing(false, body);
+}
+
+/// [`on_pool`], with the consumer's thread on the workers' runtime if `borrowing`: the stream
+/// then runs its own queued chunks under borrowed slots while the workers take the others.
+fn on_pool_borrowing(
+    borrowing: bool,
+    body: impl Fn(&WorkerPool, &dyn Fn(u32, Option<u32>) -> Item) -> usize + Sync + Send + 'static,
+) {
     model(move || {
         let pool = WorkerPool::new(2);
         let workers = Workers::start(&pool);
+        if borrowing {
+            workers.serve_here();
+        }
         let ledger = Arc::new(Ledger::default());
         let made = body(&pool, &|x, waits| Item::new(x, waits, &ledger));
         workers.stop(pool);
@@ -163,5 +175,22 @@ fn loom_fan_out_dropped_stream_cancels_running_items() {
         });
         assert_eq!(block_on(s.next()), Some(0));
         2
+    });
+}
+
+/// A consumer on the workers' runtime runs its own chunks under borrowed slots while the two
+/// workers take the others; its chunk whose first item waits is handed to a worker with its
+/// slot and its second item split off: results come in order, each once, every future is
+/// dropped once, and the pool ends with no slot in use (checked by the harness).
+#[test]
+fn loom_fan_out_borrowing_consumer_keeps_order() {
+    on_pool_borrowing(true, |pool, item| {
+        let make = |x: u32| item(x, Some(u32::from(x == 0)));
+        let s = FanOutOrdered::new(stream::iter(0..4u32), pool.clone(), make);
+        // Measured light: chunks of n / (2 * workers) = 1 item.
+        s.core.chan.item_nanos.store(0, Ordering::Relaxed);
+        let want: Vec<u32> = (0..4).map(|x| x * 10).collect();
+        assert_eq!(run_to_end(s, |s| &s.core, 4), want);
+        4
     });
 }
