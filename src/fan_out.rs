@@ -311,6 +311,13 @@ const CHUNK_NANOS: u64 = 200_000;
 /// [`MAX_LIGHT_CHUNK_ITEMS`]. A chunk whose item has to wait still splits off the rest.
 const LIGHT_NANOS: u64 = 250;
 
+/// Items measured to take less than this (nanoseconds, judging by the last chunk) are run by
+/// the consumer itself while a slot of the pool is free (see `Core::run_borrowed`): a chunk of
+/// them costs less than its hand-off to a worker and back. Heavier items go to the workers, so
+/// that CPU-bound work runs on every worker while the consumer keeps the window full. A chunk
+/// of light items with a heavy one among them (say 1 in 100) still counts as light.
+const BORROW_NANOS: u64 = 2_000;
+
 /// The most light items in one chunk.
 const MAX_LIGHT_CHUNK_ITEMS: usize = 256;
 
@@ -443,7 +450,8 @@ impl<U: Send + 'static> Core<U> {
         Poll::Pending
     }
 
-    /// Runs this stream's queued jobs on its own task, one at a time under a slot borrowed from
+    /// Runs this stream's queued jobs of light items (see [`BORROW_NANOS`]) on its own task, one
+    /// at a time under a slot borrowed from
     /// the pool (so the pool's cap on running futures holds), until a result is ready, no slot
     /// is free, or no job is queued; returns whether it ran any. Saves the hand-off to a worker
     /// and back, which costs more than light items do. A job that has to wait goes back to the
@@ -453,7 +461,10 @@ impl<U: Send + 'static> Core<U> {
     /// Only on a thread of the runtime the workers live on: a future run here then belongs to
     /// that runtime as it would on a worker.
     fn run_borrowed(&mut self, cx: &mut Context<'_>) -> bool {
-        if !self.pool.serves_here() {
+        // Heavy items (or not measured yet) stay with the workers: the consumer is free to
+        // refill the window and yield results meanwhile.
+        if self.chan.item_nanos.load(Ordering::Relaxed) >= BORROW_NANOS || !self.pool.serves_here()
+        {
             return false;
         }
         let Some(mut job) = self.pool.borrow_job(self.source) else {

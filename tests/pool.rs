@@ -391,15 +391,16 @@ fn polling_outside_a_runtime_says_so_and_leaves_the_pool_usable() {
     assert_eq!(out, [0, 2, 4]);
 }
 
-/// A leaf item: counted in `running` while it runs, it spins for a while (long enough for
-/// other threads to run leaves meanwhile) and yields to the runtime once in a while, so that
-/// its job has to wait and is resumed elsewhere.
+/// A leaf item: counted in `running` while it runs, it spins briefly (light enough that
+/// consumers run such items themselves, long enough for other threads to run leaves meanwhile)
+/// and yields to the runtime once in a while, so that its job has to wait and is resumed
+/// elsewhere.
 async fn counted_leaf(running: common::Gauge, x: u64) -> u64 {
     let _running = running.enter();
     let mut h = x | 1;
-    for round in 0..2_000u32 {
+    for round in 0..200u32 {
         h = std::hint::black_box(h.wrapping_mul(6364136223846793005).wrapping_add(1));
-        if round == 1_000 && x % 7 == 0 {
+        if round == 100 && x % 7 == 0 {
             tokio::task::yield_now().await;
         }
     }
