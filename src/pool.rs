@@ -65,10 +65,10 @@ pub(crate) type Job = Pin<Box<dyn Future<Output = Option<Waker>> + Send + 'stati
 /// shares the workers; when the last handle (and the last stream using the pool) is dropped, the
 /// workers stop.
 ///
-/// A stream waiting for its results does not always wait for a worker: while a slot is free
-/// (fewer than `workers` futures run), its consumer runs the stream's own queued futures itself,
-/// under that slot, which saves the hand-off to a worker thread and back (it costs more than a
-/// light item does). Such a slot counts against the cap like a worker; a future that has to
+/// A stream of light items (measured at under 2 µs each) does not always wait for a worker:
+/// while a slot is free (fewer than `workers` futures run), its consumer runs the stream's own
+/// queued futures itself, under that slot, which saves the hand-off to a worker thread and
+/// back (it costs more than such items do). Heavier items always go to the workers. Such a slot counts against the cap like a worker; a future that has to
 /// wait is handed to a worker together with its slot. The consumer does this only on a thread
 /// of the runtime the workers live on (see below), so its futures run where they would on a
 /// worker.
