@@ -383,6 +383,27 @@ impl InFlightLimit {
         fut.await
     }
 
+    /// Takes a free unit of a fixed limit at once, if there is one (no waiter can be ahead
+    /// while units are free), for a holder that gives it back with
+    /// [`give_back`](Self::give_back): `false` takes nothing.
+    #[inline]
+    pub(crate) fn try_take_fixed(&self) -> bool {
+        debug_assert!(self.adaptive.is_none(), "an adaptive limit's units report");
+        match self.semaphore.try_acquire() {
+            Ok(permit) => {
+                permit.forget();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Gives back a unit taken by [`try_take_fixed`](Self::try_take_fixed).
+    #[inline]
+    pub(crate) fn give_back(&self) {
+        self.semaphore.add_permits(1);
+    }
+
     /// Takes a unit of this limit, waiting for one first (first come, first served), for a
     /// holder that reports the outcome itself through [`finish`](Self::finish).
     pub(crate) async fn acquire(&self) -> Permit {

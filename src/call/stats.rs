@@ -114,16 +114,40 @@ impl CallStats {
         }
     }
 
-    /// A run starts at `now`: counts it, and returns the guard that records how it ends.
-    pub(crate) fn start(&self, now: Instant) -> RunGuard<'_> {
+    /// Counts a run that starts, whose end is recorded by [`finished`](Self::finished) or
+    /// [`cancelled`](Self::cancelled) (or by the guard of [`resume`](Self::resume)).
+    #[inline]
+    pub(crate) fn started(&self) {
         self.inner.calls.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
         self.inner.metrics.started();
+    }
+
+    /// The guard that records how a run already counted, started at `started`, ends.
+    pub(crate) fn resume(&self, started: Instant) -> RunGuard<'_> {
         RunGuard {
             stats: self,
-            started: now,
+            started,
             done: false,
         }
+    }
+
+    /// A run started at `started` ends now, `ok` or not: its outcome and latency.
+    #[inline]
+    pub(crate) fn finished(&self, started: Instant, ok: bool) {
+        let i = &self.inner;
+        if ok { &i.successes } else { &i.failures }.fetch_add(1, Ordering::Relaxed);
+        let took = started.elapsed();
+        i.latency.record(nanos(took));
+        #[cfg(feature = "metrics")]
+        i.metrics.finished(ok, took);
+    }
+
+    /// A run was dropped before it ended.
+    pub(crate) fn cancelled(&self) {
+        self.inner.cancelled.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.inner.metrics.cancelled();
     }
 
     pub(crate) fn retry(&self) {
@@ -163,21 +187,14 @@ pub(crate) struct RunGuard<'a> {
 impl RunGuard<'_> {
     pub(crate) fn finish(mut self, ok: bool) {
         self.done = true;
-        let i = &self.stats.inner;
-        if ok { &i.successes } else { &i.failures }.fetch_add(1, Ordering::Relaxed);
-        let took = self.started.elapsed();
-        i.latency.record(nanos(took));
-        #[cfg(feature = "metrics")]
-        i.metrics.finished(ok, took);
+        self.stats.finished(self.started, ok);
     }
 }
 
 impl Drop for RunGuard<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.stats.inner.cancelled.fetch_add(1, Ordering::Relaxed);
-            #[cfg(feature = "metrics")]
-            self.stats.inner.metrics.cancelled();
+            self.stats.cancelled();
         }
     }
 }
