@@ -24,6 +24,7 @@
 //! before it ends reports nothing. The limit's units are the semaphore's permits; lowering it
 //! leaves a debt that the next permits taken pay, so giving a unit back needs no bookkeeping.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::num::NonZeroU32;
@@ -32,6 +33,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::StreamExt;
 use futures::stream::{FuturesOrdered, FuturesUnordered, Stream};
 use pin_project_lite::pin_project;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
@@ -398,10 +400,33 @@ impl InFlightLimit {
         }
     }
 
-    /// Gives back a unit taken by [`try_take_fixed`](Self::try_take_fixed).
+    /// Gives back a unit taken by [`try_take_fixed`](Self::try_take_fixed) or
+    /// [`poll_unit`](Self::poll_unit).
     #[inline]
     pub(crate) fn give_back(&self) {
         self.semaphore.add_permits(1);
+    }
+
+    /// Gives back `n` units taken by [`poll_unit`](Self::poll_unit).
+    pub(crate) fn give_back_many(&self, n: usize) {
+        self.semaphore.add_permits(n);
+    }
+
+    /// [`poll_permit`](Self::poll_permit) for a holder that keeps no permit but gives the
+    /// unit back with [`give_back`](Self::give_back): a free unit of a fixed limit is taken
+    /// without a handle on the semaphore.
+    #[inline]
+    pub(crate) fn poll_unit(
+        &self,
+        acquire: &mut Option<Acquire>,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
+        if self.adaptive.is_none() && self.try_take_fixed() {
+            *acquire = None;
+            return Poll::Ready(());
+        }
+        std::task::ready!(self.poll_permit(acquire, cx)).forget();
+        Poll::Ready(())
     }
 
     /// Takes a unit of this limit, waiting for one first (first come, first served), for a
@@ -644,6 +669,8 @@ pin_project! {
     /// A future that holds a permit of the limit (if it was given one) until it completes.
     /// Its output comes with the operation's end, if it holds a ticket of an adaptive limit,
     /// for its holder to report (a fixed limit's future carries `None`, and reads no clock).
+    /// The tower layer's futures are these; the streams' are [`Held`] (their types name this
+    /// one in their [`Queue`]).
     pub(crate) struct WithPermit<Fut> {
         #[pin]
         fut: Fut,
@@ -654,6 +681,7 @@ pin_project! {
 
 impl<Fut> WithPermit<Fut> {
     /// `fut`, holding `permit` (if any) with its `ticket` (of an adaptive limit).
+    #[cfg(feature = "tower")]
     #[inline]
     pub(crate) fn new(
         fut: Fut,
@@ -719,44 +747,212 @@ where
     }
 }
 
-/// The queue of a stream's running (and, in input order, finished but held back) futures.
-pub(crate) trait Queue: Stream + Unpin + Default {
-    /// The queued future.
-    type Fut;
-    /// Whether a finished future waits here for earlier ones: then the queue's length is the
+pin_project! {
+    /// A future of the `in_flight` family's engine. Whether it holds a unit of the limit and
+    /// (of an adaptive limit) its ticket travel with its output to the engine, which gives the
+    /// unit back as soon as the future ends: the future holds no handle on the limit, so
+    /// taking a unit costs no reference count.
+    pub(crate) struct Held<Fut> {
+        #[pin]
+        fut: Fut,
+        unit: bool,
+        ticket: Option<Ticket>,
+    }
+}
+
+impl<Fut: Future> Future for Held<Fut> {
+    /// The output, whether the future held a unit, and its end for an adaptive limit.
+    type Output = (Fut::Output, bool, Option<Ended>);
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.fut.poll(cx));
+        Poll::Ready((out, *this.unit, this.ticket.take().map(Ticket::end)))
+    }
+}
+
+/// The queue a stream of the family names in its type (`FuturesUnordered<WithPermit<Fut>>`
+/// in completion order, `FuturesOrdered<WithPermit<Fut>>` in input order), and the [`Store`]
+/// that holds its futures.
+pub(crate) trait Queue {
+    type Store: Store;
+}
+
+impl<Fut> Queue for FuturesUnordered<WithPermit<Fut>> {
+    type Store = Unordered<Fut>;
+}
+
+impl<Fut: Future> Queue for FuturesOrdered<WithPermit<Fut>> {
+    type Store = Ordered<Fut>;
+}
+
+/// A stream's running (and, in input order, finished but held back) futures.
+pub(crate) trait Store: Default {
+    /// Whether a finished future waits here for earlier ones: then the store's length is the
     /// reorder buffer, and it is bounded by the limit.
     const ORDERED: bool;
-    fn push(&mut self, fut: Self::Fut);
     fn len(&self) -> usize;
 }
 
-impl<Fut: Future> Queue for FuturesUnordered<Fut> {
-    type Fut = Fut;
-    const ORDERED: bool = false;
+/// A [`Store`] of futures of type `Fut`.
+pub(crate) trait PollStore<Fut: Future>: Store {
+    fn push(&mut self, fut: Held<Fut>);
+    /// The next output in the store's order, with its end for an adaptive limit. `unit` is
+    /// called as soon as a future that held a unit ends (in input order, possibly before
+    /// earlier ones have).
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        unit: impl FnMut(),
+    ) -> Poll<Option<(Fut::Output, Option<Ended>)>>;
+}
 
-    #[inline]
-    fn push(&mut self, fut: Fut) {
-        FuturesUnordered::push(self, fut);
-    }
+/// The futures in completion order.
+pub(crate) struct Unordered<Fut>(FuturesUnordered<Held<Fut>>);
 
-    #[inline]
-    fn len(&self) -> usize {
-        FuturesUnordered::len(self)
+impl<Fut> Default for Unordered<Fut> {
+    fn default() -> Self {
+        Self(FuturesUnordered::new())
     }
 }
 
-impl<Fut: Future> Queue for FuturesOrdered<Fut> {
-    type Fut = Fut;
-    const ORDERED: bool = true;
-
-    #[inline]
-    fn push(&mut self, fut: Fut) {
-        self.push_back(fut);
-    }
+impl<Fut> Store for Unordered<Fut> {
+    const ORDERED: bool = false;
 
     #[inline]
     fn len(&self) -> usize {
-        FuturesOrdered::len(self)
+        self.0.len()
+    }
+}
+
+impl<Fut: Future> PollStore<Fut> for Unordered<Fut> {
+    #[inline]
+    fn push(&mut self, fut: Held<Fut>) {
+        self.0.push(fut);
+    }
+
+    #[inline]
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut unit: impl FnMut(),
+    ) -> Poll<Option<(Fut::Output, Option<Ended>)>> {
+        let Some((out, held, ended)) = std::task::ready!(self.0.poll_next_unpin(cx)) else {
+            return Poll::Ready(None);
+        };
+        if held {
+            unit();
+        }
+        Poll::Ready(Some((out, ended)))
+    }
+}
+
+pin_project! {
+    /// A future with its place in input order.
+    pub(crate) struct Indexed<Fut> {
+        #[pin]
+        fut: Fut,
+        index: u64,
+    }
+}
+
+impl<Fut: Future> Future for Indexed<Fut> {
+    type Output = (u64, Fut::Output);
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.fut.poll(cx));
+        Poll::Ready((*this.index, out))
+    }
+}
+
+/// The output of a future in a [`Store`].
+type Done<Fut> = (<Fut as Future>::Output, Option<Ended>);
+
+/// The futures in input order, as in a `FuturesOrdered`: they run in a `FuturesUnordered`,
+/// and an output that comes before the earlier ones' waits at its place in `finished`.
+pub(crate) struct Ordered<Fut: Future> {
+    running: FuturesUnordered<Indexed<Held<Fut>>>,
+    /// The outputs from `next_out` on, `None` where the future is still running.
+    finished: VecDeque<Option<Done<Fut>>>,
+    /// How many outputs `finished` holds.
+    waiting: usize,
+    next_in: u64,
+    next_out: u64,
+}
+
+impl<Fut: Future> Default for Ordered<Fut> {
+    fn default() -> Self {
+        Self {
+            running: FuturesUnordered::new(),
+            finished: VecDeque::new(),
+            waiting: 0,
+            next_in: 0,
+            next_out: 0,
+        }
+    }
+}
+
+// Nothing in it is pinned but the futures, which the `FuturesUnordered` keeps on the heap.
+impl<Fut: Future> Unpin for Ordered<Fut> {}
+
+impl<Fut: Future> Store for Ordered<Fut> {
+    const ORDERED: bool = true;
+
+    #[inline]
+    fn len(&self) -> usize {
+        self.running.len() + self.waiting
+    }
+}
+
+impl<Fut: Future> PollStore<Fut> for Ordered<Fut> {
+    #[inline]
+    fn push(&mut self, fut: Held<Fut>) {
+        let index = self.next_in;
+        self.next_in += 1;
+        self.running.push(Indexed { fut, index });
+    }
+
+    #[inline]
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut unit: impl FnMut(),
+    ) -> Poll<Option<Done<Fut>>> {
+        loop {
+            if let Some(Some(_)) = self.finished.front() {
+                let done = self
+                    .finished
+                    .pop_front()
+                    .flatten()
+                    .expect("an output is next");
+                self.waiting -= 1;
+                self.next_out += 1;
+                return Poll::Ready(Some(done));
+            }
+            let Some((index, (out, held, ended))) =
+                std::task::ready!(self.running.poll_next_unpin(cx))
+            else {
+                return Poll::Ready(None);
+            };
+            if held {
+                unit();
+            }
+            if index == self.next_out {
+                // Its place, if a later one has ended first.
+                self.finished.pop_front();
+                self.next_out += 1;
+                return Poll::Ready(Some((out, ended)));
+            }
+            let at = usize::try_from(index - self.next_out).expect("at most the limit apart");
+            if self.finished.len() <= at {
+                self.finished.resize_with(at + 1, || None);
+            }
+            self.finished[at] = Some((out, ended));
+            self.waiting += 1;
+        }
     }
 }
 
@@ -766,16 +962,28 @@ pub(crate) type Acquire =
 
 pin_project! {
     /// The engine of the `in_flight` family.
-    pub(crate) struct Core<S: Stream, C, Q> {
+    pub(crate) struct Core<S: Stream, C, Q: Queue> {
         #[pin]
         stream: S,
         start: C,
         limit: InFlightLimit,
-        running: Q,
+        running: Q::Store,
+        // The units of the limit that running futures hold: each is given back when its future
+        // ends, and what is left when the stream is dropped.
+        units: usize,
         // An item pulled from upstream, waiting for a permit.
         waiting: Option<S::Item>,
         acquire: Option<Acquire>,
         upstream_done: bool,
+    }
+
+    impl<S: Stream, C, Q: Queue> PinnedDrop for Core<S, C, Q> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if *this.units > 0 {
+                this.limit.give_back_many(*this.units);
+            }
+        }
     }
 }
 
@@ -785,7 +993,8 @@ impl<S: Stream, C, Q: Queue> Core<S, C, Q> {
             stream,
             start,
             limit,
-            running: Q::default(),
+            running: Q::Store::default(),
+            units: 0,
             waiting: None,
             acquire: None,
             upstream_done: false,
@@ -832,7 +1041,8 @@ impl<S, C, Q> Core<S, C, Q>
 where
     S: Stream,
     C: Start<S::Item>,
-    Q: Queue<Fut = WithPermit<C::Fut>> + Stream<Item = (<C::Fut as Future>::Output, Option<Ended>)>,
+    Q: Queue,
+    Q::Store: PollStore<C::Fut>,
 {
     #[inline]
     pub(crate) fn poll_next(
@@ -844,14 +1054,20 @@ where
         // the limit may be queued (running, or finished behind an earlier item).
         loop {
             if this.waiting.is_none() {
-                if *this.upstream_done || (Q::ORDERED && this.running.len() >= this.limit.limit()) {
+                if *this.upstream_done
+                    || (<Q::Store as Store>::ORDERED && this.running.len() >= this.limit.limit())
+                {
                     break;
                 }
                 match this.stream.as_mut().poll_next(cx) {
                     Poll::Ready(Some(item)) => {
                         if !this.start.needs_permit(&item) {
                             let fut = this.start.start(item);
-                            this.running.push(WithPermit::new(fut, None, None));
+                            this.running.push(Held {
+                                fut,
+                                unit: false,
+                                ticket: None,
+                            });
                             continue;
                         }
                         *this.waiting = Some(item);
@@ -863,16 +1079,25 @@ where
                     Poll::Pending => break,
                 }
             }
-            let Poll::Ready(permit) = this.limit.poll_permit(this.acquire, cx) else {
+            let Poll::Ready(()) = this.limit.poll_unit(this.acquire, cx) else {
                 break;
             };
+            *this.units += 1;
             let ticket = this.limit.ticket();
             let item = this.waiting.take().expect("an item waits for the permit");
             let fut = this.start.start(item);
-            this.running
-                .push(WithPermit::new(fut, Some(permit), ticket));
+            this.running.push(Held {
+                fut,
+                unit: true,
+                ticket,
+            });
         }
-        match Pin::new(&mut *this.running).poll_next(cx) {
+        let (limit, units) = (&*this.limit, this.units);
+        let give_back = || {
+            *units -= 1;
+            limit.give_back();
+        };
+        match this.running.poll_next(cx, give_back) {
             Poll::Ready(Some((out, ended))) => {
                 if let Some(ended) = ended {
                     this.limit.report(ended, C::Outcome::failed(&out));
