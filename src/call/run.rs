@@ -184,7 +184,7 @@ where
         outcome: Option<Result<U, E>>,
         next: Option<T>,
         permit: Option<Permit>,
-    ) -> Result<Result<U, CallError<E>>, State<T, Fut, U, E>> {
+    ) -> Result<Result<U, CallError<E>>, Slow<U, E>> {
         let policy = &inner.policy;
         let ok = matches!(outcome, Some(Ok(_)));
         if let (Some(permit), Some(breaker)) = (permit, &policy.breaker) {
@@ -225,19 +225,17 @@ where
 
     /// The rest of the run on the general path, after a failed first attempt: the backoff's
     /// wait, then the attempts from the second on, with `next`.
-    fn retry(inner: &Arc<Inner<F, R>>, started: Option<Instant>, next: T) -> State<T, Fut, U, E> {
+    fn retry(inner: &Arc<Inner<F, R>>, started: Option<Instant>, next: T) -> Slow<U, E> {
         let inner = Arc::clone(inner);
-        State::Slow {
-            fut: Box::pin(async move {
-                let policy = &inner.policy;
-                let run = policy.stats.as_ref().zip(started).map(|(s, t)| s.resume(t));
-                time::sleep(policy.retry.delay_after(1)).await;
-                if let Some(stats) = &policy.stats {
-                    stats.retry();
-                }
-                policy.attempts(next, |x| (inner.f)(x), 2, None, run).await
-            }),
-        }
+        Box::pin(async move {
+            let policy = &inner.policy;
+            let run = policy.stats.as_ref().zip(started).map(|(s, t)| s.resume(t));
+            time::sleep(policy.retry.delay_after(1)).await;
+            if let Some(stats) = &policy.stats {
+                stats.retry();
+            }
+            policy.attempts(next, |x| (inner.f)(x), 2, None, run).await
+        })
     }
 }
 
@@ -293,7 +291,7 @@ where
                     }
                     match Self::settle(this.inner, *this.started, outcome, next, permit) {
                         Ok(result) => return Poll::Ready(result),
-                        Err(state) => this.state.set(state),
+                        Err(fut) => this.state.set(State::Slow { fut }),
                     }
                 }
                 StateProj::Slow { fut } => {
