@@ -52,6 +52,11 @@
 //!   [`metrics`](https://docs.rs/metrics) facade to whatever recorder (Prometheus or
 //!   OpenTelemetry exporter) the application installs; names, labels and units in the
 //!   `metrics` module. Adds the small `metrics` crate.
+//! * `serde`: `Serialize` and `Deserialize` for the snapshots of the figures,
+//!   [`StatsSnapshot`], [`CallStatsSnapshot`], [`PipelineStats`] and [`StageStats`], so a
+//!   service can report them as they are (JSON, say). Fields keep their names; a `Duration` is
+//!   serde's `{"secs": u64, "nanos": u32}`; `PipelineStats::stages` is a list of
+//!   `[stage, figures]` pairs. Adds `serde` (with its derive macros).
 //! * `governor`: `From<governor::Quota>` for [`Quota`], for code written against governor.
 //! * `redis`: state shared across processes in Redis, behind the same handles and operators
 //!   (`RateLimiter::redis`, `KeyedRateLimiter::redis`, `CircuitBreaker::redis`, a
@@ -153,8 +158,9 @@ pub use dedupe::DedupeBy;
 // -- staged pipelines --
 mod staged;
 pub use staged::{
-    GraphEdge, GraphNode, GroupBuilder, GroupClosed, GroupResults, Next, Pipeline, PipelineBuilder,
-    PipelineGraph, PipelineStats, StageError, StageStats, StateMachine, Submitter, Through,
+    AdmissionBound, GraphEdge, GraphNode, GroupBuilder, GroupClosed, GroupRefused, GroupResults,
+    Next, Pipeline, PipelineBuilder, PipelineGraph, PipelineStats, StageError, StageStats,
+    StateMachine, Submitter, Through,
 };
 
 // -- fallible streams: try_fan_out_ordered, try_fan_out, try_in_flight(_ordered), try_batch,
@@ -190,7 +196,8 @@ pub mod prelude {
 
     // -- staged pipelines --
     pub use crate::{
-        GroupClosed, Next, Pipeline, PipelineStats, StageError, StageStats, StateMachine,
+        GroupClosed, GroupRefused, Next, Pipeline, PipelineStats, StageError, StageStats,
+        StateMachine,
     };
 }
 

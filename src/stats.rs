@@ -80,6 +80,7 @@ struct Span {
 /// `Display` prints one line, e.g.
 /// `parse: 1000 items in 2.000s (500.0/s); waited on upstream 1.500s (75%), on downstream 0.000s (0%)`.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct StatsSnapshot {
     /// The name given to [`Stats::new`].

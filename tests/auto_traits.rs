@@ -36,6 +36,7 @@ fn handles_are_shared_handles() {
     send_sync::<Submitter<Machine>>();
     send_sync::<ConfigError>();
     send_sync::<StageError<Machine>>();
+    send_sync::<GroupRefused>();
     fn send_only<T: Send + 'static>() {}
     send_only::<GroupResults<Machine>>();
 }
@@ -56,6 +57,10 @@ async fn streams_from_send_parts_are_send() {
     send_static_stream(&s);
     let (tx, results) = pipeline.group().open();
     send(&tx.submit(String::new()));
+    send_static_stream(&results);
+    let admit = pipeline.group().admit(1, std::time::Duration::ZERO);
+    send(&admit);
+    let (_tx, results) = admit.await.unwrap();
     send_static_stream(&results);
 }
 

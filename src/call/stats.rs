@@ -218,6 +218,7 @@ impl fmt::Debug for CallStats {
 /// `Display` prints one line, e.g.
 /// `lookup: 4 calls: 4 ok, 0 failed, 0 cancelled; 0 retries, 0 timeouts, 0 rejected; latency p50 10ms p90 40ms p99 40ms max 40ms mean 17.5ms; waited on the rate limit 0ns`.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct CallStatsSnapshot {
     /// The name given to [`CallStats::new`].

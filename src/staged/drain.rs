@@ -4,10 +4,12 @@ use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::sync::{Arc, AtomicWaker, Mutex, Notify, Weak};
 
 /// A pipeline's drain: whether it is draining, the groups opened and closed so far, the open
-/// groups to tell when it starts, and a signal when a group closes.
+/// groups to tell when it starts (or times out), and a signal when a group closes.
 #[derive(Default)]
 pub(super) struct Drain {
     draining: AtomicBool,
+    /// Set when a drain timed out: the groups still open end at once.
+    aborted: AtomicBool,
     /// Groups opened so far (a `through` stream counts as one).
     opened: AtomicU64,
     /// Groups closed so far.
@@ -21,6 +23,27 @@ pub(super) struct Drain {
 impl Drain {
     pub(super) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Acquire)
+    }
+
+    pub(super) fn is_aborted(&self) -> bool {
+        self.aborted.load(Ordering::Acquire)
+    }
+
+    /// Ends every group still open: each ends at its next poll (woken now).
+    pub(super) fn abort(&self) {
+        self.aborted.store(true, Ordering::Release);
+        self.wake_groups();
+    }
+
+    fn wake_groups(&self) {
+        let groups: Vec<Weak<AtomicWaker>> = self
+            .groups
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for group in groups.iter().filter_map(Weak::upgrade) {
+            group.wake();
+        }
     }
 
     /// Registers a new group's waker slot, woken when draining starts.
@@ -55,14 +78,7 @@ impl Drain {
     /// resolves once every group has closed.
     pub(super) async fn drain(&self) {
         self.draining.store(true, Ordering::Release);
-        let groups: Vec<Weak<AtomicWaker>> = self
-            .groups
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        for group in groups.iter().filter_map(Weak::upgrade) {
-            group.wake();
-        }
+        self.wake_groups();
         loop {
             let closed = self.signal.notified();
             let mut closed = std::pin::pin!(closed);

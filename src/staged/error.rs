@@ -34,16 +34,45 @@ pub enum StageError<M: StateMachine> {
         /// The panic's message, if it had a string payload.
         message: String,
     },
+    /// The group's deadline ([`GroupBuilder::deadline`](super::GroupBuilder::deadline)) passed
+    /// before its results were all yielded: the group's last item. The group was cancelled:
+    /// its unfinished requests were abandoned and later submissions are refused.
+    DeadlineExceeded {
+        /// Requests submitted to the group that were left without a result.
+        abandoned: u64,
+    },
+    /// The pipeline's drain timed out ([`Pipeline::drain_timeout`](super::Pipeline::drain_timeout))
+    /// while the group was still open: the group's last item. The group was cancelled as for
+    /// [`DeadlineExceeded`](Self::DeadlineExceeded).
+    DrainTimedOut {
+        /// Requests submitted to the group that were left without a result.
+        abandoned: u64,
+    },
 }
 
 impl<M: StateMachine> StageError<M> {
     /// The stage where the request stopped (for `Cycle`, the stage it tried to revisit), or
-    /// `None` for `StartPanicked`: the request never reached a stage.
+    /// `None` for `StartPanicked` (the request never reached a stage) and for the errors that
+    /// end a whole group (`DeadlineExceeded`, `DrainTimedOut`).
     pub fn stage(&self) -> Option<M::Stage> {
         match self {
             Self::Failed { stage, .. } | Self::Panicked { stage, .. } => Some(*stage),
             Self::Cycle { path } => path.last().copied(),
-            Self::StartPanicked { .. } => None,
+            Self::StartPanicked { .. }
+            | Self::DeadlineExceeded { .. }
+            | Self::DrainTimedOut { .. } => None,
+        }
+    }
+
+    /// For the errors that end a whole group (`DeadlineExceeded`, `DrainTimedOut`), the
+    /// requests submitted to it that were left without a result; `None` for the errors of one
+    /// request.
+    pub fn abandoned(&self) -> Option<u64> {
+        match self {
+            Self::DeadlineExceeded { abandoned } | Self::DrainTimedOut { abandoned } => {
+                Some(*abandoned)
+            }
+            _ => None,
         }
     }
 }
@@ -69,6 +98,14 @@ where
                 .debug_struct("StartPanicked")
                 .field("message", message)
                 .finish(),
+            Self::DeadlineExceeded { abandoned } => f
+                .debug_struct("DeadlineExceeded")
+                .field("abandoned", abandoned)
+                .finish(),
+            Self::DrainTimedOut { abandoned } => f
+                .debug_struct("DrainTimedOut")
+                .field("abandoned", abandoned)
+                .finish(),
         }
     }
 }
@@ -83,6 +120,16 @@ where
             Self::Cycle { path } => write!(f, "stage cycle: {path:?}"),
             Self::Panicked { stage, message } => write!(f, "stage {stage:?} panicked: {message}"),
             Self::StartPanicked { message } => write!(f, "start panicked: {message}"),
+            Self::DeadlineExceeded { abandoned } => {
+                write!(
+                    f,
+                    "the group's deadline passed: {abandoned} requests abandoned"
+                )
+            }
+            Self::DrainTimedOut { abandoned } => write!(
+                f,
+                "the pipeline's drain timed out: {abandoned} requests abandoned"
+            ),
         }
     }
 }

@@ -2,20 +2,25 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::future::Future;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::time::Duration;
+
 use futures::stream::{FusedStream, Stream};
 use pin_project_lite::pin_project;
 use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
 
+use super::admission::{GroupRefused, Ticket};
 use super::drain::Drain;
 use super::pipeline::{Inner, Pipeline};
 use super::{GroupClosed, StageError, StateMachine};
-use crate::error::{ConfigError, or_panic, window_size};
+use crate::error::{ConfigError, nonzero_duration, or_panic, window_size};
 use crate::fan_out::Core;
-use crate::sync::atomic::{AtomicBool, Ordering};
+use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::sync::{Arc, AtomicWaker};
 
 type Outcome<M> = Result<<M as StateMachine>::Data, StageError<M>>;
@@ -29,6 +34,14 @@ pub struct GroupBuilder<M: StateMachine> {
     cancel_on_error: bool,
     window: usize,
     key: Option<KeyFn<M::Data>>,
+    deadline: Option<Deadline>,
+}
+
+/// When a group's deadline passes: a duration from its opening, or an instant.
+#[derive(Debug, Clone, Copy)]
+enum Deadline {
+    After(Duration),
+    At(Instant),
 }
 
 impl<M: StateMachine> fmt::Debug for GroupBuilder<M> {
@@ -38,6 +51,7 @@ impl<M: StateMachine> fmt::Debug for GroupBuilder<M> {
             .field("cancel_on_error", &self.cancel_on_error)
             .field("window", &self.window)
             .field("keyed", &self.key.is_some())
+            .field("deadline", &self.deadline)
             .finish()
     }
 }
@@ -51,6 +65,7 @@ impl<M: StateMachine> GroupBuilder<M> {
             cancel_on_error: false,
             window,
             key: None,
+            deadline: None,
         }
     }
 
@@ -89,6 +104,74 @@ impl<M: StateMachine> GroupBuilder<M> {
         Ok(self)
     }
 
+    /// Ends the group `deadline` after it is opened, if it has not ended by then: the group is
+    /// cancelled (its unfinished requests abandoned, later submissions refused with
+    /// [`GroupClosed`]) and its result stream yields a last item,
+    /// [`StageError::DeadlineExceeded`], counting the requests submitted to it that were left
+    /// without a result. A result already finished when the deadline passes is still yielded
+    /// before it. A deadline too far for the clock waits about 30 years; a group whose results
+    /// all came before its deadline ends as usual.
+    ///
+    /// The deadline is a timer on tokio's clock, started when the result stream is first
+    /// polled (inside a runtime) but counted from [`open`](Self::open).
+    ///
+    /// # Panics
+    ///
+    /// Panics if `deadline` is zero; [`try_deadline`](Self::try_deadline) returns the error
+    /// instead.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::StreamExt;
+    /// use stagepipe::prelude::*;
+    ///
+    /// # #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)] struct S;
+    /// struct Sleepy;
+    /// impl StateMachine for Sleepy {
+    ///     type Stage = S; type Data = u64; type Error = String;
+    ///     fn start(&self) -> S { S }
+    ///     async fn run(&self, _: S, secs: u64) -> Result<Next<S, u64>, String> {
+    ///         tokio::time::sleep(Duration::from_secs(secs)).await;
+    ///         Ok(Next::Done(secs))
+    ///     }
+    /// }
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let pipeline = Pipeline::builder(Sleepy).workers(4).build();
+    /// let (tx, results) = pipeline.group().ordered().deadline(Duration::from_secs(10)).open();
+    /// for secs in [1, 2, 30, 3] {
+    ///     tx.submit(secs).await.unwrap();
+    /// }
+    /// drop(tx);
+    /// let results: Vec<_> = results.collect().await;
+    /// // Ordered: the request of 30 s holds back the one after it; both are abandoned at 10 s.
+    /// assert_eq!(results.len(), 3);
+    /// assert!(matches!(results[2], Err(StageError::DeadlineExceeded { abandoned: 2 })));
+    /// # }
+    /// ```
+    #[track_caller]
+    pub fn deadline(self, deadline: Duration) -> Self {
+        or_panic(self.try_deadline(deadline))
+    }
+
+    /// [`deadline`](Self::deadline), returning a [`ConfigError`] naming `deadline` if it is
+    /// zero.
+    pub fn try_deadline(mut self, deadline: Duration) -> Result<Self, ConfigError> {
+        nonzero_duration("deadline", deadline)?;
+        self.deadline = Some(Deadline::After(deadline));
+        Ok(self)
+    }
+
+    /// [`deadline`](Self::deadline) at an instant on tokio's clock rather than after a duration
+    /// (a deadline counted from the arrival of the request the group serves, say). An instant
+    /// already past ends the group at its first poll.
+    pub fn deadline_at(mut self, deadline: Instant) -> Self {
+        self.deadline = Some(Deadline::At(deadline));
+        self
+    }
+
     /// Keyed ordering: requests with equal keys run one at a time, in submission order;
     /// requests with different keys run in parallel (per-account or per-entity processing).
     ///
@@ -106,6 +189,75 @@ impl<M: StateMachine> GroupBuilder<M> {
         self
     }
 
+    /// Opens the group once the pipeline's admission bounds
+    /// ([`max_open_groups`](super::PipelineBuilder::max_open_groups),
+    /// [`max_pending_requests`](super::PipelineBuilder::max_pending_requests)) have room for
+    /// it and its `requests` requests, as [`open`](Self::open) does; or refuses it.
+    ///
+    /// With room now, the group is admitted at once. Else it waits up to `wait` for room, in
+    /// arrival order, behind the admissions already waiting: at most `max_open_groups` wait at
+    /// once, and one that finds that many waiting is refused at once, as is every admission
+    /// when `wait` is zero. A refusal ([`GroupRefused`]) names the bound that had no room and
+    /// estimates when there will be. A group reserving more requests than
+    /// `max_pending_requests` (or `u32::MAX`) could never fit: it is refused at once.
+    ///
+    /// An admitted group holds its slot until its result stream ends or is dropped, and its
+    /// `requests` until each has its result yielded; it may submit more than it reserved (the
+    /// extra ones are not counted). The pipeline's figures ([`Pipeline::stats`]) count the
+    /// admissions waiting, the requests pending and the refusals.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe: dropping the future before it resolves leaves the queue, and nothing is
+    /// admitted.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::StreamExt;
+    /// use stagepipe::prelude::*;
+    /// use stagepipe::AdmissionBound;
+    ///
+    /// # #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)] struct S;
+    /// # struct Echo;
+    /// # impl StateMachine for Echo {
+    /// #     type Stage = S; type Data = u32; type Error = String;
+    /// #     fn start(&self) -> S { S }
+    /// #     async fn run(&self, _: S, n: u32) -> Result<Next<S, u32>, String> { Ok(Next::Done(n)) }
+    /// # }
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let pipeline = Pipeline::builder(Echo).workers(2).max_open_groups(1).build();
+    /// let (tx, results) = pipeline.group().admit(2, Duration::ZERO).await.unwrap();
+    /// // The one slot is taken: refused at once, or after waiting 1 s for it.
+    /// let refused = pipeline.group().admit(1, Duration::ZERO).await.unwrap_err();
+    /// assert_eq!(refused.bound, AdmissionBound::OpenGroups);
+    /// assert!(pipeline.group().admit(1, Duration::from_secs(1)).await.is_err());
+    /// assert_eq!(pipeline.stats().groups_refused, 2);
+    ///
+    /// tx.submit(1).await.unwrap();
+    /// tx.submit(2).await.unwrap();
+    /// drop(tx);
+    /// assert_eq!(results.count().await, 2);
+    /// // The group has closed: its slot is free again.
+    /// assert!(pipeline.group().admit(1, Duration::ZERO).await.is_ok());
+    /// # }
+    /// ```
+    pub async fn admit(
+        self,
+        requests: usize,
+        wait: Duration,
+    ) -> Result<(Submitter<M>, GroupResults<M>), GroupRefused> {
+        let admission = Arc::clone(&self.pipeline.inner.admission);
+        let ticket = admission.admit(requests, wait).await?;
+        let (tx, mut results) = self.open();
+        if !results.run.is_terminated() {
+            results.ticket = Some(ticket);
+        }
+        Ok((tx, results))
+    }
+
     /// Opens the group: a [`Submitter`] and the group's own result stream.
     ///
     /// Requests progress while the results are read: the result stream pulls submitted
@@ -117,7 +269,12 @@ impl<M: StateMachine> GroupBuilder<M> {
         let inner = self.pipeline.inner;
         let shared = Arc::new(GroupShared {
             closed: AtomicBool::new(false),
+            submitted: AtomicU64::new(0),
             drain: Arc::clone(&inner.drain),
+        });
+        let deadline = self.deadline.map(|deadline| match deadline {
+            Deadline::After(d) => crate::time::deadline(Instant::now(), d),
+            Deadline::At(at) => at,
         });
         let drain_waker = Arc::new(AtomicWaker::new());
         let gate = self.key.map(|key| KeyGate::new(key, self.window));
@@ -128,6 +285,10 @@ impl<M: StateMachine> GroupBuilder<M> {
             shared: shared.clone(),
             cancel_on_error: self.cancel_on_error,
             drain_waker,
+            deadline,
+            timer: None,
+            yielded: 0,
+            ticket: None,
         };
         // Counted as open (`Run::new`) before it registers, and both before it looks at the
         // drain: registering takes the drain's lock, which the drain takes too once it is
@@ -150,6 +311,8 @@ impl<M: StateMachine> GroupBuilder<M> {
 
 struct GroupShared {
     closed: AtomicBool,
+    /// Requests submitted so far.
+    submitted: AtomicU64,
     /// The pipeline's drain.
     drain: Arc<Drain>,
 }
@@ -208,6 +371,7 @@ impl<M: StateMachine> Submitter<M> {
         match tx.reserve().await {
             Ok(permit) if !self.shared.refuses() => {
                 permit.send(data);
+                self.shared.submitted.fetch_add(1, Ordering::AcqRel);
                 Ok(())
             }
             _ => Err(GroupClosed(data)),
@@ -388,8 +552,15 @@ pub struct GroupResults<M: StateMachine> {
     run: Run<M>,
     shared: Arc<GroupShared>,
     cancel_on_error: bool,
-    /// Woken when the pipeline starts draining.
+    /// Woken when the pipeline starts draining, and when its drain times out.
     drain_waker: Arc<AtomicWaker>,
+    /// The group's deadline, and its timer once the stream has been polled.
+    deadline: Option<Instant>,
+    timer: Option<Pin<Box<Sleep>>>,
+    /// Results yielded so far.
+    yielded: u64,
+    /// An admitted group's room, given back as results are yielded and when the group closes.
+    ticket: Option<Ticket>,
 }
 
 // Nothing in a group's result stream is pinned structurally: its buffers hold plain values.
@@ -405,6 +576,31 @@ impl<M: StateMachine> GroupResults<M> {
         self.rx = None;
         self.gate = None;
         self.run.finish();
+        self.ticket = None;
+    }
+
+    /// If the group's deadline has passed or the pipeline's drain timed out: cancels the group
+    /// and returns its last item. Else registers for both.
+    fn poll_cut(&mut self, cx: &mut Context<'_>) -> Option<StageError<M>> {
+        let aborted = self.shared.drain.is_aborted();
+        if !aborted {
+            let deadline = self.deadline?;
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+            if timer.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+        }
+        let submitted = self.shared.submitted.load(Ordering::Acquire);
+        let abandoned = submitted.saturating_sub(self.yielded);
+        self.cancel();
+        self.deadline = None;
+        Some(if aborted {
+            StageError::DrainTimedOut { abandoned }
+        } else {
+            StageError::DeadlineExceeded { abandoned }
+        })
     }
 }
 
@@ -429,6 +625,10 @@ impl<M: StateMachine> Stream for GroupResults<M> {
                 if let Some(gate) = &mut this.gate {
                     gate.release(key);
                 }
+                this.yielded += 1;
+                if let Some(ticket) = &mut this.ticket {
+                    ticket.answered();
+                }
                 if outcome.is_err() && this.cancel_on_error {
                     this.cancel();
                 }
@@ -439,8 +639,12 @@ impl<M: StateMachine> Stream for GroupResults<M> {
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                // Woken when the pipeline starts draining, to end the group's input.
+                // Woken when the pipeline starts draining, to end the group's input, and when
+                // its drain times out.
                 this.drain_waker.register(cx.waker());
+                if let Some(cut) = this.poll_cut(cx) {
+                    return Poll::Ready(Some(Err(cut)));
+                }
                 if this.shared.drain.is_draining()
                     && this.rx.as_ref().is_some_and(|rx| !rx.is_closed())
                 {

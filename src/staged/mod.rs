@@ -14,6 +14,7 @@
 //! [`Stats`](crate::Stats) type as [`with_stats`](crate::PipelineExt::with_stats), and
 //! cancel-on-error as an adapter on the group's output.
 
+mod admission;
 mod drain;
 mod error;
 mod graph;
@@ -27,6 +28,7 @@ use std::fmt::Debug;
 use std::future::Future;
 use std::hash::Hash;
 
+pub use admission::{AdmissionBound, GroupRefused};
 pub use error::{GroupClosed, StageError};
 pub use graph::{GraphEdge, GraphNode, PipelineGraph};
 pub use group::{GroupBuilder, GroupResults, Submitter, Through};

@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures::FutureExt;
 use tokio::time::Instant;
 
+use super::admission::Admission;
 use super::drain::Drain;
 use super::graph::{GraphEdge, GraphNode, PipelineGraph};
 use super::group::GroupBuilder;
@@ -81,6 +82,7 @@ pub(super) struct Inner<M: StateMachine> {
     pub(super) requests_done: AtomicU64,
     pub(super) requests_failed: AtomicU64,
     pub(super) drain: Arc<Drain>,
+    pub(super) admission: Arc<Admission>,
 }
 
 impl<M: StateMachine> Clone for Pipeline<M> {
@@ -109,12 +111,16 @@ pub struct PipelineBuilder<M> {
     workers: Option<usize>,
     window: Option<usize>,
     dag: bool,
+    max_open_groups: usize,
+    max_pending_requests: usize,
 }
 
 impl_debug!(impl[M] PipelineBuilder<M> => PipelineBuilder |this| {
     workers: &this.workers,
     window: &this.window,
     dag: &this.dag,
+    max_open_groups: &this.max_open_groups,
+    max_pending_requests: &this.max_pending_requests,
 } ..);
 
 impl<M: StateMachine> PipelineBuilder<M> {
@@ -172,6 +178,52 @@ impl<M: StateMachine> PipelineBuilder<M> {
         self
     }
 
+    /// Bounds the groups admitted with [`GroupBuilder::admit`] that are open at once (their
+    /// result stream not ended or dropped) to `max`; an admission finding them all taken waits
+    /// for one to close, or is refused (see [`admit`](GroupBuilder::admit)). Default:
+    /// `usize::MAX`, no bound (as is any value tokio's `Semaphore` cannot count). Groups opened
+    /// with [`open`](GroupBuilder::open) or [`through`](crate::PipelineExt::through) neither
+    /// take a slot nor wait for one.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `max` is zero; [`try_max_open_groups`](Self::try_max_open_groups) returns the
+    /// error instead.
+    #[track_caller]
+    pub fn max_open_groups(self, max: usize) -> Self {
+        or_panic(self.try_max_open_groups(max))
+    }
+
+    /// [`max_open_groups`](Self::max_open_groups), returning a [`ConfigError`] naming `max` if
+    /// it is zero.
+    pub fn try_max_open_groups(mut self, max: usize) -> Result<Self, ConfigError> {
+        nonzero("max", max as u64)?;
+        self.max_open_groups = max;
+        Ok(self)
+    }
+
+    /// Bounds the requests that the groups admitted with [`GroupBuilder::admit`] reserve and
+    /// that have no result yet to `max`: a group reserves its requests when it is admitted,
+    /// and each one goes back as its result is yielded (the rest when the group closes).
+    /// Default: `usize::MAX`, no bound.
+    ///
+    /// # Panics
+    ///
+    /// Panics if `max` is zero; [`try_max_pending_requests`](Self::try_max_pending_requests)
+    /// returns the error instead.
+    #[track_caller]
+    pub fn max_pending_requests(self, max: usize) -> Self {
+        or_panic(self.try_max_pending_requests(max))
+    }
+
+    /// [`max_pending_requests`](Self::max_pending_requests), returning a [`ConfigError`] naming
+    /// `max` if it is zero.
+    pub fn try_max_pending_requests(mut self, max: usize) -> Result<Self, ConfigError> {
+        nonzero("max", max as u64)?;
+        self.max_pending_requests = max;
+        Ok(self)
+    }
+
     /// Builds the pipeline. Its workers start on the tokio runtime of the first group that
     /// submits work, and again on the runtime of the next group to need them once that runtime
     /// has shut down, so a pipeline kept in a `static` serves every runtime that uses it (see
@@ -198,6 +250,10 @@ impl<M: StateMachine> PipelineBuilder<M> {
                 requests_done: AtomicU64::new(0),
                 requests_failed: AtomicU64::new(0),
                 drain: Arc::default(),
+                admission: Arc::new(Admission::new(
+                    self.max_open_groups,
+                    self.max_pending_requests,
+                )),
             }),
         }
     }
@@ -212,6 +268,8 @@ impl<M: StateMachine> Pipeline<M> {
             workers: None,
             window: None,
             dag: false,
+            max_open_groups: usize::MAX,
+            max_pending_requests: usize::MAX,
         }
     }
 
@@ -260,6 +318,58 @@ impl<M: StateMachine> Pipeline<M> {
     /// ```
     pub async fn drain(&self) {
         self.inner.drain.drain().await;
+    }
+
+    /// [`drain`](Self::drain), for at most `limit`: resolves `true` once every group has closed,
+    /// or `false` after `limit`, when every group still open is cancelled. Such a group's
+    /// result stream yields, at its next poll, a last item
+    /// [`StageError::DrainTimedOut`] counting its requests left without a result; its
+    /// unfinished requests are abandoned. A result already finished when the drain times out
+    /// is still yielded before it. A `limit` too large for the clock waits about 30 years.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before it resolves leaves the pipeline draining (as
+    /// [`drain`](Self::drain) does) but cancels no group.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use futures::StreamExt;
+    /// use stagepipe::prelude::*;
+    ///
+    /// # #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)] struct S;
+    /// struct Slow;
+    /// impl StateMachine for Slow {
+    ///     type Stage = S; type Data = u64; type Error = String;
+    ///     fn start(&self) -> S { S }
+    ///     async fn run(&self, _: S, secs: u64) -> Result<Next<S, u64>, String> {
+    ///         tokio::time::sleep(Duration::from_secs(secs)).await;
+    ///         Ok(Next::Done(secs))
+    ///     }
+    /// }
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let pipeline = Pipeline::builder(Slow).workers(2).build();
+    /// let (tx, results) = pipeline.group().ordered().open();
+    /// tx.submit(1).await.unwrap();
+    /// tx.submit(100).await.unwrap();
+    /// let reader = tokio::spawn(async move { results.collect::<Vec<_>>().await });
+    /// // One request takes 100 s: the drain gives up after 5 s and cancels the group.
+    /// assert!(!pipeline.drain_timeout(Duration::from_secs(5)).await);
+    /// let results = reader.await.unwrap();
+    /// assert_eq!(results[0].as_ref().ok(), Some(&1));
+    /// assert!(matches!(results[1], Err(StageError::DrainTimedOut { abandoned: 1 })));
+    /// # }
+    /// ```
+    pub async fn drain_timeout(&self, limit: Duration) -> bool {
+        let at = crate::time::deadline(Instant::now(), limit);
+        let drained = tokio::time::timeout_at(at, self.drain()).await.is_ok();
+        if !drained {
+            self.inner.drain.abort();
+        }
+        drained
     }
 
     /// The state machine.
@@ -358,12 +468,16 @@ impl<M: StateMachine> Pipeline<M> {
             ));
         });
         let (opened, closed) = i.drain.groups();
+        let admission = i.admission.figures();
         PipelineStats {
             stages,
             groups_opened: opened,
             groups_open: opened - closed.min(opened),
             requests_done: i.requests_done.load(Ordering::Relaxed),
             requests_failed: i.requests_failed.load(Ordering::Relaxed),
+            groups_waiting: admission.waiting,
+            requests_pending: admission.pending,
+            groups_refused: admission.refused,
         }
     }
 }
@@ -479,6 +593,7 @@ const DEFAULT_GROUP_WINDOW: usize = 256;
 
 /// Figures of one stage of a [`Pipeline`], from [`PipelineStats::stage`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct StageStats {
     /// Times the stage ran, failed runs included. A run counts as soon as it ends (returns,
@@ -500,6 +615,7 @@ pub struct StageStats {
 ///
 /// `Display` prints an aligned table, one line per stage.
 #[derive(Debug, Clone, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[non_exhaustive]
 pub struct PipelineStats<S> {
     /// Each stage that has finished a run, in the order of their first finished runs.
@@ -513,6 +629,12 @@ pub struct PipelineStats<S> {
     pub requests_done: u64,
     /// Requests that finished with an error.
     pub requests_failed: u64,
+    /// Admissions ([`GroupBuilder::admit`]) waiting for room now.
+    pub groups_waiting: u64,
+    /// Requests reserved by the admitted groups open now and not yet answered.
+    pub requests_pending: u64,
+    /// Admissions refused so far.
+    pub groups_refused: u64,
 }
 
 impl<S: PartialEq + Copy> PipelineStats<S> {

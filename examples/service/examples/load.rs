@@ -312,15 +312,15 @@ async fn run(args: Args) -> Result<bool, Box<dyn Error>> {
             for n in 0u64.. {
                 tick.tick().await;
                 let s = service.stats();
-                peak_open.fetch_max(s.server.jobs_open as u64, Ordering::Relaxed);
+                peak_open.fetch_max(s.pipeline.groups_open, Ordering::Relaxed);
                 if n % 10 == 0 {
                     println!(
                         "  t={:>3} s  open jobs {:>5}  pending inputs {:>6}  admitted {:>6}  shed {:>6}  deadline {:>4}  RSS {:>6.1} MiB",
                         n / 10,
-                        s.server.jobs_open,
-                        s.server.inputs_pending,
+                        s.pipeline.groups_open,
+                        s.pipeline.requests_pending,
                         s.pipeline.groups_opened,
-                        s.server.jobs_shed,
+                        s.pipeline.groups_refused,
                         s.server.jobs_deadline_exceeded,
                         rss.now_mib(),
                     );
@@ -419,11 +419,12 @@ async fn run(args: Args) -> Result<bool, Box<dyn Error>> {
         "service: {} groups opened, {} inputs done, {} shed, {} ended by the deadline",
         stats.pipeline.groups_opened,
         stats.pipeline.requests_done,
-        stats.server.jobs_shed,
+        stats.pipeline.groups_refused,
         stats.server.jobs_deadline_exceeded
     );
     println!("SUMMARY {}", serde_json::to_string(&summary)?);
-    let consistent = stats.pipeline.groups_opened == s.admitted && stats.server.jobs_shed == s.shed;
+    let consistent =
+        stats.pipeline.groups_opened == s.admitted && stats.pipeline.groups_refused == s.shed;
     if !consistent {
         eprintln!("the service's figures disagree with the clients'");
     }

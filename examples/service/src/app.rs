@@ -43,7 +43,6 @@
 //! (deadline or shutdown) says how many inputs were abandoned.
 
 use std::future::{Future, IntoFuture};
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -56,15 +55,16 @@ use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
 use futures::future::BoxFuture;
-use futures::{Stream, StreamExt, stream};
+use futures::{StreamExt, stream};
+use metrics::Histogram;
 use serde::{Deserialize, Serialize};
-use stagepipe::Retrying;
 use stagepipe::prelude::*;
+use stagepipe::{AdmissionBound, Retrying};
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
-use tokio::time::{Instant, Sleep};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
 
-use crate::admission::{Admission, Bound, Ticket};
+use crate::admission::retry_after;
 use crate::telemetry::{self, ServiceMetrics};
 
 /// How the service is set up. The limits toward the upstream are shared by every caller.
@@ -141,7 +141,7 @@ impl Default for Config {
 }
 
 /// The stages of a job item.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
 pub enum Stage {
     /// Check the input (negative numbers are refused).
     Parse,
@@ -149,29 +149,6 @@ pub enum Stage {
     Call,
     /// Add one.
     Finish,
-}
-
-/// One item of a job, from stage to stage.
-#[derive(Debug)]
-pub struct Item {
-    input: i64,
-    value: i64,
-}
-
-impl From<i64> for Item {
-    fn from(input: i64) -> Self {
-        Self {
-            input,
-            value: input,
-        }
-    }
-}
-
-/// Why an item failed: its input, and a message.
-#[derive(Debug)]
-pub struct ItemError {
-    input: i64,
-    message: String,
 }
 
 /// One upstream request, without any policy.
@@ -218,12 +195,11 @@ impl Jobs {
     /// Runs one input through every stage inline, without a pipeline (the baseline of the
     /// benchmark: the same work, a task per item).
     pub async fn process(&self, input: i64) -> Result<i64, String> {
-        let (mut stage, mut item) = (self.start(), Item::from(input));
+        let (mut stage, mut value) = (self.start(), input);
         loop {
-            match self.run(stage, item).await {
-                Ok(Next::Stage(next, i)) => (stage, item) = (next, i),
-                Ok(Next::Done(i)) => return Ok(i.value),
-                Err(e) => return Err(e.message),
+            match self.run(stage, value).await? {
+                Next::Stage(next, v) => (stage, value) = (next, v),
+                Next::Done(v) => return Ok(v),
             }
         }
     }
@@ -247,33 +223,27 @@ async fn fetch(client: reqwest::Client, base: Option<String>, x: i64) -> Result<
         .map_err(|e| format!("upstream answered {text:?}: {e}"))
 }
 
+/// A job item's data is its value; its input is known by its position in the job.
 impl StateMachine for Jobs {
     type Stage = Stage;
-    type Data = Item;
-    type Error = ItemError;
+    type Data = i64;
+    type Error = String;
 
     fn start(&self) -> Stage {
         Stage::Parse
     }
 
-    async fn run(&self, stage: Stage, mut item: Item) -> Result<Next<Stage, Item>, ItemError> {
-        let input = item.input;
-        let fail = move |message| ItemError { input, message };
+    async fn run(&self, stage: Stage, value: i64) -> Result<Next<Stage, i64>, String> {
         match stage {
-            Stage::Parse if item.input < 0 => Err(fail("negative input".to_string())),
-            Stage::Parse => Ok(Next::Stage(Stage::Call, item)),
-            Stage::Call => match self.upstream.run(item.value).await {
-                Ok(value) => Ok(Next::Stage(Stage::Finish, Item { value, ..item })),
-                Err(CallError::Failed { error, .. }) => Err(fail(error)),
-                Err(e) if e.is_rejected() => {
-                    Err(fail("circuit open: the upstream is failing".into()))
-                }
-                Err(e) => Err(fail(format!("upstream: {e}"))),
+            Stage::Parse if value < 0 => Err("negative input".to_string()),
+            Stage::Parse => Ok(Next::Stage(Stage::Call, value)),
+            Stage::Call => match self.upstream.run(value).await {
+                Ok(value) => Ok(Next::Stage(Stage::Finish, value)),
+                Err(CallError::Failed { error, .. }) => Err(error),
+                Err(e) if e.is_rejected() => Err("circuit open: the upstream is failing".into()),
+                Err(e) => Err(format!("upstream: {e}")),
             },
-            Stage::Finish => {
-                item.value += 1;
-                Ok(Next::Done(item))
-            }
+            Stage::Finish => Ok(Next::Done(value + 1)),
         }
     }
 }
@@ -302,76 +272,57 @@ pub struct Line {
     pub abandoned: Option<usize>,
 }
 
-/// `GET /stats`: the shared pipeline, the calls toward the upstream, and the HTTP side.
+impl Line {
+    /// The closing line of a job cut short: why, and the inputs left without a line.
+    fn closing(error: String, abandoned: usize) -> Self {
+        let (error, abandoned) = (Some(error), Some(abandoned));
+        Self {
+            error,
+            abandoned,
+            ..Self::default()
+        }
+    }
+}
+
+/// `GET /stats`: the library's snapshots as they are (stagepipe's feature `serde`: durations
+/// as `{"secs":..,"nanos":..}`, `pipeline.stages` as `[stage, figures]` pairs), and what only the
+/// service knows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatsReport {
-    pub pipeline: PipelineReport,
-    pub upstream: UpstreamLimits,
+    /// The pipeline's request groups (one per job), requests (inputs) and stages.
+    pub pipeline: PipelineStats<Stage>,
+    /// The pool's workers, and the stage runs occupying one now.
+    pub workers: usize,
+    pub stage_runs_running: usize,
+    /// The upstream `Call`'s `CallStats`: `calls` counts items, each one call of the whole
+    /// policy stack (its retries included); `rejected`, attempts refused by the open breaker.
+    pub upstream: CallStatsSnapshot,
+    pub limits: UpstreamLimits,
+    /// The lines written: result lines as items, error lines as errors.
+    pub lines: StatsSnapshot,
     pub server: ServerReport,
 }
 
-/// The pipeline's part of `/stats`: its pool, its request groups (jobs) opened and still open,
-/// its requests (items) finished and failed, stage runs occupying a worker now, and per stage.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PipelineReport {
-    pub workers: usize,
-    pub groups_opened: u64,
-    pub groups_open: u64,
-    pub requests_done: u64,
-    pub requests_failed: u64,
-    pub stage_runs_running: usize,
-    pub stages: Vec<StageReport>,
-}
-
-/// One stage in `/stats`: runs (failed ones included), failed runs, mean and longest run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StageReport {
-    pub stage: String,
-    pub runs: u64,
-    pub errors: u64,
-    pub mean_us: u64,
-    pub max_us: u64,
-}
-
-/// The upstream part of `/stats`, from the `Call`'s `CallStats` and its shared handles.
-///
-/// `calls` counts attempts made (past the breaker; each took a cell of the rate limit, so
-/// `rate_taken` is the same figure), `failures` those that failed or timed out, `retries` the
-/// attempts after an item's first; `breaker_rejected` counts attempts refused at once by the
-/// open breaker (not retried: each ends its item). Latencies are of an item's whole call.
+/// The upstream's shared limits now, and the attempts made: past the breaker, each took a cell
+/// of the rate limit; `failed_attempts` failed or timed out.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UpstreamLimits {
     pub in_flight: usize,
     pub in_flight_limit: usize,
-    pub calls: u64,
-    pub failures: u64,
-    pub retries: u64,
-    pub timeouts: u64,
     pub rate_per_second: f64,
     pub burst: u32,
-    pub rate_taken: u64,
-    pub rate_waited_ms: u64,
     /// `closed`, `open` or `half-open`.
     pub breaker: String,
-    pub breaker_rejected: u64,
-    pub p50_us: u64,
-    pub p99_us: u64,
+    pub attempts: u64,
+    pub failed_attempts: u64,
 }
 
-/// The HTTP side of `/stats`: jobs accepted (each opens one group), responses still streaming,
-/// result lines and error lines written; and the overload figures: jobs admitted and open,
-/// requests waiting for room, inputs of the open jobs without a line yet, and jobs refused
-/// with 429 (`jobs_shed`), refused with 413 (`jobs_too_large`) and ended by their deadline.
+/// The overload figures the pipeline does not keep: jobs refused with 413 and jobs ended by
+/// their deadline. (Jobs open, waiting for room, their inputs without a line yet and jobs
+/// refused with 429 are the pipeline's `groups_open`, `groups_waiting`, `requests_pending` and
+/// `groups_refused`.)
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ServerReport {
-    pub jobs: u64,
-    pub responses_open: usize,
-    pub lines_ok: u64,
-    pub lines_error: u64,
-    pub jobs_open: usize,
-    pub jobs_waiting: usize,
-    pub inputs_pending: usize,
-    pub jobs_shed: u64,
     pub jobs_too_large: u64,
     pub jobs_deadline_exceeded: u64,
 }
@@ -383,17 +334,8 @@ struct AppState {
     lines: Stats,
     /// Set when the shutdown begins: new jobs are refused.
     shutting_down: AtomicBool,
-    /// Set when the shutdown deadline has passed: open responses end at once.
-    abort: watch::Sender<bool>,
-    job_window: usize,
-    shutdown_deadline: Duration,
-    admission: Arc<Admission>,
-    admission_wait: Duration,
-    job_deadline: Duration,
-    /// `max_items_per_job`, or `max_pending_inputs` if lower (at most `u32::MAX`).
-    max_items_per_job: usize,
-    max_open_jobs: usize,
-    max_pending_inputs: usize,
+    /// The config, its `max_items_per_job` at most `max_pending_inputs` and `u32::MAX`.
+    config: Config,
     too_large: AtomicU64,
     deadline_exceeded: AtomicU64,
     metrics: ServiceMetrics,
@@ -432,28 +374,21 @@ impl Service {
         }
         let metrics = ServiceMetrics::register();
         let pipeline = Pipeline::builder(Jobs::new(config)).workers(config.workers);
-        let admission = Admission::new(
-            config.max_open_jobs,
-            config.max_pending_inputs,
-            config.retry_after_max,
-            metrics.clone(),
-        );
+        let pipeline = pipeline.max_open_groups(config.max_open_jobs);
         let app = Arc::new(AppState {
-            pipeline: pipeline.dag().build(),
+            pipeline: pipeline
+                .max_pending_requests(config.max_pending_inputs)
+                .dag()
+                .build(),
             lines: Stats::new("lines"),
             shutting_down: AtomicBool::new(false),
-            abort: watch::Sender::new(false),
-            job_window: config.job_window,
-            shutdown_deadline: config.shutdown_deadline,
-            admission: Arc::new(admission),
-            admission_wait: config.admission_wait,
-            job_deadline: config.job_deadline,
-            // A job's inputs are counted in `u32` permits.
-            max_items_per_job: (config.max_items_per_job)
-                .min(config.max_pending_inputs)
-                .min(u32::MAX as usize),
-            max_open_jobs: config.max_open_jobs,
-            max_pending_inputs: config.max_pending_inputs,
+            config: Config {
+                // A job's inputs are counted in `u32` permits.
+                max_items_per_job: (config.max_items_per_job)
+                    .min(config.max_pending_inputs)
+                    .min(u32::MAX as usize),
+                ..config.clone()
+            },
             too_large: AtomicU64::new(0),
             deadline_exceeded: AtomicU64::new(0),
             metrics,
@@ -466,7 +401,7 @@ impl Service {
     pub fn router(&self) -> Router {
         let stats = |State(app): State<Arc<AppState>>| async move { Json(stats_report(&app)) };
         // Room for the largest job allowed, written loosely; a longer body is refused (413).
-        let body_limit = self.0.max_items_per_job.saturating_mul(24);
+        let body_limit = self.0.config.max_items_per_job.saturating_mul(24);
         Router::new()
             .route("/jobs", post(post_jobs))
             .route("/stats", get(stats))
@@ -482,12 +417,11 @@ impl Service {
 
     /// Shuts the jobs down gracefully, for [`serve`](Self::serve) or a server of one's own
     /// around [`router`](Self::router). From the call on, `POST /jobs` is refused (503). The
-    /// pipeline is drained (`Pipeline::drain`): every open job runs the inputs already
+    /// pipeline is drained (`Pipeline::drain_timeout`): every open job runs the inputs already
     /// submitted to it, its response streams their lines, and then ends with a closing line
     /// counting the inputs it abandoned (none if it was submitted in full). Resolves `true` once
-    /// every open job has ended; or `false` at the shutdown deadline, when the responses still
-    /// open are ended at once with a closing line (which cancels their groups' unfinished
-    /// inputs).
+    /// every open job has ended; or `false` at the shutdown deadline, when the groups still
+    /// open are cancelled and their responses end at once with a closing line.
     ///
     /// The shutdown runs on a task of its own, started by the call: dropping the returned
     /// future does not stop it.
@@ -499,12 +433,9 @@ impl Service {
         let app = self.0.clone();
         app.shutting_down.store(true, Ordering::Release);
         let shutdown = tokio::spawn(async move {
-            let drained = tokio::time::timeout(app.shutdown_deadline, app.pipeline.drain());
-            if drained.await.is_ok() {
-                return true;
-            }
-            app.abort.send_replace(true);
-            false
+            app.pipeline
+                .drain_timeout(app.config.shutdown_deadline)
+                .await
         });
         async move { shutdown.await.expect("the shutdown task does not panic") }
     }
@@ -526,7 +457,7 @@ impl Service {
         });
         let server = axum::serve(listener, self.router()).with_graceful_shutdown(async move {
             shutdown.await;
-            let deadline = tokio::time::Instant::now() + service.0.shutdown_deadline;
+            let deadline = tokio::time::Instant::now() + service.0.config.shutdown_deadline;
             drop(service.shutdown());
             tokio::spawn(async move {
                 tokio::time::sleep_until(deadline + Duration::from_secs(2)).await;
@@ -574,12 +505,12 @@ async fn post_jobs(
         return refusal(StatusCode::SERVICE_UNAVAILABLE, SHUTTING_DOWN.to_string());
     }
     let total = inputs.len();
-    if total > app.max_items_per_job {
+    if total > app.config.max_items_per_job {
         app.too_large.fetch_add(1, Ordering::AcqRel);
         app.metrics.jobs_too_large.increment(1);
         let error = format!(
             "too many inputs: a job may have at most {}, this one has {total}",
-            app.max_items_per_job
+            app.config.max_items_per_job
         );
         return refusal(StatusCode::PAYLOAD_TOO_LARGE, error);
     }
@@ -588,182 +519,117 @@ async fn post_jobs(
             let error = "deadline_ms must be greater than zero".to_string();
             return refusal(StatusCode::BAD_REQUEST, error);
         }
-        Some(ms) => Duration::from_millis(ms).min(app.job_deadline),
-        None => app.job_deadline,
+        Some(ms) => Duration::from_millis(ms).min(app.config.job_deadline),
+        None => app.config.job_deadline,
     };
-    let wait = app.admission_wait.min(deadline_len);
-    let ticket = match app.admission.admit(total, arrived, wait).await {
-        Ok(ticket) => ticket,
+    let cancel_on_error = query.on_error == Some(OnError::Cancel);
+    let mut group = app.pipeline.group().ordered().window(app.config.job_window);
+    if let Some(at) = arrived.checked_add(deadline_len) {
+        group = group.deadline_at(at);
+    }
+    if cancel_on_error {
+        group = group.cancel_on_error();
+    }
+    let wait = app.config.admission_wait.min(deadline_len);
+    let (tx, results) = match group.admit(total, wait).await {
+        Ok(group) => group,
         Err(full) => {
+            app.metrics.jobs_shed.increment(1);
             let bound = match full.bound {
-                Bound::Jobs => format!("max_open_jobs = {}", app.max_open_jobs),
-                Bound::Inputs => format!("max_pending_inputs = {}", app.max_pending_inputs),
+                AdmissionBound::OpenGroups => ("max_open_jobs", app.config.max_open_jobs),
+                _ => ("max_pending_inputs", app.config.max_pending_inputs),
             };
+            let retry_after = retry_after(full.retry_after, app.config.retry_after_max);
             let error = format!(
-                "the service is full ({bound}): retry after {} s",
-                full.retry_after
+                "the service is full ({} = {}): retry after {retry_after} s",
+                bound.0, bound.1
             );
             let mut response = refusal(StatusCode::TOO_MANY_REQUESTS, error);
-            let retry_after = header::HeaderValue::from(full.retry_after);
+            let retry_after = header::HeaderValue::from(retry_after);
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, retry_after);
             return response;
         }
     };
-    // The shutdown may have begun while the job waited for room.
+    // The shutdown may have begun while the job waited for room (its group is closed).
     if app.shutting_down.load(Ordering::Acquire) {
         return refusal(StatusCode::SERVICE_UNAVAILABLE, SHUTTING_DOWN.to_string());
     }
-    let cancel_on_error = query.on_error == Some(OnError::Cancel);
-    let group = app.pipeline.group().ordered().window(app.job_window);
-    let (tx, results) = if cancel_on_error {
-        group.cancel_on_error().open()
-    } else {
-        group.open()
-    };
+    app.metrics.jobs_admitted.increment(1);
+    app.metrics.admission_wait.record(arrived.elapsed());
     // Submit in the background, waiting while the group's window is full; stop if it ends.
+    let inputs: Arc<[i64]> = inputs.into();
+    let submitted = inputs.clone();
     tokio::spawn(async move {
-        for input in inputs {
-            if tx.submit(input.into()).await.is_err() {
+        for &input in submitted.iter() {
+            if tx.submit(input).await.is_err() {
                 break;
             }
         }
     });
-    let lines = results
-        .try_with_stats(&app.lines)
-        .enumerate()
-        .map(|(index, result)| {
-            let (input, output, error) = match result {
-                Ok(item) => (Some(item.input), Some(item.value), None),
-                Err(StageError::Failed { stage, error: e }) => (
-                    Some(e.input),
-                    None,
-                    Some(format!("{stage:?}: {}", e.message)),
-                ),
-                Err(other) => (None, None, Some(format!("{other:?}"))),
-            };
-            let index = Some(index);
-            let abandoned = None;
-            Line {
-                index,
-                input,
-                output,
-                error,
-                abandoned,
+    // One line per result, then, if the job was cut short, a closing line counting the inputs
+    // left without one. The body owns the group's results: a client that goes away drops them,
+    // which cancels the group and gives its room back.
+    let (mut left, mut failed, mut closed) = (total, false, false);
+    let results = results.try_with_stats(&app.lines).map(Some);
+    let lines = results.chain(stream::iter([None])).enumerate();
+    let timer = JobTimer(arrived, app.metrics.job_duration.clone());
+    let body = lines.scan(timer, move |_, (index, result)| {
+        let closing = |error: String| Some(Line::closing(error, left));
+        let line = match result {
+            _ if closed => None,
+            Some(Err(StageError::DeadlineExceeded { .. })) => {
+                app.deadline_exceeded.fetch_add(1, Ordering::AcqRel);
+                app.metrics.jobs_deadline_exceeded.increment(1);
+                let ms = deadline_len.as_millis();
+                closing(format!(
+                    "the job's deadline of {ms} ms passed before it finished"
+                ))
             }
-        });
-    // The body owns the group's results: a client that goes away drops them, which cancels
-    // the group; so does a closing line (the body ends with it).
-    let deadline = arrived
-        .checked_add(deadline_len)
-        .map(|at| (Box::pin(tokio::time::sleep_until(at)), deadline_len));
-    let job = JobBody {
-        lines: Box::pin(lines),
-        total,
-        written: 0,
-        failed: false,
-        cancel_on_error,
-        abort: app.abort.subscribe(),
-        deadline,
-        ticket,
-        app,
-    };
-    let body = stream::unfold(Some(job), |job| async move {
-        let mut job = job?;
-        match job.step().await {
-            Step::Line(line) => Some((ndjson(&line), Some(job))),
-            // Dropping the job here cancels its group and gives its room back.
-            Step::Close(line) => Some((ndjson(&line), None)),
-            Step::End => None,
-        }
+            Some(Err(StageError::DrainTimedOut { .. })) => closing(SHUT_DOWN.to_string()),
+            Some(result) => {
+                left -= 1;
+                let line = result_line(index, inputs[index], result);
+                failed |= line.error.is_some();
+                Some(line)
+            }
+            // The results ended before every input had a line: the drain refused the inputs
+            // not yet submitted (only an error under `on_error=cancel` ends a job early
+            // otherwise).
+            None if left > 0 && !(cancel_on_error && failed) => closing(SHUT_DOWN.to_string()),
+            None => None,
+        };
+        closed |= line.as_ref().is_some_and(|line| line.abandoned.is_some());
+        std::future::ready(line.map(|line| ndjson(&line)))
     });
     let ndjson_type = [(header::CONTENT_TYPE, "application/x-ndjson")];
     (StatusCode::OK, ndjson_type, Body::from_stream(body)).into_response()
 }
 
-/// An admitted job's response as it is written: its result lines, then, if it is cut short, a
-/// closing line. Owns the job's group results and its admission ticket.
-struct JobBody {
-    lines: Pin<Box<dyn Stream<Item = Line> + Send>>,
-    /// Inputs of the job, and lines written so far.
-    total: usize,
-    written: usize,
-    /// Whether an error line was written (which ends a job under `on_error=cancel`).
-    failed: bool,
-    cancel_on_error: bool,
-    abort: watch::Receiver<bool>,
-    /// The job's deadline, and its length for the closing line; `None`: none.
-    deadline: Option<(Pin<Box<Sleep>>, Duration)>,
-    ticket: Ticket,
-    app: Arc<AppState>,
-}
+/// Records a job's duration, from its arrival, when its response ends or is dropped.
+struct JobTimer(Instant, Histogram);
 
-/// What a job's response writes next.
-enum Step {
-    /// A result line.
-    Line(Line),
-    /// The closing line of a job cut short, its last.
-    Close(Line),
-    /// Nothing: the job is complete.
-    End,
-}
-
-impl JobBody {
-    async fn step(&mut self) -> Step {
-        /// What woke the response.
-        enum Woken {
-            Line(Option<Line>),
-            Aborted,
-            Deadline,
-        }
-        let (lines, abort, deadline) = (&mut self.lines, &mut self.abort, &mut self.deadline);
-        let deadline = async move {
-            match deadline {
-                Some((sleep, _)) => sleep.as_mut().await,
-                None => std::future::pending().await,
-            }
-        };
-        let woken = tokio::select! {
-            biased;
-            line = lines.next() => Woken::Line(line),
-            _ = abort.wait_for(|abort| *abort) => Woken::Aborted,
-            () = deadline => Woken::Deadline,
-        };
-        match woken {
-            Woken::Line(Some(line)) => {
-                self.written += 1;
-                self.failed |= line.error.is_some();
-                self.ticket.answered();
-                Step::Line(line)
-            }
-            // The results ended before every input had a line: the drain refused the inputs
-            // not yet submitted (only an error under `on_error=cancel` ends a job early
-            // otherwise).
-            Woken::Line(None)
-                if self.written < self.total && !(self.cancel_on_error && self.failed) =>
-            {
-                Step::Close(self.closing(SHUT_DOWN.to_string()))
-            }
-            Woken::Line(None) => Step::End,
-            Woken::Aborted => Step::Close(self.closing(SHUT_DOWN.to_string())),
-            Woken::Deadline => {
-                self.app.deadline_exceeded.fetch_add(1, Ordering::AcqRel);
-                self.app.metrics.jobs_deadline_exceeded.increment(1);
-                let ms = self.deadline.as_ref().map_or(0, |(_, len)| len.as_millis());
-                let error = format!("the job's deadline of {ms} ms passed before it finished");
-                Step::Close(self.closing(error))
-            }
-        }
+impl Drop for JobTimer {
+    fn drop(&mut self) {
+        self.1.record(self.0.elapsed());
     }
+}
 
-    /// The closing line: `error`, and the inputs left without a line.
-    fn closing(&self, error: String) -> Line {
-        Line {
-            error: Some(error),
-            abandoned: Some(self.total - self.written),
-            ..Line::default()
-        }
+/// The line of one result: its value, or why there is none.
+fn result_line(index: usize, input: i64, result: Result<i64, StageError<Jobs>>) -> Line {
+    let (output, error) = match result {
+        Ok(output) => (Some(output), None),
+        Err(StageError::Failed { stage, error }) => (None, Some(format!("{stage:?}: {error}"))),
+        Err(other) => (None, Some(format!("{other:?}"))),
+    };
+    let (index, input) = (Some(index), Some(input));
+    Line {
+        index,
+        input,
+        output,
+        error,
+        abandoned: None,
     }
 }
 
@@ -774,57 +640,28 @@ fn ndjson(line: &Line) -> Result<Bytes, std::convert::Infallible> {
 }
 
 fn stats_report(app: &AppState) -> StatsReport {
-    let (stats, call) = (app.pipeline.stats(), &app.pipeline.machine().upstream);
+    let (pool, call) = (app.pipeline.pool(), &app.pipeline.machine().upstream);
     let limit = call.get_in_flight().expect("set in `Jobs::new`");
     let limiter = call.get_rate_limit().expect("set in `Jobs::new`");
-    let c = call.get_stats().unwrap().snapshot();
-    let attempts = (c.calls + c.retries).saturating_sub(c.rejected);
-    let lines = app.lines.snapshot();
-    let admission = app.admission.report();
-    let stages = stats.stages.iter().map(|(stage, s)| StageReport {
-        stage: format!("{stage:?}"),
-        runs: s.runs,
-        errors: s.errors,
-        mean_us: s.mean.as_micros() as u64,
-        max_us: s.max.as_micros() as u64,
-    });
+    let upstream = call.get_stats().expect("set in `Jobs::new`").snapshot();
+    let attempts = (upstream.calls + upstream.retries).saturating_sub(upstream.rejected);
     StatsReport {
-        pipeline: PipelineReport {
-            workers: app.pipeline.pool().workers(),
-            groups_opened: stats.groups_opened,
-            groups_open: stats.groups_open,
-            requests_done: stats.requests_done,
-            requests_failed: stats.requests_failed,
-            stage_runs_running: app.pipeline.pool().busy(),
-            stages: stages.collect(),
-        },
-        upstream: UpstreamLimits {
+        pipeline: app.pipeline.stats(),
+        workers: pool.workers(),
+        stage_runs_running: pool.busy(),
+        limits: UpstreamLimits {
             in_flight: limit.in_use(),
             in_flight_limit: limit.limit(),
-            calls: attempts,
-            // Every attempt made ends as a success, a failure or a timeout, or is cancelled.
-            failures: attempts.saturating_sub(c.successes + c.cancelled),
-            retries: c.retries,
-            timeouts: c.timeouts,
             rate_per_second: 1.0 / limiter.interval().as_secs_f64(),
             burst: limiter.burst_size(),
-            rate_taken: attempts,
-            rate_waited_ms: c.limiter_wait.as_millis() as u64,
             breaker: call.get_circuit_breaker().unwrap().state().to_string(),
-            breaker_rejected: c.rejected,
-            p50_us: c.p50.as_micros() as u64,
-            p99_us: c.p99.as_micros() as u64,
+            attempts,
+            // Every attempt made ends as a success, a failure or a timeout, or is cancelled.
+            failed_attempts: attempts.saturating_sub(upstream.successes + upstream.cancelled),
         },
+        upstream,
+        lines: app.lines.snapshot(),
         server: ServerReport {
-            jobs: stats.groups_opened,
-            // A response's body owns its group's results: it is open while the group is.
-            responses_open: stats.groups_open as usize,
-            lines_ok: lines.items,
-            lines_error: lines.errors,
-            jobs_open: admission.open,
-            jobs_waiting: admission.waiting,
-            inputs_pending: admission.pending,
-            jobs_shed: admission.shed,
             jobs_too_large: app.too_large.load(Ordering::Acquire),
             jobs_deadline_exceeded: app.deadline_exceeded.load(Ordering::Acquire),
         },
@@ -842,6 +679,9 @@ async fn get_metrics(State(app): State<Arc<AppState>>) -> Response {
     let m = &app.metrics;
     m.groups_opened.absolute(stats.groups_opened);
     m.groups_open.set(stats.groups_open as f64);
+    m.jobs_open.set(stats.groups_open as f64);
+    m.jobs_waiting.set(stats.groups_waiting as f64);
+    m.inputs_pending.set(stats.requests_pending as f64);
     m.requests_done.absolute(stats.requests_done);
     m.requests_failed.absolute(stats.requests_failed);
     m.upstream_in_flight

@@ -15,9 +15,9 @@
 //! histograms' samples into their buckets, so they do not grow between scrapes).
 //!
 //! Several services in one process (tests) share the recorder: counters of one name add up,
-//! the gauges kept by adding and subtracting (`jobs_open`, `jobs_waiting`, `inputs_pending`)
-//! are sums, and the figures set at scrape time (`groups_*`, `requests_*`, `upstream_in_flight`)
-//! are the scraped service's.
+//! and the figures set at scrape time from the pipeline's (`groups_*`, `requests_*`,
+//! `jobs_open`, `jobs_waiting`, `inputs_pending`, `upstream_in_flight`) are the scraped
+//! service's.
 
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -34,11 +34,13 @@ pub const JOBS_SHED: &str = "stagepipe_service_jobs_shed_total";
 pub const JOBS_TOO_LARGE: &str = "stagepipe_service_jobs_too_large_total";
 /// `stagepipe_service_jobs_deadline_exceeded_total`, counter: jobs ended by their deadline.
 pub const JOBS_DEADLINE_EXCEEDED: &str = "stagepipe_service_jobs_deadline_exceeded_total";
-/// `stagepipe_service_jobs_open`, gauge: jobs admitted whose response has not ended.
+/// `stagepipe_service_jobs_open`, gauge set at scrape time: jobs admitted whose group is open.
 pub const JOBS_OPEN: &str = "stagepipe_service_jobs_open";
-/// `stagepipe_service_jobs_waiting`, gauge: requests waiting for room (`admission_wait`).
+/// `stagepipe_service_jobs_waiting`, gauge set at scrape time: requests waiting for room
+/// (`admission_wait`).
 pub const JOBS_WAITING: &str = "stagepipe_service_jobs_waiting";
-/// `stagepipe_service_inputs_pending`, gauge: inputs of the open jobs without a line yet.
+/// `stagepipe_service_inputs_pending`, gauge set at scrape time: inputs of the open jobs
+/// without a line yet.
 pub const INPUTS_PENDING: &str = "stagepipe_service_inputs_pending";
 /// `stagepipe_service_admission_wait_seconds`, histogram: for each job admitted, from its
 /// arrival to its admission.

@@ -80,7 +80,7 @@ fn assert_about(elapsed: Duration, expected: Duration) {
 /// Waits until the service has no job open.
 async fn no_job_open(h: &Harness) {
     eventually("every job to end", || async {
-        h.service.stats().server.jobs_open == 0
+        h.service.stats().pipeline.groups_open == 0
     })
     .await;
 }
@@ -108,9 +108,9 @@ async fn a_full_service_answers_429_with_retry_after_from_its_completion_rate() 
             error_line("the service is full (max_open_jobs = 2): retry after 1 s")
         );
         let stats = h.service.stats();
-        assert_eq!(stats.server.jobs_open, 2);
-        assert_eq!(stats.server.jobs_shed, 1);
-        assert_eq!(stats.server.inputs_pending, 2);
+        assert_eq!(stats.pipeline.groups_open, 2);
+        assert_eq!(stats.pipeline.groups_refused, 1);
+        assert_eq!(stats.pipeline.requests_pending, 2);
         assert_eq!(stats.pipeline.groups_opened, 2);
 
         // Both end at 4 s: two jobs in 4 s, one every 2 s.
@@ -135,7 +135,7 @@ async fn a_full_service_answers_429_with_retry_after_from_its_completion_rate() 
         assert_eq!(read_to_end(&mut d).await, (vec![ok_line(0, 4)], None));
         no_job_open(&h).await;
         let stats = h.settled().await;
-        assert_eq!(stats.server.jobs_shed, 2);
+        assert_eq!(stats.pipeline.groups_refused, 2);
         assert_eq!(stats.pipeline.groups_opened, 4);
         assert_eq!(stats.pipeline.requests_done, 4);
         assert_eq!(h.upstream.report().calls, 4);
@@ -189,7 +189,7 @@ async fn admission_wait_admits_a_job_when_room_frees() {
         };
         let queue_full = async {
             eventually("a job waiting for room", || async {
-                h.service.stats().server.jobs_waiting == 1
+                h.service.stats().pipeline.groups_waiting == 1
             })
             .await;
             // One request waits per job slot: another is refused at once.
@@ -221,8 +221,8 @@ async fn admission_wait_admits_a_job_when_room_frees() {
 
         no_job_open(&h).await;
         let stats = h.settled().await;
-        assert_eq!(stats.server.jobs_shed, 2);
-        assert_eq!(stats.server.jobs_waiting, 0);
+        assert_eq!(stats.pipeline.groups_refused, 2);
+        assert_eq!(stats.pipeline.groups_waiting, 0);
         assert_eq!(stats.pipeline.groups_opened, 3);
         assert_eq!(h.upstream.report().calls, 5);
     })
@@ -266,11 +266,10 @@ async fn a_job_past_its_deadline_ends_with_a_closing_line_and_its_work_stops() {
         let stats = h.settled().await;
         assert_eq!(stats.pipeline.groups_open, 0);
         assert_eq!(stats.pipeline.requests_done, 4);
-        assert_eq!(stats.upstream.in_flight, 0);
-        assert_eq!(stats.server.lines_ok, 4);
+        assert_eq!(stats.limits.in_flight, 0);
+        assert_eq!(stats.lines.items, 4);
         assert_eq!(stats.server.jobs_deadline_exceeded, 1);
-        assert_eq!(stats.server.jobs_open, 0);
-        assert_eq!(stats.server.inputs_pending, 0);
+        assert_eq!(stats.pipeline.requests_pending, 0);
 
         // The service carries on.
         assert_eq!(h.job(&[7, 8], "continue").await, all_ok(&[7, 8]));
@@ -373,7 +372,7 @@ async fn the_bound_on_pending_inputs_sheds_by_inputs() {
 
         let a = inputs_of(1, 8);
         let mut a_reader = Reader::new(h.post(&a, "continue").await);
-        assert_eq!(h.service.stats().server.inputs_pending, 8);
+        assert_eq!(h.service.stats().pipeline.requests_pending, 8);
         let refused = h.post(&inputs_of(2, 5), "continue").await;
         assert_eq!(retry_after(&refused), 1);
         assert_eq!(
@@ -385,10 +384,10 @@ async fn the_bound_on_pending_inputs_sheds_by_inputs() {
         assert_eq!(h.job(&c, "continue").await, all_ok(&c));
         assert_eq!(read_to_end(&mut a_reader).await, (all_ok(&a), None));
         no_job_open(&h).await;
-        assert_eq!(h.service.stats().server.inputs_pending, 0);
+        assert_eq!(h.service.stats().pipeline.requests_pending, 0);
         let b = inputs_of(2, 5);
         assert_eq!(h.job(&b, "continue").await, all_ok(&b));
-        assert_eq!(h.service.stats().server.jobs_shed, 1);
+        assert_eq!(h.service.stats().pipeline.groups_refused, 1);
     })
     .await;
 }
@@ -437,14 +436,14 @@ async fn under_shedding_every_admitted_job_is_answered_exactly_once_in_order() {
 
         // Exactly one job per client ran, and each input once: nothing lost or repeated.
         let stats = h.settled().await;
-        assert_eq!(stats.server.jobs_shed, refusals);
+        assert_eq!(stats.pipeline.groups_refused, refusals);
         assert_eq!(stats.pipeline.groups_opened, CLIENTS as u64);
         assert_eq!(stats.pipeline.requests_done, (CLIENTS * INPUTS) as u64);
-        assert_eq!(stats.server.lines_ok, (CLIENTS * INPUTS) as u64);
+        assert_eq!(stats.lines.items, (CLIENTS * INPUTS) as u64);
         assert_eq!(h.upstream.report().calls, (CLIENTS * INPUTS) as u64);
         assert!(h.upstream.report().max_in_flight <= 4);
-        assert_eq!(stats.server.jobs_open, 0);
-        assert_eq!(stats.server.inputs_pending, 0);
+        assert_eq!(stats.pipeline.groups_open, 0);
+        assert_eq!(stats.pipeline.requests_pending, 0);
     })
     .await;
 }

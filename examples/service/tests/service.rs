@@ -14,7 +14,7 @@ use common::{
     Harness, Reader, bounded, closing_line, eventually, inputs_of, ok_line, open_config,
     read_to_end,
 };
-use stagepipe_service::app::{Config, Line};
+use stagepipe_service::app::{Config, Line, Stage};
 use stagepipe_service::upstream::UpstreamConfig;
 use tokio::time::{Instant, timeout};
 
@@ -64,21 +64,24 @@ async fn fifty_clients_each_get_exactly_their_own_results_in_order() {
         assert_eq!(stats.pipeline.groups_opened, 50);
         assert_eq!(stats.pipeline.requests_done, 10_000);
         assert_eq!(stats.pipeline.requests_failed, 0);
-        assert_eq!(stats.server.jobs, 50);
-        assert_eq!(stats.server.lines_ok, 10_000);
-        assert_eq!(stats.server.lines_error, 0);
+        assert_eq!(stats.lines.items, 10_000);
+        assert_eq!(stats.lines.errors, 0);
         assert_eq!(stats.upstream.calls, 10_000);
-        assert_eq!(stats.upstream.rate_taken, 10_000);
-        assert_eq!(stats.upstream.breaker, "closed");
-        let runs: Vec<(&str, u64)> = stats
+        assert_eq!(stats.limits.attempts, 10_000);
+        assert_eq!(stats.limits.breaker, "closed");
+        let runs: Vec<(Stage, u64)> = stats
             .pipeline
             .stages
             .iter()
-            .map(|s| (s.stage.as_str(), s.runs))
+            .map(|(stage, s)| (*stage, s.runs))
             .collect();
         assert_eq!(
             runs,
-            [("Parse", 10_000), ("Call", 10_000), ("Finish", 10_000)]
+            [
+                (Stage::Parse, 10_000),
+                (Stage::Call, 10_000),
+                (Stage::Finish, 10_000)
+            ]
         );
 
         let metrics = h.metrics().await;
@@ -143,10 +146,10 @@ async fn upstream_never_sees_more_than_the_rate() {
             upstream.max_per_window
         );
         let stats = h.settled().await;
-        assert_eq!(stats.upstream.rate_per_second.round() as u64, RATE);
-        assert_eq!(stats.upstream.burst as u64, BURST);
-        assert_eq!(stats.upstream.rate_taken, 250);
-        assert!(stats.upstream.rate_waited_ms > 0);
+        assert_eq!(stats.limits.rate_per_second.round() as u64, RATE);
+        assert_eq!(stats.limits.burst as u64, BURST);
+        assert_eq!(stats.limits.attempts, 250);
+        assert!(stats.upstream.limiter_wait > Duration::ZERO);
     })
     .await;
 }
@@ -201,10 +204,12 @@ async fn flaky_upstream_every_item_ends_as_a_value_or_a_reported_error() {
         let stats = h.settled().await;
         assert_eq!(stats.pipeline.requests_done, 2_000);
         assert_eq!(stats.pipeline.requests_failed, failed);
-        assert_eq!(stats.server.lines_ok, ok);
-        assert_eq!(stats.server.lines_error, failed);
-        assert_eq!(stats.upstream.calls, upstream.calls);
-        assert_eq!(stats.upstream.failures, upstream.failures);
+        assert_eq!(stats.lines.items, ok);
+        assert_eq!(stats.lines.errors, failed);
+        assert_eq!(stats.upstream.calls, 2_000);
+        assert_eq!(stats.upstream.failures, failed);
+        assert_eq!(stats.limits.attempts, upstream.calls);
+        assert_eq!(stats.limits.failed_attempts, upstream.failures);
     })
     .await;
 }
@@ -288,8 +293,8 @@ async fn breaker_opens_when_the_upstream_is_down_and_recovers_when_it_is_back() 
             .count();
         assert!(open >= 50, "the open breaker refused most items: {open}");
         let stats = h.stats().await;
-        assert_ne!(stats.upstream.breaker, "closed");
-        assert_eq!(stats.upstream.breaker_rejected, open as u64);
+        assert_ne!(stats.limits.breaker, "closed");
+        assert_eq!(stats.upstream.rejected, open as u64);
         // While open, the upstream is spared: it saw the calls that were already past the
         // breaker when it opened (at most one per worker) and a trial or two, not 100 items ×
         // 2 attempts.
@@ -307,7 +312,7 @@ async fn breaker_opens_when_the_upstream_is_down_and_recovers_when_it_is_back() 
             lines[0].output == Some(15)
         })
         .await;
-        assert_eq!(h.stats().await.upstream.breaker, "closed");
+        assert_eq!(h.stats().await.limits.breaker, "closed");
         let inputs = inputs_of(2, 50);
         let lines = h.job(&inputs, "continue").await;
         let expected: Vec<Line> = inputs
@@ -341,7 +346,6 @@ async fn a_disconnecting_client_frees_its_share() {
         }
         let stats = h.stats().await;
         assert_eq!(stats.pipeline.groups_open, 1);
-        assert_eq!(stats.server.responses_open, 1);
         drop(reader); // the client goes away mid-stream
 
         // Its group is cancelled: pool, in-flight limit and responses all back to zero, and
@@ -400,7 +404,7 @@ async fn shutdown_drains_open_jobs_then_the_server_exits() {
         }
         // Two upstream calls in flight: two requests running, beyond the lines read.
         eventually("two upstream calls in flight", || async {
-            h.service.stats().upstream.in_flight == 2
+            h.service.stats().limits.in_flight == 2
         })
         .await;
 
@@ -429,8 +433,7 @@ async fn shutdown_drains_open_jobs_then_the_server_exits() {
         let stats = h.service.stats();
         assert_eq!(stats.pipeline.groups_open, 0);
         assert_eq!(stats.pipeline.requests_done, done as u64);
-        assert_eq!(stats.server.responses_open, 0);
-        assert_eq!(stats.server.lines_ok, done as u64);
+        assert_eq!(stats.lines.items, done as u64);
         assert_eq!(h.upstream.report().calls, done as u64);
     })
     .await;
@@ -472,7 +475,7 @@ async fn a_job_posted_once_the_shutdown_began_is_refused() {
             "the refused job opened no group"
         );
         assert_eq!(stats.pipeline.requests_done, 1 + lines.len() as u64);
-        assert_eq!(stats.server.jobs, 1);
+        assert_eq!(stats.pipeline.groups_open, 0);
     })
     .await;
 }
@@ -514,9 +517,7 @@ async fn shutdown_deadline_ends_open_jobs_with_a_closing_line() {
         // The ended group was cancelled: nothing left running.
         eventually("the cancelled group to drain", || async {
             let s = h.service.stats();
-            s.pipeline.groups_open == 0
-                && s.pipeline.stage_runs_running == 0
-                && s.upstream.in_flight == 0
+            s.pipeline.groups_open == 0 && s.stage_runs_running == 0 && s.limits.in_flight == 0
         })
         .await;
         assert!(h.service.stats().pipeline.requests_done < inputs.len() as u64);

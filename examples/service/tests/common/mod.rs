@@ -176,11 +176,7 @@ impl Harness {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let s = self.stats().await;
-            if s.pipeline.groups_open == 0
-                && s.pipeline.stage_runs_running == 0
-                && s.upstream.in_flight == 0
-                && s.server.responses_open == 0
-            {
+            if s.pipeline.groups_open == 0 && s.stage_runs_running == 0 && s.limits.in_flight == 0 {
                 return s;
             }
             assert!(
