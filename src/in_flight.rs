@@ -30,6 +30,7 @@ use std::future::Future;
 use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -72,6 +73,8 @@ use crate::macros::size_hint_plus;
 #[derive(Clone)]
 pub struct InFlightLimit {
     semaphore: Arc<Semaphore>,
+    /// Of a fixed limit, the units given back without the semaphore's lock (see [`Spare`]).
+    spare: Arc<Spare>,
     /// The fixed limit (of an adaptive one: its `max`).
     limit: usize,
     adaptive: Option<Arc<Adaptive>>,
@@ -96,6 +99,7 @@ impl InFlightLimit {
         count_up_to("limit", limit, Semaphore::MAX_PERMITS, too_large)?;
         Ok(Self {
             semaphore: Arc::new(Semaphore::new(limit)),
+            spare: Arc::default(),
             limit,
             adaptive: None,
             name: None,
@@ -239,6 +243,7 @@ impl InFlightLimit {
         );
         Ok(Self {
             semaphore,
+            spare: Arc::default(),
             limit: max,
             adaptive: Some(Arc::new(adaptive)),
             name,
@@ -269,6 +274,7 @@ impl InFlightLimit {
                 .expect("the same configuration is valid"),
             None => Self {
                 semaphore: Arc::new(Semaphore::new(self.limit)),
+                spare: Arc::default(),
                 name,
                 ..self
             },
@@ -374,13 +380,19 @@ impl InFlightLimit {
     pub(crate) async fn run_fixed<F: Future>(&self, fut: F) -> F::Output {
         // A free unit is taken without the queue's future (no waiter can be ahead while units
         // are free, so first come, first served still holds).
+        if self.adaptive.is_none() && self.try_take_fixed() {
+            let _unit = Unit(self);
+            return fut.await;
+        }
         let _permit = match self.semaphore.try_acquire() {
             Ok(permit) => permit,
-            Err(_) => self
-                .semaphore
-                .acquire()
-                .await
-                .expect("the semaphore is never closed"),
+            Err(_) => {
+                let _waiting = self.spare.wait(&self.semaphore);
+                self.semaphore
+                    .acquire()
+                    .await
+                    .expect("the semaphore is never closed")
+            }
         };
         fut.await
     }
@@ -391,6 +403,9 @@ impl InFlightLimit {
     #[inline]
     pub(crate) fn try_take_fixed(&self) -> bool {
         debug_assert!(self.adaptive.is_none(), "an adaptive limit's units report");
+        if self.spare.take() {
+            return true;
+        }
         match self.semaphore.try_acquire() {
             Ok(permit) => {
                 permit.forget();
@@ -404,12 +419,17 @@ impl InFlightLimit {
     /// [`poll_unit`](Self::poll_unit).
     #[inline]
     pub(crate) fn give_back(&self) {
-        self.semaphore.add_permits(1);
+        self.give_back_many(1);
     }
 
-    /// Gives back `n` units taken by [`poll_unit`](Self::poll_unit).
+    /// Gives back `n` units taken by [`try_take_fixed`](Self::try_take_fixed) or
+    /// [`poll_unit`](Self::poll_unit).
+    #[inline]
     pub(crate) fn give_back_many(&self, n: usize) {
-        self.semaphore.add_permits(n);
+        match self.adaptive {
+            None => self.spare.give_back(n, &self.semaphore),
+            Some(_) => self.semaphore.add_permits(n),
+        }
     }
 
     /// [`poll_permit`](Self::poll_permit) for a holder that keeps no permit but gives the
@@ -482,8 +502,13 @@ impl InFlightLimit {
         let permit = match self.semaphore.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                let wait =
-                    acquire.get_or_insert_with(|| Box::pin(self.semaphore.clone().acquire_owned()));
+                let wait = acquire.get_or_insert_with(|| {
+                    let (semaphore, spare) = (Arc::clone(&self.semaphore), Arc::clone(&self.spare));
+                    Box::pin(async move {
+                        let _waiting = spare.wait(&semaphore);
+                        semaphore.acquire_owned().await
+                    })
+                });
                 std::task::ready!(wait.as_mut().poll(cx)).expect("the semaphore is never closed")
             }
         };
@@ -560,7 +585,10 @@ impl InFlightLimit {
     /// How many operations are running now, across every stream sharing this limit.
     pub fn in_use(&self) -> usize {
         match &self.adaptive {
-            None => self.limit - self.semaphore.available_permits(),
+            // Two reads: a unit given back between them may be seen in both.
+            None => self
+                .limit
+                .saturating_sub(self.semaphore.available_permits() + self.spare.units()),
             Some(adaptive) => adaptive.in_flight(),
         }
     }
@@ -593,6 +621,90 @@ impl fmt::Debug for InFlightLimit {
                 .field("max", &adaptive.max());
         }
         d.field("in_use", &self.in_use()).finish()
+    }
+}
+
+/// The units of a fixed limit given back by holders that took them without a permit
+/// ([`InFlightLimit::try_take_fixed`]): while nobody waits in the semaphore's queue, a unit
+/// given back goes here, with one atomic add instead of the semaphore's lock, and the next
+/// holder takes it from here. Whoever starts to wait in the queue first counts itself in
+/// `waiters`, then moves the spare units into the semaphore; whoever gives a unit back adds it
+/// here first, then moves it too if someone waits. Both in that order, sequentially
+/// consistent: one of the two sees the other, so no unit stays here while someone waits.
+/// Units are taken from here only while nobody waits, so waiters keep their turn.
+#[derive(Debug, Default)]
+struct Spare {
+    units: AtomicUsize,
+    waiters: AtomicUsize,
+}
+
+impl Spare {
+    /// Takes a spare unit, if there is one and nobody waits.
+    #[inline]
+    fn take(&self) -> bool {
+        if self.waiters.load(Ordering::SeqCst) != 0 {
+            return false;
+        }
+        let mut units = self.units.load(Ordering::Relaxed);
+        while units != 0 {
+            match self.units.compare_exchange_weak(
+                units,
+                units - 1,
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => units = now,
+            }
+        }
+        false
+    }
+
+    /// Gives back `n` units of `semaphore`'s limit.
+    #[inline]
+    fn give_back(&self, n: usize, semaphore: &Semaphore) {
+        self.units.fetch_add(n, Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) != 0 {
+            self.flush(semaphore);
+        }
+    }
+
+    /// Moves the spare units into the semaphore.
+    fn flush(&self, semaphore: &Semaphore) {
+        let units = self.units.swap(0, Ordering::SeqCst);
+        if units != 0 {
+            semaphore.add_permits(units);
+        }
+    }
+
+    /// Counts a waiter in the semaphore's queue until the guard is dropped (call it before
+    /// waiting).
+    fn wait<'a>(self: &'a Arc<Self>, semaphore: &Semaphore) -> Waiting<'a> {
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        self.flush(semaphore);
+        Waiting(self)
+    }
+
+    fn units(&self) -> usize {
+        self.units.load(Ordering::Relaxed)
+    }
+}
+
+/// A waiter counted in [`Spare::waiters`].
+struct Waiting<'a>(&'a Spare);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A unit taken by [`InFlightLimit::try_take_fixed`], given back when dropped.
+struct Unit<'a>(&'a InFlightLimit);
+
+impl Drop for Unit<'_> {
+    fn drop(&mut self) {
+        self.0.give_back();
     }
 }
 

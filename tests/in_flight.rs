@@ -240,3 +240,61 @@ async fn in_flight_ordered_yields_reverse_finishers_in_input_order() {
         .await;
     assert_eq!(out, (0..8).map(|i| (i, ms(80))).collect::<Vec<_>>());
 }
+
+/// Units given back without the semaphore's lock reach the callers waiting in its queue: tasks
+/// on several threads share one limit through `InFlightLimit::run`, `in_flight`,
+/// `in_flight_ordered` and a `Call`, never run more than it together, and all finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn units_given_back_reach_waiters_across_threads() {
+    let limit = InFlightLimit::new(3);
+    let running = Gauge::default();
+    let work = |running: Gauge| async move {
+        let _guard = running.enter();
+        tokio::task::yield_now().await;
+    };
+    let mut tasks = Vec::new();
+    for task in 0..12 {
+        let (limit, running) = (limit.clone(), running.clone());
+        tasks.push(tokio::spawn(async move {
+            match task % 4 {
+                0 => {
+                    for _ in 0..300 {
+                        limit.run(work(running.clone())).await;
+                    }
+                    300
+                }
+                1 => {
+                    stream::iter(0..300)
+                        .in_flight(&limit, |_| work(running.clone()))
+                        .count()
+                        .await
+                }
+                2 => {
+                    stream::iter(0..300)
+                        .in_flight_ordered(&limit, |_| work(running.clone()))
+                        .count()
+                        .await
+                }
+                _ => {
+                    let call = Call::new(move |_: u32| {
+                        let work = work(running.clone());
+                        async move {
+                            work.await;
+                            Ok::<_, String>(())
+                        }
+                    })
+                    .in_flight(&limit);
+                    for i in 0..300 {
+                        call.run(i).await.unwrap();
+                    }
+                    300
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 300);
+    }
+    assert!(running.max() <= 3, "{} running", running.max());
+    assert_eq!(limit.in_use(), 0);
+}
