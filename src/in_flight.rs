@@ -441,11 +441,17 @@ impl InFlightLimit {
         acquire: &mut Option<Acquire>,
         cx: &mut Context<'_>,
     ) -> Poll<()> {
-        if self.adaptive.is_none() && self.try_take_fixed() {
-            *acquire = None;
+        if self.adaptive.is_some() {
+            std::task::ready!(self.poll_permit(acquire, cx)).forget();
             return Poll::Ready(());
         }
-        std::task::ready!(self.poll_permit(acquire, cx)).forget();
+        if !self.try_take_fixed() {
+            let wait = acquire.get_or_insert_with(|| self.wait());
+            std::task::ready!(wait.as_mut().poll(cx))
+                .expect("the semaphore is never closed")
+                .forget();
+        }
+        *acquire = None;
         Poll::Ready(())
     }
 
@@ -502,18 +508,21 @@ impl InFlightLimit {
         let permit = match self.semaphore.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                let wait = acquire.get_or_insert_with(|| {
-                    let (semaphore, spare) = (Arc::clone(&self.semaphore), Arc::clone(&self.spare));
-                    Box::pin(async move {
-                        let _waiting = spare.wait(&semaphore);
-                        semaphore.acquire_owned().await
-                    })
-                });
+                let wait = acquire.get_or_insert_with(|| self.wait());
                 std::task::ready!(wait.as_mut().poll(cx)).expect("the semaphore is never closed")
             }
         };
         *acquire = None;
         Poll::Ready(permit)
+    }
+
+    /// A wait in the semaphore's queue, counted as a waiter of the spare units.
+    fn wait(&self) -> Acquire {
+        let (semaphore, spare) = (Arc::clone(&self.semaphore), Arc::clone(&self.spare));
+        Box::pin(async move {
+            let _waiting = spare.wait(&semaphore);
+            semaphore.acquire_owned().await
+        })
     }
 
     /// Whether a permit the semaphore gave may be used: always, unless the adaptive limit is
@@ -663,6 +672,11 @@ impl Spare {
     /// Gives back `n` units of `semaphore`'s limit.
     #[inline]
     fn give_back(&self, n: usize, semaphore: &Semaphore) {
+        if self.waiters.load(Ordering::SeqCst) != 0 {
+            // Straight to the queue.
+            semaphore.add_permits(n);
+            return;
+        }
         self.units.fetch_add(n, Ordering::SeqCst);
         if self.waiters.load(Ordering::SeqCst) != 0 {
             self.flush(semaphore);
@@ -671,6 +685,9 @@ impl Spare {
 
     /// Moves the spare units into the semaphore.
     fn flush(&self, semaphore: &Semaphore) {
+        if self.units.load(Ordering::SeqCst) == 0 {
+            return;
+        }
         let units = self.units.swap(0, Ordering::SeqCst);
         if units != 0 {
             semaphore.add_permits(units);
