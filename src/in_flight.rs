@@ -1,27 +1,30 @@
 //! `in_flight` and `in_flight_ordered`: a concurrent async map inside the stream's own task,
 //! capped by a shared limit.
 //!
-//! The futures run in a [`FuturesUnordered`] (or, in input order, a [`FuturesOrdered`]) owned by
-//! the stream (no spawn, so they may borrow). Each one holds a permit of the [`InFlightLimit`]'s
-//! semaphore while it runs; an item is pulled from upstream first and then waits for a permit,
-//! so a stream whose upstream is idle holds no permit that another stream could use. In input
-//! order, a finished future gives its permit back at once and waits in the queue for the
-//! earlier ones; the queue (running plus finished) never holds more than the limit's
-//! [`limit`](InFlightLimit::limit) (of an adaptive limit: as it stood when the last item was
-//! pulled), as `buffered(n)` never holds more than `n`.
+//! The futures run in a [`FuturesUnordered`] owned by the stream (no spawn, so they may
+//! borrow); in input order, an output that comes before the earlier ones' waits in a reorder
+//! buffer ([`Ordered`], as in a `FuturesOrdered`). Each future runs under a unit of the
+//! [`InFlightLimit`]; an item is pulled from upstream first and then waits for a unit, so a
+//! stream whose upstream is idle holds no unit that another stream could use. The stream
+//! holds the units ([`Held`] says whether a future has one) and gives each back as soon as its
+//! future ends, before the output is yielded: in input order, a finished future gives its unit
+//! back at once and waits for the earlier ones; the queue (running plus finished) never holds
+//! more than the limit's [`limit`](InFlightLimit::limit) (of an adaptive limit: as it stood
+//! when the last item was pulled), as `buffered(n)` never holds more than `n`.
 //!
 //! The engine ([`Core`]) is shared by the whole family: it is generic over the queue of running
 //! futures ([`Queue`]: completion order or input order) and over how an upstream item starts
-//! ([`Start`]: a plain item always runs under a permit; a fallible stream's `Err` passes through
+//! ([`Start`]: a plain item always runs under a unit; a fallible stream's `Err` passes through
 //! as a finished future that holds none).
 //!
 //! A limit is fixed ([`InFlightLimit::new`]) or adaptive ([`InFlightLimit::adaptive`], the
-//! algorithm in [`crate::adaptive`]). Of a fixed limit, a running future holds the semaphore's
-//! permit and nothing more: no clock is read, nothing is counted. Of an adaptive one, it also
-//! holds a [`Ticket`] (when it started, in which generation of the limit, with how many in
-//! flight); when it ends, its latency travels with its output to the stream, which reports it
-//! with the outcome ([`Start::Outcome`] says whether the output is a failure). A future dropped
-//! before it ends reports nothing. The limit's units are the semaphore's permits; lowering it
+//! algorithm in [`crate::adaptive`]). The limit's units are its semaphore's permits. Of a fixed
+//! limit, a unit taken without waiting costs one atomic operation and so does giving it back
+//! while nobody waits ([`Spare`]); no clock is read, nothing is counted. Of an adaptive one, a
+//! running future also holds a [`Ticket`] (when it started, in which generation of the limit,
+//! with how many in flight); when it ends, its latency travels with its output to the stream,
+//! which reports it with the outcome ([`Start::Outcome`] says whether the output is a
+//! failure). A future dropped before it ends reports nothing. Lowering an adaptive limit
 //! leaves a debt that the next permits taken pay, so giving a unit back needs no bookkeeping.
 
 use std::collections::VecDeque;
