@@ -285,8 +285,13 @@ impl RateLimiter {
         if self.redis.is_some() {
             return false;
         }
+        self.check_at(self.shared.clock.now())
+    }
+
+    /// [`check`](Self::check) at `now` (on the limiter's timeline), of an in-memory limiter.
+    #[inline]
+    fn check_at(&self, now: u64) -> bool {
         let shared = &*self.shared;
-        let now = shared.clock.now();
         if !shared.released.conforms(&shared.gcra, now) {
             return false;
         }
@@ -299,6 +304,21 @@ impl RateLimiter {
             return false;
         }
         true
+    }
+
+    /// The fast path of [`until_ready`](Self::until_ready) for a caller that has just read the
+    /// clock (`now`): takes a cell if one goes out at once, exactly as `until_ready` would then,
+    /// and returns `true`. `false` takes nothing and changes nothing: the cell must be waited
+    /// for, or this handle's credit would back-date the arrival, or the limiter is in Redis;
+    /// the caller then waits in `until_ready`.
+    #[inline]
+    pub(crate) fn try_ready_at(&self, now: tokio::time::Instant) -> bool {
+        #[cfg(feature = "redis")]
+        if self.redis.is_some() {
+            return false;
+        }
+        let now = self.shared.clock.nanos(now);
+        self.credit.get().arrival(now) == now && self.check_at(now)
     }
 
     /// Waits until one cell conforms to the quota and takes it: the same budget as every stream
