@@ -296,7 +296,11 @@ where
         }
         let ran = seq - first_seq;
         let nanos = crate::time::nanos(started.elapsed());
-        chan.item_nanos.store(nanos / ran.max(1), Ordering::Relaxed);
+        // The loom models set the measurement themselves: real time would make their runs
+        // differ from one interleaving to the next (chunk sizes, whether the consumer borrows).
+        if !cfg!(stagepipe_loom) {
+            chan.item_nanos.store(nanos / ran.max(1), Ordering::Relaxed);
+        }
         chan.complete(&mut done)
     })
 }
