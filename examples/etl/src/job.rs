@@ -427,7 +427,7 @@ where
         })
         .with_stats(&routed)
         .batch(config.batch_max, config.batch_wait)
-        // Bind or encode the next batch while the previous one is being written.
+        // Make the next batch ready (Postgres: encode it) while the previous one is written.
         .map(|batch| {
             let batch: Vec<Outcome> = batch.into_iter().collect::<Result<_, _>>()?;
             let records = batch.len() as u64;

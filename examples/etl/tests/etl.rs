@@ -321,10 +321,7 @@ async fn table_rows(db: &Db) -> Vec<String> {
         || '|' || COALESCE(CAST(statusdate AS TEXT), '-') || '|' || comments || '|' || address \
         || '|' || city || '|' || state || '|' || zip || '|' || property_id || '|' || location \
         || '|' || CAST(source_line AS TEXT) FROM violations ORDER BY licenseno, violdttm, violation";
-    match db {
-        Db::Sqlite(p, _) => sqlx::query_scalar(SQL).fetch_all(p).await.unwrap(),
-        Db::Postgres(p) => sqlx::query_scalar(SQL).fetch_all(p).await.unwrap(),
-    }
+    db.strings(SQL).await.unwrap()
 }
 
 /// Rewrites `csv` with the level column named `viollevel` (as in the file the Go ETLs read) and
@@ -509,6 +506,84 @@ async fn sqlite_missing_column_is_refused_before_the_database_is_created() {
         !s.0.join("etl.sqlite").exists(),
         "no database file was created"
     );
+}
+
+/// Another writer holds SQLite's write lock, with some of the file's rows inserted, when the
+/// job starts: the job reads on and waits for the lock (no error, no retry), then finds those
+/// rows there and counts them as duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_waits_for_another_writer_and_counts_its_rows_as_duplicates() {
+    const THEIRS: u64 = 25;
+    let s = Scratch::new("sqlite-other-writer");
+    let csv = s.csv(2000, 21);
+    let want = expected(&csv);
+    // The rows the other writer adds: the first 25 the job would load, taken from a load into
+    // another database.
+    let a = s.0.join("a.sqlite");
+    job::run(&Config::new(&csv, format!("sqlite://{}", a.display())))
+        .await
+        .unwrap();
+    let url = s.sqlite_url();
+    let db = Db::connect(&url, 1).await.unwrap();
+    db.ensure_schema().await.unwrap();
+    db.close().await;
+
+    let other = rusqlite::Connection::open(s.0.join("etl.sqlite")).unwrap();
+    other
+        .execute("ATTACH DATABASE ?1 AS a", [a.to_str().unwrap()])
+        .unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let added = other
+        .execute(
+            &format!(
+                "INSERT INTO violations SELECT * FROM a.violations ORDER BY source_line \
+                 LIMIT {THEIRS}"
+            ),
+            [],
+        )
+        .unwrap();
+    assert_eq!(added as u64, THEIRS);
+
+    let mut config = Config::new(&csv, &url);
+    config.batch_max = 200;
+    let release = async {
+        // The job reads several batches ahead while its writer waits for the lock.
+        while config
+            .progress
+            .rows
+            .load(std::sync::atomic::Ordering::Relaxed)
+            < 600
+        {
+            tokio::task::yield_now().await;
+        }
+        other.execute_batch("COMMIT").unwrap();
+    };
+    let (report, ()) = tokio::join!(job::run(&config), release);
+    drop(other);
+    let report = report.unwrap();
+    let t = report.totals;
+    assert_eq!(t.retries, 0, "waited for the lock, did not fail");
+    assert_eq!(t.loaded, want.loaded - THEIRS);
+    assert_eq!(t.duplicates, want.violation_rows - want.loaded + THEIRS);
+    assert_eq!(t.rejected, want.rejects.len() as u64);
+    assert_eq!(as_tuples(&report.top), want.top);
+    let db = Db::connect(&url, 1).await.unwrap();
+    assert_eq!(db.count_violations().await.unwrap(), want.loaded as i64);
+    db.close().await;
+}
+
+/// A closed SQLite database refuses further calls with an error that is not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_closed_database_refuses_calls() {
+    let s = Scratch::new("sqlite-closed");
+    let db = Db::connect(&s.sqlite_url(), 1).await.unwrap();
+    db.ensure_schema().await.unwrap();
+    assert_eq!(db.count_violations().await.unwrap(), 0);
+    db.close().await;
+    let err = db.count_violations().await.unwrap_err();
+    assert!(matches!(err, stagepipe_etl::db::Error::Closed), "{err:?}");
+    assert!(!stagepipe_etl::db::is_transient(&err));
+    assert_eq!(err.to_string(), "the SQLite connection is closed");
 }
 
 /// Runs the command line with `args`: (exit code, stdout, stderr).
