@@ -81,8 +81,9 @@ pub struct Config {
     pub progress: Arc<Progress>,
 }
 
-/// Rows per batch into SQLite: large transactions, since one writer does them all.
-pub const SQLITE_BATCH: usize = 5000;
+/// Rows per batch into SQLite: large transactions, since one writer does them all (each
+/// commit writes every page the batch changed to the WAL, so fewer, larger commits write less).
+pub const SQLITE_BATCH: usize = 10_000;
 /// Batches in flight into SQLite: one (a single-writer database).
 pub const SQLITE_WRITERS: usize = 1;
 /// Rows per batch into Postgres (one `COPY` each).

@@ -572,6 +572,34 @@ async fn sqlite_waits_for_another_writer_and_counts_its_rows_as_duplicates() {
     db.close().await;
 }
 
+/// A new database is made with 16 KiB pages; one made before with SQLite's default 4 KiB
+/// pages keeps them and loads the same rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_page_size_of_new_and_existing_databases() {
+    let s = Scratch::new("sqlite-page-size");
+    let csv = s.csv(1000, 22);
+    let want = expected(&csv);
+    let page_size = |path: &Path| -> i64 {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap()
+    };
+    let old = s.0.join("old.sqlite");
+    rusqlite::Connection::open(&old)
+        .unwrap()
+        .execute_batch("PRAGMA page_size = 4096; CREATE TABLE other (x INTEGER)")
+        .unwrap();
+    for (path, size) in [(s.0.join("etl.sqlite"), 16384), (old, 4096)] {
+        let report = job::run(&Config::new(&csv, format!("sqlite://{}", path.display())))
+            .await
+            .unwrap();
+        assert_eq!(report.totals.loaded, want.loaded);
+        assert_eq!(as_tuples(&report.top), want.top);
+        assert_eq!(page_size(&path), size, "{}", path.display());
+    }
+}
+
 /// A closed SQLite database refuses further calls with an error that is not retried.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_closed_database_refuses_calls() {
