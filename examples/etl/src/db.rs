@@ -14,14 +14,17 @@
 //!   borrowed text, as `sqlite3 .import` does. A new database gets 16 KiB pages. The WAL is
 //!   checkpointed after commits (SQLite's automatic checkpoint) and stays bounded by about one
 //!   batch; its peak size is measured ([`Db::wal_peak`]).
-//! * Postgres: a batch is `COPY`ed into a temporary staging table (one per connection,
-//!   emptied at each commit), then moved with `INSERT ... SELECT ... ON CONFLICT DO NOTHING`,
-//!   so keys and duplicates behave exactly as with plain inserts.
+//! * Postgres: a batch is `COPY`ed straight into `violations`, inside a savepoint. When one of
+//!   its keys is already there, the COPY fails, the savepoint takes its rows back, and the
+//!   batch goes through a temporary staging table (one per connection, emptied at each
+//!   commit) and `INSERT ... SELECT ... ON CONFLICT DO NOTHING`, so keys and duplicates behave
+//!   exactly as with plain inserts. After such a batch the next ones are staged at once, until
+//!   a staged batch has no duplicate ([`CopyMode`]).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
@@ -36,8 +39,18 @@ use crate::model::{Inspection, Reject, Timestamp};
 pub enum Db {
     /// An SQLite file.
     Sqlite(Sqlite),
-    /// A Postgres server.
-    Postgres(PgPool),
+    /// A Postgres server, and how its batches are being copied.
+    Postgres(PgPool, CopyMode),
+}
+
+/// How batches are copied into Postgres: straight into `violations` while they meet no key
+/// already there, through the staging table after one did (until a staged batch again has no
+/// duplicate). Shared by the clones of a [`Db`].
+#[derive(Clone, Debug, Default)]
+pub struct CopyMode {
+    staged: Arc<AtomicBool>,
+    /// Batches that went through the staging table.
+    staged_batches: Arc<AtomicU64>,
 }
 
 /// An error of the database layer.
@@ -349,7 +362,7 @@ pub struct Faults {
     fail_call: Option<u64>,
     calls: Arc<AtomicU64>,
     /// Whether the database itself reported the injected failure (the dropped connection).
-    surfaced: Arc<std::sync::atomic::AtomicBool>,
+    surfaced: Arc<AtomicBool>,
 }
 
 impl Faults {
@@ -676,6 +689,51 @@ macro_rules! push_rejects {
 /// row, under its limit).
 const ROWS_PER_STATEMENT: usize = 1024;
 
+/// `COPY`s `data` (text format, the columns of [`COLUMNS`]) into `table`: the rows copied.
+///
+/// With `kill` (an injected fault), sends half of the data, has the server terminate this
+/// connection's backend from another connection, then sends the rest into the dropped
+/// connection.
+async fn copy_in(
+    conn: &mut sqlx::PgConnection,
+    table: &str,
+    data: &[u8],
+    kill: Option<(i32, &PgPool)>,
+    faults: &Faults,
+) -> Result<u64, sqlx::Error> {
+    let mut copy = conn
+        .copy_in_raw(&format!("COPY {table} ({COLUMNS}) FROM STDIN"))
+        .await?;
+    match kill {
+        None => {
+            copy.send(data).await?;
+            copy.finish().await
+        }
+        Some((pid, pool)) => {
+            let half = data.len() / 2;
+            copy.send(&data[..half]).await?;
+            sqlx::query("SELECT pg_terminate_backend($1, 10000)")
+                .bind(pid)
+                .execute(pool)
+                .await?;
+            let rest = async {
+                copy.send(&data[half..]).await?;
+                copy.finish().await
+            };
+            let result = rest.await;
+            if result.is_err() {
+                faults.surfaced.store(true, Ordering::SeqCst);
+            }
+            result
+        }
+    }
+}
+
+/// Whether `e` is Postgres' unique violation (a key already in the table).
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
+}
+
 impl Db {
     /// Connects to `url` (`sqlite://path` creates the file if missing; `postgres://...`),
     /// with at most `connections` connections. SQLite has one connection, whatever
@@ -693,7 +751,7 @@ impl Db {
                 })
                 .connect(url)
                 .await?;
-            Ok(Db::Postgres(pool))
+            Ok(Db::Postgres(pool, CopyMode::default()))
         } else if url.starts_with("sqlite:") {
             let target = SqliteTarget::from_url(url);
             let wal = Wal {
@@ -718,7 +776,17 @@ impl Db {
     pub fn wal_peak(&self) -> u64 {
         match self {
             Db::Sqlite(s) => s.wal.peak.load(Ordering::Relaxed),
-            Db::Postgres(_) => 0,
+            Db::Postgres(..) => 0,
+        }
+    }
+
+    /// Postgres: how many batches went through the staging table, since they (or the batch
+    /// before them) met keys already in `violations`; the others were copied in one pass.
+    /// 0 on SQLite.
+    pub fn staged_batches(&self) -> u64 {
+        match self {
+            Db::Sqlite(_) => 0,
+            Db::Postgres(_, mode) => mode.staged_batches.load(Ordering::Relaxed),
         }
     }
 
@@ -731,7 +799,7 @@ impl Db {
                 len,
                 copy: Vec::new(),
             },
-            Db::Postgres(_) => {
+            Db::Postgres(..) => {
                 let mut copy = Vec::with_capacity(len * 320);
                 copy_text(&rows, &mut copy);
                 Ready {
@@ -747,7 +815,7 @@ impl Db {
     pub fn backend(&self) -> &'static str {
         match self {
             Db::Sqlite(..) => "sqlite",
-            Db::Postgres(_) => "postgres",
+            Db::Postgres(..) => "postgres",
         }
     }
 
@@ -763,7 +831,7 @@ impl Db {
                 })
                 .await?;
             }
-            Db::Postgres(p) => {
+            Db::Postgres(p, _) => {
                 for stmt in schema("TIMESTAMP") {
                     sqlx::query(&stmt).execute(p).await?;
                 }
@@ -792,50 +860,56 @@ impl Db {
                     .await?;
                 s.wal.observe();
             }
-            Db::Postgres(p) => {
+            Db::Postgres(p, mode) => {
                 let mut tx = p.begin().await?;
                 if !rows.is_empty() {
                     let data = &rows.copy;
-                    let pid: Option<i32> = if fail {
-                        Some(
-                            sqlx::query_scalar("SELECT pg_backend_pid()")
-                                .fetch_one(&mut *tx)
-                                .await?,
-                        )
+                    let mut kill = if fail {
+                        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                            .fetch_one(&mut *tx)
+                            .await?;
+                        Some((pid, p))
                     } else {
                         None
                     };
-                    let mut copy = tx
-                        .copy_in_raw(&format!("COPY violations_stage ({COLUMNS}) FROM STDIN"))
-                        .await?;
-                    if let Some(pid) = pid {
-                        // A real dropped connection in the middle of the COPY: half the data
-                        // is sent, the server terminates the backend, the rest is sent.
-                        let half = data.len() / 2;
-                        copy.send(&data[..half]).await?;
-                        sqlx::query("SELECT pg_terminate_backend($1, 10000)")
-                            .bind(pid)
-                            .execute(p)
-                            .await?;
-                        let rest = async {
-                            copy.send(&data[half..]).await?;
-                            copy.finish().await
-                        };
-                        if let Err(e) = rest.await {
-                            faults.surfaced.store(true, Ordering::SeqCst);
-                            return Err(e.into());
+                    let mut staged = mode.staged.load(Ordering::Relaxed);
+                    if !staged {
+                        // One pass: straight into the table. A key already there fails the
+                        // COPY, whose rows the savepoint takes back; then the staging path.
+                        sqlx::query("SAVEPOINT direct").execute(&mut *tx).await?;
+                        match copy_in(&mut tx, "violations", data, kill.take(), faults).await {
+                            Ok(n) => {
+                                w.inserted = n;
+                                sqlx::query("RELEASE SAVEPOINT direct")
+                                    .execute(&mut *tx)
+                                    .await?;
+                            }
+                            Err(e) if is_unique_violation(&e) => {
+                                sqlx::query("ROLLBACK TO SAVEPOINT direct")
+                                    .execute(&mut *tx)
+                                    .await?;
+                                mode.staged.store(true, Ordering::Relaxed);
+                                staged = true;
+                            }
+                            Err(e) => return Err(e.into()),
                         }
-                    } else {
-                        copy.send(data.as_slice()).await?;
-                        copy.finish().await?;
                     }
-                    w.inserted = sqlx::query(&format!(
-                        "INSERT INTO violations ({COLUMNS}) SELECT {COLUMNS} FROM violations_stage \
-                         ON CONFLICT (licenseno, violdttm, violation) DO NOTHING"
-                    ))
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
+                    if staged {
+                        mode.staged_batches.fetch_add(1, Ordering::Relaxed);
+                        copy_in(&mut tx, "violations_stage", data, kill.take(), faults).await?;
+                        w.inserted = sqlx::query(&format!(
+                            "INSERT INTO violations ({COLUMNS}) SELECT {COLUMNS} \
+                             FROM violations_stage \
+                             ON CONFLICT (licenseno, violdttm, violation) DO NOTHING"
+                        ))
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                        if w.inserted == rows.len() as u64 {
+                            // No duplicate in this batch: the next one tries the one pass.
+                            mode.staged.store(false, Ordering::Relaxed);
+                        }
+                    }
                 }
                 for chunk in rejects.chunks(ROWS_PER_STATEMENT) {
                     let mut qb = QueryBuilder::<Postgres>::new(
@@ -884,7 +958,7 @@ impl Db {
                 s.call(move |conn| conn.query_row(sql, [], |r| r.get(0)))
                     .await
             }
-            Db::Postgres(p) => Ok(sqlx::query_scalar(sql).fetch_one(p).await?),
+            Db::Postgres(p, _) => Ok(sqlx::query_scalar(sql).fetch_one(p).await?),
         }
     }
 
@@ -902,7 +976,7 @@ impl Db {
                 })
                 .await
             }
-            Db::Postgres(p) => {
+            Db::Postgres(p, _) => {
                 let rows: Vec<Option<String>> = sqlx::query_scalar(sql).fetch_all(p).await?;
                 Ok(rows.into_iter().map(Option::unwrap_or_default).collect())
             }
@@ -923,7 +997,7 @@ impl Db {
                 })
                 .await
             }
-            Db::Postgres(p) => Ok(sqlx::query_as(
+            Db::Postgres(p, _) => Ok(sqlx::query_as(
                 "SELECT line, kind, reason FROM rejects WHERE source = $1 ORDER BY line",
             )
             .bind(source)
@@ -947,7 +1021,7 @@ impl Db {
                 })
                 .await?
             }
-            Db::Postgres(p) => {
+            Db::Postgres(p, _) => {
                 sqlx::query_as(&format!("{SQL}$1"))
                     .bind(n)
                     .fetch_all(p)
@@ -968,7 +1042,7 @@ impl Db {
     pub async fn close(&self) {
         match self {
             Db::Sqlite(s) => s.close().await,
-            Db::Postgres(p) => p.close().await,
+            Db::Postgres(p, _) => p.close().await,
         }
     }
 }

@@ -957,3 +957,39 @@ async fn postgres_copy_with_several_writers_then_rerun_adds_nothing() {
     assert_eq!(db.count_rejects().await.unwrap(), want.rejects.len() as i64);
     db.close().await;
 }
+
+/// A file without duplicates is copied in one pass, straight into the table; loading it again
+/// finds every key there, so every batch goes through the staging table and adds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_copies_in_one_pass_until_keys_are_already_there() {
+    let url = pg_database("etl_one_pass").await;
+    let s = Scratch::new("pg-one-pass");
+    let csv = s.0.join("unique.csv");
+    let mut file = generator::GenConfig::new(2000, 23);
+    file.duplicate_every = 0;
+    generator::generate(
+        &file,
+        std::io::BufWriter::new(std::fs::File::create(&csv).unwrap()),
+    )
+    .unwrap();
+    let want = expected(&csv);
+    assert_eq!(want.violation_rows, want.loaded, "no key twice in the file");
+
+    let db = Db::connect(&url, 3).await.unwrap();
+    db.ensure_schema().await.unwrap();
+    let mut config = Config::new(&csv, &url);
+    config.batch_max = 200;
+    let (first, _) = job::load(&db, &config).await.unwrap();
+    assert_eq!(first.loaded, want.loaded);
+    assert_eq!(first.rejected, want.rejects.len() as u64);
+    assert!(first.batches >= 6, "{first:?}");
+    assert_eq!(db.staged_batches(), 0, "every batch in one pass");
+
+    let (second, _) = job::load(&db, &config).await.unwrap();
+    assert_eq!((second.loaded, second.duplicates), (0, want.violation_rows));
+    assert_eq!(second.retries, 0);
+    assert_eq!(db.staged_batches(), second.batches, "every batch staged");
+    assert_eq!(db.count_violations().await.unwrap(), want.loaded as i64);
+    assert_eq!(db.count_rejects().await.unwrap(), want.rejects.len() as i64);
+    db.close().await;
+}
