@@ -21,7 +21,6 @@
 //!   exactly as with plain inserts. After such a batch the next ones are staged at once, until
 //!   a staged batch has no duplicate ([`CopyMode`]).
 
-use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -312,7 +311,7 @@ pub struct Ready {
     rows: Arc<Vec<Inspection>>,
     /// How many rows.
     len: usize,
-    /// Postgres: the rows in `COPY`'s text format (sent again by a retry).
+    /// Postgres: the rows in `COPY`'s binary format (sent again by a retry).
     copy: Vec<u8>,
 }
 
@@ -487,43 +486,33 @@ const STAGE: &str = "CREATE TEMP TABLE IF NOT EXISTS violations_stage (
     source_line BIGINT
 ) ON COMMIT DELETE ROWS";
 
-/// Appends `rows` to `out` in `COPY`'s text format, in the order of [`COLUMNS`].
-fn copy_text(rows: &[Inspection], out: &mut Vec<u8>) {
+/// Appends `rows` to `out` in `COPY`'s binary format, in the order of [`COLUMNS`]: the
+/// header, one tuple per row, the trailer. The server reads the values as they are (no text
+/// to parse: timestamps are microseconds since 2000-01-01).
+fn copy_binary(rows: &[Inspection], out: &mut Vec<u8>) {
     fn text(out: &mut Vec<u8>, s: &str) {
-        let b = s.as_bytes();
-        if !b.iter().any(|c| matches!(c, b'\\' | b'\t' | b'\n' | b'\r')) {
-            out.extend_from_slice(b);
-            return;
-        }
-        for &c in b {
-            match c {
-                b'\\' => out.extend_from_slice(b"\\\\"),
-                b'\t' => out.extend_from_slice(b"\\t"),
-                b'\n' => out.extend_from_slice(b"\\n"),
-                b'\r' => out.extend_from_slice(b"\\r"),
-                c => out.push(c),
-            }
-        }
+        out.extend_from_slice(&(s.len() as i32).to_be_bytes());
+        out.extend_from_slice(s.as_bytes());
     }
-    fn ts(out: &mut Vec<u8>, t: &Option<crate::model::Timestamp>) {
+    fn ts(out: &mut Vec<u8>, t: &Option<Timestamp>) {
         match t {
             Some(t) => {
-                let mut s = String::with_capacity(19);
-                let _ = write!(s, "{t}");
-                out.extend_from_slice(s.as_bytes());
+                out.extend_from_slice(&8i32.to_be_bytes());
+                out.extend_from_slice(&pg_micros(t).to_be_bytes());
             }
-            None => out.extend_from_slice(b"\\N"),
+            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
         }
     }
+    out.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+    out.extend_from_slice(&0i32.to_be_bytes()); // flags
+    out.extend_from_slice(&0i32.to_be_bytes()); // header extension
     for r in rows {
-        let tab = |out: &mut Vec<u8>| out.push(b'\t');
+        out.extend_from_slice(&22i16.to_be_bytes());
         text(out, &r.licenseno);
-        tab(out);
         ts(out, &r.violdttm);
-        tab(out);
         text(out, &r.violation);
-        tab(out);
-        out.push(b'0' + r.level.unwrap_or(0));
+        out.extend_from_slice(&4i32.to_be_bytes());
+        out.extend_from_slice(&i32::from(r.level.unwrap_or(0)).to_be_bytes());
         for s in [
             &r.businessname,
             &r.dbaname,
@@ -532,16 +521,11 @@ fn copy_text(rows: &[Inspection], out: &mut Vec<u8>) {
             &r.descript,
             &r.result,
         ] {
-            tab(out);
             text(out, s);
         }
-        tab(out);
         ts(out, &r.resultdttm);
-        for s in [&r.violdesc, &r.violstatus] {
-            tab(out);
-            text(out, s);
-        }
-        tab(out);
+        text(out, &r.violdesc);
+        text(out, &r.violstatus);
         ts(out, &r.statusdate);
         for s in [
             &r.comments,
@@ -552,23 +536,27 @@ fn copy_text(rows: &[Inspection], out: &mut Vec<u8>) {
             &r.property_id,
             &r.location,
         ] {
-            tab(out);
             text(out, s);
         }
-        tab(out);
-        let _ = write!(Adapter(out), "{}", r.line);
-        out.push(b'\n');
+        out.extend_from_slice(&8i32.to_be_bytes());
+        out.extend_from_slice(&(r.line as i64).to_be_bytes());
     }
+    out.extend_from_slice(&(-1i16).to_be_bytes());
 }
 
-/// `fmt::Write` into a byte buffer.
-struct Adapter<'a>(&'a mut Vec<u8>);
-
-impl std::fmt::Write for Adapter<'_> {
-    fn write_str(&mut self, s: &str) -> std::fmt::Result {
-        self.0.extend_from_slice(s.as_bytes());
-        Ok(())
-    }
+/// `t` as Postgres stores a `TIMESTAMP`: microseconds since 2000-01-01 00:00:00.
+fn pg_micros(t: &Timestamp) -> i64 {
+    // Days from 1970-01-01 to the date (Howard Hinnant's `days_from_civil`).
+    let (m, d) = (i64::from(t.month), i64::from(t.day));
+    let y = i64::from(t.year) - i64::from(m <= 2);
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468 - 10_957; // 10,957 days from 1970 to 2000
+    let secs =
+        days * 86_400 + i64::from(t.hour) * 3600 + i64::from(t.minute) * 60 + i64::from(t.second);
+    secs * 1_000_000
 }
 
 /// The single-row `INSERT` of a violation into SQLite, prepared once by the connection (its
@@ -689,7 +677,7 @@ macro_rules! push_rejects {
 /// row, under its limit).
 const ROWS_PER_STATEMENT: usize = 1024;
 
-/// `COPY`s `data` (text format, the columns of [`COLUMNS`]) into `table`: the rows copied.
+/// `COPY`s `data` (binary format, the columns of [`COLUMNS`]) into `table`: the rows copied.
 ///
 /// With `kill` (an injected fault), sends half of the data, has the server terminate this
 /// connection's backend from another connection, then sends the rest into the dropped
@@ -702,7 +690,9 @@ async fn copy_in(
     faults: &Faults,
 ) -> Result<u64, sqlx::Error> {
     let mut copy = conn
-        .copy_in_raw(&format!("COPY {table} ({COLUMNS}) FROM STDIN"))
+        .copy_in_raw(&format!(
+            "COPY {table} ({COLUMNS}) FROM STDIN WITH (FORMAT binary)"
+        ))
         .await?;
     match kill {
         None => {
@@ -801,7 +791,7 @@ impl Db {
             },
             Db::Postgres(..) => {
                 let mut copy = Vec::with_capacity(len * 320);
-                copy_text(&rows, &mut copy);
+                copy_binary(&rows, &mut copy);
                 Ready {
                     len,
                     copy,
@@ -1078,6 +1068,18 @@ mod tests {
             SqliteTarget::from_url("sqlite://:memory:"),
             SqliteTarget::Memory
         );
+    }
+
+    #[test]
+    fn postgres_timestamps_count_microseconds_from_2000() {
+        let micros = |s: &str| pg_micros(&Timestamp::parse(s).unwrap());
+        assert_eq!(micros("2000-01-01 00:00:00"), 0);
+        assert_eq!(micros("2000-01-01 00:00:01"), 1_000_000);
+        assert_eq!(micros("1999-12-31 23:59:59"), -1_000_000);
+        assert_eq!(micros("2000-03-01 00:00:00"), 60 * 86_400 * 1_000_000); // 2000 is leap
+        // `SELECT EXTRACT(EPOCH FROM TIMESTAMP '2024-02-29 13:45:10' - TIMESTAMP '2000-01-01')`
+        assert_eq!(micros("2024-02-29 13:45:10"), 762_529_510_000_000);
+        assert_eq!(micros("1970-01-01 00:00:00"), -946_684_800_000_000);
     }
 
     #[test]

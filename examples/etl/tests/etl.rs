@@ -984,6 +984,14 @@ async fn postgres_copies_in_one_pass_until_keys_are_already_there() {
     assert_eq!(first.rejected, want.rejects.len() as u64);
     assert!(first.batches >= 6, "{first:?}");
     assert_eq!(db.staged_batches(), 0, "every batch in one pass");
+    // Every value as SQLite stores the same file (timestamps, levels and lines included).
+    let lite = s.sqlite_url();
+    job::run(&Config::new(&csv, &lite)).await.unwrap();
+    let lite = Db::connect(&lite, 1).await.unwrap();
+    let rows = table_rows(&db).await;
+    assert_eq!(rows.len() as u64, want.loaded);
+    assert_eq!(rows, table_rows(&lite).await);
+    lite.close().await;
 
     let (second, _) = job::load(&db, &config).await.unwrap();
     assert_eq!((second.loaded, second.duplicates), (0, want.violation_rows));
