@@ -7,6 +7,12 @@
 //! initial burst, per second, over the configured rate (1.00 is exact, above 1.00 would break the
 //! quota). Criterion then reports each variant's throughput (elements per second) on shorter
 //! runs that include the initial burst.
+//!
+//! Two environment variables narrow or vary the report (handy for `/usr/bin/time`):
+//! `RATE_LIMIT_BENCH_RATES` (comma-separated rates, e.g. `100000`) and
+//! `RATE_LIMIT_BENCH_THREADS` (a multi-thread runtime with that many workers instead of the
+//! current-thread one). On Linux each line also gives the CPU time the process spent during the
+//! run (every thread's, from `/proc/self/task/*/schedstat`).
 
 use std::hint::black_box;
 use std::num::NonZeroU32;
@@ -78,26 +84,74 @@ async fn run(pacer: Pacer, rate: u32, burst: u32, n: u64) -> u64 {
     }
 }
 
+/// The rates to run: [`RATES`], or those listed in `RATE_LIMIT_BENCH_RATES`.
+fn rates() -> Vec<u32> {
+    match std::env::var("RATE_LIMIT_BENCH_RATES") {
+        Ok(list) => list
+            .split(',')
+            .map(|r| {
+                r.trim()
+                    .parse()
+                    .expect("RATE_LIMIT_BENCH_RATES: rates per second")
+            })
+            .collect(),
+        Err(_) => RATES.to_vec(),
+    }
+}
+
+/// A current-thread runtime, or a multi-thread one with `RATE_LIMIT_BENCH_THREADS` workers.
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
+    match std::env::var("RATE_LIMIT_BENCH_THREADS") {
+        Ok(n) => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(
+                n.parse()
+                    .expect("RATE_LIMIT_BENCH_THREADS: a number of workers"),
+            )
+            .enable_all()
+            .build()
+            .unwrap(),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap(),
+    }
+}
+
+/// CPU time used so far by all of this process's threads (Linux only).
+fn cpu_time() -> Option<Duration> {
+    let mut nanos = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()? {
+        let stat = std::fs::read_to_string(task.ok()?.path().join("schedstat")).ok()?;
+        nanos += stat.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(Duration::from_nanos(nanos))
 }
 
 /// One ~0.5 s run per variant; prints achieved/configured.
 fn report(rt: &tokio::runtime::Runtime) {
     println!("achieved/configured rate, real clock, ~0.5 s per run:");
-    for rate in RATES {
+    for rate in rates() {
         for burst in BURSTS {
             for pacer in Pacer::ALL {
                 let n = u64::from(rate / 2 + burst);
+                let cpu = cpu_time();
                 let start = Instant::now();
-                let out = rt.block_on(run(pacer, rate, burst, n));
+                // On a multi-thread runtime, run on a worker (`block_on` would run it on this
+                // thread).
+                let out =
+                    rt.block_on(
+                        async move { tokio::spawn(run(pacer, rate, burst, n)).await.unwrap() },
+                    );
                 let elapsed = start.elapsed().as_secs_f64();
                 let ratio = (out - u64::from(burst)) as f64 / (f64::from(rate) * elapsed);
+                let cpu = match (cpu, cpu_time()) {
+                    (Some(before), Some(after)) => {
+                        format!(", cpu {:.0} ms", (after - before).as_secs_f64() * 1e3)
+                    }
+                    _ => String::new(),
+                };
                 println!(
-                    "  {:>7}/s burst {:>3}  {:<22} {:.4}  ({out} items in {elapsed:.3} s)",
+                    "  {:>7}/s burst {:>3}  {:<22} {:.4}  ({out} items in {elapsed:.3} s{cpu})",
                     rate,
                     burst,
                     pacer.name(),
@@ -111,7 +165,7 @@ fn report(rt: &tokio::runtime::Runtime) {
 fn benches(c: &mut Criterion) {
     let rt = runtime();
     report(&rt);
-    for rate in RATES {
+    for rate in rates() {
         for burst in BURSTS {
             let mut group = c.benchmark_group(format!("rate_{rate}_burst_{burst}"));
             // 50 ms of items per iteration, plus the burst

@@ -555,6 +555,23 @@ impl CircuitBreaker {
         }
     }
 
+    /// The fast path of [`call`](Self::call) for a caller that may not wait: a permit if the
+    /// in-memory breaker is closed (one atomic load), as `call` would take it. `None` takes
+    /// nothing: the breaker is open or half-open (then `call` rejects, or lets the trial
+    /// through), or lives in Redis.
+    #[inline]
+    pub(crate) fn closed_permit(&self) -> Option<Permit> {
+        #[cfg(feature = "redis")]
+        if self.redis.is_some() {
+            return None;
+        }
+        let word = self.shared.word.load(Ordering::Acquire);
+        (state_of(word) == CLOSED).then_some(Permit {
+            trial: false,
+            period: word & PERIOD,
+        })
+    }
+
     /// Asks for a permit: `Ready(true)` once the call may run (its ticket in `passage`),
     /// `Ready(false)` if it is rejected. At once for an in-memory breaker; after a round trip
     /// for a Redis-backed one (kept in `passage` while pending).

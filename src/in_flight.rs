@@ -1,37 +1,43 @@
 //! `in_flight` and `in_flight_ordered`: a concurrent async map inside the stream's own task,
 //! capped by a shared limit.
 //!
-//! The futures run in a [`FuturesUnordered`] (or, in input order, a [`FuturesOrdered`]) owned by
-//! the stream (no spawn, so they may borrow). Each one holds a permit of the [`InFlightLimit`]'s
-//! semaphore while it runs; an item is pulled from upstream first and then waits for a permit,
-//! so a stream whose upstream is idle holds no permit that another stream could use. In input
-//! order, a finished future gives its permit back at once and waits in the queue for the
-//! earlier ones; the queue (running plus finished) never holds more than the limit's
-//! [`limit`](InFlightLimit::limit) (of an adaptive limit: as it stood when the last item was
-//! pulled), as `buffered(n)` never holds more than `n`.
+//! The futures run in a [`FuturesUnordered`] owned by the stream (no spawn, so they may
+//! borrow); in input order, an output that comes before the earlier ones' waits in a reorder
+//! buffer ([`Ordered`], as in a `FuturesOrdered`). Each future runs under a unit of the
+//! [`InFlightLimit`]; an item is pulled from upstream first and then waits for a unit, so a
+//! stream whose upstream is idle holds no unit that another stream could use. The stream
+//! holds the units ([`Held`] says whether a future has one) and gives each back as soon as its
+//! future ends, before the output is yielded: in input order, a finished future gives its unit
+//! back at once and waits for the earlier ones; the queue (running plus finished) never holds
+//! more than the limit's [`limit`](InFlightLimit::limit) (of an adaptive limit: as it stood
+//! when the last item was pulled), as `buffered(n)` never holds more than `n`.
 //!
 //! The engine ([`Core`]) is shared by the whole family: it is generic over the queue of running
 //! futures ([`Queue`]: completion order or input order) and over how an upstream item starts
-//! ([`Start`]: a plain item always runs under a permit; a fallible stream's `Err` passes through
+//! ([`Start`]: a plain item always runs under a unit; a fallible stream's `Err` passes through
 //! as a finished future that holds none).
 //!
 //! A limit is fixed ([`InFlightLimit::new`]) or adaptive ([`InFlightLimit::adaptive`], the
-//! algorithm in [`crate::adaptive`]). Of a fixed limit, a running future holds the semaphore's
-//! permit and nothing more: no clock is read, nothing is counted. Of an adaptive one, it also
-//! holds a [`Ticket`] (when it started, in which generation of the limit, with how many in
-//! flight); when it ends, its latency travels with its output to the stream, which reports it
-//! with the outcome ([`Start::Outcome`] says whether the output is a failure). A future dropped
-//! before it ends reports nothing. The limit's units are the semaphore's permits; lowering it
+//! algorithm in [`crate::adaptive`]). The limit's units are its semaphore's permits. Of a fixed
+//! limit, a unit taken without waiting costs one atomic operation and so does giving it back
+//! while nobody waits ([`Spare`]); no clock is read, nothing is counted. Of an adaptive one, a
+//! running future also holds a [`Ticket`] (when it started, in which generation of the limit,
+//! with how many in flight); when it ends, its latency travels with its output to the stream,
+//! which reports it with the outcome ([`Start::Outcome`] says whether the output is a
+//! failure). A future dropped before it ends reports nothing. Lowering an adaptive limit
 //! leaves a debt that the next permits taken pay, so giving a unit back needs no bookkeeping.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures::StreamExt;
 use futures::stream::{FuturesOrdered, FuturesUnordered, Stream};
 use pin_project_lite::pin_project;
 use tokio::sync::{AcquireError, OwnedSemaphorePermit, Semaphore};
@@ -70,6 +76,8 @@ use crate::macros::size_hint_plus;
 #[derive(Clone)]
 pub struct InFlightLimit {
     semaphore: Arc<Semaphore>,
+    /// Of a fixed limit, the units given back without the semaphore's lock (see [`Spare`]).
+    spare: Arc<Spare>,
     /// The fixed limit (of an adaptive one: its `max`).
     limit: usize,
     adaptive: Option<Arc<Adaptive>>,
@@ -94,6 +102,7 @@ impl InFlightLimit {
         count_up_to("limit", limit, Semaphore::MAX_PERMITS, too_large)?;
         Ok(Self {
             semaphore: Arc::new(Semaphore::new(limit)),
+            spare: Arc::default(),
             limit,
             adaptive: None,
             name: None,
@@ -237,6 +246,7 @@ impl InFlightLimit {
         );
         Ok(Self {
             semaphore,
+            spare: Arc::default(),
             limit: max,
             adaptive: Some(Arc::new(adaptive)),
             name,
@@ -267,6 +277,7 @@ impl InFlightLimit {
                 .expect("the same configuration is valid"),
             None => Self {
                 semaphore: Arc::new(Semaphore::new(self.limit)),
+                spare: Arc::default(),
                 name,
                 ..self
             },
@@ -372,15 +383,79 @@ impl InFlightLimit {
     pub(crate) async fn run_fixed<F: Future>(&self, fut: F) -> F::Output {
         // A free unit is taken without the queue's future (no waiter can be ahead while units
         // are free, so first come, first served still holds).
+        if self.adaptive.is_none() && self.try_take_fixed() {
+            let _unit = Unit(self);
+            return fut.await;
+        }
         let _permit = match self.semaphore.try_acquire() {
             Ok(permit) => permit,
-            Err(_) => self
-                .semaphore
-                .acquire()
-                .await
-                .expect("the semaphore is never closed"),
+            Err(_) => {
+                let _waiting = self.spare.wait(&self.semaphore);
+                self.semaphore
+                    .acquire()
+                    .await
+                    .expect("the semaphore is never closed")
+            }
         };
         fut.await
+    }
+
+    /// Takes a free unit of a fixed limit at once, if there is one (no waiter can be ahead
+    /// while units are free), for a holder that gives it back with
+    /// [`give_back`](Self::give_back): `false` takes nothing.
+    #[inline]
+    pub(crate) fn try_take_fixed(&self) -> bool {
+        debug_assert!(self.adaptive.is_none(), "an adaptive limit's units report");
+        if self.spare.take() {
+            return true;
+        }
+        match self.semaphore.try_acquire() {
+            Ok(permit) => {
+                permit.forget();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Gives back a unit taken by [`try_take_fixed`](Self::try_take_fixed) or
+    /// [`poll_unit`](Self::poll_unit).
+    #[inline]
+    pub(crate) fn give_back(&self) {
+        self.give_back_many(1);
+    }
+
+    /// Gives back `n` units taken by [`try_take_fixed`](Self::try_take_fixed) or
+    /// [`poll_unit`](Self::poll_unit).
+    #[inline]
+    pub(crate) fn give_back_many(&self, n: usize) {
+        match self.adaptive {
+            None => self.spare.give_back(n, &self.semaphore),
+            Some(_) => self.semaphore.add_permits(n),
+        }
+    }
+
+    /// [`poll_permit`](Self::poll_permit) for a holder that keeps no permit but gives the
+    /// unit back with [`give_back`](Self::give_back): a free unit of a fixed limit is taken
+    /// without a handle on the semaphore.
+    #[inline]
+    pub(crate) fn poll_unit(
+        &self,
+        acquire: &mut Option<Acquire>,
+        cx: &mut Context<'_>,
+    ) -> Poll<()> {
+        if self.adaptive.is_some() {
+            std::task::ready!(self.poll_permit(acquire, cx)).forget();
+            return Poll::Ready(());
+        }
+        if !self.try_take_fixed() {
+            let wait = acquire.get_or_insert_with(|| self.wait());
+            std::task::ready!(wait.as_mut().poll(cx))
+                .expect("the semaphore is never closed")
+                .forget();
+        }
+        *acquire = None;
+        Poll::Ready(())
     }
 
     /// Takes a unit of this limit, waiting for one first (first come, first served), for a
@@ -436,13 +511,21 @@ impl InFlightLimit {
         let permit = match self.semaphore.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
-                let wait =
-                    acquire.get_or_insert_with(|| Box::pin(self.semaphore.clone().acquire_owned()));
+                let wait = acquire.get_or_insert_with(|| self.wait());
                 std::task::ready!(wait.as_mut().poll(cx)).expect("the semaphore is never closed")
             }
         };
         *acquire = None;
         Poll::Ready(permit)
+    }
+
+    /// A wait in the semaphore's queue, counted as a waiter of the spare units.
+    fn wait(&self) -> Acquire {
+        let (semaphore, spare) = (Arc::clone(&self.semaphore), Arc::clone(&self.spare));
+        Box::pin(async move {
+            let _waiting = spare.wait(&semaphore);
+            semaphore.acquire_owned().await
+        })
     }
 
     /// Whether a permit the semaphore gave may be used: always, unless the adaptive limit is
@@ -514,7 +597,10 @@ impl InFlightLimit {
     /// How many operations are running now, across every stream sharing this limit.
     pub fn in_use(&self) -> usize {
         match &self.adaptive {
-            None => self.limit - self.semaphore.available_permits(),
+            // Two reads: a unit given back between them may be seen in both.
+            None => self
+                .limit
+                .saturating_sub(self.semaphore.available_permits() + self.spare.units()),
             Some(adaptive) => adaptive.in_flight(),
         }
     }
@@ -547,6 +633,98 @@ impl fmt::Debug for InFlightLimit {
                 .field("max", &adaptive.max());
         }
         d.field("in_use", &self.in_use()).finish()
+    }
+}
+
+/// The units of a fixed limit given back by holders that took them without a permit
+/// ([`InFlightLimit::try_take_fixed`]): while nobody waits in the semaphore's queue, a unit
+/// given back goes here, with one atomic add instead of the semaphore's lock, and the next
+/// holder takes it from here. Whoever starts to wait in the queue first counts itself in
+/// `waiters`, then moves the spare units into the semaphore; whoever gives a unit back adds it
+/// here first, then moves it too if someone waits. Both in that order, sequentially
+/// consistent: one of the two sees the other, so no unit stays here while someone waits.
+/// Units are taken from here only while nobody waits, so waiters keep their turn.
+#[derive(Debug, Default)]
+struct Spare {
+    units: AtomicUsize,
+    waiters: AtomicUsize,
+}
+
+impl Spare {
+    /// Takes a spare unit, if there is one and nobody waits.
+    #[inline]
+    fn take(&self) -> bool {
+        if self.waiters.load(Ordering::SeqCst) != 0 {
+            return false;
+        }
+        let mut units = self.units.load(Ordering::Relaxed);
+        while units != 0 {
+            match self.units.compare_exchange_weak(
+                units,
+                units - 1,
+                Ordering::SeqCst,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return true,
+                Err(now) => units = now,
+            }
+        }
+        false
+    }
+
+    /// Gives back `n` units of `semaphore`'s limit.
+    #[inline]
+    fn give_back(&self, n: usize, semaphore: &Semaphore) {
+        if self.waiters.load(Ordering::SeqCst) != 0 {
+            // Straight to the queue.
+            semaphore.add_permits(n);
+            return;
+        }
+        self.units.fetch_add(n, Ordering::SeqCst);
+        if self.waiters.load(Ordering::SeqCst) != 0 {
+            self.flush(semaphore);
+        }
+    }
+
+    /// Moves the spare units into the semaphore.
+    fn flush(&self, semaphore: &Semaphore) {
+        if self.units.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let units = self.units.swap(0, Ordering::SeqCst);
+        if units != 0 {
+            semaphore.add_permits(units);
+        }
+    }
+
+    /// Counts a waiter in the semaphore's queue until the guard is dropped (call it before
+    /// waiting).
+    fn wait<'a>(self: &'a Arc<Self>, semaphore: &Semaphore) -> Waiting<'a> {
+        self.waiters.fetch_add(1, Ordering::SeqCst);
+        self.flush(semaphore);
+        Waiting(self)
+    }
+
+    fn units(&self) -> usize {
+        self.units.load(Ordering::Relaxed)
+    }
+}
+
+/// A waiter counted in [`Spare::waiters`].
+struct Waiting<'a>(&'a Spare);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiters.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A unit taken by [`InFlightLimit::try_take_fixed`], given back when dropped.
+struct Unit<'a>(&'a InFlightLimit);
+
+impl Drop for Unit<'_> {
+    fn drop(&mut self) {
+        self.0.give_back();
     }
 }
 
@@ -623,6 +801,8 @@ pin_project! {
     /// A future that holds a permit of the limit (if it was given one) until it completes.
     /// Its output comes with the operation's end, if it holds a ticket of an adaptive limit,
     /// for its holder to report (a fixed limit's future carries `None`, and reads no clock).
+    /// The tower layer's futures are these; the streams' are [`Held`] (their types name this
+    /// one in their [`Queue`]).
     pub(crate) struct WithPermit<Fut> {
         #[pin]
         fut: Fut,
@@ -633,6 +813,7 @@ pin_project! {
 
 impl<Fut> WithPermit<Fut> {
     /// `fut`, holding `permit` (if any) with its `ticket` (of an adaptive limit).
+    #[cfg(feature = "tower")]
     #[inline]
     pub(crate) fn new(
         fut: Fut,
@@ -698,44 +879,212 @@ where
     }
 }
 
-/// The queue of a stream's running (and, in input order, finished but held back) futures.
-pub(crate) trait Queue: Stream + Unpin + Default {
-    /// The queued future.
-    type Fut;
-    /// Whether a finished future waits here for earlier ones: then the queue's length is the
+pin_project! {
+    /// A future of the `in_flight` family's engine. Whether it holds a unit of the limit and
+    /// (of an adaptive limit) its ticket travel with its output to the engine, which gives the
+    /// unit back as soon as the future ends: the future holds no handle on the limit, so
+    /// taking a unit costs no reference count.
+    pub(crate) struct Held<Fut> {
+        #[pin]
+        fut: Fut,
+        unit: bool,
+        ticket: Option<Ticket>,
+    }
+}
+
+impl<Fut: Future> Future for Held<Fut> {
+    /// The output, whether the future held a unit, and its end for an adaptive limit.
+    type Output = (Fut::Output, bool, Option<Ended>);
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.fut.poll(cx));
+        Poll::Ready((out, *this.unit, this.ticket.take().map(Ticket::end)))
+    }
+}
+
+/// The queue a stream of the family names in its type (`FuturesUnordered<WithPermit<Fut>>`
+/// in completion order, `FuturesOrdered<WithPermit<Fut>>` in input order), and the [`Store`]
+/// that holds its futures.
+pub(crate) trait Queue {
+    type Store: Store;
+}
+
+impl<Fut> Queue for FuturesUnordered<WithPermit<Fut>> {
+    type Store = Unordered<Fut>;
+}
+
+impl<Fut: Future> Queue for FuturesOrdered<WithPermit<Fut>> {
+    type Store = Ordered<Fut>;
+}
+
+/// A stream's running (and, in input order, finished but held back) futures.
+pub(crate) trait Store: Default {
+    /// Whether a finished future waits here for earlier ones: then the store's length is the
     /// reorder buffer, and it is bounded by the limit.
     const ORDERED: bool;
-    fn push(&mut self, fut: Self::Fut);
     fn len(&self) -> usize;
 }
 
-impl<Fut: Future> Queue for FuturesUnordered<Fut> {
-    type Fut = Fut;
-    const ORDERED: bool = false;
+/// A [`Store`] of futures of type `Fut`.
+pub(crate) trait PollStore<Fut: Future>: Store {
+    fn push(&mut self, fut: Held<Fut>);
+    /// The next output in the store's order, with its end for an adaptive limit. `unit` is
+    /// called as soon as a future that held a unit ends (in input order, possibly before
+    /// earlier ones have).
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        unit: impl FnMut(),
+    ) -> Poll<Option<(Fut::Output, Option<Ended>)>>;
+}
 
-    #[inline]
-    fn push(&mut self, fut: Fut) {
-        FuturesUnordered::push(self, fut);
-    }
+/// The futures in completion order.
+pub(crate) struct Unordered<Fut>(FuturesUnordered<Held<Fut>>);
 
-    #[inline]
-    fn len(&self) -> usize {
-        FuturesUnordered::len(self)
+impl<Fut> Default for Unordered<Fut> {
+    fn default() -> Self {
+        Self(FuturesUnordered::new())
     }
 }
 
-impl<Fut: Future> Queue for FuturesOrdered<Fut> {
-    type Fut = Fut;
-    const ORDERED: bool = true;
-
-    #[inline]
-    fn push(&mut self, fut: Fut) {
-        self.push_back(fut);
-    }
+impl<Fut> Store for Unordered<Fut> {
+    const ORDERED: bool = false;
 
     #[inline]
     fn len(&self) -> usize {
-        FuturesOrdered::len(self)
+        self.0.len()
+    }
+}
+
+impl<Fut: Future> PollStore<Fut> for Unordered<Fut> {
+    #[inline]
+    fn push(&mut self, fut: Held<Fut>) {
+        self.0.push(fut);
+    }
+
+    #[inline]
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut unit: impl FnMut(),
+    ) -> Poll<Option<(Fut::Output, Option<Ended>)>> {
+        let Some((out, held, ended)) = std::task::ready!(self.0.poll_next_unpin(cx)) else {
+            return Poll::Ready(None);
+        };
+        if held {
+            unit();
+        }
+        Poll::Ready(Some((out, ended)))
+    }
+}
+
+pin_project! {
+    /// A future with its place in input order.
+    pub(crate) struct Indexed<Fut> {
+        #[pin]
+        fut: Fut,
+        index: u64,
+    }
+}
+
+impl<Fut: Future> Future for Indexed<Fut> {
+    type Output = (u64, Fut::Output);
+
+    #[inline]
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let out = std::task::ready!(this.fut.poll(cx));
+        Poll::Ready((*this.index, out))
+    }
+}
+
+/// The output of a future in a [`Store`].
+type Done<Fut> = (<Fut as Future>::Output, Option<Ended>);
+
+/// The futures in input order, as in a `FuturesOrdered`: they run in a `FuturesUnordered`,
+/// and an output that comes before the earlier ones' waits at its place in `finished`.
+pub(crate) struct Ordered<Fut: Future> {
+    running: FuturesUnordered<Indexed<Held<Fut>>>,
+    /// The outputs from `next_out` on, `None` where the future is still running.
+    finished: VecDeque<Option<Done<Fut>>>,
+    /// How many outputs `finished` holds.
+    waiting: usize,
+    next_in: u64,
+    next_out: u64,
+}
+
+impl<Fut: Future> Default for Ordered<Fut> {
+    fn default() -> Self {
+        Self {
+            running: FuturesUnordered::new(),
+            finished: VecDeque::new(),
+            waiting: 0,
+            next_in: 0,
+            next_out: 0,
+        }
+    }
+}
+
+// Nothing in it is pinned but the futures, which the `FuturesUnordered` keeps on the heap.
+impl<Fut: Future> Unpin for Ordered<Fut> {}
+
+impl<Fut: Future> Store for Ordered<Fut> {
+    const ORDERED: bool = true;
+
+    #[inline]
+    fn len(&self) -> usize {
+        self.running.len() + self.waiting
+    }
+}
+
+impl<Fut: Future> PollStore<Fut> for Ordered<Fut> {
+    #[inline]
+    fn push(&mut self, fut: Held<Fut>) {
+        let index = self.next_in;
+        self.next_in += 1;
+        self.running.push(Indexed { fut, index });
+    }
+
+    #[inline]
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut unit: impl FnMut(),
+    ) -> Poll<Option<Done<Fut>>> {
+        loop {
+            if let Some(Some(_)) = self.finished.front() {
+                let done = self
+                    .finished
+                    .pop_front()
+                    .flatten()
+                    .expect("an output is next");
+                self.waiting -= 1;
+                self.next_out += 1;
+                return Poll::Ready(Some(done));
+            }
+            let Some((index, (out, held, ended))) =
+                std::task::ready!(self.running.poll_next_unpin(cx))
+            else {
+                return Poll::Ready(None);
+            };
+            if held {
+                unit();
+            }
+            if index == self.next_out {
+                // Its place, if a later one has ended first.
+                self.finished.pop_front();
+                self.next_out += 1;
+                return Poll::Ready(Some((out, ended)));
+            }
+            let at = usize::try_from(index - self.next_out).expect("at most the limit apart");
+            if self.finished.len() <= at {
+                self.finished.resize_with(at + 1, || None);
+            }
+            self.finished[at] = Some((out, ended));
+            self.waiting += 1;
+        }
     }
 }
 
@@ -745,16 +1094,28 @@ pub(crate) type Acquire =
 
 pin_project! {
     /// The engine of the `in_flight` family.
-    pub(crate) struct Core<S: Stream, C, Q> {
+    pub(crate) struct Core<S: Stream, C, Q: Queue> {
         #[pin]
         stream: S,
         start: C,
         limit: InFlightLimit,
-        running: Q,
+        running: Q::Store,
+        // The units of the limit that running futures hold: each is given back when its future
+        // ends, and what is left when the stream is dropped.
+        units: usize,
         // An item pulled from upstream, waiting for a permit.
         waiting: Option<S::Item>,
         acquire: Option<Acquire>,
         upstream_done: bool,
+    }
+
+    impl<S: Stream, C, Q: Queue> PinnedDrop for Core<S, C, Q> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if *this.units > 0 {
+                this.limit.give_back_many(*this.units);
+            }
+        }
     }
 }
 
@@ -764,7 +1125,8 @@ impl<S: Stream, C, Q: Queue> Core<S, C, Q> {
             stream,
             start,
             limit,
-            running: Q::default(),
+            running: Q::Store::default(),
+            units: 0,
             waiting: None,
             acquire: None,
             upstream_done: false,
@@ -811,7 +1173,8 @@ impl<S, C, Q> Core<S, C, Q>
 where
     S: Stream,
     C: Start<S::Item>,
-    Q: Queue<Fut = WithPermit<C::Fut>> + Stream<Item = (<C::Fut as Future>::Output, Option<Ended>)>,
+    Q: Queue,
+    Q::Store: PollStore<C::Fut>,
 {
     #[inline]
     pub(crate) fn poll_next(
@@ -823,14 +1186,20 @@ where
         // the limit may be queued (running, or finished behind an earlier item).
         loop {
             if this.waiting.is_none() {
-                if *this.upstream_done || (Q::ORDERED && this.running.len() >= this.limit.limit()) {
+                if *this.upstream_done
+                    || (<Q::Store as Store>::ORDERED && this.running.len() >= this.limit.limit())
+                {
                     break;
                 }
                 match this.stream.as_mut().poll_next(cx) {
                     Poll::Ready(Some(item)) => {
                         if !this.start.needs_permit(&item) {
                             let fut = this.start.start(item);
-                            this.running.push(WithPermit::new(fut, None, None));
+                            this.running.push(Held {
+                                fut,
+                                unit: false,
+                                ticket: None,
+                            });
                             continue;
                         }
                         *this.waiting = Some(item);
@@ -842,16 +1211,25 @@ where
                     Poll::Pending => break,
                 }
             }
-            let Poll::Ready(permit) = this.limit.poll_permit(this.acquire, cx) else {
+            let Poll::Ready(()) = this.limit.poll_unit(this.acquire, cx) else {
                 break;
             };
+            *this.units += 1;
             let ticket = this.limit.ticket();
             let item = this.waiting.take().expect("an item waits for the permit");
             let fut = this.start.start(item);
-            this.running
-                .push(WithPermit::new(fut, Some(permit), ticket));
+            this.running.push(Held {
+                fut,
+                unit: true,
+                ticket,
+            });
         }
-        match Pin::new(&mut *this.running).poll_next(cx) {
+        let (limit, units) = (&*this.limit, this.units);
+        let give_back = || {
+            *units -= 1;
+            limit.give_back();
+        };
+        match this.running.poll_next(cx, give_back) {
             Poll::Ready(Some((out, ended))) => {
                 if let Some(ended) = ended {
                     this.limit.report(ended, C::Outcome::failed(&out));

@@ -6,6 +6,11 @@
 //! limiter's period) goes through [`deadline`]: a duration longer than [`FAR_FUTURE`] waits
 //! that long, about 30 years, the same horizon as tokio's own far deadlines. In practice such a
 //! wait never ends, and no duration, however large, panics.
+//!
+//! [`fine`] is a timer for the last stretch of a wait, with sub-millisecond wake-ups on a real
+//! clock (the rate limiters wait on it).
+
+pub(crate) mod fine;
 
 use std::time::Duration;
 

@@ -455,3 +455,92 @@ async fn a_call_without_retry_needs_no_clone() {
     let call = Call::new(|b: Body| async move { Ok::<_, String>(b.0.len()) }).timeout(ms(5));
     assert_eq!(call.run(Body(vec![1, 2, 3])).await, Ok(3));
 }
+
+/// The first attempt let through at once (every handle free) times out while `f` is pending:
+/// the breaker counts it, the unit is given back, and the retry waits for a cell of the rate
+/// limit and succeeds.
+#[tokio::test(start_paused = true)]
+async fn a_first_attempt_that_times_out_is_retried_after_waiting_for_a_cell() {
+    let start = Instant::now();
+    let log = Log::default();
+    let limit = InFlightLimit::new(1);
+    let limiter = RateLimiter::per(ms(100));
+    let breaker = CircuitBreaker::new(3, Duration::from_secs(10));
+    let stats = CallStats::new("slow first");
+    let tries = Arc::new(AtomicU32::new(0));
+    let call = Call::new({
+        let (log, tries) = (log.clone(), tries.clone());
+        move |x: u32| {
+            log.push(start);
+            let n = tries.fetch_add(1, Ordering::SeqCst);
+            async move {
+                sleep(ms(if n == 0 { 1000 } else { 5 })).await;
+                Ok::<_, String>(x)
+            }
+        }
+    })
+    .timeout(ms(30))
+    .rate_limit(&limiter)
+    .in_flight(&limit)
+    .circuit_breaker(&breaker)
+    .retry(Backoff::fixed(ms(10)).max_attempts(2))
+    .stats(&stats);
+
+    let mut run = task::spawn(call.run(7));
+    assert_pending!(run.poll());
+    assert_eq!(limit.in_use(), 1);
+    tokio::time::advance(ms(30)).await;
+    assert_pending!(run.poll()); // timed out: backing off
+    assert_eq!(
+        limit.in_use(),
+        0,
+        "the timed-out attempt gave its unit back"
+    );
+    assert_eq!(breaker.consecutive_failures(), 1);
+    assert_eq!(run.await, Ok(7));
+    // The retry's cell was due at 100 ms (the first took the one at 0).
+    assert_eq!(log.get(), [0, 100].map(ms));
+    assert_eq!(start.elapsed(), ms(105));
+    assert_eq!(breaker.consecutive_failures(), 0);
+    let s = stats.snapshot();
+    assert_eq!(
+        (s.calls, s.successes, s.failures, s.retries, s.timeouts),
+        (1, 1, 0, 1, 1)
+    );
+    assert_eq!((s.max, s.limiter_wait), (ms(105), ms(60)));
+}
+
+/// A run whose first attempt is let through at once and dropped while `f` runs gives its unit
+/// back and counts as cancelled; one that must wait for the unit runs once it is free.
+#[tokio::test(start_paused = true)]
+async fn a_run_waiting_for_the_unit_of_a_dropped_run_gets_it() {
+    let limit = InFlightLimit::new(1);
+    let stats = CallStats::new("units");
+    let call = Call::new(|x: u64| async move {
+        sleep(ms(x)).await;
+        Ok::<_, String>(x)
+    })
+    .in_flight(&limit)
+    .timeout(ms(500))
+    .stats(&stats);
+
+    let mut first = task::spawn(call.run(3_600_000));
+    assert_pending!(first.poll());
+    let mut second = task::spawn(call.run(20));
+    assert_pending!(second.poll());
+    tokio::time::advance(ms(100)).await;
+    drop(first);
+    assert!(second.is_woken());
+    assert_eq!(limit.in_use(), 1, "handed to the waiting run");
+    assert_pending!(second.poll()); // calls f
+    tokio::time::advance(ms(20)).await;
+    assert_eq!(second.await, Ok(20));
+    assert_eq!(limit.in_use(), 0);
+    let s = stats.snapshot();
+    assert_eq!(
+        (s.calls, s.successes, s.cancelled, s.timeouts),
+        (2, 1, 1, 0)
+    );
+    // The second run waited 100 ms for its unit, then ran 20 ms.
+    assert_eq!(s.max, ms(120));
+}

@@ -200,3 +200,101 @@ fn in_flight_ordered_refuses_a_zero_limit() {
     .unwrap_err();
     assert!(panic_message(&*panic).contains("`limit`"));
 }
+
+/// Dropped while its first item runs and later ones have finished behind it, an ordered stream
+/// gives back the units still held (the finished items gave theirs back as they ended).
+#[tokio::test(start_paused = true)]
+async fn dropping_an_ordered_stream_behind_a_slow_item_releases_its_permits() {
+    let limit = InFlightLimit::new(3);
+    let mut s = Box::pin(
+        stream::iter(0..10u64).in_flight_ordered(&limit, |i| async move {
+            sleep(ms(if i == 0 { 3_600_000 } else { 10 })).await;
+            i
+        }),
+    );
+    assert!(futures::poll!(s.next()).is_pending());
+    assert_eq!(limit.in_use(), 3);
+    tokio::time::advance(ms(10)).await;
+    assert!(futures::poll!(s.next()).is_pending());
+    assert_eq!(
+        limit.in_use(),
+        1,
+        "items 1 and 2 finished, waiting for item 0"
+    );
+    drop(s);
+    assert_eq!(limit.in_use(), 0);
+}
+
+/// Items that end in reverse order come out in input order, each as soon as all the earlier
+/// ones have.
+#[tokio::test(start_paused = true)]
+async fn in_flight_ordered_yields_reverse_finishers_in_input_order() {
+    let start = Instant::now();
+    let out: Vec<(u64, Duration)> = stream::iter(0..8u64)
+        .in_flight_ordered(8, |i| async move {
+            sleep(ms(80 - 10 * i)).await;
+            i
+        })
+        .map(|i| (i, start.elapsed()))
+        .collect()
+        .await;
+    assert_eq!(out, (0..8).map(|i| (i, ms(80))).collect::<Vec<_>>());
+}
+
+/// Units given back without the semaphore's lock reach the callers waiting in its queue: tasks
+/// on several threads share one limit through `InFlightLimit::run`, `in_flight`,
+/// `in_flight_ordered` and a `Call`, never run more than it together, and all finish.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn units_given_back_reach_waiters_across_threads() {
+    let limit = InFlightLimit::new(3);
+    let running = Gauge::default();
+    let work = |running: Gauge| async move {
+        let _guard = running.enter();
+        tokio::task::yield_now().await;
+    };
+    let mut tasks = Vec::new();
+    for task in 0..12 {
+        let (limit, running) = (limit.clone(), running.clone());
+        tasks.push(tokio::spawn(async move {
+            match task % 4 {
+                0 => {
+                    for _ in 0..300 {
+                        limit.run(work(running.clone())).await;
+                    }
+                    300
+                }
+                1 => {
+                    stream::iter(0..300)
+                        .in_flight(&limit, |_| work(running.clone()))
+                        .count()
+                        .await
+                }
+                2 => {
+                    stream::iter(0..300)
+                        .in_flight_ordered(&limit, |_| work(running.clone()))
+                        .count()
+                        .await
+                }
+                _ => {
+                    let call = Call::new(move |_: u32| {
+                        let work = work(running.clone());
+                        async move {
+                            work.await;
+                            Ok::<_, String>(())
+                        }
+                    })
+                    .in_flight(&limit);
+                    for i in 0..300 {
+                        call.run(i).await.unwrap();
+                    }
+                    300
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 300);
+    }
+    assert!(running.max() <= 3, "{} running", running.max());
+    assert_eq!(limit.in_use(), 0);
+}

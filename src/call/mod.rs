@@ -13,6 +13,7 @@
 mod cached;
 mod error;
 mod retry;
+mod run;
 mod stats;
 mod timeout;
 
@@ -30,6 +31,7 @@ use crate::{Backoff, BreakerError, CircuitBreaker, InFlightLimit, RateLimiter};
 pub use cached::CachedCall;
 pub use error::CallError;
 pub use retry::{CallRetry, NoRetry, RetryAll, Retrying};
+use stats::RunGuard;
 pub use stats::{CallStats, CallStatsSnapshot};
 use timeout::{Elapsed, Timeout};
 
@@ -446,8 +448,7 @@ impl<F, R> Call<F, R> {
         U: Send + 'static,
         E: Send + 'static,
     {
-        let inner = Arc::clone(&self.inner);
-        async move { inner.policy.execute(item, |x| (inner.f)(x)).await }
+        run::Run::new(Arc::clone(&self.inner), item)
     }
 
     /// The timeout of each attempt, if one is set.
@@ -482,11 +483,14 @@ impl<F, R> Call<F, R> {
 }
 
 impl<R> Policy<R> {
-    /// Runs `item` through the layers, calling `attempt` for each attempt that gets that far.
+    /// Runs `item` through the layers, calling `attempt` for each attempt that gets that far
+    /// (for the tower service; [`Call::run`] has a fast path of its own in front of
+    /// [`attempts`](Self::attempts)).
+    #[cfg(feature = "tower")]
     pub(crate) async fn execute<T, U, E, A, Fut>(
         &self,
         item: T,
-        mut attempt: A,
+        attempt: A,
     ) -> Result<U, CallError<E>>
     where
         R: CallRetry<T, E>,
@@ -496,10 +500,28 @@ impl<R> Policy<R> {
         // The clock is read once per run where it can be: the start of a run is also the start
         // of its first attempt, until something waits.
         let started = self.stats.as_ref().map(|_| Instant::now());
-        let run = self.stats.as_ref().zip(started).map(|(s, t)| s.start(t));
-        let mut item = item;
-        let mut attempts = 1;
-        let mut now = started;
+        let run = self.stats.as_ref().zip(started).map(|(s, t)| {
+            s.started();
+            s.resume(t)
+        });
+        self.attempts(item, attempt, 1, started, run).await
+    }
+
+    /// The attempts of a run from the `attempts`-th on (with `item`), and the record of its end
+    /// in the stats through `run`. `now` is the current instant if the caller knows it.
+    async fn attempts<T, U, E, A, Fut>(
+        &self,
+        mut item: T,
+        mut attempt: A,
+        mut attempts: u32,
+        mut now: Option<Instant>,
+        run: Option<RunGuard<'_>>,
+    ) -> Result<U, CallError<E>>
+    where
+        R: CallRetry<T, E>,
+        A: FnMut(T) -> Fut,
+        Fut: Future<Output = Result<U, E>>,
+    {
         let result = loop {
             let next = self.retry.copy_for_retry(&item, attempts);
             let error = match self.attempt(&mut attempt, item, now.take()).await {

@@ -51,7 +51,8 @@ pub struct CallStats {
 struct Inner {
     name: String,
     calls: AtomicU64,
-    successes: AtomicU64,
+    // Successes are not counted apart: every finished run is in the histogram, so they are its
+    // count less the failures (one atomic add less per run).
     failures: AtomicU64,
     cancelled: AtomicU64,
     retries: AtomicU64,
@@ -74,7 +75,6 @@ impl CallStats {
                 metrics: crate::metrics::CallMetrics::new(&name),
                 name,
                 calls: counter(),
-                successes: counter(),
                 failures: counter(),
                 cancelled: counter(),
                 retries: counter(),
@@ -96,11 +96,15 @@ impl CallStats {
         let i = &self.inner;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let latency = i.latency.summary();
+        // Read after the histogram, which a failure reaches after `failures` (release and
+        // acquire): a failure is never taken for a success, though a snapshot taken while one
+        // is being recorded may count one success too few.
+        let failures = load(&i.failures);
         CallStatsSnapshot {
             name: i.name.clone(),
             calls: load(&i.calls),
-            successes: load(&i.successes),
-            failures: load(&i.failures),
+            successes: latency.finished.saturating_sub(failures),
+            failures,
             cancelled: load(&i.cancelled),
             retries: load(&i.retries),
             timeouts: load(&i.timeouts),
@@ -114,16 +118,42 @@ impl CallStats {
         }
     }
 
-    /// A run starts at `now`: counts it, and returns the guard that records how it ends.
-    pub(crate) fn start(&self, now: Instant) -> RunGuard<'_> {
+    /// Counts a run that starts, whose end is recorded by [`finished`](Self::finished) or
+    /// [`cancelled`](Self::cancelled) (or by the guard of [`resume`](Self::resume)).
+    #[inline]
+    pub(crate) fn started(&self) {
         self.inner.calls.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "metrics")]
         self.inner.metrics.started();
+    }
+
+    /// The guard that records how a run already counted, started at `started`, ends.
+    pub(crate) fn resume(&self, started: Instant) -> RunGuard<'_> {
         RunGuard {
             stats: self,
-            started: now,
+            started,
             done: false,
         }
+    }
+
+    /// A run started at `started` ends now, `ok` or not: its outcome and latency.
+    #[inline]
+    pub(crate) fn finished(&self, started: Instant, ok: bool) {
+        let i = &self.inner;
+        if !ok {
+            i.failures.fetch_add(1, Ordering::Relaxed);
+        }
+        let took = started.elapsed();
+        i.latency.record(nanos(took));
+        #[cfg(feature = "metrics")]
+        i.metrics.finished(ok, took);
+    }
+
+    /// A run was dropped before it ended.
+    pub(crate) fn cancelled(&self) {
+        self.inner.cancelled.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.inner.metrics.cancelled();
     }
 
     pub(crate) fn retry(&self) {
@@ -163,21 +193,14 @@ pub(crate) struct RunGuard<'a> {
 impl RunGuard<'_> {
     pub(crate) fn finish(mut self, ok: bool) {
         self.done = true;
-        let i = &self.stats.inner;
-        if ok { &i.successes } else { &i.failures }.fetch_add(1, Ordering::Relaxed);
-        let took = self.started.elapsed();
-        i.latency.record(nanos(took));
-        #[cfg(feature = "metrics")]
-        i.metrics.finished(ok, took);
+        self.stats.finished(self.started, ok);
     }
 }
 
 impl Drop for RunGuard<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.stats.inner.cancelled.fetch_add(1, Ordering::Relaxed);
-            #[cfg(feature = "metrics")]
-            self.stats.inner.metrics.cancelled();
+            self.stats.cancelled();
         }
     }
 }
@@ -279,6 +302,8 @@ struct Summary {
     p99: Duration,
     max: Duration,
     mean: Duration,
+    /// The values recorded: runs finished.
+    finished: u64,
 }
 
 /// The bucket of `v`.
@@ -314,7 +339,8 @@ impl Histogram {
 
     fn record(&self, v: u64) {
         let b = &self.buckets[bucket(v)];
-        b.count.fetch_add(1, Ordering::Relaxed);
+        // Release: what was counted before (a failure) is seen with the value.
+        b.count.fetch_add(1, Ordering::Release);
         b.sum.fetch_add(v, Ordering::Relaxed);
         // Read first: once the extremes are set, most values change neither.
         if v < self.min.load(Ordering::Relaxed) {
@@ -331,7 +357,7 @@ impl Histogram {
             .iter()
             .map(|b| {
                 (
-                    b.count.load(Ordering::Relaxed),
+                    b.count.load(Ordering::Acquire),
                     b.sum.load(Ordering::Relaxed),
                 )
             })
@@ -344,6 +370,7 @@ impl Histogram {
                 p99: Duration::ZERO,
                 max: Duration::ZERO,
                 mean: Duration::ZERO,
+                finished: 0,
             };
         }
         let (min, max) = (
@@ -372,6 +399,7 @@ impl Histogram {
             p99: quantile(0.99),
             max: Duration::from_nanos(max),
             mean: Duration::from_nanos(u64::try_from(sum / u128::from(total)).unwrap_or(u64::MAX)),
+            finished: total,
         }
     }
 }

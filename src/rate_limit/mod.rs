@@ -10,7 +10,7 @@ mod stream;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use tokio::time::sleep_until;
+use crate::time::fine;
 
 use gcra::{Credit, Gcra, HandleCredit, Released, Tat, Timeline};
 
@@ -31,13 +31,21 @@ pub use stream::{RateLimit, RateLimitBy};
 /// # Accuracy at high rates
 ///
 /// Each cell is given an absolute deadline on the quota's timeline. tokio's timer has a
-/// resolution of one tick (1 ms), so a waiter's timer fires up to a tick after its slot (more
-/// on a busy runtime). A waiter whose timer fired late keeps that lateness, up to one tick, as a
-/// credit of its own: for one tick after the release, its next reservations are taken as of
-/// that much earlier, so the slots that passed while it slept are released at once when it
-/// wakes, never before their deadlines. A stream whose interval is far below the timer's
-/// resolution thus releases about one tick's worth of cells per wake-up: at 100 000 cells per
-/// second, the ~100 cells due in that millisecond.
+/// resolution of one tick (1 ms) and wakes a task somewhat more than a tick after its deadline,
+/// so waiters also use a fine timer: on a real clock a background thread (`stagepipe-timer`,
+/// started by the first wait and parked while nothing waits) wakes a waiter within a fraction
+/// of a millisecond of its deadline, or a quarter of a millisecond after its wait began if the
+/// deadline is nearer than that (a waiter far above 1 000 cells per second is then woken a few
+/// thousand times a second, not once per cell). tokio's clock stays the authority: a cell never
+/// goes out before `tokio::time::Instant::now()` reaches its slot, and on a paused clock waits
+/// follow tokio's timer as a plain `sleep_until` would.
+///
+/// A waiter whose timer fired late keeps that lateness, up to one tick, as a credit of its
+/// own: for one tick after the release, its next reservations are taken as of that much
+/// earlier, so the slots that passed while it slept are released at once when it wakes, never
+/// before their deadlines. A stream whose interval is far below the timer's resolution thus
+/// releases the cells that fell due while it slept at each wake-up: at 100 000 cells per
+/// second, a few dozen every quarter of a millisecond.
 ///
 /// The credit belongs to the waiter whose timer was late (the stream, the handle of a
 /// [`until_ready`](Self::until_ready) caller): other streams, other handles and
@@ -50,11 +58,11 @@ pub use stream::{RateLimit, RateLimitBy};
 /// not released late on top of the ones due now. Over long windows that is the quota; at one
 /// instant, the burst plus one tick's worth of cells.
 ///
-/// The price is accuracy when the interval is below the timer's resolution and the burst is
-/// small: a wake-up releases at most `burst + 1 ms / interval` cells, and tokio's wake-ups come
-/// somewhat more than one tick apart (timer slack, scheduling), so such a limiter runs below its
-/// quota, by more on a busy runtime. A larger burst absorbs the lateness: no slot is lost while
-/// a waiter's timer is late by at most one tick plus `burst - 1` intervals.
+/// The price: a wake-up more than a tick late (a busy machine, a runtime that stalled, a consumer
+/// polled late) loses the slots beyond that tick when the interval is below the timer's
+/// resolution and the burst is small, so such a limiter then runs below its quota. A larger
+/// burst absorbs the lateness: no slot is lost while a waiter is late by at most one tick plus
+/// `burst - 1` intervals.
 ///
 /// # Shared across processes
 ///
@@ -193,8 +201,8 @@ fn take_or_reserve<L: Limiter>(
     })
 }
 
-/// Takes a cell of `key` as of `arrival`, sleeping on tokio's timer until its slot is due and
-/// it may go out: `None` if it went out at once, else the waiter's credit (see [`Credit`]).
+/// Takes a cell of `key` as of `arrival`, sleeping (on the fine timer, see [`fine`]) until its
+/// slot is due and it may go out: `None` if it went out at once, else the waiter's credit (see [`Credit`]).
 /// Dropping the future before it completes gives the slot back if no later slot of the key was
 /// reserved since.
 async fn take<L: Limiter>(shared: &L, key: &L::Key, arrival: u64, now: u64) -> Option<Credit> {
@@ -209,7 +217,7 @@ async fn take<L: Limiter>(shared: &L, key: &L::Key, arrival: u64, now: u64) -> O
     let mut now = now;
     let mut wake_at = reserved.wake_at;
     loop {
-        sleep_until(shared.clock().instant(wake_at, now)).await;
+        fine::sleep_until(shared.clock().instant(wake_at, now)).await;
         now = shared.clock().now();
         if now < reserved.deadline {
             wake_at = reserved.deadline;
@@ -277,8 +285,13 @@ impl RateLimiter {
         if self.redis.is_some() {
             return false;
         }
+        self.check_at(self.shared.clock.now())
+    }
+
+    /// [`check`](Self::check) at `now` (on the limiter's timeline), of an in-memory limiter.
+    #[inline]
+    fn check_at(&self, now: u64) -> bool {
         let shared = &*self.shared;
-        let now = shared.clock.now();
         if !shared.released.conforms(&shared.gcra, now) {
             return false;
         }
@@ -291,6 +304,21 @@ impl RateLimiter {
             return false;
         }
         true
+    }
+
+    /// The fast path of [`until_ready`](Self::until_ready) for a caller that has just read the
+    /// clock (`now`): takes a cell if one goes out at once, exactly as `until_ready` would then,
+    /// and returns `true`. `false` takes nothing and changes nothing: the cell must be waited
+    /// for, or this handle's credit would back-date the arrival, or the limiter is in Redis;
+    /// the caller then waits in `until_ready`.
+    #[inline]
+    pub(crate) fn try_ready_at(&self, now: tokio::time::Instant) -> bool {
+        #[cfg(feature = "redis")]
+        if self.redis.is_some() {
+            return false;
+        }
+        let now = self.shared.clock.nanos(now);
+        self.credit.get().arrival(now) == now && self.check_at(now)
     }
 
     /// Waits until one cell conforms to the quota and takes it: the same budget as every stream

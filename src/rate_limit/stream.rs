@@ -7,15 +7,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use futures::stream::{Fuse, FusedStream};
-use futures::{Stream, StreamExt};
-use pin_project_lite::pin_project;
-use tokio::time::{Sleep, sleep_until};
-
-use super::gcra::{Credit, TICK, Timeline};
+use super::gcra::{Credit, Timeline};
 use super::keyed::{KeyedRateLimiter, Shared as KeyedShared};
 use super::{Limiter, RateLimiter, Reserved, Shared, take_or_reserve};
 use crate::macros::size_hint_plus;
+use crate::time::fine;
+use futures::stream::{Fuse, FusedStream};
+use futures::{Stream, StreamExt};
+use pin_project_lite::pin_project;
 
 /// A limiter handle a stream draws on: its shared state and the keys of its quotas.
 trait Handle {
@@ -116,45 +115,20 @@ impl<T, L, K> Drop for Held<T, L, K> {
     }
 }
 
-/// A waiter's timer, armed early by the lateness it has learnt to expect.
-///
-/// tokio's timer rounds a deadline up to its next millisecond tick and then sleeps whole ticks,
-/// so on a real clock a wake-up usually comes a little more than one tick after its deadline:
-/// more than the one tick of lateness a waiter may make up (see `Credit`). The timer therefore
-/// learns how late its own wake-ups are (a moving average; zero on a paused clock, where timers
-/// are exact) and arms that much early, at most one tick. A wake-up before the instant it is
-/// meant for never releases anything: the timer is armed again for the instant itself. So
-/// instants on a paused clock are exact, and on a real clock wake-ups land just after their
-/// deadlines.
+/// A stream's timer, kept from one wait to the next: a sleep on the fine timer (see
+/// [`fine`]), which is ready only once tokio's clock has reached the instant it was armed for.
 #[derive(Default)]
 struct Timer {
-    sleep: Option<Pin<Box<Sleep>>>,
-    /// The instant (on the limiter's timeline) the timer was last armed for.
-    armed: u64,
-    /// The instant it is meant to wake for (`armed` plus the lead).
-    target: u64,
-    /// Whether the timer was armed for a future instant (a real sleep, whose lateness is
-    /// learnt), not for one already past.
-    sleeping: bool,
-    /// Expected lateness of a wake-up, in nanoseconds (an exponential moving average).
-    late: u64,
+    sleep: Option<Pin<Box<fine::Sleep>>>,
 }
 
 impl Timer {
-    /// Arms the timer for `target`, early by most of the expected lateness.
-    fn arm(&mut self, clock: &Timeline, target: u64, now: u64) {
-        let lead = (self.late / 4 * 3).min(TICK);
-        self.arm_at(clock, target, target.saturating_sub(lead), now);
-    }
-
-    fn arm_at(&mut self, clock: &Timeline, target: u64, at: u64, now: u64) {
-        self.target = target;
-        self.armed = at;
-        self.sleeping = at > now;
+    /// Arms the timer for `at` (on the limiter's timeline, as `now`).
+    fn arm(&mut self, clock: &Timeline, at: u64, now: u64) {
         let at = clock.instant(at, now);
         match &mut self.sleep {
             Some(sleep) => sleep.as_mut().reset(at),
-            None => self.sleep = Some(Box::pin(sleep_until(at))),
+            None => self.sleep = Some(Box::pin(fine::sleep_until(at))),
         }
     }
 
@@ -163,19 +137,12 @@ impl Timer {
         if let Some(sleep) = self.sleep.as_mut() {
             ready!(sleep.as_mut().poll(cx));
         }
-        let now = clock.now();
-        if std::mem::take(&mut self.sleeping) {
-            // A consumer that polls late is not the timer's lateness: cap what one sample adds.
-            let observed = now.saturating_sub(self.armed).min(2 * TICK);
-            self.late = self.late - self.late / 8 + observed / 8;
-        }
-        Poll::Ready(now)
+        Poll::Ready(clock.now())
     }
 }
 
 impl_debug!(impl[] Timer => Timer |this| {
-    target: &this.target,
-    late: &this.late,
+    deadline: &this.sleep.as_ref().map(|sleep| sleep.deadline()),
 } ..);
 
 /// Waits on the stream's timer (armed) until the held slot is due and its cell may be released
@@ -189,12 +156,6 @@ fn poll_release(
 ) -> Poll<u64> {
     loop {
         let now = ready!(timer.poll(clock, cx));
-        if now < timer.target {
-            // Woken early: wait for the instant itself; nothing is released before it.
-            let target = timer.target;
-            timer.arm_at(clock, target, target, now);
-            continue;
-        }
         let wake_at = if now < deadline {
             deadline
         } else {

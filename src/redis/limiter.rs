@@ -309,9 +309,10 @@ impl RedisGcra {
             match Arc::clone(&self).request(key.clone(), policy).await {
                 Grant::Cell(mut cell) => {
                     // (A timer for an instant already past would still wait for the timer's
-                    // next tick.)
+                    // next tick.) The fine timer wakes the waiter within a fraction of a
+                    // millisecond of the cell's instant, as the in-memory limiter's waiters.
                     if cell.at > Instant::now() {
-                        sleep_until(cell.at).await;
+                        crate::time::fine::sleep_until(cell.at).await;
                     }
                     cell.armed = false;
                     return;
