@@ -59,7 +59,7 @@ pub struct Args {
     )]
     pub db: String,
 
-    /// Rows per batch, one transaction each [default: 5000 into SQLite, 2000 into Postgres]
+    /// Rows per batch, one transaction each [default: 10000 into SQLite, 2000 into Postgres]
     #[arg(long, value_name = "N")]
     pub batch: Option<NonZeroUsize>,
 

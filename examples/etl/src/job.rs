@@ -81,8 +81,9 @@ pub struct Config {
     pub progress: Arc<Progress>,
 }
 
-/// Rows per batch into SQLite: large transactions, since one writer does them all.
-pub const SQLITE_BATCH: usize = 5000;
+/// Rows per batch into SQLite: large transactions, since one writer does them all (each
+/// commit writes every page the batch changed to the WAL, so fewer, larger commits write less).
+pub const SQLITE_BATCH: usize = 10_000;
 /// Batches in flight into SQLite: one (a single-writer database).
 pub const SQLITE_WRITERS: usize = 1;
 /// Rows per batch into Postgres (one `COPY` each).
@@ -427,7 +428,7 @@ where
         })
         .with_stats(&routed)
         .batch(config.batch_max, config.batch_wait)
-        // Bind or encode the next batch while the previous one is being written.
+        // Make the next batch ready (Postgres: encode it) while the previous one is written.
         .map(|batch| {
             let batch: Vec<Outcome> = batch.into_iter().collect::<Result<_, _>>()?;
             let records = batch.len() as u64;

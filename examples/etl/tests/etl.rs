@@ -321,10 +321,7 @@ async fn table_rows(db: &Db) -> Vec<String> {
         || '|' || COALESCE(CAST(statusdate AS TEXT), '-') || '|' || comments || '|' || address \
         || '|' || city || '|' || state || '|' || zip || '|' || property_id || '|' || location \
         || '|' || CAST(source_line AS TEXT) FROM violations ORDER BY licenseno, violdttm, violation";
-    match db {
-        Db::Sqlite(p, _) => sqlx::query_scalar(SQL).fetch_all(p).await.unwrap(),
-        Db::Postgres(p) => sqlx::query_scalar(SQL).fetch_all(p).await.unwrap(),
-    }
+    db.strings(SQL).await.unwrap()
 }
 
 /// Rewrites `csv` with the level column named `viollevel` (as in the file the Go ETLs read) and
@@ -509,6 +506,112 @@ async fn sqlite_missing_column_is_refused_before_the_database_is_created() {
         !s.0.join("etl.sqlite").exists(),
         "no database file was created"
     );
+}
+
+/// Another writer holds SQLite's write lock, with some of the file's rows inserted, when the
+/// job starts: the job reads on and waits for the lock (no error, no retry), then finds those
+/// rows there and counts them as duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_waits_for_another_writer_and_counts_its_rows_as_duplicates() {
+    const THEIRS: u64 = 25;
+    let s = Scratch::new("sqlite-other-writer");
+    let csv = s.csv(2000, 21);
+    let want = expected(&csv);
+    // The rows the other writer adds: the first 25 the job would load, taken from a load into
+    // another database.
+    let a = s.0.join("a.sqlite");
+    job::run(&Config::new(&csv, format!("sqlite://{}", a.display())))
+        .await
+        .unwrap();
+    let url = s.sqlite_url();
+    let db = Db::connect(&url, 1).await.unwrap();
+    db.ensure_schema().await.unwrap();
+    db.close().await;
+
+    let other = rusqlite::Connection::open(s.0.join("etl.sqlite")).unwrap();
+    other
+        .execute("ATTACH DATABASE ?1 AS a", [a.to_str().unwrap()])
+        .unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let added = other
+        .execute(
+            &format!(
+                "INSERT INTO violations SELECT * FROM a.violations ORDER BY source_line \
+                 LIMIT {THEIRS}"
+            ),
+            [],
+        )
+        .unwrap();
+    assert_eq!(added as u64, THEIRS);
+
+    let mut config = Config::new(&csv, &url);
+    config.batch_max = 200;
+    let release = async {
+        // The job reads several batches ahead while its writer waits for the lock.
+        while config
+            .progress
+            .rows
+            .load(std::sync::atomic::Ordering::Relaxed)
+            < 600
+        {
+            tokio::task::yield_now().await;
+        }
+        other.execute_batch("COMMIT").unwrap();
+    };
+    let (report, ()) = tokio::join!(job::run(&config), release);
+    drop(other);
+    let report = report.unwrap();
+    let t = report.totals;
+    assert_eq!(t.retries, 0, "waited for the lock, did not fail");
+    assert_eq!(t.loaded, want.loaded - THEIRS);
+    assert_eq!(t.duplicates, want.violation_rows - want.loaded + THEIRS);
+    assert_eq!(t.rejected, want.rejects.len() as u64);
+    assert_eq!(as_tuples(&report.top), want.top);
+    let db = Db::connect(&url, 1).await.unwrap();
+    assert_eq!(db.count_violations().await.unwrap(), want.loaded as i64);
+    db.close().await;
+}
+
+/// A new database is made with 16 KiB pages; one made before with SQLite's default 4 KiB
+/// pages keeps them and loads the same rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_page_size_of_new_and_existing_databases() {
+    let s = Scratch::new("sqlite-page-size");
+    let csv = s.csv(1000, 22);
+    let want = expected(&csv);
+    let page_size = |path: &Path| -> i64 {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap()
+    };
+    let old = s.0.join("old.sqlite");
+    rusqlite::Connection::open(&old)
+        .unwrap()
+        .execute_batch("PRAGMA page_size = 4096; CREATE TABLE other (x INTEGER)")
+        .unwrap();
+    for (path, size) in [(s.0.join("etl.sqlite"), 16384), (old, 4096)] {
+        let report = job::run(&Config::new(&csv, format!("sqlite://{}", path.display())))
+            .await
+            .unwrap();
+        assert_eq!(report.totals.loaded, want.loaded);
+        assert_eq!(as_tuples(&report.top), want.top);
+        assert_eq!(page_size(&path), size, "{}", path.display());
+    }
+}
+
+/// A closed SQLite database refuses further calls with an error that is not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_closed_database_refuses_calls() {
+    let s = Scratch::new("sqlite-closed");
+    let db = Db::connect(&s.sqlite_url(), 1).await.unwrap();
+    db.ensure_schema().await.unwrap();
+    assert_eq!(db.count_violations().await.unwrap(), 0);
+    db.close().await;
+    let err = db.count_violations().await.unwrap_err();
+    assert!(matches!(err, stagepipe_etl::db::Error::Closed), "{err:?}");
+    assert!(!stagepipe_etl::db::is_transient(&err));
+    assert_eq!(err.to_string(), "the SQLite connection is closed");
 }
 
 /// Runs the command line with `args`: (exit code, stdout, stderr).
@@ -850,6 +953,50 @@ async fn postgres_copy_with_several_writers_then_rerun_adds_nothing() {
     let second = job::run(&config).await.unwrap().totals;
     assert_eq!((second.loaded, second.duplicates), (0, want.violation_rows));
     let db = Db::connect(&url, 1).await.unwrap();
+    assert_eq!(db.count_violations().await.unwrap(), want.loaded as i64);
+    assert_eq!(db.count_rejects().await.unwrap(), want.rejects.len() as i64);
+    db.close().await;
+}
+
+/// A file without duplicates is copied in one pass, straight into the table; loading it again
+/// finds every key there, so every batch goes through the staging table and adds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_copies_in_one_pass_until_keys_are_already_there() {
+    let url = pg_database("etl_one_pass").await;
+    let s = Scratch::new("pg-one-pass");
+    let csv = s.0.join("unique.csv");
+    let mut file = generator::GenConfig::new(2000, 23);
+    file.duplicate_every = 0;
+    generator::generate(
+        &file,
+        std::io::BufWriter::new(std::fs::File::create(&csv).unwrap()),
+    )
+    .unwrap();
+    let want = expected(&csv);
+    assert_eq!(want.violation_rows, want.loaded, "no key twice in the file");
+
+    let db = Db::connect(&url, 3).await.unwrap();
+    db.ensure_schema().await.unwrap();
+    let mut config = Config::new(&csv, &url);
+    config.batch_max = 200;
+    let (first, _) = job::load(&db, &config).await.unwrap();
+    assert_eq!(first.loaded, want.loaded);
+    assert_eq!(first.rejected, want.rejects.len() as u64);
+    assert!(first.batches >= 6, "{first:?}");
+    assert_eq!(db.staged_batches(), 0, "every batch in one pass");
+    // Every value as SQLite stores the same file (timestamps, levels and lines included).
+    let lite = s.sqlite_url();
+    job::run(&Config::new(&csv, &lite)).await.unwrap();
+    let lite = Db::connect(&lite, 1).await.unwrap();
+    let rows = table_rows(&db).await;
+    assert_eq!(rows.len() as u64, want.loaded);
+    assert_eq!(rows, table_rows(&lite).await);
+    lite.close().await;
+
+    let (second, _) = job::load(&db, &config).await.unwrap();
+    assert_eq!((second.loaded, second.duplicates), (0, want.violation_rows));
+    assert_eq!(second.retries, 0);
+    assert_eq!(db.staged_batches(), second.batches, "every batch staged");
     assert_eq!(db.count_violations().await.unwrap(), want.loaded as i64);
     assert_eq!(db.count_rejects().await.unwrap(), want.rejects.len() as i64);
     db.close().await;
