@@ -48,30 +48,40 @@ pub enum StageError<M: StateMachine> {
         /// Requests submitted to the group that were left without a result.
         abandoned: u64,
     },
+    /// The pipeline began to [drain](super::Pipeline::drain) before a group given its requests
+    /// up front ([`GroupBuilder::submit_all`](super::GroupBuilder::submit_all)) had pulled
+    /// them all: the group's last item, after the results of the requests it had pulled. (A
+    /// group fed by a [`Submitter`](super::Submitter) learns this from its refused
+    /// submissions instead.)
+    Drained {
+        /// The group's requests left without a result.
+        abandoned: u64,
+    },
 }
 
 impl<M: StateMachine> StageError<M> {
     /// The stage where the request stopped (for `Cycle`, the stage it tried to revisit), or
     /// `None` for `StartPanicked` (the request never reached a stage) and for the errors that
-    /// end a whole group (`DeadlineExceeded`, `DrainTimedOut`).
+    /// end a whole group (`DeadlineExceeded`, `DrainTimedOut`, `Drained`).
     pub fn stage(&self) -> Option<M::Stage> {
         match self {
             Self::Failed { stage, .. } | Self::Panicked { stage, .. } => Some(*stage),
             Self::Cycle { path } => path.last().copied(),
             Self::StartPanicked { .. }
             | Self::DeadlineExceeded { .. }
-            | Self::DrainTimedOut { .. } => None,
+            | Self::DrainTimedOut { .. }
+            | Self::Drained { .. } => None,
         }
     }
 
-    /// For the errors that end a whole group (`DeadlineExceeded`, `DrainTimedOut`), the
-    /// requests submitted to it that were left without a result; `None` for the errors of one
-    /// request.
+    /// For the errors that end a whole group (`DeadlineExceeded`, `DrainTimedOut`,
+    /// `Drained`), the requests submitted to it that were left without a result; `None` for the
+    /// errors of one request.
     pub fn abandoned(&self) -> Option<u64> {
         match self {
-            Self::DeadlineExceeded { abandoned } | Self::DrainTimedOut { abandoned } => {
-                Some(*abandoned)
-            }
+            Self::DeadlineExceeded { abandoned }
+            | Self::DrainTimedOut { abandoned }
+            | Self::Drained { abandoned } => Some(*abandoned),
             _ => None,
         }
     }
@@ -106,6 +116,10 @@ where
                 .debug_struct("DrainTimedOut")
                 .field("abandoned", abandoned)
                 .finish(),
+            Self::Drained { abandoned } => f
+                .debug_struct("Drained")
+                .field("abandoned", abandoned)
+                .finish(),
         }
     }
 }
@@ -129,6 +143,10 @@ where
             Self::DrainTimedOut { abandoned } => write!(
                 f,
                 "the pipeline's drain timed out: {abandoned} requests abandoned"
+            ),
+            Self::Drained { abandoned } => write!(
+                f,
+                "the pipeline is draining: {abandoned} requests abandoned"
             ),
         }
     }

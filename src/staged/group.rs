@@ -266,10 +266,94 @@ impl<M: StateMachine> GroupBuilder<M> {
     /// the group's unfinished requests.
     pub fn open(self) -> (Submitter<M>, GroupResults<M>) {
         let (tx, rx) = mpsc::channel(self.window);
+        let results = self.open_with(Source::Channel(rx), 0);
+        let shared = Arc::clone(&results.shared);
+        (
+            Submitter {
+                tx: Some(tx),
+                shared,
+            },
+            results,
+        )
+    }
+
+    /// Opens the group over `requests`, all of them given up front: the result stream pulls
+    /// each request from the iterator as the group's window has room for it (no task, no
+    /// channel; a request stays in the iterator until then), and ends after the last result.
+    ///
+    /// The iterator must know its length (`ExactSizeIterator`: a `Vec`, an array, a slice's
+    /// iterator, a `Range` of `u32` or `usize`, and maps of those), as every request of it
+    /// counts as submitted: a group cut short by its
+    /// [`deadline`](Self::deadline) or a timed-out drain counts those not yet pulled among its
+    /// `abandoned`. When the pipeline starts [draining](super::Pipeline::drain), the group
+    /// pulls no more requests; its results end, after those of the requests already pulled,
+    /// with [`StageError::Drained`] counting the requests left without a result.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::StreamExt;
+    /// use stagepipe::prelude::*;
+    ///
+    /// # #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)] struct S;
+    /// struct Double;
+    /// impl StateMachine for Double {
+    ///     type Stage = S; type Data = u64; type Error = String;
+    ///     fn start(&self) -> S { S }
+    ///     async fn run(&self, _: S, n: u64) -> Result<Next<S, u64>, String> { Ok(Next::Done(2 * n)) }
+    /// }
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let pipeline = Pipeline::builder(Double).workers(2).build();
+    /// let numbers: Vec<u64> = (1..=100).collect();
+    /// let results = pipeline.group().ordered().window(4).submit_all(numbers);
+    /// let doubled: Vec<u64> = results.map(Result::unwrap).collect().await;
+    /// assert_eq!(doubled, (1..=100).map(|n| 2 * n).collect::<Vec<_>>());
+    /// # }
+    /// ```
+    pub fn submit_all<I>(self, requests: I) -> GroupResults<M>
+    where
+        I: IntoIterator<Item = M::Data>,
+        I::IntoIter: ExactSizeIterator + Send + 'static,
+    {
+        let requests = requests.into_iter();
+        let len = requests.len() as u64;
+        self.open_with(Source::Iter(Box::new(requests)), len)
+    }
+
+    /// [`submit_all`](Self::submit_all) once the pipeline's admission bounds have room for the
+    /// group and every one of its requests, as [`admit`](Self::admit) (reserving
+    /// `requests.len()`) does; or refuses it, with the requests dropped.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel safe, as [`admit`](Self::admit) is.
+    pub async fn admit_all<I>(
+        self,
+        requests: I,
+        wait: Duration,
+    ) -> Result<GroupResults<M>, GroupRefused>
+    where
+        I: IntoIterator<Item = M::Data>,
+        I::IntoIter: ExactSizeIterator + Send + 'static,
+    {
+        let requests = requests.into_iter();
+        let admission = Arc::clone(&self.pipeline.inner.admission);
+        let ticket = admission.admit(requests.len(), wait).await?;
+        let mut results = self.submit_all(requests);
+        if !results.run.is_terminated() {
+            results.ticket = Some(ticket);
+        }
+        Ok(results)
+    }
+
+    /// Opens the group over `source`, with `submitted` requests counted as submitted already.
+    fn open_with(self, source: Source<M::Data>, submitted: u64) -> GroupResults<M> {
         let inner = self.pipeline.inner;
+        let iter_fed = matches!(source, Source::Iter(_));
         let shared = Arc::new(GroupShared {
             closed: AtomicBool::new(false),
-            submitted: AtomicU64::new(0),
+            submitted: AtomicU64::new(submitted),
             drain: Arc::clone(&inner.drain),
         });
         let deadline = self.deadline.map(|deadline| match deadline {
@@ -279,7 +363,7 @@ impl<M: StateMachine> GroupBuilder<M> {
         let drain_waker = Arc::new(AtomicWaker::new());
         let gate = self.key.map(|key| KeyGate::new(key, self.window));
         let mut results = GroupResults {
-            rx: Some(rx),
+            rx: Some(source),
             gate,
             run: Run::new(inner, self.ordered, self.window),
             shared: shared.clone(),
@@ -289,6 +373,7 @@ impl<M: StateMachine> GroupBuilder<M> {
             timer: None,
             yielded: 0,
             ticket: None,
+            drained: None,
         };
         // Counted as open (`Run::new`) before it registers, and both before it looks at the
         // drain: registering takes the drain's lock, which the drain takes too once it is
@@ -296,16 +381,29 @@ impl<M: StateMachine> GroupBuilder<M> {
         // group finds the pipeline draining (and closes at once).
         shared.drain.register(&results.drain_waker);
         if results.shared.drain.is_draining() {
-            // Opened while the pipeline drains: closed at once.
+            // Opened while the pipeline drains: closed at once; a group given its requests up
+            // front says it ran none of them.
             results.cancel();
+            if iter_fed && submitted > 0 {
+                results.drained = Some(submitted);
+            }
         }
-        (
-            Submitter {
-                tx: Some(tx),
-                shared,
-            },
-            results,
-        )
+        results
+    }
+}
+
+/// Where a group's requests come from: its submitters' channel, or an iterator given up front.
+enum Source<D> {
+    Channel(mpsc::Receiver<D>),
+    Iter(Box<dyn Iterator<Item = D> + Send>),
+}
+
+impl<D> Source<D> {
+    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<D>> {
+        match self {
+            Self::Channel(rx) => rx.poll_recv(cx),
+            Self::Iter(requests) => Poll::Ready(requests.next()),
+        }
     }
 }
 
@@ -494,7 +592,7 @@ impl<D> KeyGate<D> {
 
 /// The group's submitted requests as a stream, through the key gate if there is one.
 struct Feed<'a, D> {
-    rx: Option<&'a mut mpsc::Receiver<D>>,
+    rx: Option<&'a mut Source<D>>,
     gate: Option<&'a mut KeyGate<D>>,
 }
 
@@ -505,7 +603,7 @@ impl<D> Stream for Feed<'_, D> {
         let this = self.get_mut();
         let Some(gate) = this.gate.as_deref_mut() else {
             return match this.rx.as_deref_mut() {
-                Some(rx) => rx.poll_recv(cx).map(|d| d.map(|d| (0, d))),
+                Some(rx) => rx.poll_next(cx).map(|d| d.map(|d| (0, d))),
                 None => Poll::Ready(None),
             };
         };
@@ -518,7 +616,7 @@ impl<D> Stream for Feed<'_, D> {
             let Some(rx) = this.rx.as_deref_mut() else {
                 break;
             };
-            match rx.poll_recv(cx) {
+            match rx.poll_next(cx) {
                 Poll::Ready(Some(data)) => {
                     let key = (gate.key)(&data);
                     match gate.busy.get_mut(&key) {
@@ -547,7 +645,7 @@ impl<D> Stream for Feed<'_, D> {
 /// requests and refuses later submissions.
 #[must_use = "streams do nothing unless polled"]
 pub struct GroupResults<M: StateMachine> {
-    rx: Option<mpsc::Receiver<M::Data>>,
+    rx: Option<Source<M::Data>>,
     gate: Option<KeyGate<M::Data>>,
     run: Run<M>,
     shared: Arc<GroupShared>,
@@ -561,6 +659,9 @@ pub struct GroupResults<M: StateMachine> {
     yielded: u64,
     /// An admitted group's room, given back as results are yielded and when the group closes.
     ticket: Option<Ticket>,
+    /// A group given its requests up front, ended by the drain before every one had a result:
+    /// those left, to be yielded as [`StageError::Drained`].
+    drained: Option<u64>,
 }
 
 // Nothing in a group's result stream is pinned structurally: its buffers hold plain values.
@@ -570,7 +671,7 @@ impl<M: StateMachine> GroupResults<M> {
     /// Closes the group after an error (cancel-on-error) or when the stream is dropped.
     fn cancel(&mut self) {
         self.shared.closed.store(true, Ordering::Release);
-        if let Some(rx) = &mut self.rx {
+        if let Some(Source::Channel(rx)) = &mut self.rx {
             rx.close();
         }
         self.rx = None;
@@ -609,10 +710,15 @@ impl<M: StateMachine> Stream for GroupResults<M> {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Outcome<M>>> {
         let this = self.get_mut();
+        if let Some(abandoned) = this.drained.take() {
+            return Poll::Ready(Some(Err(StageError::Drained { abandoned })));
+        }
         if this.shared.drain.is_draining() {
             // No more submissions: the stream ends after the requests already submitted.
-            if let Some(rx) = &mut this.rx {
-                rx.close();
+            match &mut this.rx {
+                Some(Source::Channel(rx)) => rx.close(),
+                Some(Source::Iter(_)) => this.rx = None,
+                None => {}
             }
         }
         let feed = Feed {
@@ -635,7 +741,15 @@ impl<M: StateMachine> Stream for GroupResults<M> {
                 Poll::Ready(Some(outcome))
             }
             Poll::Ready(None) => {
+                // Ended by the drain (not cancelled) before every request given up front had
+                // a result: say how many are left.
+                let cut = !this.shared.closed.load(Ordering::Acquire);
+                let submitted = this.shared.submitted.load(Ordering::Acquire);
+                let abandoned = submitted.saturating_sub(this.yielded);
                 this.cancel();
+                if cut && abandoned > 0 {
+                    return Poll::Ready(Some(Err(StageError::Drained { abandoned })));
+                }
                 Poll::Ready(None)
             }
             Poll::Pending => {
@@ -646,7 +760,7 @@ impl<M: StateMachine> Stream for GroupResults<M> {
                     return Poll::Ready(Some(Err(cut)));
                 }
                 if this.shared.drain.is_draining()
-                    && this.rx.as_ref().is_some_and(|rx| !rx.is_closed())
+                    && matches!(&this.rx, Some(Source::Channel(rx)) if !rx.is_closed())
                 {
                     cx.waker().wake_by_ref();
                 }

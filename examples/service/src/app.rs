@@ -54,8 +54,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::serve::ListenerExt;
 use axum::{Json, Router};
+use futures::StreamExt;
 use futures::future::BoxFuture;
-use futures::{StreamExt, stream};
 use metrics::Histogram;
 use serde::{Deserialize, Serialize};
 use stagepipe::prelude::*;
@@ -522,17 +522,21 @@ async fn post_jobs(
         Some(ms) => Duration::from_millis(ms).min(app.config.job_deadline),
         None => app.config.job_deadline,
     };
-    let cancel_on_error = query.on_error == Some(OnError::Cancel);
     let mut group = app.pipeline.group().ordered().window(app.config.job_window);
     if let Some(at) = arrived.checked_add(deadline_len) {
         group = group.deadline_at(at);
     }
-    if cancel_on_error {
+    if query.on_error == Some(OnError::Cancel) {
         group = group.cancel_on_error();
     }
     let wait = app.config.admission_wait.min(deadline_len);
-    let (tx, results) = match group.admit(total, wait).await {
-        Ok(group) => group,
+    let inputs: Arc<[i64]> = inputs.into();
+    let requests = (0..total).map({
+        let inputs = inputs.clone();
+        move |index| inputs[index]
+    });
+    let results = match group.admit_all(requests, wait).await {
+        Ok(results) => results,
         Err(full) => {
             app.metrics.jobs_shed.increment(1);
             let bound = match full.bound {
@@ -558,50 +562,29 @@ async fn post_jobs(
     }
     app.metrics.jobs_admitted.increment(1);
     app.metrics.admission_wait.record(arrived.elapsed());
-    // Submit in the background, waiting while the group's window is full; stop if it ends.
-    let inputs: Arc<[i64]> = inputs.into();
-    let submitted = inputs.clone();
-    tokio::spawn(async move {
-        for &input in submitted.iter() {
-            if tx.submit(input).await.is_err() {
-                break;
-            }
-        }
-    });
-    // One line per result, then, if the job was cut short, a closing line counting the inputs
-    // left without one. The body owns the group's results: a client that goes away drops them,
-    // which cancels the group and gives its room back.
-    let (mut left, mut failed, mut closed) = (total, false, false);
-    let results = results.try_with_stats(&app.lines).map(Some);
-    let lines = results.chain(stream::iter([None])).enumerate();
+    // One line per result; a job cut short (deadline, shutdown) ends with the group's last
+    // item, which counts the inputs left without a line. The body owns the group's results: a
+    // client that goes away drops them, which cancels the group and gives its room back.
     let timer = JobTimer(arrived, app.metrics.job_duration.clone());
-    let body = lines.scan(timer, move |_, (index, result)| {
-        let closing = |error: String| Some(Line::closing(error, left));
+    let lines = results.try_with_stats(&app.lines).enumerate();
+    let body = lines.map(move |(index, result)| {
+        let _timer = &timer;
         let line = match result {
-            _ if closed => None,
-            Some(Err(StageError::DeadlineExceeded { .. })) => {
-                app.deadline_exceeded.fetch_add(1, Ordering::AcqRel);
-                app.metrics.jobs_deadline_exceeded.increment(1);
-                let ms = deadline_len.as_millis();
-                closing(format!(
-                    "the job's deadline of {ms} ms passed before it finished"
-                ))
+            Err(cut) if cut.abandoned().is_some() => {
+                let error = match cut {
+                    StageError::DeadlineExceeded { .. } => {
+                        app.deadline_exceeded.fetch_add(1, Ordering::AcqRel);
+                        app.metrics.jobs_deadline_exceeded.increment(1);
+                        let ms = deadline_len.as_millis();
+                        format!("the job's deadline of {ms} ms passed before it finished")
+                    }
+                    _ => SHUT_DOWN.to_string(),
+                };
+                Line::closing(error, cut.abandoned().unwrap_or_default() as usize)
             }
-            Some(Err(StageError::DrainTimedOut { .. })) => closing(SHUT_DOWN.to_string()),
-            Some(result) => {
-                left -= 1;
-                let line = result_line(index, inputs[index], result);
-                failed |= line.error.is_some();
-                Some(line)
-            }
-            // The results ended before every input had a line: the drain refused the inputs
-            // not yet submitted (only an error under `on_error=cancel` ends a job early
-            // otherwise).
-            None if left > 0 && !(cancel_on_error && failed) => closing(SHUT_DOWN.to_string()),
-            None => None,
+            result => result_line(index, inputs[index], result),
         };
-        closed |= line.as_ref().is_some_and(|line| line.abandoned.is_some());
-        std::future::ready(line.map(|line| ndjson(&line)))
+        ndjson(&line)
     });
     let ndjson_type = [(header::CONTENT_TYPE, "application/x-ndjson")];
     (StatusCode::OK, ndjson_type, Body::from_stream(body)).into_response()
