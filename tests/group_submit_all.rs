@@ -301,3 +301,37 @@ async fn dropping_the_results_stops_the_pulling_and_frees_the_pool() {
     assert_eq!(pipeline.pool().busy(), 0);
     assert_eq!(pipeline.stats().groups_open, 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_keyed_group_drains_its_parked_requests_then_says_what_is_left() {
+    let pipeline = Pipeline::builder(Sleepy::default()).workers(4).build();
+    // Keys 0..4, each request 10 ms: requests of one key run one after another.
+    let all = (0..60usize).map(|id| (id as u64, 10));
+    let mut results = pipeline
+        .group()
+        .ordered()
+        .window(8)
+        .keyed(|&(id, _)| id % 4)
+        .submit_all(all);
+    let mut ids = Vec::new();
+    for _ in 0..6 {
+        ids.push(results.next().await.unwrap().unwrap().0);
+    }
+    let reader = tokio::spawn(async move { results.collect::<Vec<_>>().await });
+    // On the paused clock, a group that never ends lets the timeout fire.
+    let ended = tokio::time::timeout(Duration::from_secs(60), pipeline.drain()).await;
+    ended.expect("the drain ends once the group has ended");
+    let rest = reader.await.unwrap();
+    let (last, answered) = rest.split_last().unwrap();
+    ids.extend(answered.iter().map(|r| r.as_ref().unwrap().0));
+    let Err(StageError::Drained { abandoned }) = last else {
+        panic!("the last item is {last:?}");
+    };
+    assert_eq!(ids.len() as u64 + abandoned, 60);
+    // Each key's requests ran in submission order, none skipped before the cut.
+    for key in 0..4 {
+        let of_key: Vec<u64> = ids.iter().copied().filter(|id| id % 4 == key).collect();
+        let expected: Vec<u64> = (0..of_key.len() as u64).map(|i| key + 4 * i).collect();
+        assert_eq!(of_key, expected, "key {key}");
+    }
+}

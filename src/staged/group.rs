@@ -318,7 +318,7 @@ impl<M: StateMachine> GroupBuilder<M> {
     {
         let requests = requests.into_iter();
         let len = requests.len() as u64;
-        self.open_with(Source::Iter(Box::new(requests)), len)
+        self.open_with(Source::Iter(Box::new(requests.fuse())), len)
     }
 
     /// [`submit_all`](Self::submit_all) once the pipeline's admission bounds have room for the
@@ -717,7 +717,8 @@ impl<M: StateMachine> Stream for GroupResults<M> {
             // No more submissions: the stream ends after the requests already submitted.
             match &mut this.rx {
                 Some(Source::Channel(rx)) => rx.close(),
-                Some(Source::Iter(_)) => this.rx = None,
+                // Emptied, not removed: a keyed group still releases what it has parked.
+                Some(Source::Iter(requests)) => *requests = Box::new(std::iter::empty()),
                 None => {}
             }
         }
