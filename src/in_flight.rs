@@ -33,7 +33,6 @@ use std::future::Future;
 use std::num::NonZeroU32;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -46,6 +45,7 @@ use tokio::time::Instant;
 use crate::adaptive::Adaptive;
 use crate::error::{ConfigError, count_up_to, or_panic};
 use crate::macros::size_hint_plus;
+use crate::sync::atomic::{AtomicUsize, Ordering};
 
 /// A cap on concurrent operations, shared by every stream that holds a clone.
 ///
@@ -644,6 +644,9 @@ impl fmt::Debug for InFlightLimit {
 /// here first, then moves it too if someone waits. Both in that order, sequentially
 /// consistent: one of the two sees the other, so no unit stays here while someone waits.
 /// Units are taken from here only while nobody waits, so waiters keep their turn.
+///
+/// Its atomics are the crate's (`crate::sync`), so that the loom model (`loom_model.rs`) runs
+/// this very code.
 #[derive(Debug, Default)]
 struct Spare {
     units: AtomicUsize,
@@ -681,6 +684,7 @@ impl Spare {
             return;
         }
         self.units.fetch_add(n, Ordering::SeqCst);
+        crate::sync::seq_cst_pair();
         if self.waiters.load(Ordering::SeqCst) != 0 {
             self.flush(semaphore);
         }
@@ -701,6 +705,7 @@ impl Spare {
     /// waiting).
     fn wait<'a>(self: &'a Arc<Self>, semaphore: &Semaphore) -> Waiting<'a> {
         self.waiters.fetch_add(1, Ordering::SeqCst);
+        crate::sync::seq_cst_pair();
         self.flush(semaphore);
         Waiting(self)
     }
@@ -1291,3 +1296,6 @@ in_flight_stream!(
     InFlightOrdered<Fut: Future>,
     FuturesOrdered
 );
+
+#[cfg(all(test, stagepipe_loom))]
+mod loom_model;

@@ -36,6 +36,20 @@ pub(crate) mod atomic {
     pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 }
 
+/// The order of a Dekker-style pair of `SeqCst` accesses (each side writes its own atomic,
+/// then reads the other's), for loom: call it between the write and the read on both sides.
+///
+/// In the C11 model every `SeqCst` operation takes its place in one total order, so one side
+/// always sees the other's write, and the real build needs nothing here. loom, though, treats
+/// `SeqCst` accesses as `AcqRel` (its README, "Unsupported features"), under which both sides
+/// may miss each other's write: a false alarm. Under loom this is the `SeqCst` fence that
+/// loom does model, so the model checks the pair with the order the real build has.
+#[inline(always)]
+pub(crate) fn seq_cst_pair() {
+    #[cfg(stagepipe_loom)]
+    loom::sync::atomic::fence(loom::sync::atomic::Ordering::SeqCst);
+}
+
 #[cfg(not(stagepipe_loom))]
 pub(crate) use futures::task::AtomicWaker;
 
