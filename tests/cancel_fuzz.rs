@@ -110,6 +110,8 @@ const OPS: &[&str] = &[
     "circuit_breaker",
     "with_stats",
     "through",
+    "submit_all",
+    "admit_all_keyed",
     "try_fan_out_ordered",
     "try_fan_out",
     "try_in_flight",
@@ -197,6 +199,20 @@ fn build(op: &str, h: &Handles, pipeline: &Pipeline<Machine>) -> BoxStream<'stat
         "circuit_breaker" => input.circuit_breaker(&h.breaker, work).map(drop).boxed(),
         "with_stats" => input.with_stats(&h.stats).then(work).map(drop).boxed(),
         "through" => input.map(|t| t.x).through(pipeline).map(drop).boxed(),
+        "submit_all" => pipeline
+            .group()
+            .ordered()
+            .window(4)
+            .submit_all((0..60usize).map(|x| x as u64))
+            .map(drop)
+            .boxed(),
+        "admit_all_keyed" => {
+            let group = pipeline.group().keyed(|x: &u64| x % 5).window(6);
+            let admitted = group.admit_all((0..60usize).map(|x| x as u64), ms(50));
+            stream::once(admitted)
+                .flat_map(|results| results.expect("no admission bound").map(drop))
+                .boxed()
+        }
         "try_fan_out_ordered" => fallible(input)
             .try_fan_out_ordered(&h.pool, work)
             .map(drop)
