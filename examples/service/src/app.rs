@@ -90,9 +90,10 @@ pub struct Config {
     /// full jitter, at most 100 ms).
     pub retry_attempts: u32,
     pub retry_initial: Duration,
-    /// How many of one job's inputs may be in the pipeline at once (its group's window); as
-    /// many again wait submitted. A shutdown lets the inputs submitted finish and abandons the
-    /// rest, so this also bounds how much of a job a shutdown waits for.
+    /// How many of one job's inputs may be in the pipeline at once (its group's window); the
+    /// rest stay in the request until there is room (`GroupBuilder::admit_all`). A shutdown
+    /// lets the inputs in the pipeline finish and abandons the rest, so this also bounds how
+    /// much of a job a shutdown waits for.
     pub job_window: usize,
     /// On shutdown, how long open responses may keep going before they are ended.
     pub shutdown_deadline: Duration,
@@ -253,8 +254,8 @@ impl StateMachine for Jobs {
 /// `{"index":1,"input":-2,"error":"..."}`.
 ///
 /// A response cut short closes with `{"error":"...","abandoned":N}`, `N` inputs left without a
-/// line: by a shutdown (inputs not yet submitted when it began, or still unfinished at the
-/// shutdown deadline), or by the job's deadline. A refused job gets one such line without
+/// line: by a shutdown (inputs not yet in the pipeline when it began, or still unfinished at
+/// the shutdown deadline), or by the job's deadline. A refused job gets one such line without
 /// `abandoned` as its whole body: 503 once the shutdown has begun, 429 when the service is
 /// full, 413 when it has too many inputs, 400 for `deadline_ms=0`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

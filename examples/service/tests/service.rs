@@ -392,7 +392,7 @@ async fn shutdown_drains_open_jobs_then_the_server_exits() {
     bounded(async {
         let mut h = shutdown_harness(2).await;
         // 2 × 1,000 calls, 2 at a time: ≥ 5 s of upstream work, far beyond what a job has
-        // submitted (its window of 4 and as many waiting) when the shutdown begins.
+        // submitted (its window of 4) when the shutdown begins.
         let a = inputs_of(0, 1_000);
         let b = inputs_of(1, 1_000);
         let mut readers = [
