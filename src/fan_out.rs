@@ -376,6 +376,24 @@ impl<U: Send + 'static> Core<U> {
         }
     }
 
+    /// The time per item measured so far (nanoseconds; `u64::MAX` before the first chunk).
+    pub(crate) fn item_nanos(&self) -> u64 {
+        self.chan.item_nanos.load(Ordering::Relaxed)
+    }
+
+    /// Seeds the time per item of a stream not measured yet with `nanos` (`u64::MAX`: no
+    /// seed), measured by other streams of the same work, so that its first jobs are sized as
+    /// if it had been measured.
+    pub(crate) fn seed_item_nanos(&self, nanos: u64) {
+        let unmeasured = u64::MAX;
+        let _ = (self.chan.item_nanos).compare_exchange(
+            unmeasured,
+            nanos,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
     #[track_caller]
     pub(crate) fn set_window(&mut self, window: usize) {
         or_panic(self.try_set_window(window));

@@ -492,6 +492,9 @@ impl<M: StateMachine> Submitter<M> {
 struct Run<M: StateMachine> {
     core: Option<Core<(u64, Outcome<M>)>>,
     inner: Arc<Inner<M>>,
+    /// The time per request the group started from (the pipeline's, or `u64::MAX`), until the
+    /// group has measured its own and given it to the pipeline; then `None`.
+    seeded: Option<u64>,
 }
 
 impl<M: StateMachine> Run<M> {
@@ -499,9 +502,15 @@ impl<M: StateMachine> Run<M> {
         inner.drain.group_opened();
         let mut core = Core::new(inner.pool.clone(), ordered);
         core.set_window(window);
+        // Every group runs the same machine: a new one sizes its jobs by what the others
+        // measured. Else, before its first job is measured, it would cut its first requests
+        // into jobs of a few each: thousands of new groups, thousands of small jobs.
+        let seeded = inner.item_nanos.load(Ordering::Relaxed);
+        core.seed_item_nanos(seeded);
         Self {
             core: Some(core),
             inner,
+            seeded: Some(seeded),
         }
     }
 
@@ -528,6 +537,15 @@ impl<M: StateMachine> Run<M> {
             },
             cx,
         );
+        // The group's first measurement of its own goes to the pipeline, for the groups
+        // opened after it.
+        if let Some(seeded) = self.seeded {
+            let measured = core.item_nanos();
+            if measured != seeded {
+                self.inner.item_nanos.store(measured, Ordering::Relaxed);
+                self.seeded = None;
+            }
+        }
         if let Poll::Ready(None) = poll {
             self.finish();
         }
@@ -536,7 +554,12 @@ impl<M: StateMachine> Run<M> {
 
     /// Abandons unfinished requests (the core's drop cancels them).
     fn finish(&mut self) {
-        if self.core.take().is_some() {
+        if let Some(core) = self.core.take() {
+            // Its last measurement too.
+            let measured = core.item_nanos();
+            if measured != u64::MAX {
+                self.inner.item_nanos.store(measured, Ordering::Relaxed);
+            }
             self.inner.drain.group_closed();
         }
     }

@@ -81,6 +81,10 @@ pub(super) struct Inner<M: StateMachine> {
     starts: Table<M::Stage, AtomicU64, ROUTE_SLOTS>,
     pub(super) requests_done: AtomicU64,
     pub(super) requests_failed: AtomicU64,
+    /// The time per request the groups measured (nanoseconds; `u64::MAX` before the first
+    /// measurement): every group runs the same machine, so a new group sizes its first jobs by
+    /// it (see `Run`).
+    pub(super) item_nanos: AtomicU64,
     pub(super) drain: Arc<Drain>,
     pub(super) admission: Arc<Admission>,
 }
@@ -249,6 +253,7 @@ impl<M: StateMachine> PipelineBuilder<M> {
                 starts: Table::new(),
                 requests_done: AtomicU64::new(0),
                 requests_failed: AtomicU64::new(0),
+                item_nanos: AtomicU64::new(u64::MAX),
                 drain: Arc::default(),
                 admission: Arc::new(Admission::new(
                     self.max_open_groups,
