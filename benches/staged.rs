@@ -172,6 +172,31 @@ fn group_scaling(c: &mut Criterion) {
         );
     }
     group.finish();
+
+    // The groups above run on one pipeline, which has measured its requests by the time the
+    // 10,000 groups come: a service's steady state. A fresh pipeline's first wave of 10,000
+    // groups sizes its first jobs from nothing; one run, its peak growth printed.
+    let fresh = rt.block_on(async { Pipeline::builder(Plus).workers(2).build() });
+    let (peak, before) = (Arc::new(AtomicU64::new(0)), rss_kib());
+    let sampler = {
+        let peak = peak.clone();
+        rt.spawn(async move {
+            loop {
+                peak.fetch_max(rss_kib(), Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let started = std::time::Instant::now();
+    rt.block_on(groups(&fresh, 10_000));
+    let took = started.elapsed();
+    sampler.abort();
+    let grew = peak.load(Ordering::Relaxed).saturating_sub(before);
+    eprintln!(
+        "first wave of 10000 groups on a fresh pipeline: {:.2}M items/s, peak growth {grew} KiB ({} KiB per group)",
+        REQUESTS as f64 / took.as_secs_f64() / 1e6,
+        grew / 10_000
+    );
 }
 
 criterion_group!(staged, benches, group_scaling);
