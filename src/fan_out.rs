@@ -260,9 +260,16 @@ where
     pool::spill(make_job(futs, first_seq, chan.clone()));
 }
 
-/// A chunk of one stream's futures, run in turn by one worker. Its outcomes reach the channel
-/// together at the end (one lock per chunk), or earlier when an item has to wait, when the
-/// items not started yet are also split off for other workers.
+/// A chunk of one stream's futures, run in turn by one worker. Each outcome reaches the channel
+/// as its item finishes, before the next item starts (the next item may run for long: the
+/// results already finished do not wait for it), and the consumer, if that unblocked it, is
+/// woken at once and runs before the next item (see [`pool::yield_to_consumer`]). A chunk run
+/// by its own consumer under a borrowed slot hands its outcomes over together at the end
+/// instead (nobody could take them earlier), and gives the rest of its items to the workers as
+/// soon as one of them turns out heavy: items are timed there in groups of [`PEAK_GROUP`] (one
+/// clock read per group), and a group of more than [`BORROW_NANOS`] per item splits off the
+/// items not started yet. When an item has to wait, the items not started yet are split off
+/// too, for other workers.
 fn make_job<Fut>(futs: Vec<Fut>, first_seq: u64, chan: Arc<Chan<Fut::Output>>) -> Job
 where
     Fut: Future + Send + 'static,
@@ -276,8 +283,12 @@ where
         // Real time, not tokio's: this is the chunk's CPU cost per item for the pool's scheduler,
         // which a paused clock would report as zero. No user-facing figure comes from it.
         let started = std::time::Instant::now();
-        let mut done = Vec::with_capacity(n);
+        let mut done = Vec::with_capacity(if pool::borrowed() { n } else { 1 });
         let mut seq = first_seq;
+        let mut group_started = started;
+        let mut in_group = 0;
+        // Time this job let its consumer run (not its items' time).
+        let mut lent = std::time::Duration::ZERO;
         while let Some(fut) = rest.0.next() {
             let run = Cancellable {
                 fut: Some(fut),
@@ -293,9 +304,33 @@ where
                 None => return None,
             }
             seq += 1;
+            if rest.0.len() == 0 {
+                break;
+            }
+            if pool::borrowed() {
+                in_group += 1;
+                if in_group == PEAK_GROUP {
+                    let now = std::time::Instant::now();
+                    if crate::time::nanos(now - group_started) >= PEAK_GROUP * BORROW_NANOS {
+                        // A heavy item in a chunk its consumer runs: the rest goes to the
+                        // workers, and the chunk's time per item tells the consumer to stop
+                        // borrowing if such items are common.
+                        split_off(&mut rest, seq, &chan);
+                    }
+                    group_started = now;
+                    in_group = 0;
+                }
+            } else if let Some(waker) = chan.complete(&mut done) {
+                waker.wake();
+                let before = std::time::Instant::now();
+                pool::yield_to_consumer().await;
+                let away = before.elapsed();
+                lent += away;
+                group_started += away;
+            }
         }
         let ran = seq - first_seq;
-        let nanos = crate::time::nanos(started.elapsed());
+        let nanos = crate::time::nanos(started.elapsed().saturating_sub(lent));
         // The loom models set the measurement themselves: real time would make their runs
         // differ from one interleaving to the next (chunk sizes, whether the consumer borrows).
         if !cfg!(stagepipe_loom) {
@@ -304,6 +339,9 @@ where
         chan.complete(&mut done)
     })
 }
+
+/// Items of a chunk run by its consumer are timed in groups of this many (see [`make_job`]).
+const PEAK_GROUP: u64 = 4;
 
 /// A chunk aims to run about this long (judging by the last chunk's time per item), so that
 /// quick items share one hand-off and slow items go one by one. Results are not held back by
@@ -319,7 +357,8 @@ const LIGHT_NANOS: u64 = 250;
 /// the consumer itself while a slot of the pool is free (see `Core::run_borrowed`): a chunk of
 /// them costs less than its hand-off to a worker and back. Heavier items go to the workers, so
 /// that CPU-bound work runs on every worker while the consumer keeps the window full. A chunk
-/// of light items with a heavy one among them (say 1 in 100) still counts as light.
+/// of light items with a heavy one among them (say 1 in 100) still measures light; the
+/// consumer running it gives the items after the heavy one to the workers (see [`make_job`]).
 const BORROW_NANOS: u64 = 2_000;
 
 /// The most light items in one chunk.
@@ -465,10 +504,7 @@ impl<U: Send + 'static> Core<U> {
     /// Only on a thread of the runtime the workers live on: a future run here then belongs to
     /// that runtime as it would on a worker.
     fn run_borrowed(&mut self, cx: &mut Context<'_>) -> bool {
-        // Heavy items (or not measured yet) stay with the workers: the consumer is free to
-        // refill the window and yield results meanwhile.
-        if self.chan.item_nanos.load(Ordering::Relaxed) >= BORROW_NANOS || !self.pool.serves_here()
-        {
+        if !self.borrowable() || !self.pool.serves_here() {
             return false;
         }
         let Some(mut job) = self.pool.borrow_job(self.source) else {
@@ -480,13 +516,23 @@ impl<U: Send + 'static> Core<U> {
             // caller registers again).
             let (pending, next) = match poll {
                 Poll::Pending => (Some(job), false),
-                Poll::Ready(_) => (None, self.chan.drain_ready(&mut self.ready) == 0),
+                Poll::Ready(_) => (
+                    None,
+                    self.chan.drain_ready(&mut self.ready) == 0 && self.borrowable(),
+                ),
             };
             match self.pool.give_back(self.source, pending, spilled, next) {
                 Some(more) => job = more,
                 None => return true,
             }
         }
+    }
+
+    /// Whether the stream's items are light enough for its consumer to run them itself (see
+    /// [`BORROW_NANOS`]). Heavy items (or not measured yet) stay with the workers: the consumer
+    /// is free to refill the window and yield results meanwhile.
+    fn borrowable(&self) -> bool {
+        self.chan.item_nanos.load(Ordering::Relaxed) < BORROW_NANOS
     }
 
     /// Runs the jobs taken back from the pool, one at a time as a worker would (so the pool's
