@@ -39,6 +39,11 @@ struct Chan<U> {
     running: Mutex<Vec<Waker>>,
     /// Nanoseconds per item of the last finished chunk, to size the next chunks.
     item_nanos: AtomicU64,
+    /// Whether the consumer last waited inside a tokio task (rather than in `block_on` or on
+    /// another executor): a worker that wakes it then lets it run first (see
+    /// [`pool::yield_to_consumer`]). A hint for speed only, no hand-off relies on it: `std`'s
+    /// atomic even under loom.
+    task_consumer: std::sync::atomic::AtomicBool,
 }
 
 struct ChanState<U> {
@@ -64,6 +69,7 @@ impl<U> Chan<U> {
             closed: AtomicBool::new(false),
             running: Mutex::new(Vec::new()),
             item_nanos: AtomicU64::new(u64::MAX),
+            task_consumer: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -322,11 +328,18 @@ where
                 }
             } else if let Some(waker) = chan.complete(&mut done) {
                 waker.wake();
-                let before = std::time::Instant::now();
-                pool::yield_to_consumer().await;
-                let away = before.elapsed();
-                lent += away;
-                group_started += away;
+                // A consumer that is a tokio task sits in this thread's LIFO slot until the
+                // worker's task yields; any other consumer runs on a thread of its own.
+                if chan
+                    .task_consumer
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    let before = std::time::Instant::now();
+                    pool::yield_to_consumer().await;
+                    let away = before.elapsed();
+                    lent += away;
+                    group_started += away;
+                }
             }
         }
         let ran = seq - first_seq;
@@ -612,6 +625,10 @@ impl<U: Send + 'static> Core<U> {
     fn poll_result(&mut self, cx: &mut Context<'_>) -> Poll<Option<U>> {
         if self.ready.is_empty() && self.in_pool > 0 && self.chan.drain_ready(&mut self.ready) == 0
         {
+            self.chan.task_consumer.store(
+                tokio::task::try_id().is_some(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             self.chan.consumer.register(cx.waker());
             if self.chan.drain_ready(&mut self.ready) == 0 {
                 // About to wait on the pool: make sure it has workers (after registering, so

@@ -194,3 +194,39 @@ fn loom_fan_out_borrowing_consumer_keeps_order() {
         4
     });
 }
+
+/// A worker hands each result over before it starts its chunk's next item, not at the chunk's
+/// end (the next item may run for long): chunks of two items (measured light), and when the
+/// second item of a chunk starts, the first one's result is already in the channel (or
+/// yielded). Results come in order, each once, and the consumer is always woken for them.
+#[test]
+fn loom_fan_out_hands_over_each_result_before_the_next_item() {
+    on_pool(|pool, item| {
+        let chan: Arc<std::sync::OnceLock<Arc<Chan<u32>>>> = Arc::default();
+        let probe = chan.clone();
+        let make = move |x: u32| {
+            let fut = item(x, Some(0));
+            let probe = probe.clone();
+            async move {
+                if x % 2 == 1 {
+                    let chan = probe.get().expect("set before the stream is polled");
+                    let state = chan.lock();
+                    let before = u64::from(x - 1);
+                    assert!(
+                        state.base > before
+                            || state.slots[(before - state.base) as usize].is_some(),
+                        "item {x} started before the result of item {before} was handed over"
+                    );
+                }
+                fut.await
+            }
+        };
+        let s = FanOutOrdered::new(stream::iter(0..8u32), pool.clone(), make);
+        // Measured light: chunks of n / (2 * workers) = 2 items.
+        s.core.chan.item_nanos.store(0, Ordering::Relaxed);
+        assert!(chan.set(s.core.chan.clone()).is_ok());
+        let want: Vec<u32> = (0..8).map(|x| x * 10).collect();
+        assert_eq!(run_to_end(s, |s| &s.core, 8), want);
+        8
+    });
+}
