@@ -269,13 +269,13 @@ where
 /// A chunk of one stream's futures, run in turn by one worker. Each outcome reaches the channel
 /// as its item finishes, before the next item starts (the next item may run for long: the
 /// results already finished do not wait for it), and the consumer, if that unblocked it, is
-/// woken at once and runs before the next item (see [`pool::yield_to_consumer`]). A chunk run
-/// by its own consumer under a borrowed slot hands its outcomes over together at the end
-/// instead (nobody could take them earlier), and gives the rest of its items to the workers as
-/// soon as one of them turns out heavy: items are timed there in groups of [`PEAK_GROUP`] (one
-/// clock read per group), and a group of more than [`BORROW_NANOS`] per item splits off the
-/// items not started yet. When an item has to wait, the items not started yet are split off
-/// too, for other workers.
+/// woken at once; a consumer that waits in a tokio task runs before the next item (see
+/// [`pool::yield_to_consumer`]). Two exceptions hand the outcomes over together at the chunk's
+/// end: a chunk of items measured light (see [`LIGHT_NANOS`]), which ends within tens of
+/// microseconds unless a heavy item hides among them, and a chunk run by its own consumer
+/// under a borrowed slot (nobody could take them earlier). When an item has to wait, the
+/// finished outcomes are handed over and the items not started yet are split off, for other
+/// workers.
 fn make_job<Fut>(futs: Vec<Fut>, first_seq: u64, chan: Arc<Chan<Fut::Output>>) -> Job
 where
     Fut: Future + Send + 'static,
@@ -289,10 +289,12 @@ where
         // Real time, not tokio's: this is the chunk's CPU cost per item for the pool's scheduler,
         // which a paused clock would report as zero. No user-facing figure comes from it.
         let started = std::time::Instant::now();
-        let mut done = Vec::with_capacity(if pool::borrowed() { n } else { 1 });
+        // Light items (see [`LIGHT_NANOS`]) hand their outcomes over at the chunk's end: a
+        // chunk of them ends within tens of microseconds, and a hand-off per item (a lock, and a
+        // wake-up of a consumer that waits) would cost many times what the items do.
+        let each = chan.item_nanos.load(Ordering::Relaxed) >= LIGHT_NANOS;
+        let mut done = Vec::with_capacity(if each && !pool::borrowed() { 1 } else { n });
         let mut seq = first_seq;
-        let mut group_started = started;
-        let mut in_group = 0;
         // Time this job let its consumer run (not its items' time).
         let mut lent = std::time::Duration::ZERO;
         while let Some(fut) = rest.0.next() {
@@ -313,32 +315,20 @@ where
             if rest.0.len() == 0 {
                 break;
             }
-            if pool::borrowed() {
-                in_group += 1;
-                if in_group == PEAK_GROUP {
-                    let now = std::time::Instant::now();
-                    if crate::time::nanos(now - group_started) >= PEAK_GROUP * BORROW_NANOS {
-                        // A heavy item in a chunk its consumer runs: the rest goes to the
-                        // workers, and the chunk's time per item tells the consumer to stop
-                        // borrowing if such items are common.
-                        split_off(&mut rest, seq, &chan);
+            if each && !pool::borrowed() {
+                if let Some(waker) = chan.complete(&mut done) {
+                    waker.wake();
+                    // A consumer that is a tokio task sits in this thread's LIFO slot until the
+                    // worker's task yields; any other consumer runs on a thread of its own.
+                    if chan
+                        .task_consumer
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                    {
+                        let before = std::time::Instant::now();
+                        pool::yield_to_consumer().await;
+                        let away = before.elapsed();
+                        lent += away;
                     }
-                    group_started = now;
-                    in_group = 0;
-                }
-            } else if let Some(waker) = chan.complete(&mut done) {
-                waker.wake();
-                // A consumer that is a tokio task sits in this thread's LIFO slot until the
-                // worker's task yields; any other consumer runs on a thread of its own.
-                if chan
-                    .task_consumer
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                {
-                    let before = std::time::Instant::now();
-                    pool::yield_to_consumer().await;
-                    let away = before.elapsed();
-                    lent += away;
-                    group_started += away;
                 }
             }
         }
@@ -349,12 +339,22 @@ where
         if !cfg!(stagepipe_loom) {
             chan.item_nanos.store(nanos / ran.max(1), Ordering::Relaxed);
         }
-        chan.complete(&mut done)
+        let waker = chan.complete(&mut done)?;
+        if pool::borrowed()
+            || !chan
+                .task_consumer
+                .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            // The worker wakes it once the job is over.
+            return Some(waker);
+        }
+        // A consumer that is a tokio task runs before the worker's next job: it refills the
+        // window while jobs are still queued.
+        waker.wake();
+        pool::yield_to_consumer().await;
+        None
     })
 }
-
-/// Items of a chunk run by its consumer are timed in groups of this many (see [`make_job`]).
-const PEAK_GROUP: u64 = 4;
 
 /// A chunk aims to run about this long (judging by the last chunk's time per item), so that
 /// quick items share one hand-off and slow items go one by one. Results are not held back by
@@ -370,8 +370,7 @@ const LIGHT_NANOS: u64 = 250;
 /// the consumer itself while a slot of the pool is free (see `Core::run_borrowed`): a chunk of
 /// them costs less than its hand-off to a worker and back. Heavier items go to the workers, so
 /// that CPU-bound work runs on every worker while the consumer keeps the window full. A chunk
-/// of light items with a heavy one among them (say 1 in 100) still measures light; the
-/// consumer running it gives the items after the heavy one to the workers (see [`make_job`]).
+/// of light items with a heavy one among them (say 1 in 100) still counts as light.
 const BORROW_NANOS: u64 = 2_000;
 
 /// The most light items in one chunk.

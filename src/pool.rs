@@ -1239,16 +1239,12 @@ async fn run<const ADAPTIVE: bool>(mut me: Presence) {
         let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         shared.end_job(source, nanos, &mut me.holding);
         // The consumer a finished job's results unblocked, woken once per job (a chunk of items)
-        // unless the job handed results over earlier. It runs before this worker's next job
-        // (see `yield_to_consumer`): it refills the window while jobs are still queued.
-        match unblocked {
-            Some(waker) => {
-                waker.wake();
-                yield_to_consumer().await;
-                YIELDED.set(false);
-            }
-            None => tokio::task::consume_budget().await,
+        // unless the job handed results over earlier (or woke it itself, see
+        // `yield_to_consumer`).
+        if let Some(waker) = unblocked {
+            waker.wake();
         }
+        tokio::task::consume_budget().await;
     }
 }
 

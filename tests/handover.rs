@@ -27,7 +27,7 @@ const GIVE_UP: Duration = Duration::from_secs(60);
 /// About a microsecond of CPU.
 fn spin(x: u64) -> u64 {
     let mut h = x | 1;
-    for _ in 0..300 {
+    for _ in 0..1_000 {
         h = black_box(h.wrapping_mul(6364136223846793005).wrapping_add(1));
         h ^= h >> 29;
     }
