@@ -271,7 +271,7 @@ where
 /// results already finished do not wait for it), and the consumer, if that unblocked it, is
 /// woken at once; a consumer that waits in a tokio task runs before the next item (see
 /// [`pool::yield_to_consumer`]). Two exceptions hand the outcomes over together at the chunk's
-/// end: a chunk of items measured light (see [`LIGHT_NANOS`]), which ends within tens of
+/// end: a chunk of items measured under [`HANDOVER_NANOS`], which ends within a few hundred
 /// microseconds unless a heavy item hides among them, and a chunk run by its own consumer
 /// under a borrowed slot (nobody could take them earlier). When an item has to wait, the
 /// finished outcomes are handed over and the items not started yet are split off, for other
@@ -289,10 +289,11 @@ where
         // Real time, not tokio's: this is the chunk's CPU cost per item for the pool's scheduler,
         // which a paused clock would report as zero. No user-facing figure comes from it.
         let started = std::time::Instant::now();
-        // Light items (see [`LIGHT_NANOS`]) hand their outcomes over at the chunk's end: a
-        // chunk of them ends within tens of microseconds, and a hand-off per item (a lock, and a
-        // wake-up of a consumer that waits) would cost many times what the items do.
-        let each = chan.item_nanos.load(Ordering::Relaxed) >= LIGHT_NANOS;
+        // Items under a microsecond (see [`HANDOVER_NANOS`]), or not measured yet (the first
+        // chunks of a stream, made before any chunk ended), hand their outcomes over at the
+        // chunk's end.
+        let measured = chan.item_nanos.load(Ordering::Relaxed);
+        let each = (HANDOVER_NANOS..u64::MAX).contains(&measured);
         let mut done = Vec::with_capacity(if each && !pool::borrowed() { 1 } else { n });
         let mut seq = first_seq;
         // Time this job let its consumer run (not its items' time).
@@ -339,20 +340,7 @@ where
         if !cfg!(stagepipe_loom) {
             chan.item_nanos.store(nanos / ran.max(1), Ordering::Relaxed);
         }
-        let waker = chan.complete(&mut done)?;
-        if pool::borrowed()
-            || !chan
-                .task_consumer
-                .load(std::sync::atomic::Ordering::Relaxed)
-        {
-            // The worker wakes it once the job is over.
-            return Some(waker);
-        }
-        // A consumer that is a tokio task runs before the worker's next job: it refills the
-        // window while jobs are still queued.
-        waker.wake();
-        pool::yield_to_consumer().await;
-        None
+        chan.complete(&mut done)
     })
 }
 
@@ -372,6 +360,13 @@ const LIGHT_NANOS: u64 = 250;
 /// that CPU-bound work runs on every worker while the consumer keeps the window full. A chunk
 /// of light items with a heavy one among them (say 1 in 100) still counts as light.
 const BORROW_NANOS: u64 = 2_000;
+
+/// Items measured to take at least this (nanoseconds, judging by the last chunk) hand each
+/// outcome over as they finish (see [`make_job`]); quicker ones at their chunk's end. A
+/// hand-off per item costs a lock, and a wake-up of a consumer that waits (and, for a consumer
+/// that is a tokio task, a trip of the worker's task through the scheduler): a few hundred
+/// nanoseconds that would double the cost of a request group's trivial stages.
+const HANDOVER_NANOS: u64 = 1_000;
 
 /// The most light items in one chunk.
 const MAX_LIGHT_CHUNK_ITEMS: usize = 256;
