@@ -49,13 +49,13 @@ pub(crate) fn borrowed() -> bool {
     BORROWED.get()
 }
 
-/// Returns `Pending` once, waking itself: a job awaits it after waking its consumer from a
-/// worker, so that the consumer runs before the job's next item. tokio puts a task woken from
-/// a worker thread in that thread's LIFO slot, which no other thread may take: while the worker
-/// went on with its job, the consumer would wait for the job (or the worker's whole run of
-/// jobs) to end, and with it the window's refill. A task woken while it runs is queued behind
-/// the others instead, so the thread runs the consumer first, then the worker again (or another
-/// thread takes it).
+/// Returns `Pending` once, waking itself: a job awaits it after waking a consumer that is a
+/// tokio task in the middle of a chunk, so that the consumer runs before the job's next item.
+/// tokio puts a task woken from a worker thread in that thread's LIFO slot, which no other
+/// thread may take: while the worker went on with its job, the consumer would wait for the
+/// job (or the worker's whole run of jobs) to end, however long its next item spins. A task
+/// woken while it runs is queued behind the others instead, so the thread runs the consumer
+/// first, then the worker again (or another thread takes it).
 pub(crate) fn yield_to_consumer() -> impl Future<Output = ()> {
     let mut yielded = false;
     poll_fn(move |cx| {
@@ -1238,9 +1238,8 @@ async fn run<const ADAPTIVE: bool>(mut me: Presence) {
         let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(job)));
         let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         shared.end_job(source, nanos, &mut me.holding);
-        // The consumer a finished job's results unblocked, woken once per job (a chunk of items)
-        // unless the job handed results over earlier (or woke it itself, see
-        // `yield_to_consumer`).
+        // The consumer a finished job's results unblocked, woken once per job (a chunk of items;
+        // a chunk of items of a microsecond or more hands each result over as it finishes).
         if let Some(waker) = unblocked {
             waker.wake();
         }
