@@ -271,7 +271,7 @@ where
 /// results already finished do not wait for it), and the consumer, if that unblocked it, is
 /// woken at once; a consumer that waits in a tokio task runs before the next item (see
 /// [`pool::yield_to_consumer`]). Two exceptions hand the outcomes over together at the chunk's
-/// end: a chunk of items measured under [`HANDOVER_NANOS`], which ends within a few hundred
+/// end: a chunk of items measured under [`HANDOVER_NANOS`], which ends within tens of
 /// microseconds unless a heavy item hides among them, and a chunk run by its own consumer
 /// under a borrowed slot (nobody could take them earlier). When an item has to wait, the
 /// finished outcomes are handed over and the items not started yet are split off, for other
