@@ -94,8 +94,17 @@ fn on_pool_borrowing(
     borrowing: bool,
     body: impl Fn(&WorkerPool, &dyn Fn(u32, Option<u32>) -> Item) -> usize + Sync + Send + 'static,
 ) {
+    on_workers(2, borrowing, body);
+}
+
+/// [`on_pool_borrowing`] on a pool of `workers` workers.
+fn on_workers(
+    workers: usize,
+    borrowing: bool,
+    body: impl Fn(&WorkerPool, &dyn Fn(u32, Option<u32>) -> Item) -> usize + Sync + Send + 'static,
+) {
     model(move || {
-        let pool = WorkerPool::new(2);
+        let pool = WorkerPool::new(workers);
         let workers = Workers::start(&pool);
         if borrowing {
             workers.serve_here();
@@ -192,5 +201,43 @@ fn loom_fan_out_borrowing_consumer_keeps_order() {
         let want: Vec<u32> = (0..4).map(|x| x * 10).collect();
         assert_eq!(run_to_end(s, |s| &s.core, 4), want);
         4
+    });
+}
+
+/// A worker hands each result over before it starts its chunk's next item, not at the chunk's
+/// end (the next item may run for long): one worker, chunks of two items (measured at 1 µs
+/// each, not light), and when the second item of a chunk starts, the first one's result is
+/// already in the channel (or yielded). Results come in order, each once, and the consumer is
+/// always woken for them.
+#[test]
+fn loom_fan_out_hands_over_each_result_before_the_next_item() {
+    on_workers(1, false, |pool, item| {
+        let chan: Arc<std::sync::OnceLock<Arc<Chan<u32>>>> = Arc::default();
+        let probe = chan.clone();
+        let make = move |x: u32| {
+            let fut = item(x, Some(0));
+            let probe = probe.clone();
+            async move {
+                if x % 2 == 1 {
+                    let chan = probe.get().expect("set before the stream is polled");
+                    let state = chan.lock();
+                    let before = u64::from(x - 1);
+                    assert!(
+                        state.base > before
+                            || state.slots[(before - state.base) as usize].is_some(),
+                        "item {x} started before the result of item {before} was handed over"
+                    );
+                }
+                fut.await
+            }
+        };
+        let s = FanOutOrdered::new(stream::iter(0..8u32), pool.clone(), make);
+        // Measured at 1 µs per item: chunks of n / (4 * workers) = 2 items, each outcome
+        // handed over as it finishes.
+        s.core.chan.item_nanos.store(1_000, Ordering::Relaxed);
+        assert!(chan.set(s.core.chan.clone()).is_ok());
+        let want: Vec<u32> = (0..8).map(|x| x * 10).collect();
+        assert_eq!(run_to_end(s, |s| &s.core, 8), want);
+        8
     });
 }

@@ -1,0 +1,152 @@
+//! A worker hands each result over when its item finishes, not when the chunk of items it is
+//! running ends: one worker, 10,000 items of a few µs, item 5000 blocking its worker thread
+//! (a stand-in for an item spinning for 300 ms). Every item that finished before item 5000
+//! started reaches the consumer while item 5000 still runs.
+//!
+//! Item 5000 blocks on a channel that the consumer releases only once it has received every
+//! item before it, so the test never depends on timing: if the results were held back until
+//! the worker's chunk ends, the consumer would never receive them, item 5000 would give up
+//! after a generous real timeout and the test fails. The consumer polls the stream on a thread
+//! of its own runtime (not the workers'), so it never runs items itself under a borrowed slot
+//! (a consumer running item 5000 itself could yield nothing until it ends, whatever the pool
+//! did).
+
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt, stream};
+use stagepipe::prelude::*;
+
+const ITEMS: u64 = 10_000;
+const BLOCKER: u64 = 5_000;
+/// Generous: item 5000 is released as soon as the consumer has every item before it.
+const GIVE_UP: Duration = Duration::from_secs(60);
+
+/// A few microseconds of CPU (in a release build; more in a debug one): above the 1 µs under
+/// which items hand their results over at their chunk's end.
+fn spin(x: u64) -> u64 {
+    let mut h = x | 1;
+    for _ in 0..4_000 {
+        h = black_box(h.wrapping_mul(6364136223846793005).wrapping_add(1));
+        h ^= h >> 29;
+    }
+    h
+}
+
+/// What the items share: the release of item 5000, and whether it had to give up.
+struct Blocker {
+    release: Mutex<Option<mpsc::Receiver<()>>>,
+    gave_up: AtomicBool,
+}
+
+impl Blocker {
+    fn item(&self, i: u64) -> (u64, u64) {
+        if i == BLOCKER {
+            let release = self
+                .release
+                .lock()
+                .unwrap()
+                .take()
+                .expect("item 5000 runs once");
+            if release.recv_timeout(GIVE_UP).is_err() {
+                self.gave_up.store(true, Ordering::SeqCst);
+            }
+        }
+        (i, spin(i))
+    }
+}
+
+/// Runs `make(pool, blocker)`'s stream to the end on a consumer thread outside the workers'
+/// runtime; releases item 5000 once every item before it was received. Returns the items in
+/// the order yielded, and whether item 5000 had to give up.
+fn run<S>(make: impl FnOnce(WorkerPool, Arc<Blocker>) -> S) -> (Vec<u64>, bool)
+where
+    S: Stream<Item = (u64, u64)>,
+{
+    let workers = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let pool = WorkerPool::new(1);
+    // Start the pool's one worker from a task of the workers' runtime, so that the consumer's
+    // thread below is not one of that runtime's.
+    workers.block_on({
+        let pool = pool.clone();
+        async move {
+            tokio::spawn(async move {
+                let warm: Vec<u64> = stream::iter(0..4u64)
+                    .fan_out_ordered(&pool, |x| async move { x })
+                    .collect()
+                    .await;
+                assert_eq!(warm, [0, 1, 2, 3]);
+            })
+            .await
+            .unwrap()
+        }
+    });
+    let (release, released) = mpsc::channel();
+    let blocker = Arc::new(Blocker {
+        release: Mutex::new(Some(released)),
+        gave_up: AtomicBool::new(false),
+    });
+    let stream = make(pool, blocker.clone());
+    let consumer = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let yielded = consumer.block_on(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut yielded = Vec::with_capacity(ITEMS as usize);
+        let mut before = 0;
+        let mut release = Some(release);
+        while let Some((i, h)) = stream.next().await {
+            assert_eq!(h, spin(i), "item {i}'s value");
+            yielded.push(i);
+            if i < BLOCKER {
+                before += 1;
+                if before == BLOCKER {
+                    // Every item before 5000 is here: item 5000 may end now.
+                    let _ = release.take().unwrap().send(());
+                }
+            }
+        }
+        yielded
+    });
+    drop(workers);
+    (yielded, blocker.gave_up.load(Ordering::SeqCst))
+}
+
+#[test]
+fn fan_out_ordered_hands_over_results_as_they_finish() {
+    let (yielded, gave_up) = run(|pool, blocker| {
+        stream::iter(0..ITEMS).fan_out_ordered(pool, move |i| {
+            let blocker = blocker.clone();
+            async move { blocker.item(i) }
+        })
+    });
+    assert!(
+        !gave_up,
+        "the items before item 5000 were held back until it ended"
+    );
+    assert_eq!(yielded, (0..ITEMS).collect::<Vec<_>>(), "input order");
+}
+
+#[test]
+fn fan_out_hands_over_results_as_they_finish() {
+    let (mut yielded, gave_up) = run(|pool, blocker| {
+        stream::iter(0..ITEMS).fan_out(pool, move |i| {
+            let blocker = blocker.clone();
+            async move { blocker.item(i) }
+        })
+    });
+    assert!(
+        !gave_up,
+        "the items before item 5000 were held back until it ended"
+    );
+    // One worker runs the items in input order: every item before 5000 came out before it.
+    let at = yielded.iter().position(|&i| i == BLOCKER).unwrap();
+    assert!(yielded[..at].iter().all(|&i| i < BLOCKER));
+    yielded.sort_unstable();
+    assert_eq!(yielded, (0..ITEMS).collect::<Vec<_>>(), "every item, once");
+}
