@@ -150,22 +150,11 @@ fn group_scaling(c: &mut Criterion) {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(5));
     for g in [1u64, 10, 100, 1_000, 10_000] {
-        let peak = Arc::new(AtomicU64::new(0));
-        let before = rss_kib();
-        let sampler = {
-            let peak = peak.clone();
-            rt.spawn(async move {
-                loop {
-                    peak.fetch_max(rss_kib(), Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            })
-        };
+        let (before, peak) = (rss_kib(), PeakRss::start(&rt));
         group.bench_function(BenchmarkId::new("groups", g), |b| {
             b.to_async(&rt).iter(|| groups(&pipeline, g))
         });
-        sampler.abort();
-        let grew = peak.load(Ordering::Relaxed).saturating_sub(before);
+        let grew = peak.stop().saturating_sub(before);
         eprintln!(
             "{g} groups: resident memory {before} KiB before, peak growth {grew} KiB ({} KiB per group)",
             grew / g
@@ -177,26 +166,40 @@ fn group_scaling(c: &mut Criterion) {
     // 10,000 groups come: a service's steady state. A fresh pipeline's first wave of 10,000
     // groups sizes its first jobs from nothing; one run, its peak growth printed.
     let fresh = rt.block_on(async { Pipeline::builder(Plus).workers(2).build() });
-    let (peak, before) = (Arc::new(AtomicU64::new(0)), rss_kib());
-    let sampler = {
-        let peak = peak.clone();
-        rt.spawn(async move {
-            loop {
-                peak.fetch_max(rss_kib(), Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-    };
+    let (before, peak) = (rss_kib(), PeakRss::start(&rt));
     let started = std::time::Instant::now();
     rt.block_on(groups(&fresh, 10_000));
     let took = started.elapsed();
-    sampler.abort();
-    let grew = peak.load(Ordering::Relaxed).saturating_sub(before);
+    let grew = peak.stop().saturating_sub(before);
     eprintln!(
         "first wave of 10000 groups on a fresh pipeline: {:.2}M items/s, peak growth {grew} KiB ({} KiB per group)",
         REQUESTS as f64 / took.as_secs_f64() / 1e6,
         grew / 10_000
     );
+}
+
+/// The peak resident memory seen every 5 ms, by a task on `rt`, from `start` to `stop`.
+struct PeakRss(Arc<AtomicU64>, tokio::task::JoinHandle<()>);
+
+impl PeakRss {
+    fn start(rt: &tokio::runtime::Runtime) -> Self {
+        let peak = Arc::new(AtomicU64::new(0));
+        let sampler = {
+            let peak = peak.clone();
+            rt.spawn(async move {
+                loop {
+                    peak.fetch_max(rss_kib(), Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        };
+        Self(peak, sampler)
+    }
+
+    fn stop(self) -> u64 {
+        self.1.abort();
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 criterion_group!(staged, benches, group_scaling);
