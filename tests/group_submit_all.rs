@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt;
+use futures::stream::FusedStream;
 use stagepipe::AdmissionBound;
 use stagepipe::prelude::*;
 use tokio::time::sleep;
@@ -169,11 +170,10 @@ async fn a_group_opened_while_draining_runs_nothing_and_says_so() {
         tokio::spawn(async move { pipeline.drain().await })
     };
     tokio::task::yield_now().await;
-    let late: Vec<_> = pipeline
-        .group()
-        .submit_all([(1, 1), (2, 1)])
-        .collect()
-        .await;
+    let late = pipeline.group().submit_all([(1, 1), (2, 1)]);
+    // Not terminated before its last item: `select!` still polls it.
+    assert!(!late.is_terminated());
+    let late: Vec<_> = late.collect().await;
     assert!(
         matches!(late[..], [Err(StageError::Drained { abandoned: 2 })]),
         "{late:?}"

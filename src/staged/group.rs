@@ -796,7 +796,9 @@ impl<M: StateMachine> Stream for GroupResults<M> {
 
 impl<M: StateMachine> FusedStream for GroupResults<M> {
     fn is_terminated(&self) -> bool {
-        self.run.is_terminated()
+        // A group opened while the pipeline drains has run nothing but still has its
+        // `Drained` item to yield.
+        self.run.is_terminated() && self.drained.is_none()
     }
 }
 
