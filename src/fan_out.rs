@@ -327,8 +327,7 @@ where
                     {
                         let before = std::time::Instant::now();
                         pool::yield_to_consumer().await;
-                        let away = before.elapsed();
-                        lent += away;
+                        lent += before.elapsed();
                     }
                 }
             }
@@ -432,12 +431,9 @@ impl<U: Send + 'static> Core<U> {
     /// if it had been measured.
     pub(crate) fn seed_item_nanos(&self, nanos: u64) {
         let unmeasured = u64::MAX;
-        let _ = (self.chan.item_nanos).compare_exchange(
-            unmeasured,
-            nanos,
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
+        let item_nanos = &self.chan.item_nanos;
+        let _ =
+            item_nanos.compare_exchange(unmeasured, nanos, Ordering::Relaxed, Ordering::Relaxed);
     }
 
     #[track_caller]
@@ -557,7 +553,7 @@ impl<U: Send + 'static> Core<U> {
     /// [`BORROW_NANOS`]). Heavy items (or not measured yet) stay with the workers: the consumer
     /// is free to refill the window and yield results meanwhile.
     fn borrowable(&self) -> bool {
-        self.chan.item_nanos.load(Ordering::Relaxed) < BORROW_NANOS
+        self.item_nanos() < BORROW_NANOS
     }
 
     /// Runs the jobs taken back from the pool, one at a time as a worker would (so the pool's
@@ -586,7 +582,7 @@ impl<U: Send + 'static> Core<U> {
         if n == 0 {
             return;
         }
-        let item_nanos = self.chan.item_nanos.load(Ordering::Relaxed);
+        let item_nanos = self.item_nanos();
         let size = if item_nanos < LIGHT_NANOS {
             // Still at least two chunks per worker, so that every worker gets a share.
             (n / (2 * self.pool.workers())).clamp(1, MAX_LIGHT_CHUNK_ITEMS)

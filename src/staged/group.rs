@@ -252,9 +252,7 @@ impl<M: StateMachine> GroupBuilder<M> {
         let admission = Arc::clone(&self.pipeline.inner.admission);
         let ticket = admission.admit(requests, wait).await?;
         let (tx, mut results) = self.open();
-        if !results.run.is_terminated() {
-            results.ticket = Some(ticket);
-        }
+        results.hold(ticket);
         Ok((tx, results))
     }
 
@@ -341,16 +339,13 @@ impl<M: StateMachine> GroupBuilder<M> {
         let admission = Arc::clone(&self.pipeline.inner.admission);
         let ticket = admission.admit(requests.len(), wait).await?;
         let mut results = self.submit_all(requests);
-        if !results.run.is_terminated() {
-            results.ticket = Some(ticket);
-        }
+        results.hold(ticket);
         Ok(results)
     }
 
     /// Opens the group over `source`, with `submitted` requests counted as submitted already.
     fn open_with(self, source: Source<M::Data>, submitted: u64) -> GroupResults<M> {
         let inner = self.pipeline.inner;
-        let iter_fed = matches!(source, Source::Iter(_));
         let shared = Arc::new(GroupShared {
             closed: AtomicBool::new(false),
             submitted: AtomicU64::new(submitted),
@@ -382,9 +377,9 @@ impl<M: StateMachine> GroupBuilder<M> {
         shared.drain.register(&results.drain_waker);
         if results.shared.drain.is_draining() {
             // Opened while the pipeline drains: closed at once; a group given its requests up
-            // front says it ran none of them.
+            // front (the only kind with requests submitted at opening) says it ran none.
             results.cancel();
-            if iter_fed && submitted > 0 {
+            if submitted > 0 {
                 results.drained = Some(submitted);
             }
         }
@@ -691,6 +686,14 @@ pub struct GroupResults<M: StateMachine> {
 impl<M: StateMachine> Unpin for GroupResults<M> {}
 
 impl<M: StateMachine> GroupResults<M> {
+    /// Keeps an admitted group's room until it closes (a group closed at opening, by a drain,
+    /// gives it back at once).
+    fn hold(&mut self, ticket: Ticket) {
+        if !self.run.is_terminated() {
+            self.ticket = Some(ticket);
+        }
+    }
+
     /// Closes the group after an error (cancel-on-error) or when the stream is dropped.
     fn cancel(&mut self) {
         self.shared.closed.store(true, Ordering::Release);

@@ -570,20 +570,17 @@ async fn post_jobs(
     let lines = results.try_with_stats(&app.lines).enumerate();
     let body = lines.map(move |(index, result)| {
         let _timer = &timer;
-        let line = match result {
-            Err(cut) if cut.abandoned().is_some() => {
-                let error = match cut {
-                    StageError::DeadlineExceeded { .. } => {
-                        app.deadline_exceeded.fetch_add(1, Ordering::AcqRel);
-                        app.metrics.jobs_deadline_exceeded.increment(1);
-                        let ms = deadline_len.as_millis();
-                        format!("the job's deadline of {ms} ms passed before it finished")
-                    }
-                    _ => SHUT_DOWN.to_string(),
-                };
-                Line::closing(error, cut.abandoned().unwrap_or_default() as usize)
+        let abandoned = result.as_ref().err().and_then(StageError::abandoned);
+        let line = match (result, abandoned) {
+            (Err(StageError::DeadlineExceeded { .. }), Some(abandoned)) => {
+                app.deadline_exceeded.fetch_add(1, Ordering::AcqRel);
+                app.metrics.jobs_deadline_exceeded.increment(1);
+                let ms = deadline_len.as_millis();
+                let error = format!("the job's deadline of {ms} ms passed before it finished");
+                Line::closing(error, abandoned as usize)
             }
-            result => result_line(index, inputs[index], result),
+            (_, Some(abandoned)) => Line::closing(SHUT_DOWN.to_string(), abandoned as usize),
+            (result, None) => result_line(index, inputs[index], result),
         };
         ndjson(&line)
     });
