@@ -400,8 +400,10 @@ mod tests {
         tokio::time::advance(Duration::from_micros(1_499)).await;
         assert!(sleep.as_mut().poll(&mut cx).is_pending());
         assert_eq!(counting.wakes.load(Ordering::SeqCst), 1);
-        // tokio's timer fires on its next millisecond tick, as a plain tokio sleep would.
-        tokio::time::advance(Duration::from_micros(501)).await;
+        // tokio's timer fires on a millisecond tick after the deadline, as a plain tokio sleep
+        // would: which one depends on where the clock was paused within a tick (counted from
+        // the runtime's start), so move on to one that is past the deadline whatever that was.
+        tokio::time::advance(Duration::from_micros(1_501)).await;
         assert_eq!(counting.wakes.load(Ordering::SeqCst), 2);
         assert!(sleep.as_mut().poll(&mut cx).is_ready());
         assert!(Instant::now() > deadline);
