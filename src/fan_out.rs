@@ -26,6 +26,10 @@ use crate::pool::{self, Job, SourceId, WorkerPool};
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::sync::{Arc, AtomicWaker, Mutex, MutexGuard, Weak};
 
+mod watch;
+
+use watch::Deferred;
+
 /// What a job produced: its value, or the payload of its panic.
 type Outcome<U> = Result<U, Box<dyn Any + Send + 'static>>;
 
@@ -39,11 +43,6 @@ struct Chan<U> {
     running: Mutex<Vec<Waker>>,
     /// Nanoseconds per item of the last finished chunk, to size the next chunks.
     item_nanos: AtomicU64,
-    /// Whether the consumer last waited inside a tokio task (rather than in `block_on` or on
-    /// another executor): a worker that wakes it then lets it run first (see
-    /// [`pool::yield_to_consumer`]). A hint for speed only, no hand-off relies on it: `std`'s
-    /// atomic even under loom.
-    task_consumer: std::sync::atomic::AtomicBool,
 }
 
 struct ChanState<U> {
@@ -69,7 +68,6 @@ impl<U> Chan<U> {
             closed: AtomicBool::new(false),
             running: Mutex::new(Vec::new()),
             item_nanos: AtomicU64::new(u64::MAX),
-            task_consumer: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -164,6 +162,8 @@ pin_project! {
         fut: Option<Fut>,
         chan: &'a Arc<Chan<U>>,
         done: &'a mut Vec<(u64, Outcome<U>)>,
+        // The consumer's waker, held back by the job (see [`make_job`]).
+        held: &'a mut Option<Deferred>,
         rest: &'a mut NotStarted<Fut>,
         // The sequence number of the first item in `rest`.
         next_seq: u64,
@@ -215,6 +215,9 @@ where
                 Poll::Ready(Some(Err(panic)))
             }
             Ok(Poll::Pending) => {
+                if let Some(waker) = this.held.take().and_then(Deferred::take) {
+                    waker.wake();
+                }
                 if let Some(waker) = this.chan.complete(this.done) {
                     waker.wake();
                 }
@@ -267,15 +270,16 @@ where
 }
 
 /// A chunk of one stream's futures, run in turn by one worker. Each outcome reaches the channel
-/// as its item finishes, before the next item starts (the next item may run for long: the
-/// results already finished do not wait for it), and the consumer, if that unblocked it, is
-/// woken at once; a consumer that waits in a tokio task runs before the next item (see
-/// [`pool::yield_to_consumer`]). Two exceptions hand the outcomes over together at the chunk's
-/// end: a chunk of items measured under [`HANDOVER_NANOS`], which ends within tens of
-/// microseconds unless a heavy item hides among them, and a chunk run by its own consumer
-/// under a borrowed slot (nobody could take them earlier). When an item has to wait, the
-/// finished outcomes are handed over and the items not started yet are split off, for other
-/// workers.
+/// as its item finishes, before the next item starts; the consumer is woken for them when the
+/// chunk ends, when one of its items has to wait, or (the next item may run for long) by the
+/// watch thread [`watch::DELAY`] after they finished, whichever comes first: one wake-up per
+/// chunk rather than one per item, with a bound on how long a finished result waits. When an
+/// item has to wait, the items not started yet are also split off, for other workers.
+///
+/// Chunks of items measured under [`HANDOVER_NANOS`] (or not measured yet) keep their outcomes
+/// until their end, which comes within tens of microseconds unless a heavy item hides among
+/// them, and so does a chunk run by its own consumer under a borrowed slot (nobody could take
+/// them earlier).
 fn make_job<Fut>(futs: Vec<Fut>, first_seq: u64, chan: Arc<Chan<Fut::Output>>) -> Job
 where
     Fut: Future + Send + 'static,
@@ -294,15 +298,16 @@ where
         // chunk's end.
         let measured = chan.item_nanos.load(Ordering::Relaxed);
         let each = (HANDOVER_NANOS..u64::MAX).contains(&measured);
-        let mut done = Vec::with_capacity(if each && !pool::borrowed() { 1 } else { n });
+        let each = each && !pool::borrowed();
+        let mut done = Vec::with_capacity(if each { 1 } else { n });
+        let mut held = None;
         let mut seq = first_seq;
-        // Time this job let its consumer run (not its items' time).
-        let mut lent = std::time::Duration::ZERO;
         while let Some(fut) = rest.0.next() {
             let run = Cancellable {
                 fut: Some(fut),
                 chan: &chan,
                 done: &mut done,
+                held: &mut held,
                 rest: &mut rest,
                 next_seq: seq + 1,
                 split: false,
@@ -316,37 +321,46 @@ where
             if rest.0.len() == 0 {
                 break;
             }
-            if each && !pool::borrowed() {
+            if each {
+                // The consumer's waker is taken only once until it is woken: at most one held.
                 if let Some(waker) = chan.complete(&mut done) {
-                    waker.wake();
-                    // A consumer that is a tokio task sits in this thread's LIFO slot until the
-                    // worker's task yields; any other consumer runs on a thread of its own.
-                    if chan
-                        .task_consumer
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                    {
-                        let before = std::time::Instant::now();
-                        pool::yield_to_consumer().await;
-                        lent += before.elapsed();
-                    }
+                    held = hold(waker);
                 }
             }
         }
         let ran = seq - first_seq;
-        let nanos = crate::time::nanos(started.elapsed().saturating_sub(lent));
+        let nanos = crate::time::nanos(started.elapsed());
         // The loom models set the measurement themselves: real time would make their runs
         // differ from one interleaving to the next (chunk sizes, whether the consumer borrows).
         if !cfg!(stagepipe_loom) {
             chan.item_nanos.store(nanos / ran.max(1), Ordering::Relaxed);
         }
-        chan.complete(&mut done)
+        let last = chan.complete(&mut done);
+        match held.and_then(Deferred::take) {
+            Some(waker) if last.is_some() => {
+                waker.wake();
+                last
+            }
+            held => last.or(held),
+        }
     })
+}
+
+/// Holds the consumer's `waker` back until the chunk ends, with a bound (see [`watch`]); wakes
+/// it at once if the watch thread cannot run, and in the loom models (which check that every
+/// result reaches the channel before the next item starts, and that the consumer is woken).
+fn hold(waker: Waker) -> Option<Deferred> {
+    let deferred = match cfg!(stagepipe_loom) {
+        true => Err(waker),
+        false => watch::defer(waker),
+    };
+    deferred.map_err(Waker::wake).ok()
 }
 
 /// A chunk aims to run about this long (judging by the last chunk's time per item), so that
 /// quick items share one hand-off and slow items go one by one. Results are not held back by
 /// it: a chunk hands its finished results over before any item waits.
-const CHUNK_NANOS: u64 = 200_000;
+const CHUNK_NANOS: u64 = 500_000;
 
 /// Items measured to take less than this (nanoseconds, judging by the last chunk) are light: a
 /// hand-off costs more than they do, so they go to the pool in chunks of up to
@@ -362,9 +376,9 @@ const BORROW_NANOS: u64 = 2_000;
 
 /// Items measured to take at least this (nanoseconds, judging by the last chunk) hand each
 /// outcome over as they finish (see [`make_job`]); quicker ones at their chunk's end. A
-/// hand-off per item costs a lock, and a wake-up of a consumer that waits (and, for a consumer
-/// that is a tokio task, a trip of the worker's task through the scheduler): a few hundred
-/// nanoseconds that would double the cost of a request group's trivial stages.
+/// hand-off per item costs a lock of the stream's channel, and once per chunk a deferral of
+/// the consumer's waker (see [`watch`]): tens of nanoseconds that would weigh on a request
+/// group's trivial stages.
 const HANDOVER_NANOS: u64 = 1_000;
 
 /// The most light items in one chunk.
@@ -636,10 +650,6 @@ impl<U: Send + 'static> Core<U> {
     fn poll_result(&mut self, cx: &mut Context<'_>) -> Poll<Option<U>> {
         if self.ready.is_empty() && self.in_pool > 0 && self.chan.drain_ready(&mut self.ready) == 0
         {
-            self.chan.task_consumer.store(
-                tokio::task::try_id().is_some(),
-                std::sync::atomic::Ordering::Relaxed,
-            );
             self.chan.consumer.register(cx.waker());
             if self.chan.drain_ready(&mut self.ready) == 0 {
                 // About to wait on the pool: make sure it has workers (after registering, so

@@ -38,34 +38,9 @@ sync_thread_local! {
     static BORROWED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-sync_thread_local! {
-    /// Set by a job that returned `Pending` only to let the consumer it just woke run on this
-    /// thread (see [`yield_to_consumer`]): its worker does not count it as waiting.
-    static YIELDED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
 /// Whether the job being polled on this thread runs under a slot borrowed by its own consumer.
 pub(crate) fn borrowed() -> bool {
     BORROWED.get()
-}
-
-/// Returns `Pending` once, waking itself: a job awaits it after waking a consumer that is a
-/// tokio task in the middle of a chunk, so that the consumer runs before the job's next item.
-/// tokio puts a task woken from a worker thread in that thread's LIFO slot, which no other
-/// thread may take: while the worker went on with its job, the consumer would wait for the
-/// job (or the worker's whole run of jobs) to end, however long its next item spins. A task
-/// woken while it runs is queued behind the others instead, so the thread runs the consumer
-/// first, then the worker again (or another thread takes it).
-pub(crate) fn yield_to_consumer() -> impl Future<Output = ()> {
-    let mut yielded = false;
-    poll_fn(move |cx| {
-        if std::mem::replace(&mut yielded, true) {
-            return Poll::Ready(());
-        }
-        YIELDED.set(true);
-        cx.waker().wake_by_ref();
-        Poll::Pending
-    })
 }
 
 /// Marks this thread as running a job of `shared` until dropped (restoring the previous mark).
@@ -1213,9 +1188,7 @@ async fn run<const ADAPTIVE: bool>(mut me: Presence) {
             let _on = OnWorker::enter(&shared);
             let (poll, spilled) = poll_collecting(job, cx);
             shared.requeue(source, spilled);
-            // A job that only let its consumer run (see `yield_to_consumer`) is not waiting.
-            let yielded = YIELDED.replace(false);
-            if ADAPTIVE && poll.is_pending() && !yielded && !*waiting {
+            if ADAPTIVE && poll.is_pending() && !*waiting {
                 *waiting = true;
                 shared.waiting.fetch_add(1, Ordering::Relaxed);
             }
@@ -1238,8 +1211,8 @@ async fn run<const ADAPTIVE: bool>(mut me: Presence) {
         let _ = std::panic::catch_unwind(AssertUnwindSafe(move || drop(job)));
         let nanos = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         shared.end_job(source, nanos, &mut me.holding);
-        // The consumer a finished job's results unblocked, woken once per job (a chunk of items;
-        // a chunk of items of a microsecond or more hands each result over as it finishes).
+        // The consumer a finished job's results unblocked, woken once per job (a chunk of items,
+        // which may also have handed results over before, see `fan_out.rs`).
         if let Some(waker) = unblocked {
             waker.wake();
         }
