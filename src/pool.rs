@@ -43,6 +43,24 @@ pub(crate) fn borrowed() -> bool {
     BORROWED.get()
 }
 
+/// Returns `Pending` once, waking itself: a worker awaits it after waking a consumer, so that
+/// a consumer that is a task of the worker's runtime runs before the worker's next job. tokio
+/// puts a task woken from one of its threads in that thread's LIFO slot, which no other thread
+/// may take: while the worker went on with its next jobs, the consumer would wait for them to
+/// end (or for the worker's budget to run out), however long their items spin. A task that
+/// wakes itself while it runs is queued behind the others instead, so the thread runs the
+/// consumer first, then the worker again (or another thread takes the worker).
+fn yield_to_consumer() -> impl Future<Output = ()> {
+    let mut yielded = false;
+    poll_fn(move |cx| {
+        if std::mem::replace(&mut yielded, true) {
+            return Poll::Ready(());
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    })
+}
+
 /// Marks this thread as running a job of `shared` until dropped (restoring the previous mark).
 struct OnWorker(usize);
 
@@ -1213,10 +1231,13 @@ async fn run<const ADAPTIVE: bool>(mut me: Presence) {
         shared.end_job(source, nanos, &mut me.holding);
         // The consumer a finished job's results unblocked, woken once per job (a chunk of items,
         // which may also have handed results over before, see `fan_out.rs`).
-        if let Some(waker) = unblocked {
-            waker.wake();
+        match unblocked {
+            Some(waker) => {
+                waker.wake();
+                yield_to_consumer().await;
+            }
+            None => tokio::task::consume_budget().await,
         }
-        tokio::task::consume_budget().await;
     }
 }
 

@@ -3,7 +3,7 @@
 //! (a stand-in for an item spinning for 300 ms). Every item that finished before item 5000
 //! started reaches the consumer while item 5000 still runs: the worker put each result in the
 //! stream's channel as it finished, and the consumer, whose wake-up the worker holds back
-//! until its chunk ends, is woken by the fan-out's watch thread instead (within about 1.5 ms).
+//! until its chunk ends, is woken by the fan-out's watch thread instead (within about 2 ms).
 //!
 //! Item 5000 blocks on a channel that the consumer releases only once it has received every
 //! item before it, so the test never depends on timing: if the results were held back until
@@ -65,7 +65,26 @@ impl Blocker {
 /// the order yielded, and whether item 5000 had to give up.
 fn run<S>(make: impl FnOnce(WorkerPool, Arc<Blocker>) -> S) -> (Vec<u64>, bool)
 where
-    S: Stream<Item = (u64, u64)>,
+    S: Stream<Item = (u64, u64)> + Send + 'static,
+{
+    run_on(Consumer::OwnThread, make)
+}
+
+/// Where the consumer polls the stream.
+#[derive(Clone, Copy, PartialEq)]
+enum Consumer {
+    /// On a thread of its own (`block_on` on a runtime of its own).
+    OwnThread,
+    /// In a task of the runtime the pool's workers run on.
+    Task,
+}
+
+fn run_on<S>(
+    consumer: Consumer,
+    make: impl FnOnce(WorkerPool, Arc<Blocker>) -> S,
+) -> (Vec<u64>, bool)
+where
+    S: Stream<Item = (u64, u64)> + Send + 'static,
 {
     let workers = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -94,10 +113,7 @@ where
         gave_up: AtomicBool::new(false),
     });
     let stream = make(pool, blocker.clone());
-    let consumer = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .unwrap();
-    let yielded = consumer.block_on(async move {
+    let consume = async move {
         let mut stream = std::pin::pin!(stream);
         let mut yielded = Vec::with_capacity(ITEMS as usize);
         let mut before = 0;
@@ -114,7 +130,14 @@ where
             }
         }
         yielded
-    });
+    };
+    let yielded = match consumer {
+        Consumer::OwnThread => tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(consume),
+        Consumer::Task => workers.block_on(async move { tokio::spawn(consume).await.unwrap() }),
+    };
     drop(workers);
     (yielded, blocker.gave_up.load(Ordering::SeqCst))
 }
@@ -151,4 +174,22 @@ fn fan_out_hands_over_results_as_they_finish() {
     assert!(yielded[..at].iter().all(|&i| i < BLOCKER));
     yielded.sort_unstable();
     assert_eq!(yielded, (0..ITEMS).collect::<Vec<_>>(), "every item, once");
+}
+
+/// The consumer is a task of the workers' own runtime: a worker thread that wakes it puts it in
+/// its LIFO slot, which no other thread may take, so it must not stay there while the worker
+/// goes on with item 5000.
+#[test]
+fn a_task_consumer_gets_results_as_they_finish() {
+    let (yielded, gave_up) = run_on(Consumer::Task, |pool, blocker| {
+        stream::iter(0..ITEMS).fan_out_ordered(pool, move |i| {
+            let blocker = blocker.clone();
+            async move { blocker.item(i) }
+        })
+    });
+    assert!(
+        !gave_up,
+        "the items before item 5000 were held back until it ended"
+    );
+    assert_eq!(yielded, (0..ITEMS).collect::<Vec<_>>(), "input order");
 }

@@ -9,7 +9,7 @@
 //! [`defer`]red: handed to a process-wide background thread (`stagepipe-watch`) that wakes it
 //! [`DELAY`] later (and at most [`TICK`] after that) unless the worker has [taken it
 //! back](Deferred::take) by then. Results that finished reach their consumer within about
-//! 1.5 ms of finishing, however long the items after them run.
+//! 2 ms of finishing, however long the items after them run.
 //!
 //! Registering is one short lock of a shared queue; taking back is one uncontended lock of the
 //! entry. The thread is woken only when the queue was empty: while workers keep registering,
@@ -32,7 +32,7 @@ pub(super) const DELAY: Duration = Duration::from_millis(1);
 
 /// The watch thread sleeps at least this long between two rounds while entries are queued, so
 /// that it wakes at most once per `TICK` however many workers defer (once per chunk each).
-const TICK: Duration = Duration::from_micros(500);
+const TICK: Duration = Duration::from_millis(1);
 
 /// A waker held back by a worker: woken by the watch thread at its deadline unless taken back.
 /// Dropping it takes it back without waking it.
