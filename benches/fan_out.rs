@@ -148,6 +148,44 @@ fn bench_map(c: &mut Criterion, group_name: &str, n: u64, f: fn(u64) -> u64, ray
         })
     });
     group.finish();
+    if rayon_too {
+        paired(&rt, &pool, group_name, n, f);
+    }
+}
+
+/// `fan_out_ordered` against the sequential `then`, interleaved: each round times one run of
+/// each, back to back. Criterion measures one after the other, seconds apart, and a machine
+/// whose speed drifts (a shared host) can move one figure and not the other; a round's two
+/// runs are milliseconds apart, so their ratio keeps what the code does. Prints each round's
+/// speed-up and their median.
+fn paired(rt: &tokio::runtime::Runtime, pool: &WorkerPool, name: &str, n: u64, f: fn(u64) -> u64) {
+    const ROUNDS: usize = 15;
+    let time = |parallel: bool| {
+        let started = std::time::Instant::now();
+        let sum = rt.block_on(async {
+            let items = stream::iter(0..n);
+            let sum = |s: u64, y: u64| async move { s.wrapping_add(y) };
+            match parallel {
+                true => {
+                    items
+                        .fan_out_ordered(pool, move |x| async move { f(x) })
+                        .fold(0, sum)
+                        .await
+                }
+                false => items.then(move |x| async move { f(x) }).fold(0, sum).await,
+            }
+        });
+        std::hint::black_box(sum);
+        started.elapsed().as_secs_f64()
+    };
+    let mut speedups: Vec<f64> = (0..ROUNDS).map(|_| time(false) / time(true)).collect();
+    let shown: Vec<String> = speedups.iter().map(|r| format!("{r:.2}")).collect();
+    speedups.sort_by(f64::total_cmp);
+    eprintln!(
+        "{name}: fan_out_ordered vs sequential_then, interleaved: speed-up {:.2} (median of {ROUNDS} rounds: {})",
+        speedups[ROUNDS / 2],
+        shown.join(", ")
+    );
 }
 
 static ROUNDS: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
