@@ -184,3 +184,65 @@ fn fan_out_hands_over_results_as_they_finish() {
 fn a_task_consumer_gets_results_as_they_finish() {
     ordered_hands_over_results_as_they_finish(Consumer::Task);
 }
+
+/// A one-stage machine whose request `i` is `Blocker::item(i)`.
+struct Items(Arc<Blocker>);
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+struct Only;
+
+impl StateMachine for Items {
+    type Stage = Only;
+    type Data = (u64, u64);
+    type Error = String;
+
+    fn start(&self) -> Only {
+        Only
+    }
+
+    async fn run(&self, _: Only, (i, _): (u64, u64)) -> Result<Next<Only, (u64, u64)>, String> {
+        Ok(Next::Done(self.0.item(i)))
+    }
+}
+
+/// A request group runs on the same core: `ordered` or not, with the consumer polling as
+/// `consumer` says, no request before 5000 is held back until it ended. (Where request 5000
+/// falls in its worker's chunk depends on how the group cut its requests into chunks: these
+/// check the promise, whichever way the results before it leave; the fan-out tests above are
+/// the ones that need the watch thread.)
+fn group_hands_over_results_as_they_finish(ordered: bool, consumer: Consumer) {
+    let (mut yielded, gave_up) = run_on(consumer, |pool, blocker| {
+        let pipeline = Pipeline::builder(Items(blocker)).pool(&pool).build();
+        // A window as wide as a fan-out's: chunks of many requests each.
+        let group = pipeline.group().window(512);
+        let group = match ordered {
+            true => group.ordered(),
+            false => group,
+        };
+        group
+            .submit_all((0..ITEMS).map(|i| (i, 0)).collect::<Vec<_>>())
+            .map(|result| result.expect("no request fails"))
+    });
+    assert!(
+        !gave_up,
+        "the requests before request 5000 were held back until it ended"
+    );
+    if !ordered {
+        // One worker runs the requests in submission order: every one before 5000 came out
+        // before it.
+        let at = yielded.iter().position(|&i| i == BLOCKER).unwrap();
+        assert!(yielded[..at].iter().all(|&i| i < BLOCKER));
+        yielded.sort_unstable();
+    }
+    assert_eq!(yielded, (0..ITEMS).collect::<Vec<_>>());
+}
+
+#[test]
+fn an_ordered_group_hands_over_results_as_they_finish() {
+    group_hands_over_results_as_they_finish(true, Consumer::Task);
+}
+
+#[test]
+fn an_unordered_group_hands_over_results_as_they_finish() {
+    group_hands_over_results_as_they_finish(false, Consumer::OwnThread);
+}
