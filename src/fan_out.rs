@@ -294,11 +294,10 @@ where
         // which a paused clock would report as zero. No user-facing figure comes from it.
         let started = std::time::Instant::now();
         // Items under a microsecond (see [`HANDOVER_NANOS`]), or not measured yet (the first
-        // chunks of a stream, made before any chunk ended), hand their outcomes over at the
-        // chunk's end.
+        // chunks of a stream, made before any chunk ended), and chunks run by their own
+        // consumer hand their outcomes over at the chunk's end.
         let measured = chan.item_nanos.load(Ordering::Relaxed);
-        let each = (HANDOVER_NANOS..u64::MAX).contains(&measured);
-        let each = each && !pool::borrowed();
+        let each = (HANDOVER_NANOS..u64::MAX).contains(&measured) && !pool::borrowed();
         let mut done = Vec::with_capacity(if each { 1 } else { n });
         let mut held = None;
         let mut seq = first_seq;

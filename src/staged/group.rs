@@ -358,7 +358,7 @@ impl<M: StateMachine> GroupBuilder<M> {
         let drain_waker = Arc::new(AtomicWaker::new());
         let gate = self.key.map(|key| KeyGate::new(key, self.window));
         let mut results = GroupResults {
-            rx: Some(source),
+            source: Some(source),
             gate,
             run: Run::new(inner, self.ordered, self.window),
             shared: shared.clone(),
@@ -610,7 +610,7 @@ impl<D> KeyGate<D> {
 
 /// The group's submitted requests as a stream, through the key gate if there is one.
 struct Feed<'a, D> {
-    rx: Option<&'a mut Source<D>>,
+    source: Option<&'a mut Source<D>>,
     gate: Option<&'a mut KeyGate<D>>,
 }
 
@@ -620,8 +620,8 @@ impl<D> Stream for Feed<'_, D> {
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<(u64, D)>> {
         let this = self.get_mut();
         let Some(gate) = this.gate.as_deref_mut() else {
-            return match this.rx.as_deref_mut() {
-                Some(rx) => rx.poll_next(cx).map(|d| d.map(|d| (0, d))),
+            return match this.source.as_deref_mut() {
+                Some(source) => source.poll_next(cx).map(|d| d.map(|d| (0, d))),
                 None => Poll::Ready(None),
             };
         };
@@ -631,10 +631,10 @@ impl<D> Stream for Feed<'_, D> {
         // Parked requests are released when the request ahead of them finishes, which wakes
         // the group's consumer: pending here never loses a wake-up.
         while gate.parked < gate.max_parked {
-            let Some(rx) = this.rx.as_deref_mut() else {
+            let Some(source) = this.source.as_deref_mut() else {
                 break;
             };
-            match rx.poll_next(cx) {
+            match source.poll_next(cx) {
                 Poll::Ready(Some(data)) => {
                     let key = (gate.key)(&data);
                     match gate.busy.get_mut(&key) {
@@ -663,7 +663,7 @@ impl<D> Stream for Feed<'_, D> {
 /// requests and refuses later submissions.
 #[must_use = "streams do nothing unless polled"]
 pub struct GroupResults<M: StateMachine> {
-    rx: Option<Source<M::Data>>,
+    source: Option<Source<M::Data>>,
     gate: Option<KeyGate<M::Data>>,
     run: Run<M>,
     shared: Arc<GroupShared>,
@@ -697,10 +697,10 @@ impl<M: StateMachine> GroupResults<M> {
     /// Closes the group after an error (cancel-on-error) or when the stream is dropped.
     fn cancel(&mut self) {
         self.shared.closed.store(true, Ordering::Release);
-        if let Some(Source::Channel(rx)) = &mut self.rx {
+        if let Some(Source::Channel(rx)) = &mut self.source {
             rx.close();
         }
-        self.rx = None;
+        self.source = None;
         self.gate = None;
         self.run.finish();
         self.ticket = None;
@@ -741,7 +741,7 @@ impl<M: StateMachine> Stream for GroupResults<M> {
         }
         if this.shared.drain.is_draining() {
             // No more submissions: the stream ends after the requests already submitted.
-            match &mut this.rx {
+            match &mut this.source {
                 Some(Source::Channel(rx)) => rx.close(),
                 // Emptied, not removed: a keyed group still releases what it has parked.
                 Some(Source::Iter(requests)) => *requests = Box::new(std::iter::empty()),
@@ -749,7 +749,7 @@ impl<M: StateMachine> Stream for GroupResults<M> {
             }
         }
         let feed = Feed {
-            rx: this.rx.as_mut(),
+            source: this.source.as_mut(),
             gate: this.gate.as_mut(),
         };
         let poll = this.run.poll_next(std::pin::pin!(feed), cx);
@@ -787,7 +787,7 @@ impl<M: StateMachine> Stream for GroupResults<M> {
                     return Poll::Ready(Some(Err(cut)));
                 }
                 if this.shared.drain.is_draining()
-                    && matches!(&this.rx, Some(Source::Channel(rx)) if !rx.is_closed())
+                    && matches!(&this.source, Some(Source::Channel(rx)) if !rx.is_closed())
                 {
                     cx.waker().wake_by_ref();
                 }
